@@ -1,0 +1,124 @@
+"""Mixtral's sparse mixture of experts, as small pure functions and one module.
+
+Routing algorithm (Mixtral, as in transformers):
+  1. ``route``: router logits = x · gateᵀ; probabilities = softmax over all experts in float32; keep the top-k
+     experts of each token and renormalise their k probabilities to sum to 1.
+  2. ``group_by_expert``: flatten the N·k (token, expert) assignments and sort them by expert (stable), giving
+     contiguous groups and the per-expert token counts — the counts are what the hybrid planner reads.
+  3. ``expert_ffn`` / ``grouped_expert_ffn``: the SwiGLU expert FFN_e(x) = (silu(x·w1ᵀ) ⊙ (x·w3ᵀ)) · w2ᵀ, with
+     weights in HF layout (w1, w3 [ffn, hidden]; w2 [hidden, ffn]); the grouped form runs all groups at once with
+     ``jax.lax.ragged_dot_general``, reading only the experts that tokens chose.
+  4. ``combine``: out_t = Σ_j weight_{t,j} · FFN_{e_{t,j}}(x_t), accumulated in float32.
+
+The runtime later splits step 3 between GPU-resident experts and offloaded ones; steps 1, 2 and 4 stay the same.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fiddler_jax.models.layers import Linear, matmul_precision, normal_init
+
+
+class Routing(NamedTuple):
+    """Top-k routing of N tokens: ``weights`` [N, k] float32 (rows sum to 1), ``experts`` [N, k] int32."""
+
+    weights: jax.Array
+    experts: jax.Array
+
+
+class ExpertGroups(NamedTuple):
+    """Assignments sorted by expert: ``order`` [N·k] indexes the flattened (token, slot) pairs; ``sizes`` [E]."""
+
+    order: jax.Array
+    sizes: jax.Array
+
+
+def route(router_logits: jax.Array, top_k: int) -> Routing:
+    """Softmax over experts (float32), top-k, renormalise the k kept probabilities."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    return Routing(weights / jnp.sum(weights, axis=-1, keepdims=True), experts.astype(jnp.int32))
+
+
+def group_by_expert(experts: jax.Array, num_experts: int) -> ExpertGroups:
+    """Stable sort of the flattened assignments by expert id, and the number of assignments per expert."""
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return ExpertGroups(order, sizes)
+
+
+def expert_ffn(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
+    """One SwiGLU expert on x [n, hidden]: (silu(x·w1ᵀ) ⊙ (x·w3ᵀ)) · w2ᵀ."""
+    prec = matmul_precision(w1.dtype)
+    gate = jnp.einsum("nh,fh->nf", x, w1, precision=prec, preferred_element_type=jnp.float32)
+    up = jnp.einsum("nh,fh->nf", x, w3, precision=prec, preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(gate) * up).astype(w2.dtype)
+    return jnp.einsum("nf,hf->nh", act, w2, precision=prec, preferred_element_type=jnp.float32)
+
+
+_ROWS_BY_FFN_HIDDEN = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def grouped_expert_ffn(x_sorted: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array,
+                       w2: jax.Array) -> jax.Array:
+    """All experts at once: rows of ``x_sorted`` [M, hidden] come in contiguous groups of ``sizes`` [E] rows,
+    group e through expert e (stacked w1, w3 [E, ffn, hidden], w2 [E, hidden, ffn]). Returns float32 [M, hidden]."""
+    prec = matmul_precision(w1.dtype)
+
+    def rdot(lhs, rhs):
+        return jax.lax.ragged_dot_general(lhs, rhs, sizes, _ROWS_BY_FFN_HIDDEN, precision=prec,
+                                          preferred_element_type=jnp.float32)
+
+    act = (jax.nn.silu(rdot(x_sorted, w1)) * rdot(x_sorted, w3)).astype(w2.dtype)
+    return rdot(act, w2)
+
+
+def combine(y_sorted: jax.Array, groups: ExpertGroups, routing: Routing, num_tokens: int) -> jax.Array:
+    """Scatter the expert outputs back to their tokens, weighted: out_t = Σ_j w_{t,j}·y_{t,j}, float32."""
+    top_k = routing.weights.shape[-1]
+    token = groups.order // top_k
+    weight = routing.weights.reshape(-1)[groups.order]
+    out = jnp.zeros((num_tokens, y_sorted.shape[-1]), jnp.float32)
+    return out.at[token].add(y_sorted.astype(jnp.float32) * weight[:, None])
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int) -> jax.Array:
+    """Switch/Mixtral auxiliary loss for one layer (router_logits [N, E]): E · Σ_e f_e · P_e, where f_e is the
+    fraction of (token, slot) assignments routed to e and P_e the mean router probability of e. Equals 1 for a
+    perfectly uniform router; transformers averages the same quantity over layers."""
+    num_experts = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, experts = jax.lax.top_k(probs, top_k)
+    assigned = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
+    fraction = jnp.mean(assigned, axis=0) / top_k
+    return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
+
+
+class SparseMoe(nnx.Module):
+    """Mixtral's ``block_sparse_moe``: router ``gate`` [E, hidden] and the stacked experts of one layer."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+        e, h, f, std = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.num_experts = e
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Linear(h, e, dtype=dtype, std=std, rngs=rngs)
+        self.w1 = nnx.Param(normal_init(rngs, (e, f, h), std, dtype))
+        self.w3 = nnx.Param(normal_init(rngs, (e, f, h), std, dtype))
+        self.w2 = nnx.Param(normal_init(rngs, (e, h, f), std, dtype))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [..., hidden] → (MoE output of x's dtype, router logits [N, E])."""
+        flat = x.reshape(-1, x.shape[-1])
+        router_logits = self.gate(flat)
+        routing = route(router_logits, self.top_k)
+        groups = group_by_expert(routing.experts, self.num_experts)
+        x_sorted = flat[groups.order // self.top_k]
+        y_sorted = grouped_expert_ffn(x_sorted, groups.sizes, self.w1[...], self.w3[...], self.w2[...])
+        out = combine(y_sorted, groups, routing, flat.shape[0])
+        return out.astype(x.dtype).reshape(x.shape), router_logits

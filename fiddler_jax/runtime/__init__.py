@@ -1,0 +1,1 @@
+"""Execution of the model: generation now; placement, planners, lanes and the hybrid engine later."""

@@ -1,0 +1,147 @@
+"""Whole-model execution of the NNX Mixtral: full-sequence logits and autoregressive generation.
+
+The model is split once per call (``nnx.split``) and its forward pass is a plain ``jax.jit`` over
+(graphdef, state), so repeated calls reuse compiled code. Generation runs one prefill over the prompt into a KV
+cache of static length (rounded up to a multiple of ``CACHE_BUCKET`` so nearby lengths share compilations), then
+one jitted step per new token; it stops when every row has produced an end-of-sequence token.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.runtime import sampling
+
+CACHE_BUCKET = 64
+
+
+def check_token_ids(model: Mixtral, input_ids, max_new_tokens: int = 0) -> np.ndarray:
+    """Validate [B, T] token ids against the model (integer, in the vocabulary, within the context); → int32."""
+    if not isinstance(model, Mixtral):
+        raise InvalidInputError(f"expected a fiddler_jax Mixtral model (from load_pretrained), got "
+                                f"{type(model).__name__}")
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise InvalidInputError(f"input_ids must be a non-empty int array [batch, tokens], got shape "
+                                f"{list(np.shape(input_ids))}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInputError(f"input_ids must hold integers, got dtype {ids.dtype}")
+    vocab = model.config.vocab_size
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        raise InvalidInputError(f"token id {int(ids[bad][0])} is outside the vocabulary [0, {vocab}); "
+                                "check that the ids come from this model's tokenizer")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise InvalidInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + max_new_tokens > limit:
+        raise InvalidInputError(f"prompt ({ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) is "
+                                f"{ids.shape[1] + max_new_tokens}, longer than max_position_embeddings ({limit}); "
+                                "shorten the prompt or ask for fewer tokens")
+    return ids.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _forward(graphdef, state, cache, tokens, start):
+    model = nnx.merge(graphdef, state)
+    return model(tokens, cache, start)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
+def _decode_step(graphdef, state, cache, tokens, start, key, temperature, top_p):
+    """Forward over the last tokens, then pick the next token of each row (greedy when temperature == 0)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, cache, start)
+    last = logits[:, -1]
+    nxt = sampling.greedy(last) if temperature == 0.0 else sampling.sample(last, key, temperature, top_p)
+    return nxt, cache
+
+
+def logits(model: Mixtral, input_ids) -> np.ndarray:
+    """Float32 logits [B, T, vocab] of a full forward pass over int token ids [B, T]."""
+    ids = check_token_ids(model, input_ids)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(ids.shape[0], ids.shape[1])
+    out, _ = _forward(graphdef, state, cache, jnp.asarray(ids), jnp.int32(0))
+    return np.asarray(out, dtype=np.float32)
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last :func:`generate` call (seconds; compile time included in the first call)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def generate(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
+             temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None) -> np.ndarray:
+    """Generated token ids [B, T + n]; see :func:`generate_with_stats`."""
+    ids, _ = generate_with_stats(model, input_ids, max_new_tokens, do_sample, seed, temperature=temperature,
+                                 top_p=top_p, eos_token_id=eos_token_id)
+    return ids
+
+
+def generate_with_stats(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
+                        *, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
+                        ) -> tuple[np.ndarray, GenerationStats]:
+    """Append up to ``max_new_tokens`` tokens to each row of ``input_ids`` [B, T]; returns [B, T + n].
+
+    Greedy unless ``do_sample``; sampling uses ``temperature`` and nucleus ``top_p`` with a ``seed``ed key, so
+    equal seeds give equal outputs. Generation stops early once every row has emitted an end-of-sequence token
+    (``eos_token_id``, default from config.json); rows that finish first are padded with their EOS token."""
+    ids = check_token_ids(model, input_ids, max_new_tokens)
+    if do_sample and not temperature > 0:
+        raise InvalidInputError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+    eos = model.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    b, t = ids.shape
+    stats = GenerationStats(prompt_tokens=t)
+    if max_new_tokens == 0:
+        return ids, stats
+    temp = float(temperature) if do_sample else 0.0
+    top_p = float(top_p) if do_sample else 1.0
+    graphdef, state = nnx.split(model)
+    length = min(-(-(t + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_position_embeddings)
+    cache = model.init_cache(b, length)
+    key = jax.random.key(seed)
+    out = [ids]
+    done = np.zeros(b, bool)
+    tic = time.perf_counter()
+    tokens, start = jnp.asarray(ids), 0
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.int32(start), sub, temp, top_p)
+        nxt = np.asarray(nxt)
+        if step == 0:
+            stats.prefill_s = time.perf_counter() - tic
+            tic = time.perf_counter()
+        if eos:
+            nxt = np.where(done, out[-1][:, -1], nxt)  # finished rows repeat their EOS
+            done |= np.isin(nxt, eos)
+        out.append(nxt[:, None].astype(np.int32))
+        stats.new_tokens += 1
+        start += tokens.shape[1]
+        tokens = jnp.asarray(nxt[:, None])
+        if eos and done.all():
+            break
+    stats.decode_s = time.perf_counter() - tic
+    return np.concatenate(out, axis=1), stats
