@@ -1,0 +1,38 @@
+"""The ``fiddler-jax`` command: ``fiddler-jax <subcommand> [hydra overrides...]``.
+
+Each subcommand is a Hydra app in :mod:`fiddler_jax.experiments`; its config lives in ``conf/<name>.yaml``
+(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("fiddler_jax.experiments.generate", "generate text with a Mixtral checkpoint"),
+    "init-random": ("fiddler_jax.experiments.init_random", "write a random-weight Mixtral HF folder (seeded)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: fiddler-jax <command> [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<14}{desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fiddler-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv = [f"fiddler-jax {name}", *rest]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hydra entry points (one module per ``fiddler-jax`` subcommand) and their shared helpers."""
