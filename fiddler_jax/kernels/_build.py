@@ -1,0 +1,69 @@
+"""cffi build script (API mode, out of line) for the CPU expert kernel: setup.py's ``cffi_modules`` runs it
+during ``pip install`` and compiles ``xla_ffi/*.cc`` into ``fiddler_jax.kernels._fiddler_ffi`` against the
+XLA FFI headers of the installed jaxlib. Each instruction-set path is compiled from its own file under a
+``#pragma GCC target``, so the extension loads on any x86-64 and picks a path at run time.
+
+By hand (from the repository root): ``python fiddler_jax/kernels/_build.py`` builds the module in place.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import cffi
+import jax.ffi
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.dirname(_HERE))
+_SRC = os.path.join(_ROOT, "xla_ffi")
+
+# Kept in step with xla_ffi/capi.h (cffi's parser needs plain C declarations).
+CDEF = """
+typedef struct XLA_FFI_Error XLA_FFI_Error;
+typedef struct XLA_FFI_CallFrame XLA_FFI_CallFrame;
+XLA_FFI_Error* FiddlerExpertFfn(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerGroupedExpertFfn(XLA_FFI_CallFrame* call_frame);
+
+int fj_cpu_feature_bits(void);
+int fj_physical_cores(void);
+int fj_logical_cpus(void);
+int fj_path_supported(int path);
+int fj_set_path(int path);
+int fj_get_path(void);
+int fj_path_for_tokens(int64_t n);
+void fj_set_amx_min_tokens(int64_t n);
+int64_t fj_get_amx_min_tokens(void);
+void fj_set_num_threads(int n, int pin);
+int fj_get_num_threads(void);
+void fj_set_prefetch_bytes(int bytes);
+void fj_set_amx_group_kib(int kib);
+int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
+                  const uint16_t* w3, const uint16_t* w2, void* y, int out_f32, char* err, int err_len);
+int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                          const int32_t* token_idx, const int32_t* expert_idx, const float* weights, int64_t A,
+                          const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y, int out_f32,
+                          char* err, int err_len);
+"""
+
+
+def _relative(path: str) -> str:
+    # setuptools rejects absolute source paths; builds run from the repository root.
+    return os.path.relpath(path, os.getcwd())
+
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "fiddler_jax.kernels._fiddler_ffi",
+    '#include "capi.h"\n',
+    source_extension=".cpp",
+    sources=[_relative(p) for p in sorted(glob.glob(os.path.join(_SRC, "*.cc")))],
+    include_dirs=[jax.ffi.include_dir(), _relative(_SRC)],
+    extra_compile_args=["-std=c++17", "-O3", "-fno-strict-aliasing", "-fvisibility=hidden", "-pthread"],
+    extra_link_args=["-pthread"],
+    language="c++",
+)
+
+if __name__ == "__main__":
+    os.chdir(_ROOT)
+    ffibuilder.compile(tmpdir=_ROOT, verbose=True)

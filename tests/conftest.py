@@ -1,0 +1,69 @@
+"""Shared fixtures: random-weight transformers Mixtral models saved as HF folders (the reference nobody here
+wrote), in the geometries the parity tests sweep."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# name -> MixtralConfig overrides; each varies one thing the forward pass must get right.
+GEOMETRIES = {
+    # multi-head attention (GQA ratio 1), tied embeddings, 2 experts, top-1
+    "mha_tied_top1": dict(hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=4,
+                          num_local_experts=2, num_experts_per_tok=1, tie_word_embeddings=True),
+    # GQA 4:2, head_dim != hidden/heads, sliding window shorter than the sequence, 4 experts, top-2
+    "gqa_headdim_window": dict(hidden_size=48, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, sliding_window=7, num_local_experts=4, num_experts_per_tok=2),
+    # multi-query attention (one KV head), 3 experts, top-2, untied
+    "mqa_3experts": dict(hidden_size=40, intermediate_size=24, num_attention_heads=5, num_key_value_heads=1,
+                         num_local_experts=3, num_experts_per_tok=2),
+}
+
+
+def make_hf_model(overrides: dict, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    base = dict(vocab_size=97, num_hidden_layers=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                rope_theta=10000.0, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.MixtralConfig(**(base | overrides))
+    cfg._attn_implementation = "eager"
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a missing or misplaced norm weight shows up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session", params=sorted(GEOMETRIES))
+def hf_checkpoint(request, tmp_path_factory):
+    """(name, transformers model, folder saved by transformers, sharded into small files)."""
+    model = make_hf_model(GEOMETRIES[request.param])
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path, max_shard_size="20KB")
+    return request.param, model, str(path)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """One transformers-saved folder (single file, unsharded) for the error-path tests to copy and damage."""
+    model = make_hf_model(GEOMETRIES["gqa_headdim_window"], seed=1)
+    path = tmp_path_factory.mktemp("small")
+    model.save_pretrained(path)
+    return model, str(path)
+
+
+def token_ids(vocab: int, shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape)

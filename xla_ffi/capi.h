@@ -1,0 +1,54 @@
+/* Plain-C entry points of the kernel library, as declared to cffi (fiddler_jax/kernels/_build.py keeps the
+   same declarations in its cdef). The two XLA FFI handlers are the custom-call targets registered with JAX;
+   the fj_* functions configure the runtime and run the compute functions on raw buffers (tests, tools). */
+#ifndef FIDDLER_XLA_FFI_CAPI_H_
+#define FIDDLER_XLA_FFI_CAPI_H_
+
+#include <stdint.h>
+
+#include "xla/ffi/api/c_api.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* XLA FFI handlers (platform "cpu"). */
+XLA_FFI_Error* FiddlerExpertFfn(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerGroupedExpertFfn(XLA_FFI_CallFrame* call_frame);
+
+/* Feature bits for fj_cpu_feature_bits. */
+enum {
+  FJ_AVX2 = 1 << 0, FJ_FMA = 1 << 1, FJ_F16C = 1 << 2, FJ_AVX512F = 1 << 3, FJ_AVX512BW = 1 << 4,
+  FJ_AVX512VL = 1 << 5, FJ_AVX512DQ = 1 << 6, FJ_AVX512_BF16 = 1 << 7, FJ_AMX_TILE = 1 << 8,
+  FJ_AMX_BF16 = 1 << 9, FJ_OS_AVX = 1 << 10, FJ_OS_AVX512 = 1 << 11, FJ_AMX_PERMITTED = 1 << 12
+};
+
+int fj_cpu_feature_bits(void);
+int fj_physical_cores(void);
+int fj_logical_cpus(void);
+
+/* Paths: 0 auto, 1 generic, 2 avx2, 3 avx512_bf16, 4 amx. */
+int fj_path_supported(int path);
+int fj_set_path(int path); /* 0 on success, -1 if unsupported */
+int fj_get_path(void);
+int fj_path_for_tokens(int64_t n);
+void fj_set_amx_min_tokens(int64_t n);
+int64_t fj_get_amx_min_tokens(void);
+void fj_set_num_threads(int n, int pin); /* n <= 0: physical cores */
+int fj_get_num_threads(void);
+void fj_set_prefetch_bytes(int bytes);
+void fj_set_amx_group_kib(int kib);
+
+/* Compute on raw buffers; 0 on success, else -1 and the message in err (NUL-terminated, truncated). */
+int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
+                  const uint16_t* w3, const uint16_t* w2, void* y, int out_f32, char* err, int err_len);
+int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                          const int32_t* token_idx, const int32_t* expert_idx, const float* weights, int64_t A,
+                          const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y, int out_f32,
+                          char* err, int err_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FIDDLER_XLA_FFI_CAPI_H_ */

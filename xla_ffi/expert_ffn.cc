@@ -1,0 +1,564 @@
+// The driver: path choice, workspace, and the split of weight rows over the thread pool.
+#include "expert_ffn.h"
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "bf16_math.h"
+#include "cpu_features.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace fiddler {
+
+int g_prefetch_bytes = 0;
+extern int g_amx_group_kib;  // kernel_amx.cc
+
+namespace {
+
+thread_local char tl_error[512];
+
+const char* Errorf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+const char* Errorf(const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(tl_error, sizeof(tl_error), fmt, args);
+  va_end(args);
+  return tl_error;
+}
+
+// Grow-only, 64-byte aligned scratch memory: steady-state calls allocate nothing.
+class Workspace {
+ public:
+  ~Workspace() { std::free(ptr_); }
+  void* Get(size_t bytes) {
+    if (bytes > size_) {
+      std::free(ptr_);
+      size_t want = bytes + bytes / 4 + 4096;
+      want = (want + 63) & ~size_t{63};
+      ptr_ = std::aligned_alloc(64, want);
+      size_ = ptr_ ? want : 0;
+    }
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+int EnvInt(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  return (end && *end == '\0') ? static_cast<int>(x) : fallback;
+}
+
+Path ParsePath(const char* s) {
+  if (!s || !*s || !std::strcmp(s, "auto")) return Path::kAuto;
+  if (!std::strcmp(s, "generic")) return Path::kGeneric;
+  if (!std::strcmp(s, "avx2")) return Path::kAvx2;
+  if (!std::strcmp(s, "avx512_bf16") || !std::strcmp(s, "avx512")) return Path::kAvx512Bf16;
+  if (!std::strcmp(s, "amx")) return Path::kAmx;
+  std::fprintf(stderr, "fiddler_jax kernels: unknown FIDDLER_KERNEL_PATH=%s, using auto\n", s);
+  return Path::kAuto;
+}
+
+struct Runtime {
+  std::mutex mu;
+  std::unique_ptr<ThreadPool> pool;
+  int want_threads = 0;  // <= 0: physical cores
+  bool pin = false;
+  int spin_us = 200;
+  Path forced = Path::kAuto;
+  int64_t amx_min_n = 64;
+  Workspace ws_index, ws_data;
+
+  Runtime() {
+    want_threads = EnvInt("FIDDLER_KERNEL_THREADS", 0);
+    pin = EnvInt("FIDDLER_KERNEL_PIN", 0) != 0;
+    spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 200);
+    amx_min_n = EnvInt("FIDDLER_AMX_MIN_N", 64);
+    g_prefetch_bytes = EnvInt("FIDDLER_KERNEL_PREFETCH", 0);
+    g_amx_group_kib = EnvInt("FIDDLER_AMX_GROUP_KIB", g_amx_group_kib);
+    Path p = ParsePath(std::getenv("FIDDLER_KERNEL_PATH"));
+    if (p != Path::kAuto && !PathSupported(p)) {
+      std::fprintf(stderr, "fiddler_jax kernels: FIDDLER_KERNEL_PATH=%s is not supported by this CPU, using auto\n",
+                   PathName(p));
+      p = Path::kAuto;
+    }
+    forced = p;
+  }
+
+  ThreadPool& Pool() {  // call with mu held
+    if (!pool) {
+      const CpuFeatures& f = GetCpuFeatures();
+      int n = want_threads > 0 ? want_threads : f.physical_cores;
+      std::vector<int> cpus;
+      if (pin) {
+        cpus.resize(f.logical_cpus > 0 ? f.logical_cpus : 1);
+        int got = PhysicalCoreCpuIds(cpus.data(), static_cast<int>(cpus.size()));
+        cpus.resize(got > 0 ? got : 0);
+      }
+      pool.reset(new ThreadPool(n, cpus, spin_us));
+    }
+    return *pool;
+  }
+
+  Path Choose(int64_t n) const {
+    if (forced != Path::kAuto) return forced;
+    const CpuFeatures& f = GetCpuFeatures();
+    if (f.can_amx() && n >= amx_min_n) return Path::kAmx;
+    if (f.can_avx512_bf16()) return Path::kAvx512Bf16;
+    if (f.can_avx2()) return Path::kAvx2;
+    return Path::kGeneric;
+  }
+};
+
+Runtime& Rt() {
+  static Runtime* rt = new Runtime();  // never destroyed: pool threads must not race static destructors
+  return *rt;
+}
+
+// Rows [0, R) split into nthreads contiguous ranges, on multiples of `granule`.
+inline void SplitRows(int64_t R, int64_t granule, int tid, int nthreads, int64_t* r0, int64_t* r1) {
+  const int64_t blocks = (R + granule - 1) / granule;
+  const int64_t b0 = blocks * tid / nthreads, b1 = blocks * (tid + 1) / nthreads;
+  *r0 = b0 * granule < R ? b0 * granule : R;
+  *r1 = b1 * granule < R ? b1 * granule : R;
+}
+
+inline size_t Align64(size_t b) { return (b + 63) & ~size_t{63}; }
+
+bool Overflows(int64_t a, int64_t b) { return a != 0 && b > INT64_MAX / a; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Single expert.
+
+struct SingleCall {
+  const PathKernels* k;
+  const uint16_t* x;
+  int64_t n, hidden, ffn;
+  const uint16_t *w1, *w3, *w2;
+  const void* x_act;
+  void* x_pack;
+  void* h_act;
+  OutView out;
+};
+
+void SinglePack(void* p, int tid, int nt) {
+  auto* c = static_cast<SingleCall*>(p);
+  int64_t t0, t1;
+  SplitRows(c->n, 1, tid, nt, &t0, &t1);
+  if (t0 < t1 || (tid == nt - 1)) c->k->pack(c->x, c->hidden, nullptr, c->n, t0, t1, c->x_pack);
+}
+
+void SinglePhase1(void* p, int tid, int nt) {
+  auto* c = static_cast<SingleCall*>(p);
+  int64_t r0, r1;
+  SplitRows(c->ffn, c->k->row_granule, tid, nt, &r0, &r1);
+  if (r0 < r1) c->k->phase1(c->x_act, c->n, c->hidden, c->w1, c->w3, c->ffn, r0, r1, c->h_act);
+}
+
+void SinglePhase2(void* p, int tid, int nt) {
+  auto* c = static_cast<SingleCall*>(p);
+  int64_t r0, r1;
+  SplitRows(c->hidden, c->k->row_granule, tid, nt, &r0, &r1);
+  if (r0 < r1) c->k->phase2(c->h_act, c->n, c->ffn, c->w2, c->hidden, r0, r1, c->out);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Grouped: segments are the active experts; rows of all experts form one row space that is split over the
+// threads by estimated cost, so all cores stream disjoint weight rows of all experts at once.
+
+struct Segment {
+  const PathKernels* k;
+  int64_t expert;
+  int64_t n;       // tokens routed to it
+  int64_t first;   // position of its first row in the expert-sorted assignment order
+  void* x_act;
+  void* h_act;
+  int64_t cost1, cost2;  // per-row cost estimates for phase 1 / 2
+};
+
+struct GroupedCall {
+  const uint16_t* x;
+  int64_t T, hidden, ffn;
+  const uint16_t *w1, *w3, *w2;
+  const float* weights;
+  const int32_t* gather;     // [A] token of each assignment, in expert-sorted order
+  const int32_t* tok_off;    // [T+1]
+  const int32_t* tok_list;   // [A] assignment ids grouped by token, original order inside a token
+  const int32_t* pos;        // [A] sorted position of each assignment
+  Segment* seg;
+  int64_t nseg, A;
+  float* ybuf;               // [A, hidden] fp32, expert-sorted
+  void* out;
+  bool out_f32;
+};
+
+// The rows [r0, r1) of segment s that thread tid owns, splitting total cost evenly (granule-aligned).
+void SegmentRows(const GroupedCall& c, int phase, int64_t s, int tid, int nt, int64_t* r0, int64_t* r1) {
+  const int64_t rows = phase == 1 ? c.ffn : c.hidden;
+  int64_t total = 0, before = 0;
+  for (int64_t i = 0; i < c.nseg; ++i) {
+    const int64_t cost = (phase == 1 ? c.seg[i].cost1 : c.seg[i].cost2) * rows;
+    if (i < s) before += cost;
+    total += cost;
+  }
+  const int64_t per_row = phase == 1 ? c.seg[s].cost1 : c.seg[s].cost2;
+  const int64_t g = c.seg[s].k->row_granule;
+  auto boundary = [&](int t) -> int64_t {
+    if (t >= nt) return rows;
+    // cost position of thread t's start, relative to this segment, in rows, rounded to the granule
+    const long double pos = static_cast<long double>(total) * t / nt - before;
+    if (pos <= 0) return 0;
+    int64_t r = static_cast<int64_t>(pos / per_row + 0.5L);
+    r = (r + g / 2) / g * g;
+    return r < rows ? r : rows;
+  };
+  *r0 = boundary(tid);
+  *r1 = boundary(tid + 1);
+}
+
+void GroupedPack(void* p, int tid, int nt) {
+  auto* c = static_cast<GroupedCall*>(p);
+  for (int64_t s = 0; s < c->nseg; ++s) {
+    const Segment& sg = c->seg[s];
+    int64_t t0, t1;
+    SplitRows(sg.n, 1, tid, nt, &t0, &t1);
+    if (t0 < t1 || tid == nt - 1) sg.k->pack(c->x, c->hidden, c->gather + sg.first, sg.n, t0, t1, sg.x_act);
+  }
+}
+
+void GroupedPhase1(void* p, int tid, int nt) {
+  auto* c = static_cast<GroupedCall*>(p);
+  const int64_t wsz = c->ffn * c->hidden;
+  for (int64_t s = 0; s < c->nseg; ++s) {
+    const Segment& sg = c->seg[s];
+    int64_t r0, r1;
+    SegmentRows(*c, 1, s, tid, nt, &r0, &r1);
+    if (r0 < r1)
+      sg.k->phase1(sg.x_act, sg.n, c->hidden, c->w1 + sg.expert * wsz, c->w3 + sg.expert * wsz, c->ffn, r0, r1,
+                   sg.h_act);
+  }
+}
+
+void GroupedPhase2(void* p, int tid, int nt) {
+  auto* c = static_cast<GroupedCall*>(p);
+  const int64_t wsz = c->ffn * c->hidden;
+  for (int64_t s = 0; s < c->nseg; ++s) {
+    const Segment& sg = c->seg[s];
+    int64_t r0, r1;
+    SegmentRows(*c, 2, s, tid, nt, &r0, &r1);
+    OutView o{c->ybuf + sg.first * c->hidden, c->hidden, true};
+    if (r0 < r1) sg.k->phase2(sg.h_act, sg.n, c->ffn, c->w2 + sg.expert * wsz, c->hidden, r0, r1, o);
+  }
+}
+
+void GroupedCombine(void* p, int tid, int nt) {
+  auto* c = static_cast<GroupedCall*>(p);
+  int64_t c0, c1;
+  SplitRows(c->hidden, 16, tid, nt, &c0, &c1);
+  constexpr int64_t kChunk = 512;
+  float acc[kChunk];
+  for (int64_t t = 0; t < c->T; ++t) {
+    for (int64_t cb = c0; cb < c1; cb += kChunk) {
+      const int64_t ce = cb + kChunk < c1 ? cb + kChunk : c1;
+      const int64_t w = ce - cb;
+      for (int64_t i = 0; i < w; ++i) acc[i] = 0.f;
+      for (int32_t q = c->tok_off[t]; q < c->tok_off[t + 1]; ++q) {
+        const int32_t a = c->tok_list[q];
+        const float wt = c->weights[a];
+        const float* y = c->ybuf + static_cast<int64_t>(c->pos[a]) * c->hidden + cb;
+        for (int64_t i = 0; i < w; ++i) acc[i] += wt * y[i];
+      }
+      if (c->out_f32) {
+        float* o = static_cast<float*>(c->out) + t * c->hidden + cb;
+        for (int64_t i = 0; i < w; ++i) o[i] = acc[i];
+      } else {
+        uint16_t* o = static_cast<uint16_t*>(c->out) + t * c->hidden + cb;
+        for (int64_t i = 0; i < w; ++i) o[i] = F32ToBf16(acc[i]);
+      }
+    }
+  }
+}
+
+int64_t RowCost(Path p, int64_t n) {
+  // Relative cost of one weight row: streaming it, plus per-token compute (cheaper per token on AMX).
+  switch (p) {
+    case Path::kAmx: return 64 + 2 * n;
+    case Path::kAvx512Bf16: return 64 + 8 * n;
+    default: return 64 + 32 * n;
+  }
+}
+
+void ZeroOut(void* y, int64_t count, bool out_f32) {
+  std::memset(y, 0, static_cast<size_t>(count) * (out_f32 ? 4 : 2));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+
+bool PathSupported(Path path) {
+  const CpuFeatures& f = GetCpuFeatures();
+  switch (path) {
+    case Path::kAuto: return true;
+    case Path::kGeneric: return true;
+    case Path::kAvx2: return f.can_avx2();
+    case Path::kAvx512Bf16: return f.can_avx512_bf16();
+    case Path::kAmx: return f.can_amx();
+  }
+  return false;
+}
+
+const char* PathName(Path path) {
+  switch (path) {
+    case Path::kAuto: return "auto";
+    case Path::kGeneric: return "generic";
+    case Path::kAvx2: return "avx2";
+    case Path::kAvx512Bf16: return "avx512_bf16";
+    case Path::kAmx: return "amx";
+  }
+  return "?";
+}
+
+const PathKernels* GetPathKernels(Path path) {
+  switch (path) {
+    case Path::kGeneric: return &generic::kKernels;
+    case Path::kAvx2: return &avx2::kKernels;
+    case Path::kAvx512Bf16: return &avx512::kKernels;
+    case Path::kAmx: return &amx::kKernels;
+    default: return nullptr;
+  }
+}
+
+bool SetForcedPath(Path path) {
+  if (!PathSupported(path)) return false;
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  rt.forced = path;
+  return true;
+}
+
+Path GetForcedPath() {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  return rt.forced;
+}
+
+Path PathForTokens(int64_t n) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  return rt.Choose(n);
+}
+
+void SetAmxMinTokens(int64_t n) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  rt.amx_min_n = n;
+}
+
+int64_t GetAmxMinTokens() {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  return rt.amx_min_n;
+}
+
+void SetNumThreads(int n, bool pin) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  rt.want_threads = n;
+  rt.pin = pin;
+  rt.pool.reset();
+}
+
+int GetNumThreads() {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  return rt.Pool().size();
+}
+
+void SetPrefetchBytes(int bytes) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  g_prefetch_bytes = bytes < 0 ? 0 : bytes;
+}
+
+void SetAmxGroupKib(int kib) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  g_amx_group_kib = kib < 1 ? 1 : kib;
+}
+
+const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
+                      const uint16_t* w3, const uint16_t* w2, void* y, bool out_f32) {
+  if (n < 0 || hidden < 0 || ffn < 0) return Errorf("expert_ffn: negative size (n=%lld hidden=%lld ffn=%lld)",
+                                                   (long long)n, (long long)hidden, (long long)ffn);
+  if (Overflows(n, hidden) || Overflows(ffn, hidden) || Overflows(n, ffn))
+    return Errorf("expert_ffn: sizes too large");
+  if (n == 0 || hidden == 0) return nullptr;
+  if (ffn == 0) {
+    ZeroOut(y, n * hidden, out_f32);
+    return nullptr;
+  }
+  if (!x || !w1 || !w3 || !w2 || !y) return Errorf("expert_ffn: null buffer");
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  const Path path = rt.Choose(n);
+  if (!PathSupported(path)) return Errorf("expert_ffn: path %s not supported by this CPU", PathName(path));
+  SingleCall c;
+  c.k = GetPathKernels(path);
+  c.x = x;
+  c.n = n;
+  c.hidden = hidden;
+  c.ffn = ffn;
+  c.w1 = w1;
+  c.w3 = w3;
+  c.w2 = w2;
+  c.out = OutView{y, hidden, out_f32};
+  const size_t xb = c.k->direct_x ? 0 : Align64(c.k->act_bytes(n, hidden));
+  const size_t hb = Align64(c.k->act_bytes(n, ffn));
+  char* ws = static_cast<char*>(rt.ws_data.Get(xb + hb));
+  if (!ws) return Errorf("expert_ffn: cannot allocate %zu bytes of workspace", xb + hb);
+  c.x_pack = ws;
+  c.h_act = ws + xb;
+  c.x_act = c.k->direct_x ? static_cast<const void*>(x) : c.x_pack;
+  ThreadPool& pool = rt.Pool();
+  if (!c.k->direct_x) pool.Run(SinglePack, &c);
+  pool.Run(SinglePhase1, &c);
+  pool.Run(SinglePhase2, &c);
+  return nullptr;
+}
+
+const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                             const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
+                             int64_t A, const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y,
+                             bool out_f32) {
+  const char* op = "grouped_expert_ffn";
+  if (T < 0 || hidden < 0 || ffn < 0 || E < 0 || A < 0)
+    return Errorf("%s: negative size (T=%lld hidden=%lld ffn=%lld E=%lld A=%lld)", op, (long long)T,
+                  (long long)hidden, (long long)ffn, (long long)E, (long long)A);
+  if (A > INT32_MAX || T > INT32_MAX || Overflows(T, hidden) || Overflows(ffn, hidden) ||
+      Overflows(E, ffn * hidden) || Overflows(A, hidden) || Overflows(A, ffn))
+    return Errorf("%s: sizes too large", op);
+  // Validate every assignment before touching anything it indexes.
+  for (int64_t a = 0; a < A; ++a) {
+    if (token_idx[a] < 0 || token_idx[a] >= T)
+      return Errorf("%s: token_idx[%lld] = %d is out of range [0, %lld)", op, (long long)a, token_idx[a],
+                    (long long)T);
+    if (expert_idx[a] < 0 || expert_idx[a] >= E)
+      return Errorf("%s: expert_idx[%lld] = %d is out of range [0, %lld)", op, (long long)a, expert_idx[a],
+                    (long long)E);
+    const float w = weights[a];
+    if (!(w >= 0.f) || std::isinf(w))
+      return Errorf("%s: weights[%lld] = %g: routing weights must be finite and >= 0", op, (long long)a,
+                    static_cast<double>(w));
+  }
+  if (T == 0 || hidden == 0) return nullptr;
+  if (A == 0 || ffn == 0) {
+    ZeroOut(y, T * hidden, out_f32);
+    return nullptr;
+  }
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+
+  // Index workspace: expert offsets [E+1], token offsets [T+1], gather [A], tok_list [A], pos [A], seg [E].
+  const size_t ib = Align64(sizeof(int32_t) * (E + 1)) + Align64(sizeof(int32_t) * (T + 1)) +
+                    3 * Align64(sizeof(int32_t) * A) + Align64(sizeof(Segment) * (E < A ? E : A));
+  char* iw = static_cast<char*>(rt.ws_index.Get(ib));
+  if (!iw) return Errorf("%s: cannot allocate %zu bytes of index workspace", op, ib);
+  int32_t* exp_off = reinterpret_cast<int32_t*>(iw);
+  iw += Align64(sizeof(int32_t) * (E + 1));
+  int32_t* tok_off = reinterpret_cast<int32_t*>(iw);
+  iw += Align64(sizeof(int32_t) * (T + 1));
+  int32_t* gather = reinterpret_cast<int32_t*>(iw);
+  iw += Align64(sizeof(int32_t) * A);
+  int32_t* tok_list = reinterpret_cast<int32_t*>(iw);
+  iw += Align64(sizeof(int32_t) * A);
+  int32_t* pos = reinterpret_cast<int32_t*>(iw);
+  iw += Align64(sizeof(int32_t) * A);
+  Segment* seg = reinterpret_cast<Segment*>(iw);
+
+  // Stable counting sorts: by expert (rows of each expert's token batch) and by token (for the combine).
+  std::memset(exp_off, 0, sizeof(int32_t) * (E + 1));
+  std::memset(tok_off, 0, sizeof(int32_t) * (T + 1));
+  for (int64_t a = 0; a < A; ++a) {
+    ++exp_off[expert_idx[a] + 1];
+    ++tok_off[token_idx[a] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) exp_off[e + 1] += exp_off[e];
+  for (int64_t t = 0; t < T; ++t) tok_off[t + 1] += tok_off[t];
+  for (int64_t a = 0; a < A; ++a) {  // exp_off[e] becomes the end of e; restored below
+    const int32_t p = exp_off[expert_idx[a]]++;
+    pos[a] = p;
+    gather[p] = token_idx[a];
+    tok_list[tok_off[token_idx[a]]++] = static_cast<int32_t>(a);
+  }
+  for (int64_t e = E; e > 0; --e) exp_off[e] = exp_off[e - 1];
+  exp_off[0] = 0;
+  for (int64_t t = T; t > 0; --t) tok_off[t] = tok_off[t - 1];
+  tok_off[0] = 0;
+
+  // Segments (active experts) and the data workspace: y rows, then each segment's x and h activations.
+  int64_t nseg = 0;
+  size_t db = Align64(sizeof(float) * A * hidden);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t cnt = exp_off[e + 1] - exp_off[e];
+    if (cnt == 0) continue;
+    const Path path = rt.Choose(cnt);
+    if (!PathSupported(path)) return Errorf("%s: path %s not supported by this CPU", op, PathName(path));
+    Segment& s = seg[nseg++];
+    s.k = GetPathKernels(path);
+    s.expert = e;
+    s.n = cnt;
+    s.first = exp_off[e];
+    s.cost1 = 2 * RowCost(path, cnt);
+    s.cost2 = RowCost(path, cnt);
+    db += Align64(s.k->act_bytes(cnt, hidden)) + Align64(s.k->act_bytes(cnt, ffn));
+  }
+  char* dw = static_cast<char*>(rt.ws_data.Get(db));
+  if (!dw) return Errorf("%s: cannot allocate %zu bytes of workspace", op, db);
+  GroupedCall c;
+  c.ybuf = reinterpret_cast<float*>(dw);
+  dw += Align64(sizeof(float) * A * hidden);
+  for (int64_t s = 0; s < nseg; ++s) {
+    seg[s].x_act = dw;
+    dw += Align64(seg[s].k->act_bytes(seg[s].n, hidden));
+    seg[s].h_act = dw;
+    dw += Align64(seg[s].k->act_bytes(seg[s].n, ffn));
+  }
+  c.x = x;
+  c.T = T;
+  c.hidden = hidden;
+  c.ffn = ffn;
+  c.w1 = w1;
+  c.w3 = w3;
+  c.w2 = w2;
+  c.weights = weights;
+  c.gather = gather;
+  c.tok_off = tok_off;
+  c.tok_list = tok_list;
+  c.pos = pos;
+  c.seg = seg;
+  c.nseg = nseg;
+  c.A = A;
+  c.out = y;
+  c.out_f32 = out_f32;
+  ThreadPool& pool = rt.Pool();
+  pool.Run(GroupedPack, &c);
+  pool.Run(GroupedPhase1, &c);
+  pool.Run(GroupedPhase2, &c);
+  pool.Run(GroupedCombine, &c);
+  return nullptr;
+}
+
+}  // namespace fiddler

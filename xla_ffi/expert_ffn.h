@@ -1,0 +1,43 @@
+// The expert FFN compute API: raw pointers in, raw pointers out, no XLA types. Used by the XLA FFI handlers
+// (ffi_handlers.cc), the C API for Python/cffi (capi.cc), and reusable from a future CUDA-platform bridge.
+// All functions return nullptr on success or an error message naming the offending argument (a pointer to
+// a thread-local buffer, valid until the next call on the same thread).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace fiddler {
+
+// y [n, hidden] (bf16, or fp32 if out_f32) = (silu(x w1^T) * (x w3^T)) w2^T for one expert.
+// x [n, hidden] bf16; w1, w3 [ffn, hidden] bf16; w2 [hidden, ffn] bf16 (HF layouts, row-major).
+const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
+                      const uint16_t* w3, const uint16_t* w2, void* y, bool out_f32);
+
+// y [T, hidden] = sum over assignments a of weights[a] * FFN_{expert_idx[a]}(x[token_idx[a]]); rows of y that
+// no assignment touches are zero. x [T, hidden]; w1, w3 [E, ffn, hidden]; w2 [E, hidden, ffn]. The sum over
+// a token's assignments runs in assignment order, so the result is independent of the thread count.
+const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                             const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
+                             int64_t A, const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y,
+                             bool out_f32);
+
+// Configuration (all thread-safe; they wait for a running call to finish).
+// Forces a path (kAuto = choose by n and CPU). Returns false if the CPU cannot run it.
+bool SetForcedPath(Path path);
+Path GetForcedPath();
+// The path a call with n tokens would use now.
+Path PathForTokens(int64_t n);
+bool PathSupported(Path path);
+const char* PathName(Path path);
+// Token count from which the automatic choice uses AMX (when present).
+void SetAmxMinTokens(int64_t n);
+int64_t GetAmxMinTokens();
+// Thread count (<= 0: physical cores) and pinning of pool threads to one CPU per physical core.
+void SetNumThreads(int n, bool pin);
+int GetNumThreads();
+void SetPrefetchBytes(int bytes);
+void SetAmxGroupKib(int kib);
+
+}  // namespace fiddler

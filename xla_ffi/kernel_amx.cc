@@ -1,0 +1,238 @@
+// AMX-BF16 path: the prefill / many-token path. Weight rows are the A operand (16 rows x 32 k per tile),
+// loaded straight from the HF row-major layout with the row stride -- no repacking of weights. Activations
+// are the B operand and are packed once per call into VNNI tiles:
+//   act[tile t/16][k-block c/32][pair (c%32)/2][token t%16][c%2]   (1 KiB per 16 tokens x 32 k)
+// Phase 1 writes h straight into that layout so phase 2 reads it as B. C tiles hold [16 rows x 16 tokens].
+// Tile registers: C 0-3, A 4-5, B 6-7. Rows or k beyond the matrix are fed from a zero-padded 1 KiB copy.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(FIDDLER_ISA_EMULATION)
+#include "emulation/isa_emulation.h"
+#else
+#include <immintrin.h>
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#endif
+
+#include "bf16_math.h"
+
+namespace fiddler {
+
+int g_amx_group_kib = 1024;  // budget for the activation tiles a thread re-reads per weight row block
+
+namespace amx {
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+#if defined(FIDDLER_ISA_EMULATION)
+#define TILE_LOADCONFIG(cfg) EmuTileLoadConfig(cfg)
+#define TILE_RELEASE() EmuTileRelease()
+#define TILE_ZERO(t) EmuTileZero(t)
+#define TILE_LOADD(t, base, stride) EmuTileLoad(t, base, stride)
+#define TILE_STORED(t, base, stride) EmuTileStore(t, base, stride)
+#define TILE_DPBF16PS(c, a, b) EmuTileDpbf16ps(c, a, b)
+#else
+#define TILE_LOADCONFIG(cfg) __asm__ volatile("ldtilecfg %0" ::"m"(*(cfg)) : "memory")
+#define TILE_RELEASE() __asm__ volatile("tilerelease" ::: "memory")
+#define TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define TILE_LOADD(t, base, stride) \
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define TILE_STORED(t, base, stride) \
+  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#endif
+
+inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t NumTiles(int64_t n) { return (n + 15) / 16; }
+inline int64_t NumKBlocks(int64_t k) { return (k + 31) / 32; }
+inline int64_t ActIndex(int64_t t, int64_t c, int64_t kb) {
+  return (((t >> 4) * kb + (c >> 5)) * 16 + ((c & 31) >> 1)) * 32 + (t & 15) * 2 + (c & 1);
+}
+
+void ConfigureTiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  TILE_LOADCONFIG(&cfg);
+}
+
+// Source of the A tile for weight rows [r, r+16) and k-block kb of a row-major [R, K] matrix: the matrix
+// itself when the block lies inside it, else a zero-padded copy in buf (16 x 32 bf16).
+inline const uint16_t* ATile(const uint16_t* w, int64_t R, int64_t K, int64_t r, int64_t kb, uint16_t* buf,
+                             int64_t* stride) {
+  const int64_t c0 = kb * 32;
+  if (r + 16 <= R && c0 + 32 <= K) {
+    *stride = K * 2;
+    return w + r * K + c0;
+  }
+  const int64_t rows = Min(16, R - r), cols = Min(32, K - c0);
+  for (int64_t i = 0; i < 16; ++i) {
+    for (int64_t c = 0; c < 32; ++c) buf[i * 32 + c] = (i < rows && c < cols) ? w[(r + i) * K + c0 + c] : 0;
+  }
+  *stride = 64;
+  return buf;
+}
+
+// Token tiles processed per pass over a weight row block: as many as fit the group budget (at least 2).
+inline int64_t GroupTiles(int64_t kblocks) {
+  int64_t g = (static_cast<int64_t>(g_amx_group_kib) * 1024) / (kblocks * 1024);
+  return g < 2 ? 2 : g;
+}
+
+size_t ActBytes(int64_t n, int64_t k) { return static_cast<size_t>(NumTiles(n) * NumKBlocks(k)) * 1024; }
+
+void Pack(const uint16_t* x, int64_t k, const int32_t* idx, int64_t n, int64_t t0, int64_t t1, void* act) {
+  uint16_t* dst = static_cast<uint16_t*>(act);
+  const int64_t kb = NumKBlocks(k), kpad = kb * 32;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint16_t* src = x + (idx ? idx[t] : t) * k;
+    for (int64_t c = 0; c < kpad; ++c) dst[ActIndex(t, c, kb)] = c < k ? src[c] : 0;
+  }
+  if (t1 == n) {
+    for (int64_t t = n; t < NumTiles(n) * 16; ++t)
+      for (int64_t c = 0; c < kpad; ++c) dst[ActIndex(t, c, kb)] = 0;
+  }
+}
+
+void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
+            int64_t F, int64_t r0, int64_t r1, void* h_act) {
+  const uint16_t* x = static_cast<const uint16_t*>(x_act);
+  uint16_t* h = static_cast<uint16_t*>(h_act);
+  const int64_t nt = NumTiles(n), kb_x = NumKBlocks(hidden), kb_h = NumKBlocks(F);
+  const int64_t group = GroupTiles(kb_x);
+  alignas(64) uint16_t abuf1[512], abuf3[512];
+  alignas(64) float c[4][256];
+  alignas(64) float hv[16];
+  ConfigureTiles();
+  for (int64_t tg = 0; tg < nt; tg += group) {
+    const int64_t tg_end = Min(nt, tg + group);
+    for (int64_t r = r0; r < r1; r += 16) {
+      const int64_t rows = Min(16, r1 - r);
+      for (int64_t tt = tg; tt < tg_end; tt += 2) {
+        const bool two = tt + 1 < tg_end;
+        TILE_ZERO(0);
+        TILE_ZERO(1);
+        TILE_ZERO(2);
+        TILE_ZERO(3);
+        for (int64_t kb = 0; kb < kb_x; ++kb) {
+          int64_t s1, s3;
+          const uint16_t* a1 = ATile(w1, F, hidden, r, kb, abuf1, &s1);
+          const uint16_t* a3 = ATile(w3, F, hidden, r, kb, abuf3, &s3);
+          TILE_LOADD(4, a1, s1);
+          TILE_LOADD(5, a3, s3);
+          TILE_LOADD(6, x + (tt * kb_x + kb) * 512, 64);
+          TILE_DPBF16PS(0, 4, 6);
+          TILE_DPBF16PS(1, 5, 6);
+          if (two) {
+            TILE_LOADD(7, x + ((tt + 1) * kb_x + kb) * 512, 64);
+            TILE_DPBF16PS(2, 4, 7);
+            TILE_DPBF16PS(3, 5, 7);
+          }
+        }
+        TILE_STORED(0, c[0], 64);
+        TILE_STORED(1, c[1], 64);
+        if (two) {
+          TILE_STORED(2, c[2], 64);
+          TILE_STORED(3, c[3], 64);
+        }
+        for (int half = 0; half < (two ? 2 : 1); ++half) {
+          const float* g = c[2 * half];
+          const float* u = c[2 * half + 1];
+          const int64_t t0 = (tt + half) * 16;
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int q = 0; q < 16; ++q) hv[q] = Silu(g[i * 16 + q]) * u[i * 16 + q];
+            const int64_t j = r + i;
+            for (int q = 0; q < 16; ++q) h[ActIndex(t0 + q, j, kb_h)] = F32ToBf16(hv[q]);
+          }
+        }
+      }
+    }
+  }
+  if (r1 == F) {  // zero the k-padding of h (columns F .. 32*kb_h) for every token, padding tokens included
+    for (int64_t t = 0; t < nt * 16; ++t)
+      for (int64_t j = F; j < kb_h * 32; ++j) h[ActIndex(t, j, kb_h)] = 0;
+  }
+  TILE_RELEASE();
+}
+
+void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
+            int64_t r1, OutView o) {
+  const uint16_t* h = static_cast<const uint16_t*>(h_act);
+  const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
+  const int64_t group = GroupTiles(kb_h);
+  alignas(64) uint16_t abuf0[512], abuf1[512];
+  alignas(64) float c[4][256];
+  ConfigureTiles();
+  for (int64_t tg = 0; tg < nt; tg += group) {
+    const int64_t tg_end = Min(nt, tg + group);
+    for (int64_t r = r0; r < r1; r += 32) {
+      const bool two_a = r + 16 < r1;
+      for (int64_t tt = tg; tt < tg_end; tt += 2) {
+        const bool two_b = tt + 1 < tg_end;
+        TILE_ZERO(0);
+        TILE_ZERO(1);
+        TILE_ZERO(2);
+        TILE_ZERO(3);
+        for (int64_t kb = 0; kb < kb_h; ++kb) {
+          int64_t s0, s1;
+          const uint16_t* a0 = ATile(w2, hidden, F, r, kb, abuf0, &s0);
+          TILE_LOADD(4, a0, s0);
+          TILE_LOADD(6, h + (tt * kb_h + kb) * 512, 64);
+          TILE_DPBF16PS(0, 4, 6);
+          if (two_a) {
+            const uint16_t* a1 = ATile(w2, hidden, F, r + 16, kb, abuf1, &s1);
+            TILE_LOADD(5, a1, s1);
+            TILE_DPBF16PS(1, 5, 6);
+          }
+          if (two_b) {
+            TILE_LOADD(7, h + ((tt + 1) * kb_h + kb) * 512, 64);
+            TILE_DPBF16PS(2, 4, 7);
+            if (two_a) TILE_DPBF16PS(3, 5, 7);
+          }
+        }
+        TILE_STORED(0, c[0], 64);
+        if (two_a) TILE_STORED(1, c[1], 64);
+        if (two_b) TILE_STORED(2, c[2], 64);
+        if (two_a && two_b) TILE_STORED(3, c[3], 64);
+        for (int blk = 0; blk < 4; ++blk) {
+          const int a = blk & 1, b = blk >> 1;
+          if ((a && !two_a) || (b && !two_b)) continue;
+          const int64_t i0 = r + 16 * a, t0 = (tt + b) * 16;
+          const int64_t rows = Min(16, r1 - i0), toks = Min(16, n - t0);
+          for (int64_t q = 0; q < toks; ++q) {
+            for (int64_t i = 0; i < rows; ++i) {
+              const float v = c[blk][i * 16 + q];
+              if (o.f32) {
+                static_cast<float*>(o.data)[(t0 + q) * o.ld + i0 + i] = v;
+              } else {
+                static_cast<uint16_t*>(o.data)[(t0 + q) * o.ld + i0 + i] = F32ToBf16(v);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  TILE_RELEASE();
+}
+
+}  // namespace
+
+const PathKernels kKernels = {"amx", false, 32, ActBytes, Pack, Phase1, Phase2};
+
+}  // namespace amx
+}  // namespace fiddler

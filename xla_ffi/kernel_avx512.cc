@@ -1,0 +1,153 @@
+// AVX512_BF16 path (vdpbf16ps): the decode / small-batch path. Memory-bound for small n, so each thread streams
+// its weight rows exactly once (8 rows at a time, 64 bytes per row per step) and dots them with all n tokens,
+// whose bf16 rows stay in L1/L2. Activations: bf16 row-major [n, k]; x is read in place.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(FIDDLER_ISA_EMULATION)
+#include "emulation/isa_emulation.h"
+#else
+#include <immintrin.h>
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#endif
+
+#include "bf16_math.h"
+
+namespace fiddler {
+namespace avx512 {
+namespace {
+
+constexpr int kRows = 8;    // weight rows per micro-kernel (phase 1: 4 of w1 + 4 of w3)
+constexpr int kTokens = 2;  // tokens per micro-kernel
+
+inline __m512bh AsBf16(__m512i v) {
+#if defined(FIDDLER_ISA_EMULATION)
+  return EmuAsBf16(v);
+#else
+  return (__m512bh)v;
+#endif
+}
+
+// out[r * TB + t] = <w[r], x[t]> over k; full 32-element steps, then one masked step. The sequence of
+// operations on each accumulator is the same for every R and TB, so results do not depend on blocking.
+template <int R, int TB>
+inline void Dot(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k, float* out) {
+  __m512 acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t pf = g_prefetch_bytes / 2;
+  int64_t c = 0;
+  for (; c + 32 <= k; c += 32) {
+    if (pf) {
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + pf), _MM_HINT_T0);
+    }
+    __m512bh xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = AsBf16(_mm512_loadu_si512(x + t * ldx + c));
+    for (int r = 0; r < R; ++r) {
+      __m512bh wv = AsBf16(_mm512_loadu_si512(w[r] + c));
+      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+    }
+  }
+  if (c < k) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (k - c)) - 1);
+    __m512bh xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = AsBf16(_mm512_maskz_loadu_epi16(m, x + t * ldx + c));
+    for (int r = 0; r < R; ++r) {
+      __m512bh wv = AsBf16(_mm512_maskz_loadu_epi16(m, w[r] + c));
+      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) out[r * TB + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int R>
+inline void DotTokens(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t t,
+                      int64_t n, float* out) {
+  if (t + 2 <= n) {
+    Dot<R, 2>(w, x + t * ldx, ldx, k, out);
+  } else {
+    Dot<R, 1>(w, x + t * ldx, ldx, k, out);
+  }
+}
+
+void DotRows(int rows, const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t t,
+             int64_t n, float* out) {
+  switch (rows) {
+    case 8: DotTokens<8>(w, x, ldx, k, t, n, out); break;
+    case 7: DotTokens<7>(w, x, ldx, k, t, n, out); break;
+    case 6: DotTokens<6>(w, x, ldx, k, t, n, out); break;
+    case 5: DotTokens<5>(w, x, ldx, k, t, n, out); break;
+    case 4: DotTokens<4>(w, x, ldx, k, t, n, out); break;
+    case 3: DotTokens<3>(w, x, ldx, k, t, n, out); break;
+    case 2: DotTokens<2>(w, x, ldx, k, t, n, out); break;
+    default: DotTokens<1>(w, x, ldx, k, t, n, out); break;
+  }
+}
+
+size_t ActBytes(int64_t n, int64_t k) { return static_cast<size_t>(n * k) * sizeof(uint16_t); }
+
+void Pack(const uint16_t* x, int64_t k, const int32_t* idx, int64_t /*n*/, int64_t t0, int64_t t1,
+          void* act) {
+  uint16_t* dst = static_cast<uint16_t*>(act);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::memcpy(dst + t * k, x + (idx ? idx[t] : t) * k, static_cast<size_t>(k) * sizeof(uint16_t));
+  }
+}
+
+void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
+            int64_t F, int64_t r0, int64_t r1, void* h_act) {
+  const uint16_t* x = static_cast<const uint16_t*>(x_act);
+  uint16_t* h = static_cast<uint16_t*>(h_act);
+  constexpr int kPairs = kRows / 2;
+  for (int64_t j = r0; j < r1; j += kPairs) {
+    const int pairs = static_cast<int>(r1 - j < kPairs ? r1 - j : kPairs);
+    const uint16_t* w[kRows];
+    for (int p = 0; p < pairs; ++p) {
+      w[p] = w1 + (j + p) * hidden;
+      w[pairs + p] = w3 + (j + p) * hidden;
+    }
+    for (int64_t t = 0; t < n; t += kTokens) {
+      const int tb = static_cast<int>(n - t < kTokens ? n - t : kTokens);
+      float out[kRows * kTokens];
+      DotRows(2 * pairs, w, x, hidden, hidden, t, n, out);
+      for (int p = 0; p < pairs; ++p)
+        for (int q = 0; q < tb; ++q)
+          h[(t + q) * F + j + p] = F32ToBf16(Silu(out[p * tb + q]) * out[(pairs + p) * tb + q]);
+    }
+  }
+}
+
+void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t /*hidden*/, int64_t r0,
+            int64_t r1, OutView o) {
+  const uint16_t* h = static_cast<const uint16_t*>(h_act);
+  for (int64_t i = r0; i < r1; i += kRows) {
+    const int rows = static_cast<int>(r1 - i < kRows ? r1 - i : kRows);
+    const uint16_t* w[kRows];
+    for (int r = 0; r < rows; ++r) w[r] = w2 + (i + r) * F;
+    for (int64_t t = 0; t < n; t += kTokens) {
+      const int tb = static_cast<int>(n - t < kTokens ? n - t : kTokens);
+      float out[kRows * kTokens];
+      DotRows(rows, w, h, F, F, t, n, out);
+      for (int r = 0; r < rows; ++r) {
+        for (int q = 0; q < tb; ++q) {
+          if (o.f32) {
+            static_cast<float*>(o.data)[(t + q) * o.ld + i + r] = out[r * tb + q];
+          } else {
+            static_cast<uint16_t*>(o.data)[(t + q) * o.ld + i + r] = F32ToBf16(out[r * tb + q]);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const PathKernels kKernels = {"avx512_bf16", true, kRows / 2, ActBytes, Pack, Phase1, Phase2};
+
+}  // namespace avx512
+}  // namespace fiddler
