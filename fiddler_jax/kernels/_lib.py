@@ -1,0 +1,180 @@
+"""Loading of the compiled kernel library, registration of its XLA FFI targets, runtime configuration, and
+direct (non-XLA) entry points on numpy buffers."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+try:
+    from fiddler_jax.kernels._fiddler_ffi import ffi as _ffi, lib as _lib
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(
+        "fiddler_jax.kernels: the compiled extension _fiddler_ffi is missing; reinstall the package "
+        "(pip install --no-build-isolation -e .), which builds xla_ffi/*.cc through cffi"
+    ) from e
+
+EXPERT_FFN_TARGET = "fiddler_expert_ffn"
+GROUPED_EXPERT_FFN_TARGET = "fiddler_grouped_expert_ffn"
+
+PATHS = ("auto", "generic", "avx2", "avx512_bf16", "amx")
+_PATH_ID = {name: i for i, name in enumerate(PATHS)}
+_FEATURE_BITS = (
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile",
+    "amx_bf16", "os_avx", "os_avx512", "amx_permitted",
+)
+
+
+def _register() -> None:
+    for name, symbol in ((EXPERT_FFN_TARGET, "FiddlerExpertFfn"),
+                         (GROUPED_EXPERT_FFN_TARGET, "FiddlerGroupedExpertFfn")):
+        address = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, symbol)))
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(address), platform="cpu")
+
+
+_register()
+
+
+def path_supported(path: str) -> bool:
+    """Whether this CPU can run a path ("auto", "generic", "avx2", "avx512_bf16", "amx")."""
+    return bool(_lib.fj_path_supported(_path_id(path)))
+
+
+def _path_id(path: str) -> int:
+    if path not in _PATH_ID:
+        raise ValueError(f"unknown kernel path {path!r}; expected one of {PATHS}")
+    return _PATH_ID[path]
+
+
+def set_kernel_path(path: str) -> None:
+    """Force a path for all later calls ("auto" restores the choice by CPU and token count).
+
+    The environment variable FIDDLER_KERNEL_PATH sets the initial value."""
+    if _lib.fj_set_path(_path_id(path)) != 0:
+        raise RuntimeError(f"kernel path {path!r} is not supported by this CPU ({cpu_features()['flags']})")
+
+
+def get_kernel_path() -> str:
+    """The forced path, or "auto"."""
+    return PATHS[_lib.fj_get_path()]
+
+
+def path_for_tokens(n: int) -> str:
+    """The path a call with n tokens uses now."""
+    return PATHS[_lib.fj_path_for_tokens(int(n))]
+
+
+def set_num_threads(n: int = 0, pin: bool = False) -> None:
+    """Size the persistent thread pool (n <= 0: one thread per physical core; FIDDLER_KERNEL_THREADS sets the
+    initial value) and optionally pin its workers to one CPU per physical core (FIDDLER_KERNEL_PIN=1)."""
+    _lib.fj_set_num_threads(int(n), int(bool(pin)))
+
+
+def get_num_threads() -> int:
+    return int(_lib.fj_get_num_threads())
+
+
+def set_amx_min_tokens(n: int) -> None:
+    """Token count from which the automatic choice uses AMX (FIDDLER_AMX_MIN_N)."""
+    _lib.fj_set_amx_min_tokens(int(n))
+
+
+def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = None) -> None:
+    """Low-level knobs for benchmarking: software-prefetch distance of weight streams (AVX paths, 0 = off)
+    and the activation budget the AMX path reuses per weight row block."""
+    if prefetch_bytes is not None:
+        _lib.fj_set_prefetch_bytes(int(prefetch_bytes))
+    if amx_group_kib is not None:
+        _lib.fj_set_amx_group_kib(int(amx_group_kib))
+
+
+def cpu_features(token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)) -> dict[str, Any]:
+    """What the CPU offers and which path each token count uses.
+
+    Returns a dict with "flags" (detected features), "physical_cores", "logical_cpus", "threads" (pool size),
+    "supported_paths", "forced_path", "amx_min_tokens" and "path_for_n" ({n: path})."""
+    bits = _lib.fj_cpu_feature_bits()
+    return {
+        "flags": {name: bool(bits >> i & 1) for i, name in enumerate(_FEATURE_BITS)},
+        "physical_cores": int(_lib.fj_physical_cores()),
+        "logical_cpus": int(_lib.fj_logical_cpus()),
+        "threads": get_num_threads(),
+        "supported_paths": [p for p in PATHS[1:] if path_supported(p)],
+        "forced_path": get_kernel_path(),
+        "amx_min_tokens": int(_lib.fj_get_amx_min_tokens()),
+        "path_for_n": {int(n): path_for_tokens(n) for n in token_counts},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Direct entry points on numpy buffers (no XLA): the same compute functions the FFI handlers call. Tests use
+# them to hand in poisoned output buffers; tools can use them without jit.
+
+class KernelError(ValueError):
+    """A kernel call rejected its input (the message names the argument)."""
+
+
+def _bf16_buffer(name: str, a: np.ndarray, rank: int) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != ml_dtypes.bfloat16:
+        raise KernelError(f"{name} must be a numpy bfloat16 array, got {getattr(a, 'dtype', type(a))}")
+    if a.ndim != rank:
+        raise KernelError(f"{name} must have rank {rank}, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _ptr(ctype: str, a: np.ndarray):
+    return _ffi.cast(ctype, a.ctypes.data)
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> None:
+    if out.dtype not in (np.float32, ml_dtypes.bfloat16) or out.shape != shape or not out.flags.c_contiguous:
+        raise KernelError(f"out must be a C-contiguous float32/bfloat16 array of shape {shape}, "
+                          f"got {out.dtype} {out.shape}")
+
+
+def expert_ffn_numpy(x, w1, w3, w2, out: np.ndarray) -> np.ndarray:
+    """out[:] = expert FFN of x (numpy, bf16), computed in place by the C++ kernel."""
+    x = _bf16_buffer("x", x, 2)
+    w1, w3, w2 = (_bf16_buffer(n, a, 2) for n, a in (("w1", w1), ("w3", w3), ("w2", w2)))
+    n, hidden = x.shape
+    ffn = w1.shape[0]
+    if w1.shape != (ffn, hidden) or w3.shape != (ffn, hidden) or w2.shape != (hidden, ffn):
+        raise KernelError(f"weight shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match x {x.shape}")
+    _check_out(out, (n, hidden))
+    err = _ffi.new("char[512]")
+    rc = _lib.fj_expert_ffn(_ptr("uint16_t*", x), n, hidden, ffn, _ptr("uint16_t*", w1), _ptr("uint16_t*", w3),
+                            _ptr("uint16_t*", w2), _ptr("void*", out), int(out.dtype == np.float32), err, 512)
+    if rc != 0:
+        raise KernelError(_ffi.string(err).decode())
+    return out
+
+
+def grouped_expert_ffn_numpy(hidden, token_idx, expert_idx, weights, w1, w3, w2, out: np.ndarray) -> np.ndarray:
+    """out[:] = grouped expert FFN (numpy), computed in place by the C++ kernel."""
+    x = _bf16_buffer("hidden", hidden, 2)
+    w1, w3, w2 = (_bf16_buffer(n, a, 3) for n, a in (("w1", w1), ("w3", w3), ("w2", w2)))
+    tok = np.ascontiguousarray(token_idx, dtype=np.int32)
+    exp = np.ascontiguousarray(expert_idx, dtype=np.int32)
+    wts = np.ascontiguousarray(weights, dtype=np.float32)
+    if not (tok.ndim == exp.ndim == wts.ndim == 1 and tok.shape == exp.shape == wts.shape):
+        raise KernelError(f"token_idx {tok.shape}, expert_idx {exp.shape}, weights {wts.shape} must be equal 1-D")
+    T, hdim = x.shape
+    E, ffn = w1.shape[:2]
+    if w1.shape != (E, ffn, hdim) or w3.shape != w1.shape or w2.shape != (E, hdim, ffn):
+        raise KernelError(f"weight shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match hidden {x.shape}")
+    _check_out(out, (T, hdim))
+    err = _ffi.new("char[512]")
+    rc = _lib.fj_grouped_expert_ffn(
+        _ptr("uint16_t*", x), T, hdim, ffn, E, _ptr("int32_t*", tok), _ptr("int32_t*", exp), _ptr("float*", wts),
+        tok.shape[0], _ptr("uint16_t*", w1), _ptr("uint16_t*", w3), _ptr("uint16_t*", w2), _ptr("void*", out),
+        int(out.dtype == np.float32), err, 512)
+    if rc != 0:
+        raise KernelError(_ffi.string(err).decode())
+    return out
+
+
+if os.environ.get("FIDDLER_KERNEL_VERBOSE"):  # pragma: no cover
+    print("fiddler_jax.kernels:", cpu_features())

@@ -1,0 +1,82 @@
+"""The jnp-level ops: XLA FFI custom calls into the CPU expert kernel, usable inside jax.jit on the CPU device."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fiddler_jax.kernels._lib import EXPERT_FFN_TARGET, GROUPED_EXPERT_FFN_TARGET
+
+_OUT_DTYPES = (jnp.bfloat16, jnp.float32)
+
+
+def _check(name: str, a, dtype, rank: int) -> None:
+    if a.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(a.shape)}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {jnp.dtype(dtype).name}, got {a.dtype}")
+
+
+def _out_dtype(out_dtype):
+    dt = jnp.dtype(out_dtype)
+    if dt not in [jnp.dtype(d) for d in _OUT_DTYPES]:
+        raise TypeError(f"out_dtype must be bfloat16 or float32, got {dt}")
+    return dt
+
+
+def expert_ffn(x, w1, w3, w2, *, out_dtype=jnp.bfloat16, validate: bool = True) -> jax.Array:
+    """One Mixtral expert on n tokens: ``(silu(x @ w1.T) * (x @ w3.T)) @ w2.T``.
+
+    x: [n, hidden] bf16; w1, w3: [ffn, hidden] bf16; w2: [hidden, ffn] bf16 (HF layouts). fp32 accumulation;
+    returns [n, hidden] in ``out_dtype`` (bf16 or f32). Runs as an XLA FFI custom call on the CPU device (jit-
+    able). ``validate=False`` skips the Python-side checks (the C++ handler checks everything again).
+    """
+    x, w1, w3, w2 = (jnp.asarray(a) for a in (x, w1, w3, w2))
+    out_dt = _out_dtype(out_dtype)
+    if validate:
+        for name, a in (("x", x), ("w1", w1), ("w3", w3), ("w2", w2)):
+            _check(name, a, jnp.bfloat16, 2)
+        n, hidden = x.shape
+        ffn = w1.shape[0]
+        if w1.shape[1] != hidden:
+            raise ValueError(f"w1 has shape {w1.shape} but x has hidden size {hidden} (w1 is [ffn, hidden])")
+        if w3.shape != w1.shape:
+            raise ValueError(f"w3 has shape {w3.shape}, expected {w1.shape} like w1")
+        if w2.shape != (hidden, ffn):
+            raise ValueError(f"w2 has shape {w2.shape}, expected {(hidden, ffn)} = [hidden, ffn]")
+    out = jax.ShapeDtypeStruct(tuple(x.shape[:1]) + tuple(x.shape[-1:]) if x.ndim >= 1 else (), out_dt)
+    return jax.ffi.ffi_call(EXPERT_FFN_TARGET, out, vmap_method="sequential")(x, w1, w3, w2)
+
+
+def grouped_expert_ffn(hidden, token_idx, expert_idx, weights, w1, w3, w2, *, out_dtype=jnp.bfloat16,
+                       validate: bool = True) -> jax.Array:
+    """Sum of routed experts for one layer's CPU-assigned (token, expert) pairs.
+
+    hidden: [T, H] bf16; token_idx, expert_idx: [A] int32; weights: [A] float32 (routing weights, finite and
+    >= 0); w1, w3: [E, F, H] bf16; w2: [E, H, F] bf16 (the layer's stacked experts). Returns [T, H]:
+    ``out[t] = sum_{a: token_idx[a] == t} weights[a] * FFN_{expert_idx[a]}(hidden[t])`` (zero for tokens with
+    no assignment). All experts of the call are spread over all cores at once. Index range and weight checks
+    happen in C++ (an out-of-range index raises, naming the argument).
+    """
+    args = [jnp.asarray(a) for a in (hidden, token_idx, expert_idx, weights, w1, w3, w2)]
+    hidden, token_idx, expert_idx, weights, w1, w3, w2 = args
+    out_dt = _out_dtype(out_dtype)
+    if validate:
+        _check("hidden", hidden, jnp.bfloat16, 2)
+        _check("token_idx", token_idx, jnp.int32, 1)
+        _check("expert_idx", expert_idx, jnp.int32, 1)
+        _check("weights", weights, jnp.float32, 1)
+        for name, a in (("w1", w1), ("w3", w3), ("w2", w2)):
+            _check(name, a, jnp.bfloat16, 3)
+        T, H = hidden.shape
+        E, F = w1.shape[:2]
+        if not (token_idx.shape == expert_idx.shape == weights.shape):
+            raise ValueError(f"token_idx {token_idx.shape}, expert_idx {expert_idx.shape} and weights "
+                             f"{weights.shape} must have the same length")
+        if w1.shape[2] != H:
+            raise ValueError(f"w1 has shape {w1.shape} but hidden has size {H} (w1 is [E, ffn, hidden])")
+        if w3.shape != w1.shape:
+            raise ValueError(f"w3 has shape {w3.shape}, expected {w1.shape} like w1")
+        if w2.shape != (E, H, F):
+            raise ValueError(f"w2 has shape {w2.shape}, expected {(E, H, F)} = [E, hidden, ffn]")
+    out = jax.ShapeDtypeStruct((hidden.shape[0], hidden.shape[-1]) if hidden.ndim >= 1 else (), out_dt)
+    return jax.ffi.ffi_call(GROUPED_EXPERT_FFN_TARGET, out, vmap_method="sequential")(*args)
