@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 
 from fiddler_jax.errors import FiddlerError
+
+# Hydra's job logging puts the root logger at INFO; JAX's backend probing is noise at that level.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "conf"))
 

@@ -1,0 +1,68 @@
+"""The ``fiddler-jax`` command, run as users run it (a subprocess), on a model it created itself."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fiddler_jax as fj
+
+
+def cli(*args, cwd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "fiddler_jax.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli")
+    out = work / "model"
+    r = cli("init-random", f"out={out}", "seed=3", "geometry.num_hidden_layers=2", "geometry.hidden_size=64",
+            cwd=work)
+    assert r.returncode == 0, r.stderr
+    return work, out
+
+
+def test_generate_prints_the_same_tokens_as_the_api(random_model):
+    work, model_dir = random_model
+    r = cli("generate", f"model.path={model_dir}", "prompt_ids=[1,5,9]", "max_new_tokens=12", cwd=work)
+    assert r.returncode == 0, r.stderr
+    printed = re.search(r"generated ids: \[([\d, ]+)\]", r.stdout)
+    assert printed and re.search(r"decode [\d.]+ tokens/s", r.stdout), r.stdout
+    expected = fj.generate(fj.load_pretrained(model_dir, progress=False), np.array([[1, 5, 9]]), 12)[0, 3:]
+    assert [int(t) for t in printed.group(1).split(",")] == expected.tolist()
+
+
+def test_init_random_is_seeded(random_model, tmp_path):
+    work, model_dir = random_model
+    r = cli("init-random", f"out={tmp_path / 'again'}", "seed=3", "geometry.num_hidden_layers=2",
+            "geometry.hidden_size=64", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "model.path=/no/such/folder", "prompt_ids=[1]"], "model folder '/no/such/folder' does not exist"),
+    (["generate", "MODEL_DIR", "prompt=hello"], "has no tokenizer files"),
+    (["generate", "MODEL_DIR", "prompt_ids=[1,100000]"], "outside the vocabulary"),
+    (["init-random", "out=MODEL_DIR_RAW"], "already holds a model; pass overwrite=true"),
+])
+def test_bad_input_gives_one_clear_line(random_model, args, message):
+    work, model_dir = random_model
+    args = [a.replace("MODEL_DIR_RAW", str(model_dir)).replace("MODEL_DIR", f"model.path={model_dir}") for a in args]
+    r = cli(*args, cwd=work)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unknown_command_and_typo_in_config(random_model):
+    work, _ = random_model
+    r = cli("generat", cwd=work)
+    assert r.returncode == 2 and "unknown command 'generat'" in r.stderr
+    r = cli("generate", "max_new_tokenz=3", cwd=work)
+    assert r.returncode != 0 and "max_new_tokenz" in r.stderr
