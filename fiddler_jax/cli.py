@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "generate": ("fiddler_jax.experiments.generate", "generate text with a Mixtral checkpoint"),
     "init-random": ("fiddler_jax.experiments.init_random", "write a random-weight Mixtral HF folder (seeded)"),
+    "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
 }
 
 

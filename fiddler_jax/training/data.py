@@ -41,9 +41,9 @@ def encode_documents(tokenizer, texts: list[str]) -> np.ndarray:
 def prepare(corpus_dir: str | None, vocab_size: int, heldout_fraction: float, include_tests: bool,
             log=print) -> Prepared:
     """Find the corpus, train the tokenizer on the training files, encode both splits."""
-    tok_lib.check_vocab_size(vocab_size)
+    tok_lib.check_vocab_size(vocab_size, "train.vocab_size")
     if vocab_size > np.iinfo(np.uint16).max + 1:
-        raise InvalidInputError(f"tokenizer.vocab_size={vocab_size} is too large for this tiny-model recipe "
+        raise InvalidInputError(f"train.vocab_size={vocab_size} is too large for this tiny-model recipe "
                                 "(token streams are stored as uint16: at most 65536)")
     corpus = corpus_lib.find_corpus(corpus_dir, heldout_fraction=heldout_fraction, include_tests=include_tests)
     tic = time.perf_counter()

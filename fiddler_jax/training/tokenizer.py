@@ -20,10 +20,10 @@ BYTE_ALPHABET = 256
 MIN_VOCAB = BYTE_ALPHABET + len(SPECIAL_TOKENS)
 
 
-def check_vocab_size(vocab_size: int) -> None:
+def check_vocab_size(vocab_size: int, name: str = "vocab_size") -> None:
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise InvalidInputError(
-            f"tokenizer.vocab_size={vocab_size!r} is smaller than the byte alphabet: a byte-level BPE needs all "
+            f"{name}={vocab_size!r} is smaller than the byte alphabet: a byte-level BPE needs all "
             f"{BYTE_ALPHABET} byte symbols plus {len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB}")
 
 
