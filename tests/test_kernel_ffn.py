@@ -1,0 +1,159 @@
+"""Numerics of the CPU expert kernel against a float64 numpy reference, per forced path, through the direct
+entry (poisoned output buffers) and through jax.jit (XLA FFI custom call)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fiddler_jax.kernels as K
+from fiddler_jax.kernels._testing import BF16, expert_inputs, expert_ref, grouped_ref, rel_err, rand_bf16
+
+SUPPORTED = K.cpu_features()["supported_paths"]
+ALL_PATHS = ["generic", "avx2", "avx512_bf16", "amx"]
+SHAPES = [(1, 64, 160), (3, 100, 72), (17, 130, 350), (300, 96, 200), (5, 33, 17)]
+
+
+def _params(paths):
+    return [pytest.param(p, marks=pytest.mark.skipif(p not in SUPPORTED, reason=f"CPU lacks {p}")) for p in paths]
+
+
+@pytest.fixture
+def path(request):
+    K.set_kernel_path(request.param)
+    yield request.param
+    K.set_kernel_path("auto")
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    K.set_kernel_path("auto")
+    K.set_num_threads(0)
+
+
+@pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)
+@pytest.mark.parametrize("n,hidden,ffn", SHAPES)
+@pytest.mark.parametrize("out_dtype", [np.float32, BF16])
+def test_direct_entry_poisoned(path, n, hidden, ffn, out_dtype):
+    rng = np.random.default_rng([n, hidden, ffn])
+    x, w1, w3, w2 = expert_inputs(rng, n, hidden, ffn)
+    out = np.full((n, hidden), np.nan, out_dtype)
+    K.expert_ffn_numpy(x, w1, w3, w2, out)
+    assert rel_err(out, expert_ref(x, w1, w3, w2)) <= 1e-2
+
+
+@pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)
+@pytest.mark.parametrize("n,hidden,ffn", SHAPES[:3])
+def test_jit_matches_reference(path, n, hidden, ffn):
+    rng = np.random.default_rng([n, hidden, ffn, 1])
+    x, w1, w3, w2 = expert_inputs(rng, n, hidden, ffn)
+    ref = expert_ref(x, w1, w3, w2)
+    y = jax.jit(K.expert_ffn)(x, w1, w3, w2)
+    assert y.dtype == jnp.bfloat16 and y.shape == (n, hidden)
+    assert rel_err(y, ref) <= 1e-2
+    y32 = jax.jit(lambda *a: K.expert_ffn(*a, out_dtype=jnp.float32))(x, w1, w3, w2)
+    assert y32.dtype == jnp.float32
+    assert rel_err(y32, ref) <= 1e-2
+
+
+def _routing(rng, T, E, top_k=2, skip=()):
+    tok, exp, wts = [], [], []
+    for t in range(T):
+        if t in skip:
+            continue
+        for e in rng.choice(E, size=top_k, replace=False):
+            tok.append(t)
+            exp.append(int(e))
+            wts.append(float(rng.uniform(0.05, 1.0)))
+    return np.array(tok, np.int32), np.array(exp, np.int32), np.array(wts, np.float32)
+
+
+def _stacked(rng, E, hidden, ffn):
+    w1 = rand_bf16(rng, (E, ffn, hidden), hidden ** -0.5)
+    w3 = rand_bf16(rng, (E, ffn, hidden), hidden ** -0.5)
+    w2 = rand_bf16(rng, (E, hidden, ffn), ffn ** -0.5)
+    return w1, w3, w2
+
+
+@pytest.mark.parametrize("path", _params(["auto"] + ALL_PATHS), indirect=True)
+@pytest.mark.parametrize("T,E,hidden,ffn", [(9, 4, 72, 100), (1, 8, 64, 96), (40, 3, 33, 50)])
+def test_grouped_equals_sum_of_singles(path, T, E, hidden, ffn):
+    rng = np.random.default_rng([T, E, hidden, ffn])
+    x = rand_bf16(rng, (T, hidden))
+    w1, w3, w2 = _stacked(rng, E, hidden, ffn)
+    tok, exp, wts = _routing(rng, T, E, skip={T // 2} if T > 2 else ())
+    out = np.full((T, hidden), np.nan, np.float32)
+    K.grouped_expert_ffn_numpy(x, tok, exp, wts, w1, w3, w2, out)
+    # Reference 1: the sum of single-expert calls, each on exactly the tokens routed to that expert.
+    singles = np.zeros((T, hidden), np.float32)
+    per_expert = {}
+    for e in range(E):
+        rows = tok[exp == e]
+        if len(rows):
+            y = np.full((len(rows), hidden), np.nan, np.float32)
+            per_expert[e] = (rows, K.expert_ffn_numpy(x[rows], w1[e], w3[e], w2[e], y))
+    for a, (t, e, w) in enumerate(zip(tok, exp, wts)):
+        rows, y = per_expert[e]
+        i = int(np.flatnonzero(exp[: a + 1] == e).size - 1)
+        assert rows[i] == t
+        singles[t] += np.float32(w) * y[i]
+    np.testing.assert_allclose(out, singles, rtol=1e-5, atol=1e-6)
+    # Reference 2: float64.
+    assert rel_err(out, grouped_ref(x, tok, exp, wts, w1, w3, w2)) <= 1e-2
+    if T > 2:
+        assert np.all(out[T // 2] == 0)  # a token with no assignment gets zeros
+    # Through XLA, bf16 out.
+    y = jax.jit(K.grouped_expert_ffn)(x, tok, exp, wts, w1, w3, w2)
+    assert rel_err(y, grouped_ref(x, tok, exp, wts, w1, w3, w2)) <= 1e-2
+
+
+def test_grouped_mixed_batch_sizes():
+    """Experts with very different token counts in one call (auto may pick different paths per expert)."""
+    rng = np.random.default_rng(5)
+    T, E, hidden, ffn = 80, 3, 64, 72
+    x = rand_bf16(rng, (T, hidden))
+    w1, w3, w2 = _stacked(rng, E, hidden, ffn)
+    tok = np.concatenate([np.arange(T), [3], np.arange(0, T, 7)]).astype(np.int32)
+    exp = np.concatenate([np.zeros(T), [1], np.full(len(range(0, T, 7)), 2)]).astype(np.int32)
+    wts = rng.uniform(0, 1, len(tok)).astype(np.float32)
+    out = np.full((T, hidden), np.nan, BF16)
+    K.grouped_expert_ffn_numpy(x, tok, exp, wts, w1, w3, w2, out)
+    assert rel_err(out, grouped_ref(x, tok, exp, wts, w1, w3, w2)) <= 1e-2
+
+
+@pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)
+def test_thread_count_does_not_change_results(path):
+    rng = np.random.default_rng(3)
+    x, w1, w3, w2 = expert_inputs(rng, 37, 130, 270)
+    T, E = 21, 5
+    xg = rand_bf16(rng, (T, 130))
+    sw1, sw3, sw2 = _stacked(rng, E, 130, 270)
+    tok, exp, wts = _routing(rng, T, E)
+    results = []
+    for threads in (1, 2, 3):
+        K.set_num_threads(threads)
+        assert K.get_num_threads() == threads
+        y = K.expert_ffn_numpy(x, w1, w3, w2, np.full((37, 130), np.nan, np.float32))
+        g = K.grouped_expert_ffn_numpy(xg, tok, exp, wts, sw1, sw3, sw2, np.full((T, 130), np.nan, np.float32))
+        results.append((y, g))
+    for y, g in results[1:]:
+        assert np.array_equal(y, results[0][0])
+        assert np.array_equal(g, results[0][1])
+
+
+def test_empty_and_degenerate_shapes():
+    rng = np.random.default_rng(1)
+    x, w1, w3, w2 = expert_inputs(rng, 0, 16, 8)
+    assert K.expert_ffn(x, w1, w3, w2).shape == (0, 16)
+    # ffn == 0: the FFN is identically zero
+    x = rand_bf16(rng, (3, 16))
+    y = K.expert_ffn_numpy(x, np.zeros((0, 16), BF16), np.zeros((0, 16), BF16), np.zeros((16, 0), BF16),
+                           np.full((3, 16), np.nan, np.float32))
+    assert np.all(y == 0)
+    # no assignments: zeros
+    w1s, w3s, w2s = _stacked(rng, 2, 16, 8)
+    e = np.zeros(0, np.int32)
+    g = K.grouped_expert_ffn(x, e, e, np.zeros(0, np.float32), w1s, w3s, w2s)
+    assert np.all(np.asarray(g, np.float32) == 0)
