@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 import fiddler_jax as fj
+from fiddler_jax.runtime.generate import _forward
 from tests.conftest import hf_logits, token_ids
 
 SEQ = 20  # longer than the sliding window of gqa_headdim_window (7)
@@ -39,11 +42,12 @@ def test_kv_cached_decoding_equals_full_forward(hf_checkpoint):
     model = fj.load_pretrained(path, progress=False)
     ids = token_ids(hf.config.vocab_size, (2, SEQ), seed=5)
     full = fj.logits(model, ids)
+    graphdef, state = nnx.split(model)
     cache = model.init_cache(2, 32)
-    out, cache = model(jnp.asarray(ids[:, :5]), cache, 0)
+    out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, :5]), jnp.int32(0))
     steps = [np.asarray(out)]
     for t in range(5, SEQ):
-        out, cache = model(jnp.asarray(ids[:, t:t + 1]), cache, t)
+        out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, t:t + 1]), jnp.int32(t))
         steps.append(np.asarray(out))
     cached = np.concatenate(steps, axis=1)
     err = np.abs(cached - full).max() / np.abs(full).max()

@@ -60,8 +60,9 @@ def main(cfg) -> None:
     else:
         print("prompt ids:   ", ids[0].tolist())
         print("generated ids:", new.tolist())
-    print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; prefill {stats.prefill_s * 1e3:.0f} ms "
-          f"(compile included); decode {stats.decode_tokens_per_s:.1f} tokens/s on {model_device(model)}]")
+    print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; time to first token "
+          f"{stats.prefill_s * 1e3:.0f} ms (compile included); decode {stats.decode_tokens_per_s:.1f} tokens/s "
+          f"(steady state) on {model_device(model)}]")
 
 
 def model_device(model) -> str:

@@ -7,7 +7,8 @@ Routing algorithm (Mixtral, as in transformers):
      contiguous groups and the per-expert token counts — the counts are what the hybrid planner reads.
   3. ``expert_ffn`` / ``grouped_expert_ffn``: the SwiGLU expert FFN_e(x) = (silu(x·w1ᵀ) ⊙ (x·w3ᵀ)) · w2ᵀ, with
      weights in HF layout (w1, w3 [ffn, hidden]; w2 [hidden, ffn]); the grouped form runs all groups at once with
-     ``jax.lax.ragged_dot_general``, reading only the experts that tokens chose.
+     ``jax.lax.ragged_dot_general``; with no more assignments than experts (decode) the gathered form fetches just
+     the chosen experts' weights instead.
   4. ``combine``: out_t = Σ_j weight_{t,j} · FFN_{e_{t,j}}(x_t), accumulated in float32.
 
 The runtime later splits step 3 between GPU-resident experts and offloaded ones; steps 1, 2 and 4 stay the same.
@@ -79,6 +80,17 @@ def grouped_expert_ffn(x_sorted: jax.Array, sizes: jax.Array, w1: jax.Array, w3:
     return rdot(act, w2)
 
 
+def gathered_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array, w3: jax.Array,
+                        w2: jax.Array) -> jax.Array:
+    """Row m of ``x_rows`` [M, hidden] through expert ``expert_ids[m]``, by gathering those experts' weights.
+    Reads M experts instead of all E, which is what few-token steps (decode) want. Returns float32 [M, hidden]."""
+    prec = matmul_precision(w1.dtype)
+    gate = jnp.einsum("mh,mfh->mf", x_rows, w1[expert_ids], precision=prec, preferred_element_type=jnp.float32)
+    up = jnp.einsum("mh,mfh->mf", x_rows, w3[expert_ids], precision=prec, preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(gate) * up).astype(w2.dtype)
+    return jnp.einsum("mf,mhf->mh", act, w2[expert_ids], precision=prec, preferred_element_type=jnp.float32)
+
+
 def combine(y_sorted: jax.Array, groups: ExpertGroups, routing: Routing, num_tokens: int) -> jax.Array:
     """Scatter the expert outputs back to their tokens, weighted: out_t = Σ_j w_{t,j}·y_{t,j}, float32."""
     top_k = routing.weights.shape[-1]
@@ -119,6 +131,10 @@ class SparseMoe(nnx.Module):
         routing = route(router_logits, self.top_k)
         groups = group_by_expert(routing.experts, self.num_experts)
         x_sorted = flat[groups.order // self.top_k]
-        y_sorted = grouped_expert_ffn(x_sorted, groups.sizes, self.w1[...], self.w3[...], self.w2[...])
+        w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
+        if x_sorted.shape[0] <= self.num_experts:  # few assignments (decode): touch only the chosen experts
+            y_sorted = gathered_expert_ffn(x_sorted, routing.experts.reshape(-1)[groups.order], w1, w3, w2)
+        else:
+            y_sorted = grouped_expert_ffn(x_sorted, groups.sizes, w1, w3, w2)
         out = combine(y_sorted, groups, routing, flat.shape[0])
         return out.astype(x.dtype).reshape(x.shape), router_logits

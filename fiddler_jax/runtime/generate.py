@@ -78,17 +78,20 @@ def logits(model: Mixtral, input_ids) -> np.ndarray:
 
 @dataclass
 class GenerationStats:
-    """Timings of the last :func:`generate` call (seconds; compile time included in the first call)."""
+    """Timings of one :func:`generate_with_stats` call, in seconds. ``prefill_s`` is the time to the first new
+    token and includes compilation of the prefill; the first one-token step (which compiles on a new cache
+    length) is timed apart, so ``decode_tokens_per_s`` is the steady-state rate over the remaining steps."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
+    first_step_s: float = 0.0
     decode_s: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        steps = max(self.new_tokens - 1, 0)
-        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+        steps = max(self.new_tokens - 2, 0)
+        return steps / self.decode_s if steps and self.decode_s > 0 else float("nan")
 
 
 def generate(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
@@ -131,9 +134,13 @@ def generate_with_stats(model: Mixtral, input_ids, max_new_tokens: int, do_sampl
         key, sub = jax.random.split(key)
         nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.int32(start), sub, temp, top_p)
         nxt = np.asarray(nxt)
-        if step == 0:
-            stats.prefill_s = time.perf_counter() - tic
-            tic = time.perf_counter()
+        if step < 2:
+            now = time.perf_counter()
+            if step == 0:
+                stats.prefill_s = now - tic
+            else:
+                stats.first_step_s = now - tic
+            tic = now
         if eos:
             nxt = np.where(done, out[-1][:, -1], nxt)  # finished rows repeat their EOS
             done |= np.isin(nxt, eos)
