@@ -300,6 +300,28 @@ int64_t RowCost(Path p, int64_t n) {
   }
 }
 
+struct ProbeCall {
+  const uint64_t* p;
+  int64_t words;
+  uint64_t sums[512];
+};
+
+void ProbeRun(void* arg, int tid, int nt) {
+  auto* c = static_cast<ProbeCall*>(arg);
+  int64_t w0, w1;
+  SplitRows(c->words, 64, tid, nt, &w0, &w1);
+  uint64_t a = 0, b = 0, d = 0, e = 0;
+  int64_t i = w0;
+  for (; i + 4 <= w1; i += 4) {
+    a += c->p[i];
+    b += c->p[i + 1];
+    d += c->p[i + 2];
+    e += c->p[i + 3];
+  }
+  for (; i < w1; ++i) a += c->p[i];
+  c->sums[tid % 512] = a + b + d + e;
+}
+
 void ZeroOut(void* y, int64_t count, bool out_f32) {
   std::memset(y, 0, static_cast<size_t>(count) * (out_f32 ? 4 : 2));
 }
@@ -397,6 +419,19 @@ void SetAmxGroupKib(int kib) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
   g_amx_group_kib = kib < 1 ? 1 : kib;
+}
+
+uint64_t ReadProbe(const void* p, int64_t bytes) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  ProbeCall c;
+  c.p = static_cast<const uint64_t*>(p);
+  c.words = bytes / 8;
+  std::memset(c.sums, 0, sizeof(c.sums));
+  rt.Pool().Run(ProbeRun, &c);
+  uint64_t s = 0;
+  for (uint64_t v : c.sums) s += v;
+  return s;
 }
 
 const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,

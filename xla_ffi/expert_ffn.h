@@ -38,6 +38,9 @@ int64_t GetAmxMinTokens();
 void SetNumThreads(int n, bool pin);
 int GetNumThreads();
 void SetPrefetchBytes(int bytes);
+// Reads `bytes` at p with the kernel's thread pool (each thread a contiguous slice) and returns a checksum:
+// the STREAM-like read bandwidth bar the benchmark compares the kernel against.
+uint64_t ReadProbe(const void* p, int64_t bytes);
 void SetAmxGroupKib(int kib);
 
 }  // namespace fiddler

@@ -1,0 +1,263 @@
+"""Benchmark of the CPU expert kernel on Mixtral-8x7B expert shapes (a script, not a test).
+
+    python -m fiddler_jax.kernels.bench [--quick] [--json results.json]
+
+For each path the CPU supports and each token count n: the median time of one expert FFN (direct entry, no
+XLA), weight GB/s, TFLOP/s and the ratio to the *streaming bar* -- the time to read the expert's weight bytes
+once at the host read bandwidth measured in the same run with the kernel's own thread pool (ratio 1.0 = as
+fast as memory allows; for large n the op becomes compute-bound and the ratio grows). Alongside: the same op
+through jax.jit (FFI custom call), XLA's own CPU dot, torch (oneDNN) when importable, the grouped op for a
+decode-like call, and a few tuning sweeps. Prints a table last and writes JSON (git SHA, versions, CPU flags).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+
+import fiddler_jax.kernels as K
+from fiddler_jax.kernels._lib import _ffi, _lib
+from fiddler_jax.kernels._testing import BF16
+
+GIB = 1024 ** 3
+
+
+def rand_bf16(rng, shape) -> np.ndarray:
+    """Random finite bf16 values in about ±[0.004, 0.016): built from bits, fast for GB-sized weights."""
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    bits = (bits & np.uint16(0x807F)) | np.uint16(0x3C00)
+    return bits.view(BF16)
+
+
+def timeit(fn, min_reps=3, max_reps=20, budget_s=1.0, warmup=1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def read_bandwidth(buffers, reps=7) -> float:
+    """GiB/s of a multi-threaded read of the given buffers (the kernel's pool, one slice per thread)."""
+    total = sum(b.nbytes for b in buffers)
+
+    def read():
+        for b in buffers:
+            _lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes)
+
+    t, _ = timeit(read, min_reps=reps, max_reps=reps, warmup=2)
+    return total / t / GIB
+
+
+def git_sha() -> str:
+    if os.environ.get("FIDDLER_GIT_SHA"):
+        return os.environ["FIDDLER_GIT_SHA"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def versions() -> dict:
+    v = {"python": platform.python_version(), "numpy": np.__version__}
+    import jax
+    v["jax"] = jax.__version__
+    try:
+        import jaxlib
+        v["jaxlib"] = jaxlib.__version__
+    except Exception:
+        pass
+    try:
+        import torch
+        v["torch"] = torch.__version__
+    except Exception:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            v["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return v
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--ffn", type=int, default=14336)
+    ap.add_argument("--ns", default="1,2,4,8,16,32,64,128,256,512")
+    ap.add_argument("--paths", default="", help="comma list; default: every supported path but generic")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
+    ap.add_argument("--quick", action="store_true", help="fewer n, smaller budget (the 2-core CI machine)")
+    ap.add_argument("--no-xla", action="store_true")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-sweeps", action="store_true")
+    ap.add_argument("--json", default="kernel_bench.json")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.ns, a.budget = "1,4,16,64", min(a.budget, 0.3)
+    ns = [int(s) for s in a.ns.split(",") if s]
+    feats = K.cpu_features(ns)
+    paths = [p for p in (a.paths.split(",") if a.paths else feats["supported_paths"]) if p]
+    if not a.paths:
+        paths = [p for p in paths if p != "generic"]
+    H, F = a.hidden, a.ffn
+    rng = np.random.default_rng(0)
+    w1, w3, w2 = rand_bf16(rng, (F, H)), rand_bf16(rng, (F, H)), rand_bf16(rng, (H, F))
+    wbytes = w1.nbytes + w3.nbytes + w2.nbytes
+    bw = read_bandwidth([w1, w3, w2])
+    bar_s = wbytes / (bw * GIB)
+    print(f"threads={K.get_num_threads()} expert={wbytes / 1e6:.0f} MB read bandwidth {bw:.1f} GiB/s "
+          f"-> streaming bar {bar_s * 1e3:.2f} ms", flush=True)
+    rows, extra = [], {}
+
+    def row(kind, path, n, t, nbytes=wbytes, flops_per_token=6 * H * F):
+        bar = nbytes / (bw * GIB)
+        r = {"kind": kind, "path": path, "n": n, "ms": t * 1e3, "ratio_to_bar": t / bar,
+             "weight_GBps": nbytes / t / 1e9, "TFLOPs": flops_per_token * n / t / 1e12}
+        rows.append(r)
+        print(f"  {kind:8s} {path:12s} n={n:4d} {t * 1e3:9.2f} ms  x{t / bar:6.2f} bar  "
+              f"{r['weight_GBps']:6.1f} GB/s  {r['TFLOPs']:6.2f} TFLOP/s", flush=True)
+        return r
+
+    xs = {n: rand_bf16(rng, (n, H)) for n in ns}
+    outs = {n: np.empty((n, H), BF16) for n in ns}
+    for path in paths:
+        K.set_kernel_path(path)
+        for n in ns:
+            t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n], w1, w3, w2, outs[n]), budget_s=a.budget)
+            row("expert", path, n, t)
+    K.set_kernel_path("auto")
+    for n in ns:
+        t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n], w1, w3, w2, outs[n]), budget_s=a.budget)
+        row("expert", "auto:" + K.path_for_tokens(n), n, t)
+
+    # Through XLA: the FFI custom call inside jax.jit on the CPU device (adds dispatch overhead only).
+    import jax
+    import jax.numpy as jnp
+    cpu = jax.devices("cpu")[0]
+    jw = [jax.device_put(w, cpu) for w in (w1, w3, w2)]
+    f_ffi = jax.jit(K.expert_ffn)
+    for n in [n for n in ns if n in (1, 16, 256)]:
+        jx = jax.device_put(xs[n], cpu)
+        t, _ = timeit(lambda: f_ffi(jx, *jw).block_until_ready(), budget_s=a.budget)
+        row("jit-ffi", "auto", n, t)
+    if not a.no_xla:
+        def xla_ffn(x, w1, w3, w2):
+            g = jnp.dot(x, w1.T, preferred_element_type=jnp.float32)
+            u = jnp.dot(x, w3.T, preferred_element_type=jnp.float32)
+            h = (jax.nn.silu(g) * u).astype(jnp.bfloat16)
+            return jnp.dot(h, w2.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        f_xla = jax.jit(xla_ffn)
+        for n in [n for n in ns if n in (1, 16)]:
+            jx = jax.device_put(xs[n], cpu)
+            t, _ = timeit(lambda: f_xla(jx, *jw).block_until_ready(), min_reps=2, max_reps=3, budget_s=a.budget)
+            row("xla-dot", "xla", n, t)
+    del jw
+    if not a.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(K.get_num_threads())
+            tw = [torch.from_numpy(w.view(np.int16)).view(torch.bfloat16) for w in (w1, w3, w2)]
+            with torch.inference_mode():
+                for n in ns:
+                    tx = torch.from_numpy(xs[n].view(np.int16)).view(torch.bfloat16)
+                    fn = lambda: (torch.nn.functional.silu(tx @ tw[0].T) * (tx @ tw[1].T)) @ tw[2].T  # noqa: E731
+                    t, _ = timeit(fn, budget_s=a.budget)
+                    row("torch", f"torch{torch.get_num_threads()}t", n, t)
+        except ImportError:
+            print("torch not importable: skipped")
+
+    # Grouped, decode-like: 3 tokens x top-2 over 8 stacked experts = 6 distinct experts, 1 token each.
+    E = 8 if not a.quick else 6
+    sw = [np.empty((E, F, H), BF16), np.empty((E, F, H), BF16), np.empty((E, H, F), BF16)]
+    for e in range(E):
+        for s, w in zip(sw, (w1, w3, w2)):
+            s[e] = w if e == 0 else rand_bf16(rng, w.shape)
+    T = 3
+    xg = rand_bf16(rng, (T, H))
+    tok = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    exp = np.array([0, 1, 2, 3, 4, 5], np.int32)
+    wts = np.full(6, 0.5, np.float32)
+    og = np.empty((T, H), BF16)
+    t, _ = timeit(lambda: K.grouped_expert_ffn_numpy(xg, tok, exp, wts, *sw, og), budget_s=a.budget)
+    row("grouped", "auto:6x1", 1, t, nbytes=6 * wbytes)
+    # the same six experts one after another (what the grouped op replaces)
+    xs1 = [xg[i:i + 1] for i in tok]
+    o1 = np.empty((1, H), BF16)
+    t, _ = timeit(lambda: [K.expert_ffn_numpy(xs1[a], sw[0][e], sw[1][e], sw[2][e], o1) for a, e in enumerate(exp)],
+                  budget_s=a.budget)
+    row("6-single", "auto:6x1", 1, t, nbytes=6 * wbytes)
+    if not a.quick:  # prefill-like: 256 tokens top-2 over 8 experts (~64 tokens each)
+        Tp = 256
+        xp = rand_bf16(rng, (Tp, H))
+        tokp = np.repeat(np.arange(Tp, dtype=np.int32), 2)
+        expp = np.stack([np.arange(Tp) % E, (np.arange(Tp) * 3 + 1) % E], 1).reshape(-1).astype(np.int32)
+        wtsp = np.full(2 * Tp, 0.5, np.float32)
+        op = np.empty((Tp, H), BF16)
+        t, _ = timeit(lambda: K.grouped_expert_ffn_numpy(xp, tokp, expp, wtsp, *sw, op), budget_s=a.budget)
+        row("grouped", "auto:256x2", 2 * Tp // E, t, nbytes=E * wbytes, flops_per_token=6 * H * F * E)
+    del sw
+
+    if not a.no_sweeps:
+        n1 = ns[0]
+        if "avx512_bf16" in paths or "avx2" in paths:
+            p = "avx512_bf16" if "avx512_bf16" in paths else "avx2"
+            K.set_kernel_path(p)
+            sweep = []
+            for pf in (0, 256, 512, 1024, 2048):
+                K.set_tuning(prefetch_bytes=pf)
+                t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
+                sweep.append({"path": p, "n": n1, "prefetch_bytes": pf, "ms": t * 1e3, "ratio_to_bar": t / bar_s})
+            K.set_tuning(prefetch_bytes=int(os.environ.get("FIDDLER_KERNEL_PREFETCH", "0")))
+            for nt in sorted({feats["physical_cores"], feats["logical_cpus"]}):
+                for pin in (True, False):
+                    K.set_num_threads(nt, pin=pin)
+                    t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
+                    sweep.append({"path": p, "n": n1, "threads": nt, "pin": pin, "ms": t * 1e3,
+                                  "ratio_to_bar": t / bar_s})
+            K.set_num_threads(0)
+            extra["sweep_small_n"] = sweep
+            print("sweep small n:", json.dumps(sweep), flush=True)
+        if "amx" in paths:
+            K.set_kernel_path("amx")
+            sweep = []
+            for kib in (256, 1024, 4096, 1 << 20):
+                K.set_tuning(amx_group_kib=kib)
+                for n in [n for n in ns if n >= 128]:
+                    t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n], w1, w3, w2, outs[n]), budget_s=a.budget)
+                    sweep.append({"path": "amx", "n": n, "group_kib": kib, "ms": t * 1e3,
+                                  "TFLOPs": 6 * H * F * n / t / 1e12})
+            K.set_tuning(amx_group_kib=int(os.environ.get("FIDDLER_AMX_GROUP_KIB", "1024")))
+            extra["sweep_amx_group"] = sweep
+            print("sweep amx:", json.dumps(sweep), flush=True)
+        K.set_kernel_path("auto")
+
+    result = {"git_sha": git_sha(), "versions": versions(), "cpu_features": feats, "hidden": H, "ffn": F,
+              "expert_bytes": wbytes, "read_bandwidth_GiBps": bw, "streaming_bar_ms": bar_s * 1e3,
+              "rows": rows, **extra}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    # The table, last.
+    print(f"\nexpert {H}x{F} bf16 ({wbytes / 1e6:.0f} MB), {K.get_num_threads()} threads; read bandwidth "
+          f"{bw:.1f} GiB/s, streaming bar {bar_s * 1e3:.2f} ms (ratio = time / bar-time for the bytes read)")
+    print(f"{'kind':9s}{'path':18s}{'n':>5s}{'ms':>10s}{'x bar':>8s}{'GB/s':>8s}{'TFLOP/s':>9s}")
+    for r in rows:
+        print(f"{r['kind']:9s}{r['path']:18s}{r['n']:5d}{r['ms']:10.2f}{r['ratio_to_bar']:8.2f}"
+              f"{r['weight_GBps']:8.1f}{r['TFLOPs']:9.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
