@@ -83,6 +83,8 @@ def run_training(cfg, out: str, command: str, log=print) -> dict:
         if step % t.eval_every == 0 or step == t.steps:
             history["eval_step"].append(step)
             history["eval_nll"].append(trainer.eval_nll(eval_windows, t.eval_batch_size))
+            bar.write(f"step {step}: train NLL {history['nll'][-1]:.3f} (aux {history['aux'][-1]:.3f}), held-out "
+                      f"NLL {history['eval_nll'][-1]:.3f}, {time.perf_counter() - tic:.0f} s")
             bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", heldout=f"{history['eval_nll'][-1]:.3f}")
     jax.block_until_ready(trainer.params)
     train_s = time.perf_counter() - tic + compile_s

@@ -9,6 +9,7 @@ Encoding uses the GPT-2 byte-level pre-tokenizer (no prefix space), decoding the
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -47,8 +48,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
-    """tokenizer.json + tokenizer_config.json (+ whatever else this transformers version writes)."""
-    tokenizer.save_pretrained(os.fspath(path))
+    """tokenizer.json + tokenizer_config.json (+ whatever else this transformers version writes). The class is
+    recorded as ``PreTrainedTokenizerFast``, which transformers 4 and 5 both load (5 alone knows its default,
+    ``TokenizersBackend``)."""
+    path = os.fspath(path)
+    tokenizer.save_pretrained(path)
+    config_file = os.path.join(path, "tokenizer_config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):  # load-time options, not properties of the tokenizer
+        config.pop(key, None)
+    with open(config_file, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def encode_document(tokenizer, text: str) -> list[int]:
