@@ -2,12 +2,9 @@
 wrote), in the geometries the parity tests sweep."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # name -> MixtralConfig overrides; each varies one thing the forward pass must get right.
 GEOMETRIES = {

@@ -32,7 +32,7 @@ def test_moe_pipeline_matches_float64_reference(n, e, k):
     x, gate = rng.normal(size=(n, h)), rng.normal(size=(e, h))
     w1, w3, w2 = rng.normal(size=(e, f, h)) / 5, rng.normal(size=(e, f, h)) / 5, rng.normal(size=(e, h, f)) / 5
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    routing = moe.route(f32(x) @ f32(gate).T, k)
+    routing = moe.route(jnp.matmul(f32(x), f32(gate).T, precision=jax.lax.Precision.HIGHEST), k)
     groups = moe.group_by_expert(routing.experts, e)
     x_sorted = f32(x)[groups.order // k]
     ref = np_moe(x, gate, w1, w3, w2, k)
