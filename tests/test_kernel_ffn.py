@@ -157,3 +157,17 @@ def test_empty_and_degenerate_shapes():
     e = np.zeros(0, np.int32)
     g = K.grouped_expert_ffn(x, e, e, np.zeros(0, np.float32), w1s, w3s, w2s)
     assert np.all(np.asarray(g, np.float32) == 0)
+
+
+@pytest.mark.skipif("amx" not in SUPPORTED, reason="CPU lacks AMX")
+def test_amx_variants_identical():
+    rng = np.random.default_rng(9)
+    x, w1, w3, w2 = expert_inputs(rng, 300, 600, 530)
+    K.set_kernel_path("amx")
+    ys = []
+    for variant in (1, 2):
+        K.set_tuning(amx_variant=variant)
+        ys.append(K.expert_ffn_numpy(x, w1, w3, w2, np.full((300, 600), np.nan, np.float32)))
+    K.set_tuning(amx_variant=0)
+    assert rel_err(ys[1], expert_ref(x, w1, w3, w2)) <= 1e-2
+    assert np.array_equal(ys[0], ys[1])

@@ -58,6 +58,7 @@ void fj_set_num_threads(int n, int pin) { fiddler::SetNumThreads(n, pin != 0); }
 int fj_get_num_threads(void) { return fiddler::GetNumThreads(); }
 void fj_set_prefetch_bytes(int bytes) { fiddler::SetPrefetchBytes(bytes); }
 void fj_set_amx_group_kib(int kib) { fiddler::SetAmxGroupKib(kib); }
+void fj_set_amx_variant(int variant) { fiddler::SetAmxVariant(variant); }
 uint64_t fj_read_probe(const void* p, int64_t bytes) { return fiddler::ReadProbe(p, bytes); }
 
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,

@@ -38,6 +38,7 @@ void fj_set_num_threads(int n, int pin); /* n <= 0: physical cores */
 int fj_get_num_threads(void);
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
+void fj_set_amx_variant(int variant);
 uint64_t fj_read_probe(const void* p, int64_t bytes); /* multi-threaded read of p (bandwidth bar) */
 
 /* Compute on raw buffers; 0 on success, else -1 and the message in err (NUL-terminated, truncated). */

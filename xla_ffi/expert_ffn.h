@@ -42,5 +42,6 @@ void SetPrefetchBytes(int bytes);
 // the STREAM-like read bandwidth bar the benchmark compares the kernel against.
 uint64_t ReadProbe(const void* p, int64_t bytes);
 void SetAmxGroupKib(int kib);
+void SetAmxVariant(int variant);  // 0 auto, 1 direct, 2 k-chunked
 
 }  // namespace fiddler

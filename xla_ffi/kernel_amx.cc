@@ -21,7 +21,8 @@
 
 namespace fiddler {
 
-int g_amx_group_kib = 1024;  // budget for the activation tiles a thread re-reads per weight row block
+int g_amx_group_kib = 1 << 20;  // v1: budget for the activation tiles re-read per weight row block
+int g_amx_variant = 0;          // 0 auto (v2 when there are more than 2 token tiles), 1 direct, 2 chunked
 
 namespace amx {
 namespace {
@@ -93,6 +94,140 @@ inline int64_t GroupTiles(int64_t kblocks) {
   return g < 2 ? 2 : g;
 }
 
+// ---- v2: k-chunked. Per weight row block, per chunk of kChunkKb k-blocks, the A panel (2 slots x 16 rows x
+// 32 k per block) is copied into a contiguous stack buffer -- weight rows sit at a 4 KiB-multiple stride,
+// which maps all 16 rows of a tile to one L1 set -- and reused from L1 for every token tile; C accumulators
+// live in a stack scratch between chunks (spilled exactly, so results equal v1's bit for bit).
+constexpr int64_t kChunkKb = 16;    // 512 k per chunk
+constexpr int64_t kPassTiles = 16;  // 256 tokens per pass (C scratch: 16 tiles x 2 slots x 1 KiB)
+
+struct Slot {
+  const uint16_t* w;  // row-major [R, K]
+  int64_t R;
+  int64_t r;          // first row of the 16-row block
+  bool on;
+};
+
+inline void PackPanel(const Slot& s, int64_t K, int64_t kb0, int64_t nkb, int which, uint16_t* panel) {
+  for (int64_t kbi = 0; kbi < nkb; ++kbi) {
+    uint16_t* dst = panel + (kbi * 2 + which) * 512;
+    const int64_t c0 = (kb0 + kbi) * 32;
+    const int64_t cols = Min(32, K - c0);
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t row = s.r + i;
+      if (row < s.R && cols == 32) {
+        std::memcpy(dst + i * 32, s.w + row * K + c0, 64);
+      } else {
+        for (int64_t c = 0; c < 32; ++c) dst[i * 32 + c] = (row < s.R && c < cols) ? s.w[row * K + c0 + c] : 0;
+      }
+    }
+  }
+}
+
+// C[slot][token] for token tiles [p0, p1) over all of K; then epi(tile, c_slot0, c_slot1) per tile.
+template <typename Epi>
+void ChunkedBlock(const Slot& s0, const Slot& s1, const uint16_t* act, int64_t K, int64_t p0, int64_t p1,
+                  uint16_t* panel, float* cs, Epi epi) {
+  const int64_t kb_total = NumKBlocks(K);
+  for (int64_t kb0 = 0; kb0 < kb_total; kb0 += kChunkKb) {
+    const int64_t nkb = Min(kChunkKb, kb_total - kb0);
+    PackPanel(s0, K, kb0, nkb, 0, panel);
+    if (s1.on) PackPanel(s1, K, kb0, nkb, 1, panel);
+    for (int64_t tt = p0; tt < p1; tt += 2) {
+      const bool two = tt + 1 < p1;
+      float* c0 = cs + (tt - p0) * 512;  // [tile][slot][256]
+      float* c1 = c0 + 512;
+      if (kb0 == 0) {
+        TILE_ZERO(0);
+        TILE_ZERO(1);
+        TILE_ZERO(2);
+        TILE_ZERO(3);
+      } else {
+        TILE_LOADD(0, c0, 64);
+        if (s1.on) TILE_LOADD(1, c0 + 256, 64);
+        if (two) {
+          TILE_LOADD(2, c1, 64);
+          if (s1.on) TILE_LOADD(3, c1 + 256, 64);
+        }
+      }
+      for (int64_t kbi = 0; kbi < nkb; ++kbi) {
+        TILE_LOADD(4, panel + (kbi * 2) * 512, 64);
+        TILE_LOADD(6, act + (tt * kb_total + kb0 + kbi) * 512, 64);
+        TILE_DPBF16PS(0, 4, 6);
+        if (s1.on) {
+          TILE_LOADD(5, panel + (kbi * 2 + 1) * 512, 64);
+          TILE_DPBF16PS(1, 5, 6);
+        }
+        if (two) {
+          TILE_LOADD(7, act + ((tt + 1) * kb_total + kb0 + kbi) * 512, 64);
+          TILE_DPBF16PS(2, 4, 7);
+          if (s1.on) TILE_DPBF16PS(3, 5, 7);
+        }
+      }
+      TILE_STORED(0, c0, 64);
+      if (s1.on) TILE_STORED(1, c0 + 256, 64);
+      if (two) {
+        TILE_STORED(2, c1, 64);
+        if (s1.on) TILE_STORED(3, c1 + 256, 64);
+      }
+    }
+  }
+  for (int64_t tt = p0; tt < p1; ++tt) epi(tt, cs + (tt - p0) * 512, cs + (tt - p0) * 512 + 256);
+}
+
+inline bool UseChunked(int64_t nt) { return g_amx_variant == 2 || (g_amx_variant == 0 && nt > 2); }
+
+void Phase1Chunked(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
+                   int64_t F, int64_t r0, int64_t r1, uint16_t* h) {
+  const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
+  alignas(64) uint16_t panel[kChunkKb * 2 * 512];
+  alignas(64) float cs[kPassTiles * 512];
+  alignas(64) float hv[16];
+  for (int64_t p0 = 0; p0 < nt; p0 += kPassTiles) {
+    const int64_t p1 = Min(nt, p0 + kPassTiles);
+    for (int64_t r = r0; r < r1; r += 16) {
+      const int64_t rows = Min(16, r1 - r);
+      Slot s0{w1, F, r, true}, s1{w3, F, r, true};
+      ChunkedBlock(s0, s1, x, hidden, p0, p1, panel, cs, [&](int64_t tt, const float* g, const float* u) {
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int q = 0; q < 16; ++q) hv[q] = Silu(g[i * 16 + q]) * u[i * 16 + q];
+          for (int q = 0; q < 16; ++q) h[ActIndex(tt * 16 + q, r + i, kb_h)] = F32ToBf16(hv[q]);
+        }
+      });
+    }
+  }
+}
+
+void Phase2Chunked(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
+                   int64_t r1, OutView o) {
+  const int64_t nt = NumTiles(n);
+  alignas(64) uint16_t panel[kChunkKb * 2 * 512];
+  alignas(64) float cs[kPassTiles * 512];
+  for (int64_t p0 = 0; p0 < nt; p0 += kPassTiles) {
+    const int64_t p1 = Min(nt, p0 + kPassTiles);
+    for (int64_t r = r0; r < r1; r += 32) {
+      Slot s0{w2, hidden, r, true}, s1{w2, hidden, r + 16, r + 16 < r1};
+      ChunkedBlock(s0, s1, h, F, p0, p1, panel, cs, [&](int64_t tt, const float* c0, const float* c1) {
+        const int64_t t0 = tt * 16, toks = Min(16, n - t0);
+        for (int slot = 0; slot < (s1.on ? 2 : 1); ++slot) {
+          const float* c = slot ? c1 : c0;
+          const int64_t i0 = r + 16 * slot, rows = Min(16, r1 - i0);
+          for (int64_t q = 0; q < toks; ++q) {
+            for (int64_t i = 0; i < rows; ++i) {
+              const float v = c[i * 16 + q];
+              if (o.f32) {
+                static_cast<float*>(o.data)[(t0 + q) * o.ld + i0 + i] = v;
+              } else {
+                static_cast<uint16_t*>(o.data)[(t0 + q) * o.ld + i0 + i] = F32ToBf16(v);
+              }
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
 size_t ActBytes(int64_t n, int64_t k) { return static_cast<size_t>(NumTiles(n) * NumKBlocks(k)) * 1024; }
 
 void Pack(const uint16_t* x, int64_t k, const int32_t* idx, int64_t n, int64_t t0, int64_t t1, void* act) {
@@ -108,16 +243,14 @@ void Pack(const uint16_t* x, int64_t k, const int32_t* idx, int64_t n, int64_t t
   }
 }
 
-void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
-            int64_t F, int64_t r0, int64_t r1, void* h_act) {
-  const uint16_t* x = static_cast<const uint16_t*>(x_act);
-  uint16_t* h = static_cast<uint16_t*>(h_act);
+// ---- v1: A tiles loaded in place from the weight rows (best for one or two token tiles).
+void Phase1Direct(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
+                  int64_t F, int64_t r0, int64_t r1, uint16_t* h) {
   const int64_t nt = NumTiles(n), kb_x = NumKBlocks(hidden), kb_h = NumKBlocks(F);
   const int64_t group = GroupTiles(kb_x);
   alignas(64) uint16_t abuf1[512], abuf3[512];
   alignas(64) float c[4][256];
   alignas(64) float hv[16];
-  ConfigureTiles();
   for (int64_t tg = 0; tg < nt; tg += group) {
     const int64_t tg_end = Min(nt, tg + group);
     for (int64_t r = r0; r < r1; r += 16) {
@@ -162,6 +295,19 @@ void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, co
       }
     }
   }
+}
+
+void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
+            int64_t F, int64_t r0, int64_t r1, void* h_act) {
+  const uint16_t* x = static_cast<const uint16_t*>(x_act);
+  uint16_t* h = static_cast<uint16_t*>(h_act);
+  const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
+  ConfigureTiles();
+  if (UseChunked(nt)) {
+    Phase1Chunked(x, n, hidden, w1, w3, F, r0, r1, h);
+  } else {
+    Phase1Direct(x, n, hidden, w1, w3, F, r0, r1, h);
+  }
   if (r1 == F) {  // zero the k-padding of h (columns F .. 32*kb_h) for every token, padding tokens included
     for (int64_t t = 0; t < nt * 16; ++t)
       for (int64_t j = F; j < kb_h * 32; ++j) h[ActIndex(t, j, kb_h)] = 0;
@@ -169,14 +315,12 @@ void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, co
   TILE_RELEASE();
 }
 
-void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
-            int64_t r1, OutView o) {
-  const uint16_t* h = static_cast<const uint16_t*>(h_act);
+void Phase2Direct(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
+                  int64_t r1, OutView o) {
   const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
   const int64_t group = GroupTiles(kb_h);
   alignas(64) uint16_t abuf0[512], abuf1[512];
   alignas(64) float c[4][256];
-  ConfigureTiles();
   for (int64_t tg = 0; tg < nt; tg += group) {
     const int64_t tg_end = Min(nt, tg + group);
     for (int64_t r = r0; r < r1; r += 32) {
@@ -226,6 +370,17 @@ void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t
         }
       }
     }
+  }
+}
+
+void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
+            int64_t r1, OutView o) {
+  const uint16_t* h = static_cast<const uint16_t*>(h_act);
+  ConfigureTiles();
+  if (UseChunked(NumTiles(n))) {
+    Phase2Chunked(h, n, F, w2, hidden, r0, r1, o);
+  } else {
+    Phase2Direct(h, n, F, w2, hidden, r0, r1, o);
   }
   TILE_RELEASE();
 }

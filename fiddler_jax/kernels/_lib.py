@@ -82,9 +82,13 @@ def set_amx_min_tokens(n: int) -> None:
     _lib.fj_set_amx_min_tokens(int(n))
 
 
-def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = None) -> None:
-    """Low-level knobs for benchmarking: software-prefetch distance of weight streams (AVX paths, 0 = off)
-    and the activation budget the AMX path reuses per weight row block."""
+def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = None,
+               amx_variant: int | None = None) -> None:
+    """Low-level knobs for benchmarking: software-prefetch distance of weight streams (AVX paths, 0 = off;
+    FIDDLER_KERNEL_PREFETCH), the activation budget of the direct AMX variant (FIDDLER_AMX_GROUP_KIB), and
+    the AMX variant (0 auto, 1 direct, 2 k-chunked; FIDDLER_AMX_VARIANT)."""
+    if amx_variant is not None:
+        _lib.fj_set_amx_variant(int(amx_variant))
     if prefetch_bytes is not None:
         _lib.fj_set_prefetch_bytes(int(prefetch_bytes))
     if amx_group_kib is not None:

@@ -102,10 +102,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-xla", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-sweeps", action="store_true")
+    ap.add_argument("--experts", type=int, default=8,
+                    help="distinct experts the timed calls rotate through, so weights come from DRAM, not LLC")
     ap.add_argument("--json", default="kernel_bench.json")
     a = ap.parse_args(argv)
     if a.quick:
-        a.ns, a.budget = "1,4,16,64", min(a.budget, 0.3)
+        a.ns, a.budget, a.experts = "1,4,16,64", min(a.budget, 0.3), min(a.experts, 6)
     ns = [int(s) for s in a.ns.split(",") if s]
     feats = K.cpu_features(ns)
     paths = [p for p in (a.paths.split(",") if a.paths else feats["supported_paths"]) if p]
@@ -113,13 +115,29 @@ def main(argv=None) -> dict:
         paths = [p for p in paths if p != "generic"]
     H, F = a.hidden, a.ffn
     rng = np.random.default_rng(0)
-    w1, w3, w2 = rand_bf16(rng, (F, H)), rand_bf16(rng, (F, H)), rand_bf16(rng, (H, F))
+    E = max(a.experts, 6)
+    sw = [rand_bf16(rng, (E, F, H)), rand_bf16(rng, (E, F, H)), rand_bf16(rng, (E, H, F))]
+    experts = [(sw[0][e], sw[1][e], sw[2][e]) for e in range(E)]
+    w1, w3, w2 = experts[0]
     wbytes = w1.nbytes + w3.nbytes + w2.nbytes
-    bw = read_bandwidth([w1, w3, w2])
+    # The bar: all E experts read once per repetition (E x 352 MB, far beyond any LLC), as the kernel calls do.
+    bw = read_bandwidth(sw)
+    bw_warm = read_bandwidth([w1, w3, w2])
     bar_s = wbytes / (bw * GIB)
-    print(f"threads={K.get_num_threads()} expert={wbytes / 1e6:.0f} MB read bandwidth {bw:.1f} GiB/s "
-          f"-> streaming bar {bar_s * 1e3:.2f} ms", flush=True)
-    rows, extra = [], {}
+    print(f"threads={K.get_num_threads()} expert={wbytes / 1e6:.0f} MB read bandwidth {bw:.1f} GiB/s over {E} "
+          f"experts (one expert re-read: {bw_warm:.1f} GiB/s) -> streaming bar {bar_s * 1e3:.2f} ms", flush=True)
+    rows, extra = [], {"read_bandwidth_one_expert_GiBps": bw_warm}
+    cycle = {"i": 0}
+
+    def next_index():
+        cycle["i"] = (cycle["i"] + 1) % E
+        return cycle["i"]
+
+    def next_expert():
+        return experts[next_index()]
+
+    def run_single(n):
+        K.expert_ffn_numpy(xs[n], *next_expert(), outs[n])
 
     def row(kind, path, n, t, nbytes=wbytes, flops_per_token=6 * H * F):
         bar = nbytes / (bw * GIB)
@@ -135,22 +153,26 @@ def main(argv=None) -> dict:
     for path in paths:
         K.set_kernel_path(path)
         for n in ns:
-            t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n], w1, w3, w2, outs[n]), budget_s=a.budget)
+            t, _ = timeit(lambda: run_single(n), budget_s=a.budget)
             row("expert", path, n, t)
     K.set_kernel_path("auto")
     for n in ns:
-        t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n], w1, w3, w2, outs[n]), budget_s=a.budget)
+        t, _ = timeit(lambda: run_single(n), budget_s=a.budget)
         row("expert", "auto:" + K.path_for_tokens(n), n, t)
+    n1 = ns[0]
+    t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
+    row("warm", "auto:" + K.path_for_tokens(n1), n1, t)  # one expert re-read: partly LLC-resident
 
     # Through XLA: the FFI custom call inside jax.jit on the CPU device (adds dispatch overhead only).
     import jax
     import jax.numpy as jnp
     cpu = jax.devices("cpu")[0]
-    jw = [jax.device_put(w, cpu) for w in (w1, w3, w2)]
+    jws = [[jax.device_put(w, cpu) for w in ex] for ex in experts]
+    jw = jws[0]
     f_ffi = jax.jit(K.expert_ffn)
     for n in [n for n in ns if n in (1, 16, 256)]:
         jx = jax.device_put(xs[n], cpu)
-        t, _ = timeit(lambda: f_ffi(jx, *jw).block_until_ready(), budget_s=a.budget)
+        t, _ = timeit(lambda: f_ffi(jx, *jws[next_index()]).block_until_ready(), budget_s=a.budget)
         row("jit-ffi", "auto", n, t)
     if not a.no_xla:
         def xla_ffn(x, w1, w3, w2):
@@ -163,27 +185,27 @@ def main(argv=None) -> dict:
             jx = jax.device_put(xs[n], cpu)
             t, _ = timeit(lambda: f_xla(jx, *jw).block_until_ready(), min_reps=2, max_reps=3, budget_s=a.budget)
             row("xla-dot", "xla", n, t)
-    del jw
+    del jw, jws
     if not a.no_torch:
         try:
             import torch
             torch.set_num_threads(K.get_num_threads())
-            tw = [torch.from_numpy(w.view(np.int16)).view(torch.bfloat16) for w in (w1, w3, w2)]
+            tws = [[torch.from_numpy(w.view(np.int16)).view(torch.bfloat16) for w in ex] for ex in experts]
+
+            def torch_ffn(tx):
+                tw = tws[next_index()]
+                return (torch.nn.functional.silu(tx @ tw[0].T) * (tx @ tw[1].T)) @ tw[2].T
+
             with torch.inference_mode():
                 for n in ns:
                     tx = torch.from_numpy(xs[n].view(np.int16)).view(torch.bfloat16)
-                    fn = lambda: (torch.nn.functional.silu(tx @ tw[0].T) * (tx @ tw[1].T)) @ tw[2].T  # noqa: E731
+                    fn = lambda: torch_ffn(tx)  # noqa: E731
                     t, _ = timeit(fn, budget_s=a.budget)
                     row("torch", f"torch{torch.get_num_threads()}t", n, t)
         except ImportError:
             print("torch not importable: skipped")
 
-    # Grouped, decode-like: 3 tokens x top-2 over 8 stacked experts = 6 distinct experts, 1 token each.
-    E = 8 if not a.quick else 6
-    sw = [np.empty((E, F, H), BF16), np.empty((E, F, H), BF16), np.empty((E, H, F), BF16)]
-    for e in range(E):
-        for s, w in zip(sw, (w1, w3, w2)):
-            s[e] = w if e == 0 else rand_bf16(rng, w.shape)
+    # Grouped, decode-like: 3 tokens x top-2 over the E stacked experts = 6 distinct experts, 1 token each.
     T = 3
     xg = rand_bf16(rng, (T, H))
     tok = np.array([0, 0, 1, 1, 2, 2], np.int32)
@@ -207,23 +229,21 @@ def main(argv=None) -> dict:
         op = np.empty((Tp, H), BF16)
         t, _ = timeit(lambda: K.grouped_expert_ffn_numpy(xp, tokp, expp, wtsp, *sw, op), budget_s=a.budget)
         row("grouped", "auto:256x2", 2 * Tp // E, t, nbytes=E * wbytes, flops_per_token=6 * H * F * E)
-    del sw
 
     if not a.no_sweeps:
-        n1 = ns[0]
         if "avx512_bf16" in paths or "avx2" in paths:
             p = "avx512_bf16" if "avx512_bf16" in paths else "avx2"
             K.set_kernel_path(p)
             sweep = []
             for pf in (0, 256, 512, 1024, 2048):
                 K.set_tuning(prefetch_bytes=pf)
-                t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
+                t, _ = timeit(lambda: run_single(n1), budget_s=a.budget)
                 sweep.append({"path": p, "n": n1, "prefetch_bytes": pf, "ms": t * 1e3, "ratio_to_bar": t / bar_s})
             K.set_tuning(prefetch_bytes=int(os.environ.get("FIDDLER_KERNEL_PREFETCH", "0")))
             for nt in sorted({feats["physical_cores"], feats["logical_cpus"]}):
                 for pin in (True, False):
                     K.set_num_threads(nt, pin=pin)
-                    t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
+                    t, _ = timeit(lambda: run_single(n1), budget_s=a.budget)
                     sweep.append({"path": p, "n": n1, "threads": nt, "pin": pin, "ms": t * 1e3,
                                   "ratio_to_bar": t / bar_s})
             K.set_num_threads(0)
@@ -232,14 +252,14 @@ def main(argv=None) -> dict:
         if "amx" in paths:
             K.set_kernel_path("amx")
             sweep = []
-            for kib in (256, 1024, 4096, 1 << 20):
-                K.set_tuning(amx_group_kib=kib)
-                for n in [n for n in ns if n >= 128]:
-                    t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n], w1, w3, w2, outs[n]), budget_s=a.budget)
-                    sweep.append({"path": "amx", "n": n, "group_kib": kib, "ms": t * 1e3,
-                                  "TFLOPs": 6 * H * F * n / t / 1e12})
-            K.set_tuning(amx_group_kib=int(os.environ.get("FIDDLER_AMX_GROUP_KIB", "1024")))
-            extra["sweep_amx_group"] = sweep
+            for variant in (1, 2):
+                K.set_tuning(amx_variant=variant)
+                for n in [n for n in ns if n >= 8]:
+                    t, _ = timeit(lambda: run_single(n), budget_s=a.budget)
+                    sweep.append({"path": "amx", "n": n, "variant": variant, "ms": t * 1e3,
+                                  "ratio_to_bar": t / bar_s, "TFLOPs": 6 * H * F * n / t / 1e12})
+            K.set_tuning(amx_variant=int(os.environ.get("FIDDLER_AMX_VARIANT", "0")))
+            extra["sweep_amx_variant"] = sweep
             print("sweep amx:", json.dumps(sweep), flush=True)
         K.set_kernel_path("auto")
 

@@ -8,13 +8,13 @@
 
 namespace fiddler {
 int g_prefetch_bytes = 0;
-extern int g_amx_group_kib;
 }
 
 extern "C" int fj_emu_expert_ffn(int path, const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
                                  const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, float* y,
-                                 int64_t nsplit, int group_kib) {
+                                 int64_t nsplit, int group_kib, int variant) {
   fiddler::g_amx_group_kib = group_kib;
+  fiddler::g_amx_variant = variant;
   const fiddler::PathKernels* k = path == 3 ? &fiddler::avx512::kKernels : &fiddler::amx::kKernels;
   std::vector<unsigned char> xa(k->act_bytes(n, hidden)), ha(k->act_bytes(n, ffn));
   // Poison the packed buffers: every byte the kernels read must have been written.
