@@ -51,7 +51,7 @@ class Geometry:
 class TrainConfig:
     geometry: Geometry = field(default_factory=Geometry)
     vocab_size: int = 4096  # byte-level BPE vocabulary (≥ 259: 256 bytes + 3 special tokens)
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 32
     seq_len: int = 512
     lr: float = 3e-3
@@ -60,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     aux_loss_coef: float = 0.02  # × mean over layers of the load-balancing loss
-    moe_impl: str = "sparse"  # sparse (the model's ragged_dot forward) | dense (all experts, same function)
+    moe_impl: str = "dense"  # sparse (the model's ragged_dot forward) | dense (all experts, same function)
     eval_every: int = 250
     eval_tokens: int = 65536  # held-out tokens for the periodic evaluation
     final_eval_tokens: int = 262144  # held-out tokens for the final perplexity / routing statistics
