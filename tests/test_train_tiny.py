@@ -176,3 +176,12 @@ def test_overwrite_true_accepts_an_existing_model_and_vocab_bound_is_exact(train
     check_vocab_size(MIN_VOCAB)
     with pytest.raises(InvalidInputError, match="at least 259"):
         check_vocab_size(MIN_VOCAB - 1)
+
+
+def test_bench_names_the_faster_moe_path(capsys):
+    from fiddler_jax.training import bench
+
+    bench.main(["train=smoke", "warmup=1", "steps=1", "budget_s=5", "max_steps=300"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    impl, steps = (kv.split("=")[1] for kv in last.split())
+    assert impl in ("sparse", "dense") and 100 <= int(steps) <= 300, last

@@ -3,7 +3,6 @@ card ``README.md``."""
 from __future__ import annotations
 
 import json
-import math
 import os
 
 
@@ -124,6 +123,6 @@ A different Python version has a different standard library, hence a different c
 
 def write_report(metrics: dict, folder: str) -> None:
     with open(os.path.join(folder, "training_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+        json.dump(metrics, f, indent=1)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(metrics))
