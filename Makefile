@@ -5,7 +5,6 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Build inputs: a change to any of them reinstalls (the FFI kernel is compiled during the install).
 INSTALL_INPUTS := pyproject.toml setup.py $(wildcard xla_ffi/*) $(wildcard fiddler_jax/kernels/_build*.py)
-DEMO_MODEL := .cache/demo-model
 
 .PHONY: install demo test clean
 
@@ -21,11 +20,9 @@ $(VENV)/.installed: $(VENV)/bin/activate $(INSTALL_INPUTS)
 
 install: $(VENV)/.installed
 
-$(DEMO_MODEL)/config.json: $(VENV)/.installed
-	$(VENV)/bin/fiddler-jax init-random out=$(DEMO_MODEL) seed=0 overwrite=true
-
-demo: $(VENV)/.installed $(DEMO_MODEL)/config.json
-	$(VENV)/bin/fiddler-jax generate model.path=$(DEMO_MODEL) 'prompt_ids=[1,5,9,14,20]' max_new_tokens=32
+# The main job on the bundled tiny model (fiddler_jax/assets/tiny-mixtral): greedy continuation of a prompt.
+demo: $(VENV)/.installed
+	$(VENV)/bin/fiddler-jax generate prompt="def fibonacci(n):" max_new_tokens=48
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
