@@ -22,7 +22,7 @@
 namespace fiddler {
 
 int g_amx_group_kib = 1 << 20;  // v1: budget for the activation tiles re-read per weight row block
-int g_amx_variant = 0;          // 0 auto (v2 when there are more than 2 token tiles), 1 direct, 2 chunked
+int g_amx_variant = 0;          // 0 auto (chunked when there are more than 8 token tiles), 1 direct, 2 chunked
 
 namespace amx {
 namespace {
@@ -87,6 +87,63 @@ inline const uint16_t* ATile(const uint16_t* w, int64_t R, int64_t K, int64_t r,
   *stride = 64;
   return buf;
 }
+
+// h[t, r + i] for the 16 tokens of tile tt and rows i < rows: silu(g) * u, rounded to bf16, written into the
+// VNNI layout; row pairs (j even, j + 1) form 16 contiguous uint32, stored as one 64-byte vector.
+#if defined(FIDDLER_ISA_EMULATION)
+inline void SiluStore(const float* g, const float* u, int64_t rows, int64_t r, int64_t tt, int64_t kb_h,
+                      uint16_t* h) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int q = 0; q < 16; ++q) h[ActIndex(tt * 16 + q, r + i, kb_h)] = F32ToBf16(Silu(g[i * 16 + q]) * u[i * 16 + q]);
+}
+#else
+inline __m512 ExpV(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, nf);
+}
+
+// silu(g) * u for 16 lanes, rounded to bf16 (nearest even; NaN stays a quiet NaN) in the low 16 bits.
+inline __m512i SiluBf16(const float* g, const float* u) {
+  const __m512 gv = _mm512_loadu_ps(g);
+  const __m512 e = ExpV(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+  const __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(u));
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i qnan = _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
+  return _mm512_mask_mov_epi32(rne, nan, qnan);
+}
+
+inline void SiluStore(const float* g, const float* u, int64_t rows, int64_t r, int64_t tt, int64_t kb_h,
+                      uint16_t* h) {
+  int64_t i = 0;
+  for (; i < rows; ++i) {
+    const int64_t j = r + i;
+    if ((j & 1) == 0 && i + 1 < rows) {
+      const __m512i lo = SiluBf16(g + i * 16, u + i * 16);
+      const __m512i hi = SiluBf16(g + (i + 1) * 16, u + (i + 1) * 16);
+      _mm512_storeu_si512(h + ActIndex(tt * 16, j, kb_h), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      ++i;
+    } else {
+      alignas(64) uint32_t v[16];
+      _mm512_store_si512(v, SiluBf16(g + i * 16, u + i * 16));
+      for (int q = 0; q < 16; ++q) h[ActIndex(tt * 16 + q, j, kb_h)] = static_cast<uint16_t>(v[q]);
+    }
+  }
+}
+#endif
 
 // Token tiles processed per pass over a weight row block: as many as fit the group budget (at least 2).
 inline int64_t GroupTiles(int64_t kblocks) {
@@ -175,25 +232,21 @@ void ChunkedBlock(const Slot& s0, const Slot& s1, const uint16_t* act, int64_t K
   for (int64_t tt = p0; tt < p1; ++tt) epi(tt, cs + (tt - p0) * 512, cs + (tt - p0) * 512 + 256);
 }
 
-inline bool UseChunked(int64_t nt) { return g_amx_variant == 2 || (g_amx_variant == 0 && nt > 2); }
+// Auto: chunked from 9 token tiles (n > 128): measured on the device's Xeon, the two are even up to n = 128.
+inline bool UseChunked(int64_t nt) { return g_amx_variant == 2 || (g_amx_variant == 0 && nt > 8); }
 
 void Phase1Chunked(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
                    int64_t F, int64_t r0, int64_t r1, uint16_t* h) {
   const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
   alignas(64) uint16_t panel[kChunkKb * 2 * 512];
   alignas(64) float cs[kPassTiles * 512];
-  alignas(64) float hv[16];
   for (int64_t p0 = 0; p0 < nt; p0 += kPassTiles) {
     const int64_t p1 = Min(nt, p0 + kPassTiles);
     for (int64_t r = r0; r < r1; r += 16) {
       const int64_t rows = Min(16, r1 - r);
       Slot s0{w1, F, r, true}, s1{w3, F, r, true};
-      ChunkedBlock(s0, s1, x, hidden, p0, p1, panel, cs, [&](int64_t tt, const float* g, const float* u) {
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int q = 0; q < 16; ++q) hv[q] = Silu(g[i * 16 + q]) * u[i * 16 + q];
-          for (int q = 0; q < 16; ++q) h[ActIndex(tt * 16 + q, r + i, kb_h)] = F32ToBf16(hv[q]);
-        }
-      });
+      ChunkedBlock(s0, s1, x, hidden, p0, p1, panel, cs,
+                   [&](int64_t tt, const float* g, const float* u) { SiluStore(g, u, rows, r, tt, kb_h, h); });
     }
   }
 }
@@ -250,7 +303,6 @@ void Phase1Direct(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* 
   const int64_t group = GroupTiles(kb_x);
   alignas(64) uint16_t abuf1[512], abuf3[512];
   alignas(64) float c[4][256];
-  alignas(64) float hv[16];
   for (int64_t tg = 0; tg < nt; tg += group) {
     const int64_t tg_end = Min(nt, tg + group);
     for (int64_t r = r0; r < r1; r += 16) {
@@ -282,16 +334,7 @@ void Phase1Direct(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* 
           TILE_STORED(2, c[2], 64);
           TILE_STORED(3, c[3], 64);
         }
-        for (int half = 0; half < (two ? 2 : 1); ++half) {
-          const float* g = c[2 * half];
-          const float* u = c[2 * half + 1];
-          const int64_t t0 = (tt + half) * 16;
-          for (int64_t i = 0; i < rows; ++i) {
-            for (int q = 0; q < 16; ++q) hv[q] = Silu(g[i * 16 + q]) * u[i * 16 + q];
-            const int64_t j = r + i;
-            for (int q = 0; q < 16; ++q) h[ActIndex(t0 + q, j, kb_h)] = F32ToBf16(hv[q]);
-          }
-        }
+        for (int half = 0; half < (two ? 2 : 1); ++half) SiluStore(c[2 * half], c[2 * half + 1], rows, r, tt + half, kb_h, h);
       }
     }
   }

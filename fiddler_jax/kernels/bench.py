@@ -23,7 +23,7 @@ import numpy as np
 
 import fiddler_jax.kernels as K
 from fiddler_jax.kernels._lib import _ffi, _lib
-from fiddler_jax.kernels._testing import BF16
+from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
 
 GIB = 1024 ** 3
 
@@ -163,6 +163,19 @@ def main(argv=None) -> dict:
     t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
     row("warm", "auto:" + K.path_for_tokens(n1), n1, t)  # one expert re-read: partly LLC-resident
 
+    # Correctness at full size: each path against the float64 reference (outputs poisoned with NaN first).
+    checks = []
+    for path in paths + ["auto"]:
+        K.set_kernel_path(path)
+        for n in (1, 17) if path != "auto" else (300,):
+            xc = rand_bf16(rng, (n, H))
+            y = K.expert_ffn_numpy(xc, w1, w3, w2, np.full((n, H), np.nan, np.float32))
+            checks.append({"path": K.path_for_tokens(n), "n": n, "rel_err": rel_err(y, expert_ref(xc, w1, w3, w2))})
+    K.set_kernel_path("auto")
+    extra["full_size_checks"] = checks
+    print("full-size checks:", json.dumps(checks), flush=True)
+    worst = max(c["rel_err"] for c in checks)
+
     # Through XLA: the FFI custom call inside jax.jit on the CPU device (adds dispatch overhead only).
     import jax
     import jax.numpy as jnp
@@ -272,6 +285,7 @@ def main(argv=None) -> dict:
     # The table, last.
     print(f"\nexpert {H}x{F} bf16 ({wbytes / 1e6:.0f} MB), {K.get_num_threads()} threads; read bandwidth "
           f"{bw:.1f} GiB/s, streaming bar {bar_s * 1e3:.2f} ms (ratio = time / bar-time for the bytes read)")
+    print(f"full-size check vs float64: worst relative error {worst:.2e} over {len(checks)} runs")
     print(f"{'kind':9s}{'path':18s}{'n':>5s}{'ms':>10s}{'x bar':>8s}{'GB/s':>8s}{'TFLOP/s':>9s}")
     for r in rows:
         print(f"{r['kind']:9s}{r['path']:18s}{r['n']:5d}{r['ms']:10.2f}{r['ratio_to_bar']:8.2f}"
