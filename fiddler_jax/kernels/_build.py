@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import cffi
 import jax.ffi
@@ -49,8 +50,9 @@ int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t 
 
 
 def _relative(path: str) -> str:
-    # setuptools rejects absolute source paths; builds run from the repository root.
-    return os.path.relpath(path, os.getcwd())
+    # setuptools rejects absolute source paths (builds run from the repository root); a build by hand runs
+    # inside cffi's temporary directory, so it gets absolute ones.
+    return path if __name__ == "__main__" else os.path.relpath(path, os.getcwd())
 
 
 ffibuilder = cffi.FFI()
@@ -67,5 +69,7 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    os.chdir(_ROOT)
-    ffibuilder.compile(tmpdir=_ROOT, verbose=True)
+    # Intermediate files go to build/ (ignored); the extension is copied next to this file.
+    built = ffibuilder.compile(tmpdir=os.path.join(_ROOT, "build", "cffi"), verbose=True)
+    shutil.copy(built, _HERE)
+    print("built", os.path.join(_HERE, os.path.basename(built)))
