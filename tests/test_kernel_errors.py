@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,6 +31,13 @@ def _grouped(rng, T=4, E=3, hidden=24, ffn=40):
     exp = np.array([0, 1, 2, 0, 2], np.int32)
     wts = np.array([0.5, 0.5, 1.0, 0.25, 0.1], np.float32)
     return [x, tok, exp, wts, w1, w3, w2]
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu_device():
+    """The kernel is registered for platform "cpu": run eager calls there even where a GPU is the default."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 # (description, index of the argument to replace, replacement factory, text the message must contain)

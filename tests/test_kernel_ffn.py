@@ -20,6 +20,13 @@ def _params(paths):
             for p in paths]
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu_device():
+    """The kernel is registered for platform "cpu": run eager calls there even where a GPU is the default."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @pytest.fixture
 def path(request):
     K.set_kernel_path(request.param)

@@ -27,8 +27,10 @@ def expert_ffn(x, w1, w3, w2, *, out_dtype=jnp.bfloat16, validate: bool = True) 
     """One Mixtral expert on n tokens: ``(silu(x @ w1.T) * (x @ w3.T)) @ w2.T``.
 
     x: [n, hidden] bf16; w1, w3: [ffn, hidden] bf16; w2: [hidden, ffn] bf16 (HF layouts). fp32 accumulation;
-    returns [n, hidden] in ``out_dtype`` (bf16 or f32). Runs as an XLA FFI custom call on the CPU device (jit-
-    able). ``validate=False`` skips the Python-side checks (the C++ handler checks everything again).
+    returns [n, hidden] in ``out_dtype`` (bf16 or f32). Runs as an XLA FFI custom call registered for platform
+    "cpu" only: call it inside a jit on ``jax.devices("cpu")[0]`` (or with inputs committed there / under
+    ``jax.default_device``); on a GPU device XLA finds no target. ``validate=False`` skips the Python-side
+    checks (the C++ handler checks everything again).
     """
     x, w1, w3, w2 = (jnp.asarray(a) for a in (x, w1, w3, w2))
     out_dt = _out_dtype(out_dtype)
