@@ -1,7 +1,8 @@
 """The ``fiddler-jax`` command: ``fiddler-jax <subcommand> [hydra overrides...]``.
 
-Each subcommand is a Hydra app in :mod:`fiddler_jax.experiments`; its config lives in ``conf/<name>.yaml``
-(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config).
+Most subcommands are Hydra apps in :mod:`fiddler_jax.experiments` with their config in ``conf/<name>.yaml``
+(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config); ``bench-kernel`` takes
+plain ``--flags`` (``--help`` lists them).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 COMMANDS = {
     "generate": ("fiddler_jax.experiments.generate", "generate text with a Mixtral checkpoint"),
     "init-random": ("fiddler_jax.experiments.init_random", "write a random-weight Mixtral HF folder (seeded)"),
+    "bench-kernel": ("fiddler_jax.kernels.bench", "benchmark the CPU expert kernel (Mixtral-8x7B shapes)"),
     "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
 }
 

@@ -66,3 +66,17 @@ def test_unknown_command_and_typo_in_config(random_model):
     assert r.returncode == 2 and "unknown command 'generat'" in r.stderr
     r = cli("generate", "max_new_tokenz=3", cwd=work)
     assert r.returncode != 0 and "max_new_tokenz" in r.stderr
+
+
+def test_bench_kernel_quick_writes_json(tmp_path):
+    """`fiddler-jax bench-kernel` runs end to end (tiny shapes) and writes its JSON with the provenance fields."""
+    import json
+
+    out = tmp_path / "bench.json"
+    r = cli("bench-kernel", "--hidden", "64", "--ffn", "96", "--ns", "1,8", "--budget", "0.05", "--no-xla",
+            "--no-torch", "--no-sweeps", "--experts", "2", "--json", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"git_sha", "versions", "cpu_features", "rows", "read_bandwidth_GiBps"} <= set(result)
+    assert {1, 8} <= {row["n"] for row in result["rows"]}
+    assert r.stdout.rstrip().splitlines()[-1].split()[0] in {"grouped", "expert"}  # the table is printed last

@@ -9,6 +9,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from fiddler_jax.errors import FiddlerError
+
 try:
     from fiddler_jax.kernels._fiddler_ffi import ffi as _ffi, lib as _lib
 except ImportError as e:  # pragma: no cover - only without a build
@@ -117,7 +119,7 @@ def cpu_features(token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)) -> dict[s
 # Direct entry points on numpy buffers (no XLA): the same compute functions the FFI handlers call. Tests use
 # them to hand in poisoned output buffers; tools can use them without jit.
 
-class KernelError(ValueError):
+class KernelError(FiddlerError, ValueError):
     """A kernel call rejected its input (the message names the argument)."""
 
 
