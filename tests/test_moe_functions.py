@@ -43,6 +43,8 @@ def test_moe_pipeline_matches_float64_reference(n, e, k):
     y = moe.gathered_expert_ffn(x_sorted, sorted_ids, f32(w1), f32(w3), f32(w2))
     out = np.asarray(moe.combine(y, groups, routing, n))
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    out = np.asarray(moe.dense_expert_mix(f32(x), routing, f32(w1), f32(w3), f32(w2)))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_route_renormalises_top_k():

@@ -31,9 +31,9 @@ class DecoderLayer(nnx.Module):
         attn, kv = self.self_attn(self.input_layernorm(x), kv, positions, start)
         return x + attn, kv
 
-    def __call__(self, x, kv: LayerKV, positions, start):
+    def __call__(self, x, kv: LayerKV, positions, start, moe_dispatch: str = "sparse"):
         h, kv = self.attention_block(x, kv, positions, start)
-        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
+        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h), moe_dispatch)
         return h + moe_out, kv, router_logits
 
 
@@ -57,17 +57,19 @@ class Mixtral(nnx.Module):
         return tuple(LayerKV(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
                      for _ in range(c.num_hidden_layers))
 
-    def __call__(self, tokens: jax.Array, cache: KVCache, start, *, return_router_logits: bool = False):
+    def __call__(self, tokens: jax.Array, cache: KVCache, start, *, return_router_logits: bool = False,
+                 moe_dispatch: str = "sparse"):
         """tokens [B, T] int at absolute positions start..start+T-1, written into ``cache``.
 
         Returns (logits [B, T, vocab] float32, updated cache) and, if asked, the router logits of each layer
-        (a tuple of [B·T, E] arrays, for routing statistics and the load-balancing loss)."""
+        (a tuple of [B·T, E] arrays, for routing statistics and the load-balancing loss). ``moe_dispatch`` is
+        passed to :meth:`SparseMoe.__call__` ("dense" is for training)."""
         start = jnp.asarray(start, jnp.int32)
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         x = self.embed_tokens(tokens)
         new_cache, router_logits = [], []
         for layer, kv in zip(self.layers, cache):
-            x, kv, rl = layer(x, kv, positions, start)
+            x, kv, rl = layer(x, kv, positions, start, moe_dispatch)
             new_cache.append(kv)
             router_logits.append(rl)
         x = self.norm(x)

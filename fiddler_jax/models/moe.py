@@ -91,6 +91,17 @@ def gathered_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array,
     return jnp.einsum("mf,mhf->mh", act, w2[expert_ids], precision=prec, preferred_element_type=jnp.float32)
 
 
+def dense_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
+    """Every expert on every token, mixed by the top-k routing weights (0 for experts not chosen):
+    out_t = Σ_e g_{t,e} FFN_e(x_t). E/k times the FLOPs of the sparse forms but plain dense matmuls, which
+    trains faster on GPUs for small models. Returns float32 [N, hidden]."""
+    num_experts = w1.shape[0]
+    gates = jnp.sum(jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32) * routing.weights[..., None],
+                    axis=1)  # [N, E]
+    y = jax.vmap(expert_ffn, in_axes=(None, 0, 0, 0))(flat, w1, w3, w2)  # [E, N, hidden]
+    return jnp.einsum("ne,enh->nh", gates, y, precision=jax.lax.Precision.HIGHEST)
+
+
 def combine(y_sorted: jax.Array, groups: ExpertGroups, routing: Routing, num_tokens: int) -> jax.Array:
     """Scatter the expert outputs back to their tokens, weighted: out_t = Σ_j w_{t,j}·y_{t,j}, float32."""
     top_k = routing.weights.shape[-1]
@@ -124,17 +135,26 @@ class SparseMoe(nnx.Module):
         self.w3 = nnx.Param(normal_init(rngs, (e, f, h), std, dtype))
         self.w2 = nnx.Param(normal_init(rngs, (e, h, f), std, dtype))
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [..., hidden] → (MoE output of x's dtype, router logits [N, E])."""
+    def __call__(self, x: jax.Array, dispatch: str = "sparse") -> tuple[jax.Array, jax.Array]:
+        """x [..., hidden] → (MoE output of x's dtype, router logits [N, E]).
+
+        ``dispatch``: "sparse" (default) computes only the chosen experts — gathered weights when there are no
+        more assignments than experts (decode), else the grouped ragged product; "dense" runs every expert on
+        every token (:func:`dense_expert_mix`, for training). Both compute the same function."""
         flat = x.reshape(-1, x.shape[-1])
         router_logits = self.gate(flat)
         routing = route(router_logits, self.top_k)
-        groups = group_by_expert(routing.experts, self.num_experts)
-        x_sorted = flat[groups.order // self.top_k]
         w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
-        if x_sorted.shape[0] <= self.num_experts:  # few assignments (decode): touch only the chosen experts
-            y_sorted = gathered_expert_ffn(x_sorted, routing.experts.reshape(-1)[groups.order], w1, w3, w2)
+        if dispatch == "dense":
+            out = dense_expert_mix(flat, routing, w1, w3, w2)
+        elif dispatch == "sparse":
+            groups = group_by_expert(routing.experts, self.num_experts)
+            x_sorted = flat[groups.order // self.top_k]
+            if x_sorted.shape[0] <= self.num_experts:  # few assignments (decode): touch only the chosen experts
+                y_sorted = gathered_expert_ffn(x_sorted, routing.experts.reshape(-1)[groups.order], w1, w3, w2)
+            else:
+                y_sorted = grouped_expert_ffn(x_sorted, groups.sizes, w1, w3, w2)
+            out = combine(y_sorted, groups, routing, flat.shape[0])
         else:
-            y_sorted = grouped_expert_ffn(x_sorted, groups.sizes, w1, w3, w2)
-        out = combine(y_sorted, groups, routing, flat.shape[0])
+            raise ValueError(f"MoE dispatch must be 'sparse' or 'dense', got {dispatch!r}")
         return out.astype(x.dtype).reshape(x.shape), router_logits

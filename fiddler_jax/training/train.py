@@ -5,9 +5,10 @@ The module is split once (``nnx.split``) into its graph and its float32 ``Param`
 global-norm clipping, weight decay on matrices only). Loss = mean next-token NLL + ``aux_loss_coef`` · (mean
 over layers of :func:`~fiddler_jax.models.moe.load_balancing_loss`), as transformers' Mixtral computes it.
 
-Two equivalent MoE paths: ``sparse`` runs the model's own forward (grouped ``ragged_dot`` over the experts the
-tokens chose); ``dense`` runs every expert on every token and weights by the same top-k routing (E/k times
-the FLOPs, but plain dense matmuls). They compute the same function; pick the faster on your hardware.
+Two equivalent MoE paths, both the model's own forward (``moe_dispatch`` of :class:`~fiddler_jax.models.moe.
+SparseMoe`): ``sparse`` (grouped ``ragged_dot`` over the experts the tokens chose) and ``dense`` (every expert
+on every token, weighted by the same top-k routing: E/k times the FLOPs, but plain dense matmuls). They compute
+the same function; pick the faster on your hardware.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ import optax
 from flax import nnx
 
 from fiddler_jax.models.config import MixtralConfig
-from fiddler_jax.models.layers import matmul_precision
 from fiddler_jax.models.mixtral import Mixtral
-from fiddler_jax.models.moe import expert_ffn, load_balancing_loss, route
+from fiddler_jax.models.moe import load_balancing_loss
 
 MOE_IMPLS = ("sparse", "dense")
 
@@ -35,40 +35,14 @@ class Metrics(NamedTuple):
     grad_norm: jax.Array
 
 
-def dense_moe(moe, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The MoE block with every expert applied to every token: out_t = Σ_e g_{t,e} FFN_e(x_t), where g is the
-    renormalised top-k routing weight (0 for experts not chosen). Same result as ``SparseMoe.__call__``."""
-    flat = x.reshape(-1, x.shape[-1])
-    router_logits = moe.gate(flat)
-    routing = route(router_logits, moe.top_k)
-    gates = jnp.sum(jax.nn.one_hot(routing.experts, moe.num_experts, dtype=jnp.float32)
-                    * routing.weights[..., None], axis=1)  # [N, E]
-    y = jax.vmap(expert_ffn, in_axes=(None, 0, 0, 0))(flat, moe.w1[...], moe.w3[...], moe.w2[...])  # [E, N, h]
-    out = jnp.einsum("ne,enh->nh", gates, y, precision=matmul_precision(jnp.float32))
-    return out.astype(x.dtype).reshape(x.shape), router_logits
-
-
 def forward(model: Mixtral, tokens: jax.Array, moe_impl: str = "sparse"):
     """Logits [B, T, V] float32 and the router logits of each layer, for a batch starting at position 0."""
-    b, t = tokens.shape
-    cache = model.init_cache(b, t)
-    if moe_impl == "sparse":
-        logits, _, router_logits = model(tokens, cache, 0, return_router_logits=True)
-        return logits, router_logits
-    if moe_impl != "dense":
+    if moe_impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {moe_impl!r}")
-    positions = jnp.arange(t, dtype=jnp.int32)
-    start = jnp.int32(0)
-    x = model.embed_tokens(tokens)
-    router_logits = []
-    for layer, kv in zip(model.layers, cache):
-        h, _ = layer.attention_block(x, kv, positions, start)
-        moe_out, rl = dense_moe(layer.block_sparse_moe, layer.post_attention_layernorm(h))
-        x = h + moe_out
-        router_logits.append(rl)
-    x = model.norm(x)
-    logits = model.embed_tokens.attend(x) if model.lm_head is None else model.lm_head(x, out_dtype=jnp.float32)
-    return logits, tuple(router_logits)
+    b, t = tokens.shape
+    logits, _, router_logits = model(tokens, model.init_cache(b, t), 0, return_router_logits=True,
+                                     moe_dispatch=moe_impl)
+    return logits, router_logits
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
