@@ -1,0 +1,168 @@
+"""Which experts live on the GPU: a memory budget turned into a resident set.
+
+Algorithm (Fiddler §3, with the accounting made explicit):
+  1. Everything that is not an expert goes to the GPU: embeddings, attention, norms, routers, the LM head.
+  2. Reserve the KV cache for ``max_batch`` sequences of ``max_context`` tokens, an activation workspace for the
+     largest step, and one expert-sized buffer for each PCIe staging slot and each dynamic-cache slot.
+  3. Fill what is left with whole experts in the order of the placement policy:
+     ``popularity`` — most-routed (layer, expert) first by an offline profile; ties, and the case with no
+     profile, follow the *spread* order (expert 0 of every layer, then expert 1 of every layer, ...), so every
+     layer gets the same share; ``first`` — (layer, expert) in checkpoint order; ``random`` — a seeded shuffle.
+     ``resident_experts`` fixes the count instead (an ablation knob; it must still fit).
+A budget below step 1 + 2 is an error that states the minimum. Pure Python: no JAX, no device needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.models.config import MixtralConfig
+
+POLICIES = ("popularity", "first", "random")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(size: int | str) -> int:
+    """Bytes from an int or a string such as "24GiB", "12MiB", "1.5GB", "4096"."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        if size < 0:
+            raise InvalidInputError(f"a byte count must be non-negative, got {size}")
+        return int(size)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS:
+        raise InvalidInputError(f"{size!r} is not a size; write e.g. 24GiB, 512MiB, 80GB or a byte count")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Byte accounting of one placement (all in bytes)."""
+
+    budget: int
+    non_expert: int
+    kv_cache: int
+    workspace: int
+    slots: int  # staging + dynamic-cache buffers
+    expert: int  # one expert (w1, w3, w2)
+    resident_count: int
+
+    @property
+    def fixed(self) -> int:
+        return self.non_expert + self.kv_cache + self.workspace + self.slots
+
+    @property
+    def used(self) -> int:
+        return self.fixed + self.resident_count * self.expert
+
+    def __str__(self) -> str:
+        f = format_bytes
+        return (f"budget {f(self.budget)}: non-expert {f(self.non_expert)}, KV cache {f(self.kv_cache)}, "
+                f"workspace {f(self.workspace)}, slots {f(self.slots)}, {self.resident_count} resident experts "
+                f"x {f(self.expert)} = {f(self.resident_count * self.expert)}; used {f(self.used)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """``resident[l, e]`` is True when expert e of layer l lives on the GPU; ``memory`` is the accounting."""
+
+    resident: np.ndarray
+    memory: MemoryPlan
+    policy: str
+
+    @property
+    def resident_count(self) -> int:
+        return int(self.resident.sum())
+
+    def layer_all_resident(self, layer: int) -> bool:
+        return bool(self.resident[layer].all())
+
+
+def non_expert_bytes(cfg: MixtralConfig, itemsize: int) -> int:
+    """Bytes of every parameter that is not an expert weight."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    per_layer = attn + 2 * h + cfg.num_local_experts * h  # q,k,v,o + two norms + router
+    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return (cfg.num_hidden_layers * per_layer + embed + h) * itemsize
+
+
+def expert_bytes(cfg: MixtralConfig, itemsize: int) -> int:
+    return 3 * cfg.hidden_size * cfg.intermediate_size * itemsize
+
+
+def kv_cache_bytes(cfg: MixtralConfig, itemsize: int, max_batch: int, max_context: int) -> int:
+    return 2 * cfg.num_hidden_layers * max_batch * max_context * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def workspace_bytes(cfg: MixtralConfig, itemsize: int, max_step_tokens: int) -> int:
+    """Activations of the largest step: float32 logits, a few hidden-sized buffers and one layer's expert
+    intermediates for every token (an estimate; XLA reuses buffers)."""
+    per_token = 4 * cfg.vocab_size + itemsize * (8 * cfg.hidden_size
+                                                 + 2 * cfg.num_experts_per_tok * cfg.intermediate_size)
+    return max_step_tokens * per_token
+
+
+def placement_order(num_layers: int, num_experts: int, policy: str, profile: np.ndarray | None = None,
+                    seed: int = 0) -> list[tuple[int, int]]:
+    """All (layer, expert) pairs in the order the policy fills the GPU."""
+    spread = [(l, e) for e in range(num_experts) for l in range(num_layers)]
+    if policy == "first":
+        return [(l, e) for l in range(num_layers) for e in range(num_experts)]
+    if policy == "random":
+        rng = np.random.default_rng(seed)
+        return [spread[i] for i in rng.permutation(len(spread))]
+    if policy == "popularity":
+        if profile is None:
+            return spread
+        profile = np.asarray(profile)
+        if profile.shape != (num_layers, num_experts):
+            raise InvalidInputError(f"the popularity profile has shape {list(profile.shape)}, but the model has "
+                                    f"{num_layers} layers x {num_experts} experts; profile this model again")
+        rank = {pair: i for i, pair in enumerate(spread)}
+        return sorted(spread, key=lambda p: (-profile[p], rank[p]))  # stable: ties keep the spread order
+    raise InvalidInputError(f"unknown placement {policy!r}; valid: {', '.join(POLICIES)}")
+
+
+def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, policy: str = "popularity",
+          profile: np.ndarray | None = None, resident_experts: int | None = None, max_batch: int = 1,
+          max_context: int | None = None, max_step_tokens: int | None = None, staging_slots: int = 0,
+          cache_slots: int = 0, seed: int = 0) -> Placement:
+    """Choose the GPU-resident experts for ``gpu_budget`` (see the module docstring for the algorithm)."""
+    budget = parse_bytes(gpu_budget)
+    context = cfg.max_position_embeddings if max_context is None else max_context
+    step_tokens = max_batch * context if max_step_tokens is None else max_step_tokens
+    if min(max_batch, context, step_tokens) < 1 or min(staging_slots, cache_slots) < 0:
+        raise InvalidInputError("max_batch, max_context and max_step_tokens must be ≥ 1 and the slot counts ≥ 0")
+    expert = expert_bytes(cfg, itemsize)
+    memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
+                        kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
+                        workspace=workspace_bytes(cfg, itemsize, step_tokens),
+                        slots=(staging_slots + cache_slots) * expert, expert=expert, resident_count=0)
+    if budget < memory.fixed:
+        raise InvalidInputError(
+            f"gpu_budget {format_bytes(budget)} is below the minimum {format_bytes(memory.fixed)} this model "
+            f"needs without any resident expert ({memory}); raise gpu_budget, or lower max_context/max_batch or "
+            "the slot counts")
+    total = cfg.num_hidden_layers * cfg.num_local_experts
+    fits = min(total, (budget - memory.fixed) // expert)
+    count = fits if resident_experts is None else int(resident_experts)
+    if not 0 <= count <= fits:
+        raise InvalidInputError(f"resident_experts={resident_experts} does not fit: gpu_budget "
+                                f"{format_bytes(budget)} holds at most {fits} of {total} experts")
+    resident = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), bool)
+    for layer, e in placement_order(cfg.num_hidden_layers, cfg.num_local_experts, policy, profile, seed)[:count]:
+        resident[layer, e] = True
+    return Placement(resident, dataclasses.replace(memory, resident_count=count), policy)
