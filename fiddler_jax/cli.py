@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "generate": ("fiddler_jax.experiments.generate", "generate text with a Mixtral checkpoint"),
     "init-random": ("fiddler_jax.experiments.init_random", "write a random-weight Mixtral HF folder (seeded)"),
+    "profile": ("fiddler_jax.experiments.profile", "count router choices per (layer, expert) over a corpus"),
     "bench-kernel": ("fiddler_jax.kernels.bench", "benchmark the CPU expert kernel (Mixtral-8x7B shapes)"),
     "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
 }
