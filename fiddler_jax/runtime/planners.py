@@ -1,0 +1,380 @@
+"""Planners: for one layer step, which lane runs each expert -- pure functions of (token counts, GPU residency,
+latency model), outside jit, testable without JAX.
+
+Lanes: ``GPU`` (weights resident or in the dynamic cache), ``CPU`` (activations go to the CPU kernel),
+``TRANSFER`` (copy the weights into a GPU staging slot, then compute on the GPU), ``IDLE`` (no tokens).
+Only active (s_e > 0) experts that are not on the GPU get a choice; resident/cached active experts are ``GPU``.
+
+Cost model (latency model L; sync = L.sync_s is paid by every step the planner sees, since its counts came to
+the host). Copies run on the PCIe lane one after another, in Johnson's order for a two-stage flow shop with equal
+first stages -- longest GPU time first, then larger count, then lower id -- which minimises the GPU finish time
+(exactly so while no copy waits for a staging slot).
+Copy i goes into staging slot ``i % staging_slots`` and cannot start before the GPU has finished with the copy
+that last used that slot.
+  sequential (the paper: lanes one after another)
+      sync + sum gpu(s_e) resident + sum cpu(s_e) CPU + sum (transfer_s + gpu(s_e)) TRANSFER
+  concurrent (ours: CPU lane, PCIe lane and GPU at once)
+      sync + max(sum cpu(s_e) over CPU, GPU finish), the GPU running resident experts first and each copied
+      expert once its copy has landed; the CPU lane is one grouped call costing the sum of its experts (the
+      cores share memory bandwidth).
+
+Policies (registry ``POLICIES``; ``get_planner(name, **params)`` binds parameters):
+  fiddler          Algorithm 1: TRANSFER iff transfer_s + gpu(s_e) < cpu(s_e), else CPU; beyond
+                   ``max_transfers`` keep the largest savings. Sequential cost (``concurrent=True`` for ablation).
+  fiddler_overlap  minimises the concurrent makespan over CPU/TRANSFER assignments with at most ``max_transfers``
+                   copies: exhaustively for up to ``exact_limit`` candidates, else over the prefixes of the copy
+                   order (largest counts first); Algorithm 1's assignment is always a candidate, so its makespan
+                   never exceeds ``fiddler``'s. Ties go to fewer copies.
+  cpu_only         llama.cpp-style: every non-resident expert on the CPU.
+  transfer         DeepSpeed/accelerate-style: copy every non-resident expert; more copies than staging slots
+                   reuse the slots, and the makespan counts the waits.
+  gpu_only         every active expert must be resident; otherwise a PlannerError naming the fix.
+  lru              Mixtral-offloading-style: ``transfer`` behind a dynamic cache of ``cache_slots`` experts.
+Any policy can sit behind the dynamic cache (``cache_slots`` > 0, ``CachedPlanner``): cached experts count as
+resident, and after each step ``CacheState.after`` records hits and inserts the copied experts (LRU eviction).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+from collections.abc import Callable
+from typing import Optional
+
+import numpy as np
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.runtime.latency import LatencyModel
+
+EXACT_LIMIT = 10  # exhaustive search up to this many candidate experts (2**10 assignments)
+DEFAULT_STAGING_SLOTS = 2
+DEFAULT_LRU_CACHE_SLOTS = 2
+
+
+class PlannerError(InvalidInputError):
+    """A planner that cannot plan: unknown name or parameter, bad counts, or experts that do not fit its rule."""
+
+
+class Lane(enum.IntEnum):
+    IDLE = 0
+    GPU = 1
+    CPU = 2
+    TRANSFER = 3
+
+
+_IDLE, _GPU, _CPU, _TRANSFER = (int(lane) for lane in Lane)  # plain ints: enum lookups cost on the hot path
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """One layer step's decision. ``lanes`` (int8 [E]) is what the engine passes into jit; copy i of
+    ``transfer_order`` uses staging slot ``i % staging_slots``; ``cached`` marks GPU experts served by the
+    dynamic cache rather than static placement."""
+
+    planner: str
+    counts: np.ndarray  # int32 [E]
+    lanes: np.ndarray  # int8 [E], Lane codes
+    transfer_order: np.ndarray  # int32 [copies], expert ids in copy order
+    staging_slots: int
+    concurrent: bool
+    predicted_s: float
+    lane_busy_s: dict  # "gpu", "cpu", "pcie": predicted seconds of work on each lane
+    cached: np.ndarray  # bool [E]
+
+    def experts(self, lane: Lane) -> np.ndarray:
+        return np.flatnonzero(self.lanes == lane)
+
+    @property
+    def transfer_slots(self) -> np.ndarray:
+        return np.arange(len(self.transfer_order), dtype=np.int32) % max(self.staging_slots, 1)
+
+    def __str__(self) -> str:
+        def group(ids):
+            return " ".join(f"{e}:{self.counts[e]}" for e in ids) or "-"
+
+        busy = " ".join(f"{k} {v * 1e3:.2f}" for k, v in self.lane_busy_s.items())
+        return (f"{self.planner} {self.predicted_s * 1e3:.2f} ms {'concurrent' if self.concurrent else 'sequential'}"
+                f" | gpu {group(self.experts(Lane.GPU))} | cpu {group(self.experts(Lane.CPU))}"
+                f" | transfer {group(self.transfer_order)} | busy ms {busy}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """The per-expert costs of one layer step (zero for idle experts)."""
+
+    counts: np.ndarray
+    active: np.ndarray
+    on_gpu: np.ndarray
+    cpu_s: np.ndarray
+    gpu_s: np.ndarray
+    candidates: np.ndarray  # active experts not on the GPU, in copy order (Johnson: longest GPU time first)
+    latency: LatencyModel
+
+
+def _step(counts, on_gpu, latency: LatencyModel) -> _Step:
+    counts = np.asarray(counts)
+    on_gpu = np.asarray(on_gpu)
+    if counts.ndim != 1 or on_gpu.shape != counts.shape or on_gpu.dtype != np.bool_:
+        raise PlannerError(f"a planner needs token counts [E] and a boolean GPU mask [E]; got shapes {counts.shape} "
+                           f"and {on_gpu.shape} ({on_gpu.dtype})")
+    if counts.dtype.kind not in "iu" and not (counts.dtype.kind == "f" and np.all(counts == np.round(counts))):
+        raise PlannerError(f"token counts must be integers; got {counts.dtype} {counts.tolist()}")
+    if counts.size and counts.min() < 0:
+        raise PlannerError(f"token counts must be non-negative; got {counts.tolist()}")
+    counts = counts.astype(np.int32)
+    active = counts > 0
+    gpu_s = np.where(active, latency.gpu(counts), 0.0)
+    ids = np.flatnonzero(active & ~on_gpu)
+    ids = ids[np.lexsort((ids, -counts[ids], -gpu_s[ids]))] if len(ids) > 1 else ids
+    return _Step(counts, active, on_gpu, np.where(active, latency.cpu(counts), 0.0), gpu_s, ids, latency)
+
+
+def _gpu_finish(resident_s: float, job_gpu_s: np.ndarray, chosen: np.ndarray, copy_s: float,
+                staging_slots: int) -> np.ndarray:
+    """GPU finish time for each row of ``chosen`` (bool [rows, jobs], jobs in copy order): resident work first,
+    each chosen job's compute after its copy lands; a copy waits for the PCIe lane and for its staging slot."""
+    rows = np.arange(chosen.shape[0])
+    pcie_free = np.zeros(len(rows))
+    gpu_free = np.full(len(rows), float(resident_s))
+    slot_free = np.zeros((len(rows), staging_slots))
+    copies = np.zeros(len(rows), dtype=np.int64)
+    for j in range(chosen.shape[1]):
+        take = chosen[:, j]
+        slot = copies % staging_slots
+        landed = np.maximum(pcie_free, slot_free[rows, slot]) + copy_s
+        done = np.maximum(landed, gpu_free) + job_gpu_s[j]
+        pcie_free = np.where(take, landed, pcie_free)
+        gpu_free = np.where(take, done, gpu_free)
+        slot_free[rows, slot] = np.where(take, done, slot_free[rows, slot])
+        copies += take
+    return gpu_free
+
+
+def _gpu_finish_one(resident_s: float, job_gpu_s, copy_s: float, staging_slots: int) -> float:
+    """``_gpu_finish`` for one assignment that copies every job (plain floats: the per-step path)."""
+    pcie_free, gpu_free, slot_free = 0.0, resident_s, [0.0] * staging_slots
+    for i, gpu_s in enumerate(job_gpu_s):
+        pcie_free = max(pcie_free, slot_free[i % staging_slots]) + copy_s
+        gpu_free = slot_free[i % staging_slots] = max(pcie_free, gpu_free) + gpu_s
+    return gpu_free
+
+
+def _plan(planner: str, step: _Step, transfer: np.ndarray, staging_slots: int, concurrent: bool) -> Plan:
+    """Build the plan that copies the experts marked in ``transfer`` and puts the other candidates on the CPU."""
+    lanes = np.where(step.active, np.where(step.on_gpu, _GPU, _CPU), _IDLE).astype(np.int8)
+    lanes[transfer] = _TRANSFER
+    order = step.candidates[transfer[step.candidates]].astype(np.int32)
+    lat = step.latency
+    resident_s = float(step.gpu_s[lanes == _GPU].sum())
+    cpu_s = float(step.cpu_s[lanes == _CPU].sum())
+    copied_gpu_s = step.gpu_s[order].tolist()
+    busy = {"gpu": resident_s + sum(copied_gpu_s), "cpu": cpu_s, "pcie": len(order) * lat.transfer_s}
+    if concurrent:
+        gpu_done = _gpu_finish_one(resident_s, copied_gpu_s, lat.transfer_s, staging_slots)
+        predicted = lat.sync_s + max(cpu_s, gpu_done)
+    else:
+        predicted = lat.sync_s + busy["gpu"] + busy["cpu"] + busy["pcie"]
+    return Plan(planner, step.counts, lanes, order, staging_slots, concurrent, predicted, busy,
+                np.zeros(len(lanes), bool))
+
+
+def _check_slots(staging_slots: int, max_transfers: int | None) -> int:
+    if int(staging_slots) < 1:
+        raise PlannerError(f"staging_slots must be at least 1; got {staging_slots}")
+    cap = staging_slots if max_transfers is None else max_transfers
+    if int(cap) < 0:
+        raise PlannerError(f"max_transfers must be non-negative (or null: as many as staging_slots); got {cap}")
+    return int(cap)
+
+
+def _fiddler_choice(step: _Step, cap: int) -> np.ndarray:
+    """Algorithm 1's transfers: candidates where copying and computing on the GPU beats the CPU, largest saving
+    first when more want it than ``cap`` allows."""
+    ids = step.candidates
+    saving = step.cpu_s[ids] - (step.latency.transfer_s + step.gpu_s[ids])
+    wanted = ids[saving > 0]
+    wanted = wanted[np.lexsort((wanted, -(saving[saving > 0])))][:cap]
+    transfer = np.zeros(len(step.counts), bool)
+    transfer[wanted] = True
+    return transfer
+
+
+def plan_fiddler(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
+                 max_transfers: Optional[int] = None, concurrent: bool = False) -> Plan:
+    """The paper's Algorithm 1 (see the module docstring)."""
+    step = _step(counts, on_gpu, latency)
+    transfer = _fiddler_choice(step, _check_slots(staging_slots, max_transfers))
+    return _plan("fiddler", step, transfer, int(staging_slots), concurrent)
+
+
+def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
+                         max_transfers: Optional[int] = None, exact_limit: int = EXACT_LIMIT) -> Plan:
+    """The assignment with the smallest concurrent makespan (see the module docstring)."""
+    step = _step(counts, on_gpu, latency)
+    cap = _check_slots(staging_slots, max_transfers)
+    if not 0 <= int(exact_limit) <= 16:
+        raise PlannerError(f"exact_limit must be in 0..16 (2**exact_limit assignments are searched); got {exact_limit}")
+    ids = step.candidates
+    n = len(ids)
+    if n == 0:
+        return _plan("fiddler_overlap", step, np.zeros(len(step.counts), bool), int(staging_slots), True)
+    if n <= exact_limit:  # every assignment, fewest copies first
+        chosen = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    else:  # copy the first k candidates in copy order (the largest counts), k = 0..n
+        chosen = np.tri(n + 1, n, -1, dtype=bool)
+    chosen = np.concatenate([chosen, _fiddler_choice(step, cap)[ids][None]])
+    chosen = chosen[chosen.sum(1) <= cap]
+    chosen = chosen[np.argsort(chosen.sum(1), kind="stable")]
+    cpu_s = (~chosen * step.cpu_s[ids]).sum(1)
+    resident_s = float(step.gpu_s[step.active & step.on_gpu].sum())
+    makespan = np.maximum(cpu_s, _gpu_finish(resident_s, step.gpu_s[ids], chosen, latency.transfer_s,
+                                             int(staging_slots)))
+    best = chosen[np.flatnonzero(makespan <= makespan.min() + 1e-12)[0]]
+    transfer = np.zeros(len(step.counts), bool)
+    transfer[ids[best]] = True
+    return _plan("fiddler_overlap", step, transfer, int(staging_slots), True)
+
+
+def plan_cpu_only(counts, on_gpu, latency: LatencyModel, *, concurrent: bool = True) -> Plan:
+    """Every active expert that is not on the GPU runs on the CPU."""
+    step = _step(counts, on_gpu, latency)
+    return _plan("cpu_only", step, np.zeros(len(step.counts), bool), 1, concurrent)
+
+
+def plan_transfer(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
+                  concurrent: bool = True) -> Plan:
+    """Every active expert that is not on the GPU is copied, however many copies share the staging slots."""
+    step = _step(counts, on_gpu, latency)
+    _check_slots(staging_slots, None)
+    return _plan("transfer", step, step.active & ~step.on_gpu, int(staging_slots), concurrent)
+
+
+def plan_gpu_only(counts, on_gpu, latency: LatencyModel) -> Plan:
+    """Every active expert on the GPU; a PlannerError when one is not there."""
+    step = _step(counts, on_gpu, latency)
+    missing = np.flatnonzero(step.active & ~step.on_gpu)
+    if missing.size:
+        raise PlannerError(f"planner gpu_only: experts {missing.tolist()} have tokens but are not on the GPU; "
+                           f"raise gpu_budget until every expert is resident, or choose a hybrid planner "
+                           f"(planner=fiddler_overlap)")
+    return _plan("gpu_only", step, np.zeros(len(step.counts), bool), 1, True)
+
+
+POLICIES: dict[str, Callable[..., Plan]] = {
+    "fiddler": plan_fiddler, "fiddler_overlap": plan_fiddler_overlap, "cpu_only": plan_cpu_only,
+    "transfer": plan_transfer, "gpu_only": plan_gpu_only,
+}
+PLANNER_NAMES = (*POLICIES, "lru")  # lru = the transfer policy behind the dynamic cache
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheState:
+    """One layer's dynamic GPU cache: the expert in each slot (-1: empty) and each slot's last use on a clock
+    that ticks once per use.
+
+    After a step (``after``): the step's hits -- cached experts with tokens -- are used in ascending expert
+    order, then the step's copies are inserted in copy order, each into the lowest empty slot or else the least
+    recently used one. A step that copies more experts than there are slots keeps the last ones copied."""
+
+    experts: tuple[int, ...]
+    last_use: tuple[int, ...]
+    clock: int = 0
+
+    @classmethod
+    def empty(cls, slots: int) -> CacheState:
+        return cls((-1,) * slots, (-1,) * slots)
+
+    def mask(self, num_experts: int) -> np.ndarray:
+        mask = np.zeros(num_experts, bool)
+        mask[[e for e in self.experts if 0 <= e < num_experts]] = True
+        return mask
+
+    def after(self, plan: Plan) -> CacheState:
+        experts, last_use, clock = list(self.experts), list(self.last_use), self.clock
+        for e in np.flatnonzero(plan.counts > 0):
+            if e in experts:
+                last_use[experts.index(e)], clock = clock, clock + 1
+        for e in plan.transfer_order.tolist():
+            slot = experts.index(-1) if -1 in experts else int(np.argmin(last_use)) if experts else None
+            if slot is not None:
+                experts[slot], last_use[slot], clock = e, clock, clock + 1
+        return CacheState(tuple(experts), tuple(last_use), clock)
+
+
+@dataclasses.dataclass
+class StaticPlanner:
+    """A policy with its parameters bound. Call: ``planner(counts, resident, latency, layer=l) -> Plan``."""
+
+    name: str
+    policy: Callable[..., Plan]
+    params: dict
+
+    def __call__(self, counts, resident, latency: LatencyModel, layer: int = 0) -> Plan:
+        return dataclasses.replace(self.policy(counts, np.asarray(resident, bool), latency, **self.params),
+                                   planner=self.name)
+
+    def reset(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class CachedPlanner:
+    """A planner behind a dynamic GPU cache of ``cache_slots`` experts per layer (state: ``caches[layer]``)."""
+
+    name: str
+    inner: StaticPlanner
+    cache_slots: int
+    caches: dict[int, CacheState] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, counts, resident, latency: LatencyModel, layer: int = 0) -> Plan:
+        resident = np.asarray(resident, bool)
+        cache = self.caches.get(layer, CacheState.empty(self.cache_slots))
+        cached = cache.mask(len(resident)) & ~resident
+        plan = self.inner(counts, resident | cached, latency)
+        plan = dataclasses.replace(plan, planner=self.name, cached=cached & (plan.lanes == _GPU))
+        self.caches[layer] = cache.after(plan)
+        return plan
+
+    def reset(self) -> None:
+        self.caches.clear()
+
+
+def get_planner(name: str, **params) -> StaticPlanner | CachedPlanner:
+    """The planner called ``name`` with ``params`` bound; ``None`` values mean the default. ``cache_slots`` > 0
+    puts any planner behind the dynamic cache (``lru`` defaults to 2 slots)."""
+    if name not in PLANNER_NAMES:
+        raise PlannerError(f"unknown planner {name!r}; valid names: {', '.join(PLANNER_NAMES)}")
+    params = {k: v for k, v in params.items() if v is not None}
+    default_cache = DEFAULT_LRU_CACHE_SLOTS if name == "lru" else 0
+    cache_slots = int(params.pop("cache_slots", default_cache))
+    policy = POLICIES["transfer" if name == "lru" else name]
+    accepted = [p for p, spec in inspect.signature(policy).parameters.items() if spec.kind == spec.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise PlannerError(f"planner {name!r} takes no parameter {', '.join(unknown)}; it takes: "
+                           f"{', '.join(accepted + ['cache_slots'])}")
+    if cache_slots < 0 or (name == "lru" and cache_slots < 1):
+        raise PlannerError(f"cache_slots must be at least {1 if name == 'lru' else 0} for planner {name!r}; "
+                           f"got {cache_slots}")
+    inner = StaticPlanner(name, policy, params)
+    if not cache_slots:
+        return inner
+    return CachedPlanner(name if name == "lru" else f"{name}+cache", inner, cache_slots)
+
+
+@dataclasses.dataclass
+class PlannerConfig:
+    """Typed schema of the ``conf/planner/`` group (one flat schema; ``None`` = the planner's default)."""
+
+    name: str = "fiddler_overlap"
+    staging_slots: Optional[int] = None
+    max_transfers: Optional[int] = None
+    cache_slots: Optional[int] = None
+    concurrent: Optional[bool] = None
+    exact_limit: Optional[int] = None
+
+
+def planner_from_config(cfg) -> StaticPlanner | CachedPlanner:
+    """``get_planner`` from a ``PlannerConfig`` or any mapping with its keys (e.g. a Hydra DictConfig)."""
+    items = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return get_planner(**items)

@@ -1,0 +1,315 @@
+"""Planners: the paper's rule, the makespan search against brute force, baselines, the LRU cache, bad input."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.runtime.latency import LatencyModel, PiecewiseLinear
+from fiddler_jax.runtime.planners import (
+    PLANNER_NAMES, POLICIES, CachedPlanner, CacheState, Lane, Plan, PlannerConfig, PlannerError, get_planner,
+    plan_cpu_only, plan_fiddler, plan_fiddler_overlap, plan_gpu_only, plan_transfer, planner_from_config,
+)
+
+LAT = LatencyModel.from_design_numbers()
+MS = 1e-3
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "planner")
+
+
+def none_resident(e=8):
+    return np.zeros(e, bool)
+
+
+def reference_makespan(lat, counts, on_gpu, transfer_seq, slots):
+    """Concurrent makespan by direct simulation (written apart from the module): resident GPU work first, copies
+    back to back in ``transfer_seq`` order, copy i waits for slot i % slots to be free, CPU lane in parallel."""
+    active = [e for e in range(len(counts)) if counts[e] > 0]
+    gpu_t = sum(lat.gpu(counts[e]) for e in active if on_gpu[e])
+    cpu_t = sum(lat.cpu(counts[e]) for e in active if not on_gpu[e] and e not in transfer_seq)
+    copy_end, slot_busy_until = 0.0, [0.0] * slots
+    for i, e in enumerate(transfer_seq):
+        copy_end = max(copy_end, slot_busy_until[i % slots]) + lat.transfer_s
+        gpu_t = max(gpu_t, copy_end) + lat.gpu(counts[e])
+        slot_busy_until[i % slots] = gpu_t
+    return lat.sync_s + max(cpu_t, gpu_t)
+
+
+def random_case(rng, e=8):
+    kind = rng.choice(["decode", "beam", "prefill", "mixed"])
+    if kind == "decode":
+        counts = np.zeros(e, int)
+        counts[rng.choice(e, 2, replace=False)] = 1
+    elif kind == "beam":
+        counts = rng.multinomial(2 * int(rng.integers(2, 9)), np.ones(e) / e)
+    elif kind == "prefill":
+        counts = rng.multinomial(2 * int(rng.integers(100, 2000)), rng.dirichlet(np.ones(e)))
+    else:
+        counts = rng.integers(0, 700, e) * (rng.random(e) < 0.7)
+    return counts, rng.random(e) < rng.uniform(0, 0.6)
+
+
+# --- fiddler: the paper's Algorithm 1 ---------------------------------------------------------------------
+
+def test_fiddler_sends_one_decode_token_to_the_cpu():
+    counts = np.array([1, 0, 0, 0, 0, 0, 0, 1])
+    resident = np.array([False, False, False, False, False, False, False, True])
+    plan = plan_fiddler(counts, resident, LAT)
+    assert plan.lanes.tolist() == [Lane.CPU, 0, 0, 0, 0, 0, 0, Lane.GPU]
+    assert plan.predicted_s == pytest.approx(0.3 * MS + 3.5 * MS + 0.15 * MS)
+    assert not plan.concurrent and plan.transfer_order.size == 0
+
+
+def test_fiddler_copies_a_300_token_prefill_expert():
+    counts = np.array([300, 0, 0, 1])
+    plan = plan_fiddler(counts, np.zeros(4, bool), LAT)
+    assert plan.lanes.tolist() == [Lane.TRANSFER, Lane.IDLE, Lane.IDLE, Lane.CPU]
+    assert plan.transfer_order.tolist() == [0]
+    expected = LAT.sync_s + LAT.transfer_s + LAT.gpu(300) + LAT.cpu(1)  # lanes one after another
+    assert plan.predicted_s == pytest.approx(expected)
+    assert plan.lane_busy_s == pytest.approx({"gpu": LAT.gpu(300), "cpu": LAT.cpu(1), "pcie": LAT.transfer_s})
+
+
+def test_fiddler_rule_is_strict_at_the_crossover():
+    crossover = next(n for n in range(1, 600) if LAT.transfer_s + LAT.gpu(n) < LAT.cpu(n))
+    below = plan_fiddler(np.array([crossover - 1]), none_resident(1), LAT)
+    at = plan_fiddler(np.array([crossover]), none_resident(1), LAT)
+    assert below.lanes[0] == Lane.CPU and at.lanes[0] == Lane.TRANSFER
+    assert 30 < crossover < 60  # DESIGN numbers: copying wins from a few dozen tokens
+
+
+def test_fiddler_keeps_the_largest_savings_when_slots_run_out():
+    counts = np.array([100, 500, 300, 0])
+    plan = plan_fiddler(counts, none_resident(4), LAT, staging_slots=2)
+    assert plan.lanes.tolist() == [Lane.CPU, Lane.TRANSFER, Lane.TRANSFER, Lane.IDLE]
+    assert plan.transfer_order.tolist() == [1, 2]  # longest GPU work first
+
+
+# --- fiddler_overlap: makespan across concurrent lanes ----------------------------------------------------
+
+def test_overlap_beats_fiddler_when_both_lanes_help():
+    counts = np.array([1, 1, 0, 0, 0, 0, 0, 0])  # decode: two offloaded experts, one token each
+    paper = plan_fiddler(counts, none_resident(), LAT)
+    ours = plan_fiddler_overlap(counts, none_resident(), LAT)
+    assert sorted(ours.lanes[:2].tolist()) == [Lane.CPU, Lane.TRANSFER]
+    assert paper.predicted_s == pytest.approx(0.3 * MS + 7.0 * MS)
+    assert ours.predicted_s == pytest.approx(0.3 * MS + 6.4 * MS + 0.15 * MS)
+    assert ours.predicted_s < paper.predicted_s
+
+
+def test_overlap_never_worse_than_fiddler_or_cpu_only_on_random_steps():
+    rng = np.random.default_rng(0)
+    strictly_better = 0
+    for _ in range(300):
+        counts, resident = random_case(rng)
+        slots = int(rng.integers(1, 5))
+        max_transfers = None if rng.random() < 0.5 else int(rng.integers(0, 9))
+        kw = dict(staging_slots=slots, max_transfers=max_transfers)
+        ours = plan_fiddler_overlap(counts, resident, LAT, **kw)
+        assert ours.predicted_s <= plan_fiddler(counts, resident, LAT, **kw).predicted_s + 1e-12
+        assert ours.predicted_s <= plan_cpu_only(counts, resident, LAT).predicted_s + 1e-12
+        strictly_better += ours.predicted_s < plan_fiddler(counts, resident, LAT, **kw).predicted_s - 1e-9
+    assert strictly_better > 100
+
+
+def test_overlap_prediction_matches_a_direct_simulation():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        counts, resident = random_case(rng)
+        slots = int(rng.integers(1, 4))
+        plan = plan_fiddler_overlap(counts, resident, LAT, staging_slots=slots, max_transfers=8)
+        assert plan.predicted_s == pytest.approx(
+            reference_makespan(LAT, counts, resident, plan.transfer_order.tolist(), slots), rel=1e-12)
+
+
+@pytest.mark.parametrize("latency", ["design", "gpu_slower_than_copy"])
+def test_exact_search_is_optimal_over_every_assignment_and_copy_order(latency):
+    lat = LAT if latency == "design" else dataclasses.replace(LAT, gpu=PiecewiseLinear((1, 512), (1 * MS, 40 * MS)))
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        counts = rng.integers(0, 600, 5) * (rng.random(5) < 0.8)
+        resident = rng.random(5) < 0.2
+        plan = plan_fiddler_overlap(counts, resident, lat, staging_slots=4, max_transfers=4)
+        candidates = [e for e in range(5) if counts[e] > 0 and not resident[e]]
+        best = min(reference_makespan(lat, counts, resident, list(seq), 4)
+                   for k in range(min(4, len(candidates)) + 1) for seq in itertools.permutations(candidates, k))
+        assert plan.predicted_s == pytest.approx(best, rel=1e-12)
+
+
+def test_greedy_agrees_with_exhaustive_search():
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(150):
+        counts, resident = random_case(rng)
+        kw = dict(staging_slots=int(rng.integers(1, 4)), max_transfers=int(rng.integers(0, 9)))
+        exact = plan_fiddler_overlap(counts, resident, LAT, **kw)
+        greedy = plan_fiddler_overlap(counts, resident, LAT, exact_limit=0, **kw)
+        flat = plan_fiddler_overlap(np.minimum(counts, 128), resident, LAT, **kw)  # GPU time flat up to 128
+        flat_greedy = plan_fiddler_overlap(np.minimum(counts, 128), resident, LAT, exact_limit=0, **kw)
+        assert flat_greedy.predicted_s == pytest.approx(flat.predicted_s, rel=1e-12)  # provably optimal there
+        assert greedy.predicted_s >= exact.predicted_s - 1e-12
+        gaps.append(greedy.predicted_s / exact.predicted_s - 1)
+    assert max(gaps) < 0.01
+
+
+def test_greedy_on_many_experts_is_fast_and_respects_fiddler():
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 40, 64) * (rng.random(64) < 0.5)
+    resident = rng.random(64) < 0.2
+    plan = plan_fiddler_overlap(counts, resident, LAT, max_transfers=64)  # beyond exact_limit: greedy
+    assert plan.predicted_s <= plan_fiddler(counts, resident, LAT, max_transfers=64).predicted_s
+    assert plan.lanes.shape == (64,) and plan.lanes.dtype == np.int8
+
+
+# --- baselines and staging slots ----------------------------------------------------------------------
+
+def test_cpu_only_and_transfer_and_gpu_only():
+    counts = np.array([3, 0, 200, 1])
+    resident = np.array([True, False, False, False])
+    assert plan_cpu_only(counts, resident, LAT).lanes.tolist() == [Lane.GPU, Lane.IDLE, Lane.CPU, Lane.CPU]
+    assert plan_transfer(counts, resident, LAT).lanes.tolist() == [Lane.GPU, Lane.IDLE, Lane.TRANSFER,
+                                                                     Lane.TRANSFER]
+    assert plan_gpu_only(counts, np.array([True, False, True, True]), LAT).lanes.tolist() == [1, 0, 1, 1]
+    with pytest.raises(PlannerError, match=r"experts \[2, 3\].*gpu_budget"):
+        plan_gpu_only(counts, resident, LAT)
+
+
+def test_transfer_reuses_staging_slots_and_counts_the_waits():
+    counts = np.array([10, 10, 10, 10, 10])
+    one = plan_transfer(counts, none_resident(5), LAT, staging_slots=1)
+    two = plan_transfer(counts, none_resident(5), LAT, staging_slots=2)
+    g, t = LAT.gpu(10), LAT.transfer_s
+    assert one.predicted_s == pytest.approx(LAT.sync_s + 5 * (t + g))  # one slot: copy, compute, copy, ...
+    assert two.predicted_s == pytest.approx(LAT.sync_s + 5 * t + g)  # double buffering hides the compute
+    assert two.transfer_slots.tolist() == [0, 1, 0, 1, 0]
+    sequential = plan_transfer(counts, none_resident(5), LAT, staging_slots=2, concurrent=False)
+    assert sequential.predicted_s == pytest.approx(one.predicted_s)
+
+
+def test_plans_respect_the_staging_slot_count():
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        counts, resident = random_case(rng)
+        slots = int(rng.integers(1, 4))
+        for name in ("fiddler", "fiddler_overlap"):
+            plan = get_planner(name, staging_slots=slots)(counts, resident, LAT)
+            assert (plan.lanes == Lane.TRANSFER).sum() <= slots
+        for name in ("fiddler", "fiddler_overlap", "transfer", "lru"):
+            plan = get_planner(name, staging_slots=slots, max_transfers=None if name in ("transfer", "lru") else 8)(
+                counts, resident, LAT)
+            assert np.all(plan.transfer_slots < slots)
+            assert sorted(plan.transfer_order.tolist()) == plan.experts(Lane.TRANSFER).tolist()
+
+
+# --- the dynamic cache -----------------------------------------------------------------------------------
+
+def decode_step(*experts, e=8):
+    counts = np.zeros(e, int)
+    counts[list(experts)] = 1
+    return counts
+
+
+def test_lru_hit_miss_sequence():
+    lru = get_planner("lru", cache_slots=2)
+    resident = none_resident()
+    resident[7] = True
+    log = []
+    for experts in [(0, 1), (0, 2), (1, 2), (2, 7), (3, 4), (3, 7)]:
+        plan = lru(decode_step(*experts), resident, LAT)
+        hits = [e for e in experts if plan.cached[e]]
+        misses = plan.experts(Lane.TRANSFER).tolist()
+        log.append((hits, misses, sorted(e for e in lru.caches[0].experts if e >= 0)))
+    assert log == [
+        ([], [0, 1], [0, 1]),  # cold: both copied; 0 inserted before 1
+        ([0], [2], [0, 2]),  # 0 hits; 1 is least recently used and evicted
+        ([2], [1], [1, 2]),  # 0 was used before 2: evicted
+        ([2], [], [1, 2]),  # 7 is resident: not a cache hit, never inserted
+        ([], [3, 4], [3, 4]),  # two misses evict both
+        ([3], [], [3, 4]),
+    ]
+    assert plan.lanes[7] == Lane.GPU and not plan.cached[7]
+
+
+def test_cache_state_rules():
+    state = CacheState.empty(2)
+    plan = plan_transfer(np.array([5, 3, 9, 0]), none_resident(4), LAT)  # copy order by count: 2, 0, 1
+    after = state.after(plan)
+    assert plan.transfer_order.tolist() == [2, 0, 1]
+    assert sorted(after.experts) == [0, 1]  # three copies, two slots: the last two copied stay
+    assert after.mask(4).tolist() == [True, True, False, False]
+    assert CacheState.empty(0).after(plan).experts == ()
+
+
+def test_cache_is_per_layer_and_resets():
+    lru = get_planner("lru", cache_slots=1)
+    lru(decode_step(0), none_resident(), LAT, layer=0)
+    plan = lru(decode_step(0), none_resident(), LAT, layer=1)
+    assert plan.lanes[0] == Lane.TRANSFER  # layer 1 has its own cache
+    assert lru(decode_step(0), none_resident(), LAT, layer=0).cached[0]
+    lru.reset()
+    assert lru(decode_step(0), none_resident(), LAT, layer=0).lanes[0] == Lane.TRANSFER
+
+
+def test_cache_under_fiddler_overlap():
+    planner = get_planner("fiddler_overlap", cache_slots=2)
+    assert isinstance(planner, CachedPlanner) and planner.name == "fiddler_overlap+cache"
+    first = planner(decode_step(0, 1), none_resident(), LAT)
+    copied = first.experts(Lane.TRANSFER).tolist()
+    assert len(copied) == 1 and first.planner == "fiddler_overlap+cache"
+    second = planner(decode_step(0, 1), none_resident(), LAT)
+    assert second.lanes[copied[0]] == Lane.GPU and second.cached[copied[0]]
+    assert second.predicted_s < first.predicted_s
+
+
+# --- the Plan type, the registry, configs, bad input -------------------------------------------------------
+
+def test_plan_is_small_arrays_and_prints_readably():
+    plan = get_planner("fiddler_overlap")(np.array([0, 1, 300, 2]), np.array([False, True, False, False]), LAT)
+    assert isinstance(plan, Plan)
+    assert plan.lanes.dtype == np.int8 and plan.lanes.shape == (4,)
+    assert plan.transfer_order.dtype == np.int32
+    text = str(plan)
+    assert text.startswith("fiddler_overlap") and "transfer 2:300" in text and "gpu 1:1" in text
+
+
+def test_unknown_names_and_parameters():
+    with pytest.raises(PlannerError) as e:
+        get_planner("fidler")
+    assert all(name in str(e.value) for name in PLANNER_NAMES)
+    with pytest.raises(PlannerError, match="cpu_only.*staging_slots"):
+        get_planner("cpu_only", staging_slots=2)
+    with pytest.raises(PlannerError, match="cache_slots"):
+        get_planner("lru", cache_slots=0)
+    with pytest.raises(PlannerError, match="staging_slots"):
+        get_planner("fiddler", staging_slots=0)(np.array([1]), none_resident(1), LAT)
+    assert isinstance(e.value, InvalidInputError)
+    assert set(PLANNER_NAMES) == set(POLICIES) | {"lru"}
+
+
+@pytest.mark.parametrize("counts, resident", [(np.array([1, -1]), none_resident(2)),
+                                              (np.array([1.5, 0]), none_resident(2)),
+                                              (np.array([[1, 0]]), none_resident(2)),
+                                              (np.array([1, 0]), np.zeros(3, bool))])
+def test_bad_counts_are_refused(counts, resident):
+    with pytest.raises(PlannerError):
+        plan_fiddler(counts, resident, LAT)
+
+
+def test_every_planner_yaml_composes_with_the_schema():
+    from omegaconf import OmegaConf
+
+    names = sorted(f[:-5] for f in os.listdir(CONF_DIR) if f.endswith(".yaml"))
+    assert names == sorted(PLANNER_NAMES)
+    for name in names:
+        yaml = OmegaConf.load(os.path.join(CONF_DIR, f"{name}.yaml"))
+        cfg = OmegaConf.merge(OmegaConf.structured(PlannerConfig), yaml)
+        assert cfg.name == name
+        planner = planner_from_config(cfg)
+        counts, resident = np.array([1, 300, 0, 2]), np.array([True, False, False, False])
+        if name == "gpu_only":
+            resident[:] = True
+        assert planner(counts, resident, LAT).lanes.shape == (4,)
+    assert isinstance(planner_from_config(PlannerConfig()), type(get_planner("fiddler_overlap")))
