@@ -167,15 +167,26 @@ def test_empty_and_degenerate_shapes():
     assert np.all(np.asarray(g, np.float32) == 0)
 
 
+# kernel_amx.cc defaults
+AMX_DEFAULTS = dict(amx_variant=0, amx_kc=0, amx_mb=128, amx_pass=32, amx_prefetch=1, amx_blocked_from=3,
+                    amx_pipeline=1)
+
+
 @pytest.mark.skipif("amx" not in SUPPORTED, reason="CPU lacks AMX")
-def test_amx_variants_identical():
-    rng = np.random.default_rng(9)
-    x, w1, w3, w2 = expert_inputs(rng, 300, 600, 530)
+@pytest.mark.parametrize("n,hidden,ffn", [(300, 600, 530), (100, 256, 352)])  # odd sizes; all tiles in place
+def test_amx_variants_identical(n, hidden, ffn):
+    rng = np.random.default_rng([9, n])
+    x, w1, w3, w2 = expert_inputs(rng, n, hidden, ffn)
     K.set_kernel_path("amx")
     ys = []
-    for variant in (1, 2):
-        K.set_tuning(amx_variant=variant)
-        ys.append(K.expert_ffn_numpy(x, w1, w3, w2, np.full((300, 600), np.nan, np.float32)))
-    K.set_tuning(amx_variant=0)
+    # direct, k-chunked, blocked with default and with odd blockings (partial chunks, m-blocks, passes)
+    for variant, blocking in ((1, dict(amx_pipeline=0)), (1, {}), (2, {}), (3, {}),
+                              (3, dict(amx_kc=3, amx_mb=48, amx_pass=3, amx_prefetch=0, amx_pipeline=0)),
+                              (3, dict(amx_kc=16, amx_mb=512, amx_pass=7, amx_prefetch=1))):
+        K.set_tuning(amx_variant=variant, **blocking)
+        ys.append(K.expert_ffn_numpy(x, w1, w3, w2, np.full((n, hidden), np.nan, np.float32)))
+        K.set_tuning(**AMX_DEFAULTS)
+    K.set_kernel_path("auto")
     assert rel_err(ys[1], expert_ref(x, w1, w3, w2)) <= 1e-2
-    assert np.array_equal(ys[0], ys[1])
+    for y in ys[1:]:
+        assert np.array_equal(ys[0], y)

@@ -59,6 +59,9 @@ int fj_get_num_threads(void) { return fiddler::GetNumThreads(); }
 void fj_set_prefetch_bytes(int bytes) { fiddler::SetPrefetchBytes(bytes); }
 void fj_set_amx_group_kib(int kib) { fiddler::SetAmxGroupKib(kib); }
 void fj_set_amx_variant(int variant) { fiddler::SetAmxVariant(variant); }
+void fj_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline) {
+  fiddler::SetAmxBlocking(kc, mb, pass, prefetch, blocked_from, pipeline);
+}
 uint64_t fj_read_probe(const void* p, int64_t bytes) { return fiddler::ReadProbe(p, bytes); }
 
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,

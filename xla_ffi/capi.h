@@ -39,6 +39,8 @@ int fj_get_num_threads(void);
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);
+void fj_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from,
+                         int pipeline); /* < 0: unchanged */
 uint64_t fj_read_probe(const void* p, int64_t bytes); /* multi-threaded read of p (bandwidth bar) */
 
 /* Compute on raw buffers; 0 on success, else -1 and the message in err (NUL-terminated, truncated). */

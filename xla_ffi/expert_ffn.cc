@@ -88,6 +88,12 @@ struct Runtime {
     g_amx_variant = EnvInt("FIDDLER_AMX_VARIANT", 0);
     g_prefetch_bytes = EnvInt("FIDDLER_KERNEL_PREFETCH", 0);
     g_amx_group_kib = EnvInt("FIDDLER_AMX_GROUP_KIB", g_amx_group_kib);
+    g_amx_kc = EnvInt("FIDDLER_AMX_KC", g_amx_kc);
+    g_amx_mb = EnvInt("FIDDLER_AMX_MB", g_amx_mb);
+    g_amx_pass = EnvInt("FIDDLER_AMX_PASS", g_amx_pass);
+    g_amx_prefetch = EnvInt("FIDDLER_AMX_PREFETCH", g_amx_prefetch);
+    g_amx_blocked_from = EnvInt("FIDDLER_AMX_BLOCKED_FROM", g_amx_blocked_from);
+    g_amx_pipeline = EnvInt("FIDDLER_AMX_PIPELINE", g_amx_pipeline);
     Path p = ParsePath(std::getenv("FIDDLER_KERNEL_PATH"));
     if (p != Path::kAuto && !PathSupported(p)) {
       std::fprintf(stderr, "fiddler_jax kernels: FIDDLER_KERNEL_PATH=%s is not supported by this CPU, using auto\n",
@@ -423,7 +429,18 @@ void SetPrefetchBytes(int bytes) {
 void SetAmxVariant(int variant) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  g_amx_variant = variant < 0 || variant > 2 ? 0 : variant;
+  g_amx_variant = variant < 0 || variant > 3 ? 0 : variant;
+}
+
+void SetAmxBlocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  if (kc >= 0) g_amx_kc = kc > 64 ? 64 : kc;  // 0: auto
+  if (mb >= 0) g_amx_mb = mb < 16 ? 16 : (mb > 1024 ? 1024 : mb);
+  if (pass >= 0) g_amx_pass = pass < 1 ? 1 : (pass > 64 ? 64 : pass);
+  if (prefetch >= 0) g_amx_prefetch = prefetch != 0;
+  if (blocked_from >= 0) g_amx_blocked_from = blocked_from;
+  if (pipeline >= 0) g_amx_pipeline = pipeline != 0;
 }
 
 void SetAmxGroupKib(int kib) {

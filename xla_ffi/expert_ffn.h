@@ -42,6 +42,10 @@ void SetPrefetchBytes(int bytes);
 // the STREAM-like read bandwidth bar the benchmark compares the kernel against.
 uint64_t ReadProbe(const void* p, int64_t bytes);
 void SetAmxGroupKib(int kib);
-void SetAmxVariant(int variant);  // 0 auto, 1 direct, 2 k-chunked
+void SetAmxVariant(int variant);  // 0 auto, 1 direct, 2 k-chunked, 3 blocked
+// AMX tuning: the blocked variant's k-blocks per chunk, rows per m-block, token tiles per pass, weight-panel
+// prefetch, the token-tile count from which auto uses it, and the pipelined 2x2 micro-kernel. A value < 0
+// leaves that knob unchanged.
+void SetAmxBlocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline);
 
 }  // namespace fiddler

@@ -4,8 +4,13 @@
 //   act[tile t/16][k-block c/32][pair (c%32)/2][token t%16][c%2]   (1 KiB per 16 tokens x 32 k)
 // Phase 1 writes h straight into that layout so phase 2 reads it as B. C tiles hold [16 rows x 16 tokens].
 // Tile registers: C 0-3, A 4-5, B 6-7. Rows or k beyond the matrix are fed from a zero-padded 1 KiB copy.
+// Variants (g_amx_variant; auto: direct below g_amx_blocked_from token tiles, blocked from there): direct (A
+// tiles loaded in place from the weight rows, C in registers over all of K), blocked (BlockedGemm: packed A
+// panels, L2-resident activation chunks, C spilled as fp32 between k-chunks) and k-chunked (blocked with one
+// tile pair per m-block). All give the same bits.
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
@@ -22,7 +27,14 @@
 namespace fiddler {
 
 int g_amx_group_kib = 1 << 20;  // v1: budget for the activation tiles re-read per weight row block
-int g_amx_variant = 0;          // 0 auto (chunked when there are more than 8 token tiles), 1 direct, 2 chunked
+int g_amx_variant = 0;          // 0 auto (blocked from g_amx_blocked_from token tiles, else direct), 1 direct,
+                                // 2 k-chunked (v2), 3 blocked (v3)
+int g_amx_blocked_from = 3;     // auto: blocked (v3) from this many token tiles
+int g_amx_kc = 0;               // v3: k-blocks (32 k each) per chunk; 0: auto (activation chunk ~1 MiB, 8..64)
+int g_amx_mb = 128;             // v3: weight rows per m-block (per matrix in phase 1; w2 rows in phase 2)
+int g_amx_pass = 32;            // v3: token tiles (16 tokens each) per pass
+int g_amx_prefetch = 1;         // v3: prefetch the next A panel into L2 while the current one is used
+int g_amx_pipeline = 1;         // v3: software-pipelined 2x2 micro-kernel (Kernel2x2); 0: plain loop
 
 namespace amx {
 namespace {
@@ -151,19 +163,39 @@ inline int64_t GroupTiles(int64_t kblocks) {
   return g < 2 ? 2 : g;
 }
 
-// ---- v2: k-chunked. Per weight row block, per chunk of kChunkKb k-blocks, the A panel (2 slots x 16 rows x
-// 32 k per block) is copied into a contiguous stack buffer -- weight rows sit at a 4 KiB-multiple stride,
-// which maps all 16 rows of a tile to one L1 set -- and reused from L1 for every token tile; C accumulators
-// live in a stack scratch between chunks (spilled exactly, so results equal v1's bit for bit).
-constexpr int64_t kChunkKb = 16;    // 512 k per chunk
-constexpr int64_t kPassTiles = 16;  // 256 tokens per pass (C scratch: 16 tiles x 2 slots x 1 KiB)
-
+// ---- Blocked (v3) and k-chunked (v2) variants: one routine, BlockedGemm. For one m-block of weight-row
+// tile pairs and one pass of token tiles, per chunk of kc k-blocks, each pair's A panel (2 slots x 16 rows x
+// 32 k per block) is copied into a contiguous per-thread buffer -- weight rows sit at a 4 KiB-multiple stride,
+// which maps all 16 rows of a tile to one L1 set -- and reused from L1 for every token tile of the pass, while
+// the chunk of the activation panel (all pass tokens x kc k) stays in L2 for every pair of the m-block. C
+// accumulators live in a per-thread fp32 buffer between chunks (spilled exactly, so every variant and blocking
+// gives the same bits). While a panel is used, the next one is prefetched into L2 (weights come from DRAM).
+// v2 is the special case of one pair per m-block and 16 k-blocks per chunk (x streamed once per 32 rows).
 struct Slot {
   const uint16_t* w;  // row-major [R, K]
   int64_t R;
   int64_t r;          // first row of the 16-row block
   bool on;
 };
+
+constexpr int64_t kMaxPairs = 64;
+
+// Grow-only, 64-byte aligned per-thread scratch (the pool's threads are persistent: no steady-state allocation).
+struct Scratch {
+  void* p = nullptr;
+  size_t size = 0;
+  ~Scratch() { std::free(p); }
+  void* Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(p);
+      size = (bytes + 4095) & ~size_t{4095};
+      p = std::aligned_alloc(64, size);
+      if (!p) size = 0;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_panel, tl_cs;
 
 inline void PackPanel(const Slot& s, int64_t K, int64_t kb0, int64_t nkb, int which, uint16_t* panel) {
   for (int64_t kbi = 0; kbi < nkb; ++kbi) {
@@ -181,90 +213,180 @@ inline void PackPanel(const Slot& s, int64_t K, int64_t kb0, int64_t nkb, int wh
   }
 }
 
-// C[slot][token] for token tiles [p0, p1) over all of K; then epi(tile, c_slot0, c_slot1) per tile.
+// Prefetch rows [i0, i1) of the 32 rows of a pair (slot 0 rows 0-15, slot 1 rows 16-31), k-blocks
+// [kb0, kb0 + nkb), into L2.
+inline void PrefetchRows(const Slot& s0, const Slot& s1, int64_t K, int64_t kb0, int64_t nkb, int64_t i0,
+                         int64_t i1) {
+  const int64_t c0 = kb0 * 32, c1 = Min(K, (kb0 + nkb) * 32);
+  for (int64_t i = i0; i < i1; ++i) {
+    const Slot& s = i < 16 ? s0 : s1;
+    const int64_t row = s.r + (i & 15);
+    if (!s.on || row >= s.R) continue;
+    const char* p = reinterpret_cast<const char*>(s.w + row * K);
+    for (int64_t c = c0; c < c1; c += 32) __builtin_prefetch(p + c * 2, 0, 2);
+  }
+}
+
+// The 2x2 micro-kernel over nkb k-blocks: C0 += A0 B0, C1 += A1 B0, C2 += A0 B1, C3 += A1 B1 (tiles 0-3), A0/A1
+// at a0/a1 + kb * a_step (row stride a_stride bytes), B0/B1 at b0/b1 + kb * 512. Tile registers are not renamed: a load into a tile
+// waits for the products that read it. So each load is issued right after the last product that reads its
+// register, one k-block ahead, and overlaps the remaining products (each C still sees its k-blocks in order,
+// so the bits are those of the plain loop).
+inline void Kernel2x2(const uint16_t* a0, const uint16_t* a1, int64_t a_step, int64_t a_stride, const uint16_t* b0,
+                      const uint16_t* b1, int64_t nkb) {
+  TILE_LOADD(4, a0, a_stride);
+  TILE_LOADD(6, b0, 64);
+  TILE_LOADD(5, a1, a_stride);
+  TILE_LOADD(7, b1, 64);
+  for (int64_t kb = 0; kb + 1 < nkb; ++kb) {
+    const int64_t off = (kb + 1) * a_step;
+    TILE_DPBF16PS(0, 4, 6);
+    TILE_DPBF16PS(2, 4, 7);
+    TILE_LOADD(4, a0 + off, a_stride);
+    TILE_DPBF16PS(1, 5, 6);
+    TILE_LOADD(6, b0 + (kb + 1) * 512, 64);
+    TILE_DPBF16PS(3, 5, 7);
+    TILE_LOADD(5, a1 + off, a_stride);
+    TILE_LOADD(7, b1 + (kb + 1) * 512, 64);
+  }
+  TILE_DPBF16PS(0, 4, 6);
+  TILE_DPBF16PS(2, 4, 7);
+  TILE_DPBF16PS(1, 5, 6);
+  TILE_DPBF16PS(3, 5, 7);
+}
+
+// For pairs j < np and token tiles [p0, p1): C[j][tile][slot] = A(pair j, slot) x act over all of K; then
+// epi(j, tile, c_slot0, c_slot1) per pair and tile.
 template <typename Epi>
-void ChunkedBlock(const Slot& s0, const Slot& s1, const uint16_t* act, int64_t K, int64_t p0, int64_t p1,
-                  uint16_t* panel, float* cs, Epi epi) {
-  const int64_t kb_total = NumKBlocks(K);
-  for (int64_t kb0 = 0; kb0 < kb_total; kb0 += kChunkKb) {
-    const int64_t nkb = Min(kChunkKb, kb_total - kb0);
-    PackPanel(s0, K, kb0, nkb, 0, panel);
-    if (s1.on) PackPanel(s1, K, kb0, nkb, 1, panel);
-    for (int64_t tt = p0; tt < p1; tt += 2) {
-      const bool two = tt + 1 < p1;
-      float* c0 = cs + (tt - p0) * 512;  // [tile][slot][256]
-      float* c1 = c0 + 512;
-      if (kb0 == 0) {
-        TILE_ZERO(0);
-        TILE_ZERO(1);
-        TILE_ZERO(2);
-        TILE_ZERO(3);
-      } else {
-        TILE_LOADD(0, c0, 64);
-        if (s1.on) TILE_LOADD(1, c0 + 256, 64);
+void BlockedGemm(const Slot* s0, const Slot* s1, int64_t np, const uint16_t* act, int64_t K, int64_t p0,
+                 int64_t p1, int64_t kc, Epi epi) {
+  const int64_t kb_total = NumKBlocks(K), ntp = p1 - p0, nq = (ntp + 1) / 2;
+  uint16_t* panel = static_cast<uint16_t*>(tl_panel.Get(static_cast<size_t>(kc) * 2048));
+  float* cs = static_cast<float*>(tl_cs.Get(static_cast<size_t>(np * ntp) * 2048));
+  for (int64_t kb0 = 0; kb0 < kb_total; kb0 += kc) {
+    const int64_t nkb = Min(kc, kb_total - kb0);
+    for (int64_t j = 0; j < np; ++j) {
+      PackPanel(s0[j], K, kb0, nkb, 0, panel);
+      if (s1[j].on) PackPanel(s1[j], K, kb0, nkb, 1, panel);
+      // the panel used next: pair j + 1 of this chunk, or pair 0 of the next chunk
+      const bool pf = g_amx_prefetch && (j + 1 < np || kb0 + kc < kb_total);
+      const int64_t jn = j + 1 < np ? j + 1 : 0, kbn = j + 1 < np ? kb0 : kb0 + kc;
+      const int64_t nkbn = Min(kc, kb_total - kbn);
+      for (int64_t tt = p0; tt < p1; tt += 2) {
+        const bool two = tt + 1 < p1;
+        float* c0 = cs + (j * ntp + (tt - p0)) * 512;  // [pair][tile][slot][256]
+        float* c1 = c0 + 512;
+        if (kb0 == 0) {
+          TILE_ZERO(0);
+          TILE_ZERO(1);
+          TILE_ZERO(2);
+          TILE_ZERO(3);
+        } else {
+          TILE_LOADD(0, c0, 64);
+          if (s1[j].on) TILE_LOADD(1, c0 + 256, 64);
+          if (two) {
+            TILE_LOADD(2, c1, 64);
+            if (s1[j].on) TILE_LOADD(3, c1 + 256, 64);
+          }
+        }
+        if (pf) {
+          const int64_t q = (tt - p0) / 2;
+          PrefetchRows(s0[jn], s1[jn], K, kbn, nkbn, 32 * q / nq, 32 * (q + 1) / nq);
+        }
+        if (two && s1[j].on && g_amx_pipeline) {
+          Kernel2x2(panel, panel + 512, 1024, 64, act + (tt * kb_total + kb0) * 512,
+                    act + ((tt + 1) * kb_total + kb0) * 512, nkb);
+        } else {
+          for (int64_t kbi = 0; kbi < nkb; ++kbi) {
+            TILE_LOADD(4, panel + (kbi * 2) * 512, 64);
+            TILE_LOADD(6, act + (tt * kb_total + kb0 + kbi) * 512, 64);
+            TILE_DPBF16PS(0, 4, 6);
+            if (s1[j].on) {
+              TILE_LOADD(5, panel + (kbi * 2 + 1) * 512, 64);
+              TILE_DPBF16PS(1, 5, 6);
+            }
+            if (two) {
+              TILE_LOADD(7, act + ((tt + 1) * kb_total + kb0 + kbi) * 512, 64);
+              TILE_DPBF16PS(2, 4, 7);
+              if (s1[j].on) TILE_DPBF16PS(3, 5, 7);
+            }
+          }
+        }
+        TILE_STORED(0, c0, 64);
+        if (s1[j].on) TILE_STORED(1, c0 + 256, 64);
         if (two) {
-          TILE_LOADD(2, c1, 64);
-          if (s1.on) TILE_LOADD(3, c1 + 256, 64);
+          TILE_STORED(2, c1, 64);
+          if (s1[j].on) TILE_STORED(3, c1 + 256, 64);
         }
-      }
-      for (int64_t kbi = 0; kbi < nkb; ++kbi) {
-        TILE_LOADD(4, panel + (kbi * 2) * 512, 64);
-        TILE_LOADD(6, act + (tt * kb_total + kb0 + kbi) * 512, 64);
-        TILE_DPBF16PS(0, 4, 6);
-        if (s1.on) {
-          TILE_LOADD(5, panel + (kbi * 2 + 1) * 512, 64);
-          TILE_DPBF16PS(1, 5, 6);
-        }
-        if (two) {
-          TILE_LOADD(7, act + ((tt + 1) * kb_total + kb0 + kbi) * 512, 64);
-          TILE_DPBF16PS(2, 4, 7);
-          if (s1.on) TILE_DPBF16PS(3, 5, 7);
-        }
-      }
-      TILE_STORED(0, c0, 64);
-      if (s1.on) TILE_STORED(1, c0 + 256, 64);
-      if (two) {
-        TILE_STORED(2, c1, 64);
-        if (s1.on) TILE_STORED(3, c1 + 256, 64);
       }
     }
   }
-  for (int64_t tt = p0; tt < p1; ++tt) epi(tt, cs + (tt - p0) * 512, cs + (tt - p0) * 512 + 256);
+  for (int64_t j = 0; j < np; ++j)
+    for (int64_t tt = p0; tt < p1; ++tt) {
+      const float* c = cs + (j * ntp + (tt - p0)) * 512;
+      epi(j, tt, c, c + 256);
+    }
 }
 
-// Auto: chunked from 9 token tiles (n > 128): measured on the device's Xeon, the two are even up to n = 128.
-inline bool UseChunked(int64_t nt) { return g_amx_variant == 2 || (g_amx_variant == 0 && nt > 8); }
+// Blocking of a call with nt token tiles: v2 (one pair, 16 k-blocks, 16 token tiles) or the tunables (v3).
+// Auto chunk: the activation chunk of a pass (pass tokens x kc x 32 k, bf16 = pass tiles x kc KiB) about
+// 1 MiB, so it stays in L2 (2 MiB) next to the C buffer and the panel; measured best at n = 64-512.
+struct Blocking {
+  int64_t kc, pairs, pass;
+};
+inline Blocking GetBlocking(bool v2, int64_t rows_per_pair, int64_t nt) {
+  if (v2) return {16, 1, 16};
+  int64_t pairs = (g_amx_mb + rows_per_pair - 1) / rows_per_pair;
+  pairs = pairs < 1 ? 1 : (pairs > kMaxPairs ? kMaxPairs : pairs);
+  const int64_t pass = g_amx_pass < 1 ? 1 : g_amx_pass;
+  int64_t kc = g_amx_kc;
+  if (kc < 1) {
+    kc = 1024 / Min(pass, nt);
+    kc = kc < 8 ? 8 : (kc > 64 ? 64 : kc);
+  }
+  return {kc, pairs, pass};
+}
 
-void Phase1Chunked(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
-                   int64_t F, int64_t r0, int64_t r1, uint16_t* h) {
+void Phase1Blocked(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
+                   int64_t F, int64_t r0, int64_t r1, uint16_t* h, bool v2) {
   const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
-  alignas(64) uint16_t panel[kChunkKb * 2 * 512];
-  alignas(64) float cs[kPassTiles * 512];
-  for (int64_t p0 = 0; p0 < nt; p0 += kPassTiles) {
-    const int64_t p1 = Min(nt, p0 + kPassTiles);
-    for (int64_t r = r0; r < r1; r += 16) {
-      const int64_t rows = Min(16, r1 - r);
-      Slot s0{w1, F, r, true}, s1{w3, F, r, true};
-      ChunkedBlock(s0, s1, x, hidden, p0, p1, panel, cs,
-                   [&](int64_t tt, const float* g, const float* u) { SiluStore(g, u, rows, r, tt, kb_h, h); });
+  const Blocking b = GetBlocking(v2, 16, nt);
+  Slot s0[kMaxPairs], s1[kMaxPairs];
+  for (int64_t p0 = 0; p0 < nt; p0 += b.pass) {
+    const int64_t p1 = Min(nt, p0 + b.pass);
+    for (int64_t rb = r0; rb < r1; rb += 16 * b.pairs) {
+      const int64_t np = Min(b.pairs, (r1 - rb + 15) / 16);
+      for (int64_t j = 0; j < np; ++j) {
+        s0[j] = Slot{w1, F, rb + 16 * j, true};
+        s1[j] = Slot{w3, F, rb + 16 * j, true};
+      }
+      BlockedGemm(s0, s1, np, x, hidden, p0, p1, b.kc, [&](int64_t j, int64_t tt, const float* g, const float* u) {
+        const int64_t r = rb + 16 * j;
+        SiluStore(g, u, Min(16, r1 - r), r, tt, kb_h, h);
+      });
     }
   }
 }
 
-void Phase2Chunked(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
-                   int64_t r1, OutView o) {
+void Phase2Blocked(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, int64_t hidden, int64_t r0,
+                   int64_t r1, OutView o, bool v2) {
   const int64_t nt = NumTiles(n);
-  alignas(64) uint16_t panel[kChunkKb * 2 * 512];
-  alignas(64) float cs[kPassTiles * 512];
-  for (int64_t p0 = 0; p0 < nt; p0 += kPassTiles) {
-    const int64_t p1 = Min(nt, p0 + kPassTiles);
-    for (int64_t r = r0; r < r1; r += 32) {
-      Slot s0{w2, hidden, r, true}, s1{w2, hidden, r + 16, r + 16 < r1};
-      ChunkedBlock(s0, s1, h, F, p0, p1, panel, cs, [&](int64_t tt, const float* c0, const float* c1) {
+  const Blocking b = GetBlocking(v2, 32, nt);
+  Slot s0[kMaxPairs], s1[kMaxPairs];
+  for (int64_t p0 = 0; p0 < nt; p0 += b.pass) {
+    const int64_t p1 = Min(nt, p0 + b.pass);
+    for (int64_t rb = r0; rb < r1; rb += 32 * b.pairs) {
+      const int64_t np = Min(b.pairs, (r1 - rb + 31) / 32);
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t r = rb + 32 * j;
+        s0[j] = Slot{w2, hidden, r, true};
+        s1[j] = Slot{w2, hidden, r + 16, r + 16 < r1};
+      }
+      BlockedGemm(s0, s1, np, h, F, p0, p1, b.kc, [&](int64_t j, int64_t tt, const float* c0, const float* c1) {
         const int64_t t0 = tt * 16, toks = Min(16, n - t0);
-        for (int slot = 0; slot < (s1.on ? 2 : 1); ++slot) {
+        for (int slot = 0; slot < (s1[j].on ? 2 : 1); ++slot) {
           const float* c = slot ? c1 : c0;
-          const int64_t i0 = r + 16 * slot, rows = Min(16, r1 - i0);
+          const int64_t i0 = s0[j].r + 16 * slot, rows = Min(16, r1 - i0);
           for (int64_t q = 0; q < toks; ++q) {
             for (int64_t i = 0; i < rows; ++i) {
               const float v = c[i * 16 + q];
@@ -279,6 +401,12 @@ void Phase2Chunked(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, 
       });
     }
   }
+}
+
+// The variant of a call with nt token tiles: 1 direct, 2 chunked (v2), 3 blocked (v3).
+inline int Variant(int64_t nt) {
+  if (g_amx_variant >= 1 && g_amx_variant <= 3) return g_amx_variant;
+  return nt >= g_amx_blocked_from ? 3 : 1;
 }
 
 size_t ActBytes(int64_t n, int64_t k) { return static_cast<size_t>(NumTiles(n) * NumKBlocks(k)) * 1024; }
@@ -301,6 +429,7 @@ void Phase1Direct(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* 
                   int64_t F, int64_t r0, int64_t r1, uint16_t* h) {
   const int64_t nt = NumTiles(n), kb_x = NumKBlocks(hidden), kb_h = NumKBlocks(F);
   const int64_t group = GroupTiles(kb_x);
+  const bool in_place = g_amx_pipeline && hidden % 32 == 0;  // every A tile loads from the rows themselves
   alignas(64) uint16_t abuf1[512], abuf3[512];
   alignas(64) float c[4][256];
   for (int64_t tg = 0; tg < nt; tg += group) {
@@ -313,6 +442,10 @@ void Phase1Direct(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* 
         TILE_ZERO(1);
         TILE_ZERO(2);
         TILE_ZERO(3);
+        if (two && in_place && r + 16 <= F) {
+          Kernel2x2(w1 + r * hidden, w3 + r * hidden, 32, hidden * 2, x + tt * kb_x * 512, x + (tt + 1) * kb_x * 512,
+                    kb_x);
+        } else {
         for (int64_t kb = 0; kb < kb_x; ++kb) {
           int64_t s1, s3;
           const uint16_t* a1 = ATile(w1, F, hidden, r, kb, abuf1, &s1);
@@ -327,6 +460,7 @@ void Phase1Direct(const uint16_t* x, int64_t n, int64_t hidden, const uint16_t* 
             TILE_DPBF16PS(2, 4, 7);
             TILE_DPBF16PS(3, 5, 7);
           }
+        }
         }
         TILE_STORED(0, c[0], 64);
         TILE_STORED(1, c[1], 64);
@@ -346,10 +480,11 @@ void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, co
   uint16_t* h = static_cast<uint16_t*>(h_act);
   const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
   ConfigureTiles();
-  if (UseChunked(nt)) {
-    Phase1Chunked(x, n, hidden, w1, w3, F, r0, r1, h);
-  } else {
+  const int v = Variant(nt);
+  if (v == 1) {
     Phase1Direct(x, n, hidden, w1, w3, F, r0, r1, h);
+  } else {
+    Phase1Blocked(x, n, hidden, w1, w3, F, r0, r1, h, v == 2);
   }
   if (r1 == F) {  // zero the k-padding of h (columns F .. 32*kb_h) for every token, padding tokens included
     for (int64_t t = 0; t < nt * 16; ++t)
@@ -362,6 +497,7 @@ void Phase2Direct(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, i
                   int64_t r1, OutView o) {
   const int64_t nt = NumTiles(n), kb_h = NumKBlocks(F);
   const int64_t group = GroupTiles(kb_h);
+  const bool in_place = g_amx_pipeline && F % 32 == 0;
   alignas(64) uint16_t abuf0[512], abuf1[512];
   alignas(64) float c[4][256];
   for (int64_t tg = 0; tg < nt; tg += group) {
@@ -374,6 +510,9 @@ void Phase2Direct(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, i
         TILE_ZERO(1);
         TILE_ZERO(2);
         TILE_ZERO(3);
+        if (two_a && two_b && in_place && r + 32 <= hidden) {
+          Kernel2x2(w2 + r * F, w2 + (r + 16) * F, 32, F * 2, h + tt * kb_h * 512, h + (tt + 1) * kb_h * 512, kb_h);
+        } else {
         for (int64_t kb = 0; kb < kb_h; ++kb) {
           int64_t s0, s1;
           const uint16_t* a0 = ATile(w2, hidden, F, r, kb, abuf0, &s0);
@@ -390,6 +529,7 @@ void Phase2Direct(const uint16_t* h, int64_t n, int64_t F, const uint16_t* w2, i
             TILE_DPBF16PS(2, 4, 7);
             if (two_a) TILE_DPBF16PS(3, 5, 7);
           }
+        }
         }
         TILE_STORED(0, c[0], 64);
         if (two_a) TILE_STORED(1, c[1], 64);
@@ -420,10 +560,11 @@ void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t
             int64_t r1, OutView o) {
   const uint16_t* h = static_cast<const uint16_t*>(h_act);
   ConfigureTiles();
-  if (UseChunked(NumTiles(n))) {
-    Phase2Chunked(h, n, F, w2, hidden, r0, r1, o);
-  } else {
+  const int v = Variant(NumTiles(n));
+  if (v == 1) {
     Phase2Direct(h, n, F, w2, hidden, r0, r1, o);
+  } else {
+    Phase2Blocked(h, n, F, w2, hidden, r0, r1, o, v == 2);
   }
   TILE_RELEASE();
 }

@@ -57,6 +57,12 @@ namespace amx { extern const PathKernels kKernels; }
 // Tunables read by the kernels (set by the runtime; plain globals, read-only during a call).
 extern int g_prefetch_bytes;  // software prefetch distance for weight streams in AVX paths; 0 = off
 extern int g_amx_group_kib;   // AMX direct variant: activation bytes re-read per weight row block
-extern int g_amx_variant;     // AMX: 0 auto, 1 direct (A tiles in place), 2 k-chunked (packed A panels)
+extern int g_amx_variant;     // AMX: 0 auto, 1 direct (A tiles in place), 2 k-chunked, 3 blocked (kernel_amx.cc)
+extern int g_amx_blocked_from;  // AMX auto: blocked variant from this many 16-token tiles, else direct
+extern int g_amx_kc;            // AMX blocked: k-blocks (32 k) per chunk
+extern int g_amx_mb;            // AMX blocked: weight rows per m-block
+extern int g_amx_pass;          // AMX blocked: token tiles per pass
+extern int g_amx_prefetch;      // AMX blocked: prefetch the next weight panel into L2 (0/1)
+extern int g_amx_pipeline;      // AMX blocked: software-pipelined 2x2 micro-kernel (0/1)
 
 }  // namespace fiddler

@@ -39,6 +39,7 @@ int fj_get_num_threads(void);
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);
+void fj_set_amx_blocking(int kc, int mb, int pass_, int prefetch, int blocked_from, int pipeline);
 uint64_t fj_read_probe(const void* p, int64_t bytes);
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
                   const uint16_t* w3, const uint16_t* w2, void* y, int out_f32, char* err, int err_len);

@@ -85,12 +85,21 @@ def set_amx_min_tokens(n: int) -> None:
 
 
 def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = None,
-               amx_variant: int | None = None) -> None:
+               amx_variant: int | None = None, amx_kc: int | None = None, amx_mb: int | None = None,
+               amx_pass: int | None = None, amx_prefetch: bool | None = None,
+               amx_blocked_from: int | None = None, amx_pipeline: bool | None = None) -> None:
     """Low-level knobs for benchmarking: software-prefetch distance of weight streams (AVX paths, 0 = off;
-    FIDDLER_KERNEL_PREFETCH), the activation budget of the direct AMX variant (FIDDLER_AMX_GROUP_KIB), and
-    the AMX variant (0 auto, 1 direct, 2 k-chunked; FIDDLER_AMX_VARIANT)."""
+    FIDDLER_KERNEL_PREFETCH), the activation budget of the direct AMX variant (FIDDLER_AMX_GROUP_KIB), the
+    AMX variant (0 auto, 1 direct, 2 k-chunked, 3 blocked; FIDDLER_AMX_VARIANT), and the blocked variant's
+    k-blocks per chunk (0 = auto), weight rows per m-block, 16-token tiles per pass, weight-panel prefetch, and the
+    token-tile count from which auto uses it, and the software-pipelined 2x2 micro-kernel (FIDDLER_AMX_KC, _MB,
+    _PASS, _PREFETCH, _BLOCKED_FROM, _PIPELINE)."""
     if amx_variant is not None:
         _lib.fj_set_amx_variant(int(amx_variant))
+    knobs = (amx_kc, amx_mb, amx_pass, None if amx_prefetch is None else int(bool(amx_prefetch)), amx_blocked_from,
+             None if amx_pipeline is None else int(bool(amx_pipeline)))
+    if any(k is not None for k in knobs):
+        _lib.fj_set_amx_blocking(*(-1 if k is None else int(k) for k in knobs))
     if prefetch_bytes is not None:
         _lib.fj_set_prefetch_bytes(int(prefetch_bytes))
     if amx_group_kib is not None:

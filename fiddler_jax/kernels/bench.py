@@ -26,6 +26,15 @@ from fiddler_jax.kernels._lib import _ffi, _lib
 from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
 
 GIB = 1024 ** 3
+# The AMX defaults (xla_ffi/kernel_amx.cc), restored after each sweep entry.
+AMX_DEFAULTS = dict(amx_variant=0, amx_kc=0, amx_mb=128, amx_pass=32, amx_prefetch=1, amx_blocked_from=3,
+                    amx_pipeline=1)
+DEFAULT_AMX_SWEEP = [
+    {"amx_variant": 1}, {"amx_variant": 2}, {"amx_variant": 3},
+    {"amx_variant": 3, "amx_kc": 4}, {"amx_variant": 3, "amx_kc": 16},
+    {"amx_variant": 3, "amx_mb": 64}, {"amx_variant": 3, "amx_mb": 256},
+    {"amx_variant": 3, "amx_prefetch": 0},
+]
 
 
 def rand_bf16(rng, shape) -> np.ndarray:
@@ -102,8 +111,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-xla", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-sweeps", action="store_true")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating ours/torch rounds per n (interleaved ratio)")
     ap.add_argument("--experts", type=int, default=8,
                     help="distinct experts the timed calls rotate through, so weights come from DRAM, not LLC")
+    ap.add_argument("--amx-sweep", default="",
+                    help="JSON list of set_tuning dicts (plus threads, pin, ns) for the AMX sweep")
     ap.add_argument("--json", default="kernel_bench.json")
     a = ap.parse_args(argv)
     if a.quick:
@@ -215,6 +227,23 @@ def main(argv=None) -> dict:
                     fn = lambda: torch_ffn(tx)  # noqa: E731
                     t, _ = timeit(fn, budget_s=a.budget)
                     row("torch", f"torch{torch.get_num_threads()}t", n, t)
+                # Interleaved: the host's speed drifts by 10-50% between rows measured a minute apart, so the
+                # ratio that counts is taken from alternating short rounds of ours (auto) and torch.
+                K.set_kernel_path("auto")
+                inter = []
+                for n in [n for n in ns if n in (16, 256, 512)]:
+                    tx = torch.from_numpy(xs[n].view(np.int16)).view(torch.bfloat16)
+                    ours, theirs = [], []
+                    for _ in range(a.rounds):
+                        ours.append(timeit(lambda: run_single(n), min_reps=3, budget_s=0.25)[0])
+                        theirs.append(timeit(lambda: torch_ffn(tx), min_reps=3, budget_s=0.25)[0])
+                    ratios = sorted(t / o for o, t in zip(ours, theirs))
+                    r = {"n": n, "ours_ms": statistics.median(ours) * 1e3, "torch_ms": statistics.median(theirs) * 1e3,
+                         "torch_over_ours_median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
+                         "rounds": a.rounds}
+                    inter.append(r)
+                    print("  interleaved", json.dumps(r), flush=True)
+                extra["interleaved_vs_torch"] = inter
         except ImportError:
             print("torch not importable: skipped")
 
@@ -265,15 +294,22 @@ def main(argv=None) -> dict:
         if "amx" in paths:
             K.set_kernel_path("amx")
             sweep = []
-            for variant in (1, 2):
-                K.set_tuning(amx_variant=variant)
-                for n in [n for n in ns if n >= 8]:
-                    t, _ = timeit(lambda: run_single(n), budget_s=a.budget)
-                    sweep.append({"path": "amx", "n": n, "variant": variant, "ms": t * 1e3,
-                                  "ratio_to_bar": t / bar_s, "TFLOPs": 6 * H * F * n / t / 1e12})
-            K.set_tuning(amx_variant=int(os.environ.get("FIDDLER_AMX_VARIANT", "0")))
+            configs = json.loads(a.amx_sweep) if a.amx_sweep else DEFAULT_AMX_SWEEP
+            for cfg in configs:
+                cfg = dict(cfg)
+                threads = cfg.pop("threads", 0)
+                sweep_ns = cfg.pop("ns", None)
+                K.set_num_threads(threads, pin=bool(cfg.pop("pin", False)))
+                K.set_tuning(**cfg)
+                for n in [n for n in ns if n >= 8 and (sweep_ns is None or n in sweep_ns)]:
+                    t, _ = timeit(lambda: run_single(n), budget_s=min(a.budget, 0.4))
+                    r = {"path": "amx", "n": n, **cfg, "threads": K.get_num_threads(), "ms": t * 1e3,
+                         "ratio_to_bar": t / bar_s, "TFLOPs": 6 * H * F * n / t / 1e12}
+                    sweep.append(r)
+                    print("  sweep amx", json.dumps(r), flush=True)
+                K.set_tuning(**AMX_DEFAULTS)
+            K.set_num_threads(0)
             extra["sweep_amx_variant"] = sweep
-            print("sweep amx:", json.dumps(sweep), flush=True)
         K.set_kernel_path("auto")
 
     result = {"git_sha": git_sha(), "versions": versions(), "cpu_features": feats, "hidden": H, "ffn": F,
@@ -290,6 +326,9 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['kind']:9s}{r['path']:18s}{r['n']:5d}{r['ms']:10.2f}{r['ratio_to_bar']:8.2f}"
               f"{r['weight_GBps']:8.1f}{r['TFLOPs']:9.2f}")
+    for r in extra.get("interleaved_vs_torch", []):
+        print(f"interleaved n={r['n']:4d}: ours {r['ours_ms']:.2f} ms, torch {r['torch_ms']:.2f} ms, torch/ours median "
+              f"{r['torch_over_ours_median']:.2f}x (range {r['min']:.2f}-{r['max']:.2f}, {r['rounds']} rounds)")
     return result
 
 

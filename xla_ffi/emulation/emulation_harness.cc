@@ -32,3 +32,13 @@ extern "C" int fj_emu_expert_ffn(int path, const uint16_t* x, int64_t n, int64_t
     k->phase2(ha.data(), n, ffn, w2, hidden, hidden * s / nsplit, hidden * (s + 1) / nsplit, o);
   return 0;
 }
+
+// Blocked AMX variant knobs (a value < 0 leaves one unchanged).
+extern "C" void fj_emu_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline) {
+  if (kc >= 0) fiddler::g_amx_kc = kc;
+  if (mb >= 0) fiddler::g_amx_mb = mb;
+  if (pass >= 0) fiddler::g_amx_pass = pass;
+  if (prefetch >= 0) fiddler::g_amx_prefetch = prefetch;
+  if (blocked_from >= 0) fiddler::g_amx_blocked_from = blocked_from;
+  if (pipeline >= 0) fiddler::g_amx_pipeline = pipeline;
+}
