@@ -5,13 +5,41 @@ Public API (stable names):
   logits(model, input_ids) -> np.ndarray                           float32 [B, T, vocab]
   generate(model, input_ids, max_new_tokens, do_sample=False, seed=0) -> np.ndarray   [B, T + new]
   save_pretrained(model, path)                                     HF folder that transformers loads
+
+The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax.runtime.planners``,
+``placement``, ``latency``) and the kernels import without loading flax or the model code.
 """
+from __future__ import annotations
+
+import importlib
+
 from fiddler_jax.errors import CheckpointError, FiddlerError, InvalidInputError, ModelConfigError
-from fiddler_jax.models import Mixtral, MixtralConfig, load_pretrained, load_tokenizer, save_pretrained
-from fiddler_jax.runtime.generate import generate, generate_with_stats, logits
 
 __version__ = "0.1.0"
-__all__ = [
-    "CheckpointError", "FiddlerError", "InvalidInputError", "Mixtral", "MixtralConfig", "ModelConfigError",
-    "generate", "generate_with_stats", "load_pretrained", "load_tokenizer", "logits", "save_pretrained",
-]
+
+_LAZY = {
+    "Mixtral": "fiddler_jax.models",
+    "MixtralConfig": "fiddler_jax.models",
+    "load_pretrained": "fiddler_jax.models",
+    "load_tokenizer": "fiddler_jax.models",
+    "save_pretrained": "fiddler_jax.models",
+    "generate": "fiddler_jax.runtime.generate",
+    "generate_with_stats": "fiddler_jax.runtime.generate",
+    "logits": "fiddler_jax.runtime.generate",
+}
+_SUBPACKAGES = ("assets", "experiments", "kernels", "models", "runtime", "training")
+__all__ = ["CheckpointError", "FiddlerError", "InvalidInputError", "ModelConfigError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"fiddler_jax.{name}")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fiddler_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -81,3 +81,14 @@ def test_bad_policy_and_profile():
         P.place(TINY, 10**9, policy="hot")
     with pytest.raises(InvalidInputError, match="profile this model again"):
         P.place(TINY, 10**9, profile=np.ones((2, 4)))
+
+
+def test_planning_modules_import_without_jax():
+    """placement, planners and latency are pure Python: importing them must not load JAX or flax."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fiddler_jax.runtime.placement, fiddler_jax.runtime.planners, "
+            "fiddler_jax.runtime.latency; print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

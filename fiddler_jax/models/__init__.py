@@ -1,6 +1,28 @@
-"""Flax NNX Mixtral: config, layers, MoE functions, checkpoint I/O."""
-from fiddler_jax.models.checkpoint import Checkpoint, load_pretrained, load_tokenizer, save_pretrained
-from fiddler_jax.models.config import MixtralConfig
-from fiddler_jax.models.mixtral import Mixtral
+"""Flax NNX Mixtral: config, layers, MoE functions, checkpoint I/O.
 
-__all__ = ["Checkpoint", "Mixtral", "MixtralConfig", "load_pretrained", "load_tokenizer", "save_pretrained"]
+Names are imported lazily (PEP 562): ``fiddler_jax.models.config`` stays importable without JAX."""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Checkpoint": "fiddler_jax.models.checkpoint",
+    "load_pretrained": "fiddler_jax.models.checkpoint",
+    "load_tokenizer": "fiddler_jax.models.checkpoint",
+    "save_pretrained": "fiddler_jax.models.checkpoint",
+    "MixtralConfig": "fiddler_jax.models.config",
+    "Mixtral": "fiddler_jax.models.mixtral",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fiddler_jax.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
