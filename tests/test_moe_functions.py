@@ -80,3 +80,26 @@ def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
     assert float(moe.load_balancing_loss(collapsed, 2)) > 3.0
     g = jax.grad(lambda z: moe.load_balancing_loss(z, 2))(collapsed)
     assert np.isfinite(np.asarray(g)).all()
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_sparse_mix_over_a_partial_stack_sums_to_the_whole(n):
+    """Splitting the experts between two stacks (slot maps with -1 for absent experts) and adding the two
+    partial mixes gives the full mix: the identity the hybrid runtime relies on."""
+    rng = np.random.default_rng(n)
+    e, h, f, k = 6, 16, 24, 2
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    x = f32(rng.normal(size=(n, h)))
+    w1, w3, w2 = f32(rng.normal(size=(e, f, h))), f32(rng.normal(size=(e, f, h))), f32(rng.normal(size=(e, h, f)))
+    routing = moe.route(f32(rng.normal(size=(n, e))), k)
+    full = np.asarray(moe.sparse_expert_mix(x, routing, w1, w3, w2))
+    here = np.array([1, 4, 5])
+    slot_a = np.full(e, -1, np.int32)
+    slot_a[here] = np.arange(3)
+    rest = np.setdiff1d(np.arange(e), here)
+    slot_b = np.full(e, -1, np.int32)
+    slot_b[rest[::-1]] = np.arange(3)  # any row order
+    part_a = moe.sparse_expert_mix(x, routing, w1[here], w3[here], w2[here], jnp.asarray(slot_a))
+    part_b = moe.sparse_expert_mix(x, routing, w1[rest[::-1]], w3[rest[::-1]], w2[rest[::-1]], jnp.asarray(slot_b))
+    np.testing.assert_allclose(np.asarray(part_a + part_b), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    assert np.abs(np.asarray(part_a)).max() > 0 and np.abs(np.asarray(part_b)).max() > 0

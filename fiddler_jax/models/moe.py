@@ -111,6 +111,34 @@ def combine(y_sorted: jax.Array, groups: ExpertGroups, routing: Routing, num_tok
     return out.at[token].add(y_sorted.astype(jnp.float32) * weight[:, None])
 
 
+def sparse_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                      slot_of: jax.Array | None = None) -> jax.Array:
+    """Σ_j w_{t,j}·FFN(x_t) over the assignments whose expert is in the stacked weights, computing only those.
+
+    ``slot_of`` [E] int32 maps an expert to its row in the stack (w1, w3 [S, ffn, hidden], w2 [S, hidden, ffn]);
+    -1 means the expert is elsewhere and its assignments contribute 0 here (the hybrid runtime computes them on
+    another lane). ``None`` means the stack holds all experts in order. Gathered weights when there are no more
+    assignments than stack rows (decode), else the grouped ragged product. Returns float32 [N, hidden]."""
+    num_slots, top_k = w1.shape[0], routing.weights.shape[-1]
+    if slot_of is None:
+        slots, weights, groups_n = routing.experts, routing.weights, num_slots
+    else:
+        slots = slot_of[routing.experts]
+        present = slots >= 0
+        # Absent assignments form one extra group after the stack's rows, with weight 0.
+        slots, weights, groups_n = jnp.where(present, slots, num_slots), jnp.where(present, routing.weights, 0.0), \
+            num_slots + 1
+    groups = group_by_expert(slots, groups_n)
+    x_sorted = flat[groups.order // top_k]
+    slot_sorted = slots.reshape(-1)[groups.order]
+    if x_sorted.shape[0] <= num_slots:  # few assignments (decode): touch only the chosen rows
+        y_sorted = gathered_expert_ffn(x_sorted, jnp.minimum(slot_sorted, num_slots - 1), w1, w3, w2)
+    else:
+        y_sorted = grouped_expert_ffn(x_sorted, groups.sizes[:num_slots], w1, w3, w2)
+    y_sorted = jnp.where((slot_sorted < num_slots)[:, None], y_sorted, 0.0)
+    return combine(y_sorted, groups, Routing(weights, slots), flat.shape[0])
+
+
 def load_balancing_loss(router_logits: jax.Array, top_k: int) -> jax.Array:
     """Switch/Mixtral auxiliary loss for one layer (router_logits [N, E]): E · Σ_e f_e · P_e, where f_e is the
     fraction of (token, slot) assignments routed to e and P_e the mean router probability of e. Equals 1 for a
@@ -148,13 +176,7 @@ class SparseMoe(nnx.Module):
         if dispatch == "dense":
             out = dense_expert_mix(flat, routing, w1, w3, w2)
         elif dispatch == "sparse":
-            groups = group_by_expert(routing.experts, self.num_experts)
-            x_sorted = flat[groups.order // self.top_k]
-            if x_sorted.shape[0] <= self.num_experts:  # few assignments (decode): touch only the chosen experts
-                y_sorted = gathered_expert_ffn(x_sorted, routing.experts.reshape(-1)[groups.order], w1, w3, w2)
-            else:
-                y_sorted = grouped_expert_ffn(x_sorted, groups.sizes, w1, w3, w2)
-            out = combine(y_sorted, groups, routing, flat.shape[0])
+            out = sparse_expert_mix(flat, routing, w1, w3, w2)
         else:
             raise ValueError(f"MoE dispatch must be 'sparse' or 'dense', got {dispatch!r}")
         return out.astype(x.dtype).reshape(x.shape), router_logits
