@@ -113,9 +113,26 @@ def _params(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Param]]:
 
 def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool = True) -> Mixtral:
     """Load a Mixtral HF checkpoint folder into an NNX module on the default device, weights cast to ``dtype``."""
+    return load_split(path, dtype, progress=progress)[0]
+
+
+def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray | None = None,
+               progress: bool = True) -> tuple[Mixtral, list[dict[str, np.ndarray]]]:
+    """Load a checkpoint with the experts split between the device and the host.
+
+    With ``resident`` (bool [layers, experts]) each layer's stacked expert parameters (w1, w3, w2) hold only
+    its resident experts, in expert order, and the second result gives every layer's full expert stacks in host
+    memory (``{"w1": [E, ffn, hidden], "w3": ..., "w2": [E, hidden, ffn]}`` numpy arrays of ``dtype``).
+    Without it, everything goes to the device and the host list is empty."""
     dtype = resolve_dtype(dtype)
     ckpt = Checkpoint(path)
     cfg = ckpt.config
+    if resident is not None:
+        resident = np.asarray(resident, bool)
+        if resident.shape != (cfg.num_hidden_layers, cfg.num_local_experts):
+            raise InvalidInputError(f"resident mask has shape {list(resident.shape)}, expected "
+                                    f"[{cfg.num_hidden_layers}, {cfg.num_local_experts}]")
+    host: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.num_hidden_layers)] if resident is not None else []
     model = nnx.eval_shape(lambda: Mixtral(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     params = list(_params(model))
     used: set[str] = set()
@@ -137,12 +154,20 @@ def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool 
                 parts.append(np.asarray(ckpt.tensor(name), dtype=dtype))
                 used.add(name)
                 bar.update()
-            host = parts[0] if len(parts) == 1 else np.stack(parts)
-            param.value = jax.device_put(host)
+            if len(parts) == 1:
+                param.value = jax.device_put(parts[0])
+                continue
+            stack = np.stack(parts)
+            if resident is None:
+                param.value = jax.device_put(stack)
+            else:
+                layer = int(p[1])
+                host[layer][str(p[-1])] = stack
+                param.value = jax.device_put(stack[resident[layer]])
     unused = sorted(set(ckpt.names()) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unused:
         warnings.warn(f"{ckpt.path}: {len(unused)} tensor(s) not used by Mixtral, e.g. {unused[:3]}", stacklevel=2)
-    return model
+    return model, host
 
 
 def _parse_size(size: int | str) -> int:

@@ -57,14 +57,18 @@ def _forward(graphdef, state, cache, tokens, start):
     return model(tokens, cache, start)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
-def _decode_step(graphdef, state, cache, tokens, start, key, temperature, top_p):
-    """Forward over the last tokens, then pick the next token of each row (greedy when temperature == 0)."""
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens, cache, start)
-    last = logits[:, -1]
-    nxt = sampling.greedy(last) if temperature == 0.0 else sampling.sample(last, key, temperature, top_p)
-    return nxt, cache
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def pick_next(last_logits, key, temperature: float, top_p: float):
+    """Next token of each row from float32 logits [B, V]: greedy when temperature == 0, else sampled."""
+    if temperature == 0.0:
+        return sampling.greedy(last_logits)
+    return sampling.sample(last_logits, key, temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _forward_last(graphdef, state, cache, tokens, start):
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache, start)
+    return logits[:, -1], cache
 
 
 def logits(model: Mixtral, input_ids) -> np.ndarray:
@@ -111,20 +115,42 @@ def generate_with_stats(model: Mixtral, input_ids, max_new_tokens: int, do_sampl
     equal seeds give equal outputs. Generation stops early once every row has emitted an end-of-sequence token
     (``eos_token_id``, default from config.json); rows that finish first are padded with their EOS token."""
     ids = check_token_ids(model, input_ids, max_new_tokens)
+    check_sampling(do_sample, temperature, top_p)
+    eos = model.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    if max_new_tokens == 0:
+        return ids, GenerationStats(prompt_tokens=ids.shape[1])
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, model.config))
+
+    def forward_last(tokens, cache, start):
+        return _forward_last(graphdef, state, cache, tokens, jnp.int32(start))
+
+    return decode_loop(forward_last, cache, ids, max_new_tokens, eos, do_sample=do_sample, seed=seed,
+                       temperature=temperature, top_p=top_p)
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, cfg) -> int:
+    """KV-cache slots for a generation: prompt + new tokens rounded up to ``CACHE_BUCKET`` (within the context)."""
+    return min(-(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, cfg.max_position_embeddings)
+
+
+def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
     if do_sample and not temperature > 0:
         raise InvalidInputError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
-    eos = model.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+
+
+def decode_loop(forward_last, cache, ids: np.ndarray, max_new_tokens: int, eos: tuple[int, ...], *,
+                do_sample: bool, seed: int, temperature: float, top_p: float) -> tuple[np.ndarray, GenerationStats]:
+    """The autoregressive loop shared by the plain model and the hybrid engine.
+
+    ``forward_last(tokens [B, t], cache, start) -> (logits of the last position [B, V], cache)`` runs the model
+    over new tokens at absolute position ``start``; the first call is the prefill of the whole prompt."""
     b, t = ids.shape
     stats = GenerationStats(prompt_tokens=t)
-    if max_new_tokens == 0:
-        return ids, stats
     temp = float(temperature) if do_sample else 0.0
     top_p = float(top_p) if do_sample else 1.0
-    graphdef, state = nnx.split(model)
-    length = min(-(-(t + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_position_embeddings)
-    cache = model.init_cache(b, length)
     key = jax.random.key(seed)
     out = [ids]
     done = np.zeros(b, bool)
@@ -132,8 +158,8 @@ def generate_with_stats(model: Mixtral, input_ids, max_new_tokens: int, do_sampl
     tokens, start = jnp.asarray(ids), 0
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.int32(start), sub, temp, top_p)
-        nxt = np.asarray(nxt)
+        last, cache = forward_last(tokens, cache, start)
+        nxt = np.asarray(pick_next(last, sub, temp, top_p))
         if step < 2:
             now = time.perf_counter()
             if step == 0:

@@ -1,0 +1,278 @@
+"""The hybrid engine: Fiddler's layer-step loop over GPU-resident and host-resident experts.
+
+Weights: everything but the experts, and the experts that placement makes resident, live on the "GPU" (the
+first JAX device, whatever its platform); every layer's full expert stacks live in host memory. For each layer
+of each forward step:
+  1. a jitted segment runs attention, the post-attention norm and the router, and counts the tokens sent to
+     each expert;
+  2. the counts come to the host and the planner (pure Python, outside jit) gives each active expert a lane:
+     GPU (resident), CPU or TRANSFER;
+  3. the lanes run: TRANSFER experts are copied into shared staging slots on the GPU (in waves of at most
+     ``staging_slots``), the GPU computes resident and staged experts (``moe.sparse_expert_mix`` over each
+     stack with a slot map, so plans never change shapes and never recompile), and the CPU computes its experts
+     on the host — the C++ kernel for bfloat16, float32 numpy for float32. GPU work is dispatched
+     asynchronously before the CPU lane runs, so the two overlap;
+  4. the contributions are summed on the GPU with the residual.
+A layer whose experts are all resident runs as one jitted call with no host round trip. Every step is
+recorded in ``engine.trace`` (counts, lanes, predicted and measured lane times).
+
+Not yet here (next steps of the engine issue): pinned host memory and a faster PCIe copy path, the dynamic
+expert cache (``lru`` / ``cache_slots``), beam search, the Perfetto trace export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.models.checkpoint import load_split, resolve_dtype
+from fiddler_jax.models.config import MixtralConfig
+from fiddler_jax.models.moe import Routing, route, sparse_expert_mix
+from fiddler_jax.runtime import planners as P
+from fiddler_jax.runtime.generate import cache_length, check_sampling, check_token_ids, decode_loop
+from fiddler_jax.runtime.latency import LatencyModel
+from fiddler_jax.runtime.placement import Placement, place
+from fiddler_jax.runtime.profiling import RoutingProfile
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One planned layer step: what the router asked for, the plan, and how long the host-side lanes took."""
+
+    layer: int
+    counts: np.ndarray
+    lanes: np.ndarray
+    predicted_s: float
+    cpu_s: float
+    transfer_s: float
+    wall_s: float
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed_tokens(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head(graphdef, state, x):
+    model = nnx.merge(graphdef, state)
+    x = model.norm(x)
+    return model.embed_tokens.attend(x) if model.lm_head is None else model.lm_head(x, out_dtype=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _fused_layer(graphdef, state, x, kv, start):
+    """A layer whose experts are all on the GPU: attention + MoE in one call."""
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+    x, kv, _ = nnx.merge(graphdef, state)(x, kv, positions, start)
+    return x, kv
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _attention_and_router(graphdef, state, x, kv, start):
+    """Step 1: residual after attention, the normed MoE input [N, hidden], the routing and per-expert counts."""
+    layer = nnx.merge(graphdef, state)
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+    h, kv = layer.attention_block(x, kv, positions, start)
+    moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+    moe = layer.block_sparse_moe
+    routing = route(moe.gate(moe_in), moe.top_k)
+    counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
+    return h, moe_in, routing, counts, kv
+
+
+@jax.jit
+def _stack_mix(moe_in, routing, slot_of, w1, w3, w2):
+    return sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
+
+
+@jax.jit
+def _residual_add(h, gpu_out, cpu_out):
+    return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slot(stack, slot, weights):
+    return jax.lax.dynamic_update_index_in_dim(stack, weights, slot, 0)
+
+
+def _accepts(policy_name: str, param: str) -> bool:
+    policy = P.POLICIES.get(policy_name)
+    return policy is not None and param in inspect.signature(policy).parameters
+
+
+def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, weight: np.ndarray,
+                   host: dict[str, np.ndarray]) -> np.ndarray:
+    """The CPU lane: float32 [N, hidden] = Σ weight · FFN_expert(moe_in[token]) over the given assignments.
+    bfloat16 weights run through the C++ kernel (all experts of the call at once, over all cores); float32
+    weights (parity runs) through numpy in float32."""
+    out = np.zeros(moe_in.shape, np.float32)
+    if len(token) == 0:
+        return out
+    if host["w1"].dtype == np.float32:
+        for e in np.unique(expert):
+            rows = expert == e
+            x = moe_in[token[rows]]
+            gate, up = x @ host["w1"][e].T, x @ host["w3"][e].T
+            y = (gate / (1 + np.exp(-gate)) * up) @ host["w2"][e].T
+            np.add.at(out, token[rows], y * weight[rows, None])
+        return out
+    from fiddler_jax.kernels import grouped_expert_ffn_numpy
+
+    return grouped_expert_ffn_numpy(np.ascontiguousarray(moe_in), token.astype(np.int32), expert.astype(np.int32),
+                                    weight.astype(np.float32), host["w1"], host["w3"], host["w2"], out=out)
+
+
+class Engine:
+    """Mixtral with experts split between the GPU and the host, planned per layer step (module docstring)."""
+
+    def __init__(self, model, host_experts: list[dict[str, np.ndarray]], placement: Placement, planner,
+                 latency: LatencyModel, staging_slots: int):
+        self.model = model
+        self.config: MixtralConfig = model.config
+        self.placement = placement
+        self.planner = planner
+        self.latency = latency
+        self.host = host_experts
+        self.trace: list[StepRecord] = []
+        self._graph, self._state = nnx.split(model)
+        self._layers = [nnx.split(layer) for layer in model.layers]
+        self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
+        self._slot_of = []
+        for resident in placement.resident:
+            slot_of = np.full(len(resident), -1, np.int32)
+            slot_of[resident] = np.arange(int(resident.sum()), dtype=np.int32)
+            self._slot_of.append(jnp.asarray(slot_of))
+        cfg, dtype = self.config, model.dtype
+        self.staging_slots = staging_slots
+        shapes = {"w1": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
+                  "w3": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
+                  "w2": (staging_slots, cfg.hidden_size, cfg.intermediate_size)}
+        self._staging = {k: jnp.zeros(s, dtype) for k, s in shapes.items()} if staging_slots else {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
+                        planner: str = "fiddler_overlap", placement: str = "popularity",
+                        resident_experts: int | None = None, staging_slots: int = P.DEFAULT_STAGING_SLOTS,
+                        cache_slots: int = 0, dtype="bfloat16", profile: str | os.PathLike | None = None,
+                        latency: str | os.PathLike | None = None, max_batch: int = 1, max_context: int | None = None,
+                        seed: int = 0, progress: bool = True, **planner_params) -> Engine:
+        """Place, load and plan a checkpoint folder. ``latency`` is a calibrated latency file (default: the
+        design-note numbers of the H100 machine); ``profile`` a routing profile from ``fiddler-jax profile``."""
+        if planner == "lru" or cache_slots:
+            raise InvalidInputError("the engine does not run the dynamic expert cache yet (planner=lru, "
+                                    "cache_slots); use fiddler, fiddler_overlap, cpu_only, transfer or gpu_only")
+        if planner in P.POLICIES and _accepts(planner, "staging_slots"):
+            planner_params.setdefault("staging_slots", staging_slots)
+        bound = P.get_planner(planner, **planner_params)
+        if staging_slots < 1 and planner in ("fiddler", "fiddler_overlap", "transfer"):
+            raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
+        cfg = MixtralConfig.from_pretrained(path)
+        counts = RoutingProfile.load(profile).counts if profile is not None else None
+        itemsize = resolve_dtype(dtype).itemsize
+        plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
+                     resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
+                     staging_slots=staging_slots, seed=seed)
+        model, host = load_split(path, dtype, resident=plan.resident, progress=progress)
+        if profile is not None:
+            RoutingProfile.load(profile, model)  # refuses a profile of another model
+        lat = LatencyModel.from_design_numbers() if latency is None else LatencyModel.load(latency)
+        return cls(model, host, plan, bound, lat, staging_slots)
+
+    # -- the step loop ---------------------------------------------------------------------------------------
+    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array, StepRecord]:
+        tic = time.perf_counter()
+        counts = np.asarray(counts)
+        plan = self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
+        lanes = plan.lanes
+        gpu_out = jnp.zeros(moe_in.shape, jnp.float32)
+        if self.placement.resident[layer].any():
+            gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
+        transfer_s = 0.0
+        order = plan.transfer_order
+        for wave in range(0, len(order), max(self.staging_slots, 1)):
+            t0 = time.perf_counter()
+            slot_of = np.full(len(lanes), -1, np.int32)
+            for slot, e in enumerate(order[wave:wave + self.staging_slots]):
+                for name in ("w1", "w3", "w2"):
+                    self._staging[name] = _write_slot(self._staging[name], jnp.int32(slot),
+                                                      jax.device_put(self.host[layer][name][e]))
+                slot_of[e] = slot
+            transfer_s += time.perf_counter() - t0
+            gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(slot_of), self._staging["w1"],
+                                           self._staging["w3"], self._staging["w2"])
+        t0 = time.perf_counter()
+        experts = np.asarray(routing.experts)
+        on_cpu = lanes[experts] == P.Lane.CPU
+        token, slot = np.nonzero(on_cpu)
+        cpu_out = cpu_expert_mix(np.asarray(moe_in) if on_cpu.any() else np.zeros(moe_in.shape, moe_in.dtype),
+                                 token, experts[token, slot], np.asarray(routing.weights)[token, slot],
+                                 self.host[layer])
+        cpu_s = time.perf_counter() - t0
+        record = StepRecord(layer, counts, lanes, plan.predicted_s, cpu_s, transfer_s, time.perf_counter() - tic)
+        return gpu_out, jnp.asarray(cpu_out), record
+
+    def forward(self, tokens, cache, start: int):
+        """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""
+        start = jnp.int32(start)
+        x = _embed(self._graph, self._state, tokens)
+        new_cache = []
+        for layer, ((graphdef, state), kv) in enumerate(zip(self._layers, cache)):
+            if self.placement.layer_all_resident(layer):
+                x, kv = _fused_layer(graphdef, state, x, kv, start)
+            else:
+                h, moe_in, routing, counts, kv = _attention_and_router(graphdef, state, x, kv, start)
+                gpu_out, cpu_out, record = self._hybrid_moe(layer, moe_in, routing, counts)
+                x = _residual_add(h, gpu_out, cpu_out)
+                self.trace.append(record)
+            new_cache.append(kv)
+        return _head(self._graph, self._state, x), tuple(new_cache)
+
+    # -- public API ------------------------------------------------------------------------------------------
+    def logits(self, input_ids) -> np.ndarray:
+        """Float32 logits [B, T, vocab] of a full forward pass (same contract as ``fiddler_jax.logits``)."""
+        ids = check_token_ids(self.model, input_ids)
+        out, _ = self.forward(jnp.asarray(ids), self.model.init_cache(*ids.shape), 0)
+        return np.asarray(out, np.float32)
+
+    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None) -> np.ndarray:
+        """Greedy or sampled continuation [B, T + n] (same contract as ``fiddler_jax.generate``)."""
+        ids = check_token_ids(self.model, input_ids, max_new_tokens)
+        check_sampling(do_sample, temperature, top_p)
+        eos = self.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        if max_new_tokens == 0:
+            return ids
+        cache = self.model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, self.config))
+
+        def forward_last(tokens, cache, start):
+            logits, cache = self.forward(tokens, cache, start)
+            return logits[:, -1], cache
+
+        out, _ = decode_loop(forward_last, cache, ids, max_new_tokens, eos, do_sample=do_sample, seed=seed,
+                             temperature=temperature, top_p=top_p)
+        return out
+
+    def trace_summary(self) -> dict:
+        """GPU-hit rate over active experts, experts per lane, and host-side lane seconds, over ``trace``."""
+        if not self.trace:
+            return {"planned_steps": 0}
+        active = np.concatenate([r.counts > 0 for r in self.trace])
+        lanes = np.concatenate([r.lanes for r in self.trace])
+        return {
+            "planned_steps": len(self.trace),
+            "gpu_hit_rate": float((lanes[active] == P.Lane.GPU).mean()),
+            "experts_per_lane": {lane.name.lower(): int((lanes[active] == lane).sum())
+                                 for lane in (P.Lane.GPU, P.Lane.CPU, P.Lane.TRANSFER)},
+            "cpu_lane_s": float(sum(r.cpu_s for r in self.trace)),
+            "transfer_lane_s": float(sum(r.transfer_s for r in self.trace)),
+            "predicted_s": float(sum(r.predicted_s for r in self.trace)),
+        }
