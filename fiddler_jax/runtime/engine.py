@@ -244,19 +244,32 @@ class Engine:
         return np.asarray(out, np.float32)
 
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
-                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None) -> np.ndarray:
-        """Greedy or sampled continuation [B, T + n] (same contract as ``fiddler_jax.generate``)."""
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, num_beams: int = 1,
+                 length_penalty: float = 1.0, early_stopping=False) -> np.ndarray:
+        """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``).
+        Beam search needs num_beams × cache length within the KV reserve placed for ``max_batch`` rows."""
+        from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
+        from fiddler_jax.runtime.placement import kv_cache_bytes
+
         ids = check_token_ids(self.model, input_ids, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
+        check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
         eos = self.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
         if max_new_tokens == 0:
             return ids
-        cache = self.model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, self.config))
 
         def forward_last(tokens, cache, start):
             logits, cache = self.forward(tokens, cache, start)
             return logits[:, -1], cache
 
+        if num_beams > 1:
+            slots = cache_length(ids.shape[1], max_new_tokens, self.config)
+            check_kv_reserve(kv_cache_bytes(self.config, self.model.dtype.itemsize, num_beams, slots),
+                             self.placement.memory.kv_cache, num_beams, slots)
+            return beam_search(forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
+                               max_new_tokens, num_beams, eos_token_ids=eos, length_penalty=length_penalty,
+                               early_stopping=early_stopping, pad_token_id=self.config.pad_token_id)
+        cache = self.model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, self.config))
         out, _ = decode_loop(forward_last, cache, ids, max_new_tokens, eos, do_sample=do_sample, seed=seed,
                              temperature=temperature, top_p=top_p)
         return out
