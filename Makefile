@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 # The main job on the bundled tiny model (fiddler_jax/assets/tiny-mixtral): greedy continuation of a prompt.
 demo: $(VENV)/.installed
-	$(VENV)/bin/fiddler-jax generate prompt="def fibonacci(n):" max_new_tokens=48
+	$(VENV)/bin/fiddler-jax generate max_new_tokens=48   # default prompt: "def fibonacci(n):"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

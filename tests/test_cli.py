@@ -80,3 +80,10 @@ def test_bench_kernel_quick_writes_json(tmp_path):
     assert {"git_sha", "versions", "cpu_features", "rows", "read_bandwidth_GiBps"} <= set(result)
     assert {1, 8} <= {row["n"] for row in result["rows"]}
     assert r.stdout.rstrip().splitlines()[-1].split()[0] in {"grouped", "expert"}  # the table is printed last
+
+
+def test_text_prompt_with_brackets_on_the_bundled_model(tmp_path):
+    """The README's quoting of a text prompt works, and the bundled model answers with the prompt echoed."""
+    r = cli("generate", 'prompt="def area(r):"', "max_new_tokens=8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("def area(r):") and "tokens/s" in r.stdout
