@@ -5,6 +5,7 @@ Public API (stable names):
   logits(model, input_ids) -> np.ndarray                           float32 [B, T, vocab]
   generate(model, input_ids, max_new_tokens, do_sample=False, seed=0) -> np.ndarray   [B, T + new]
   save_pretrained(model, path)                                     HF folder that transformers loads
+  Engine.from_pretrained(path, gpu_budget=..., planner=...)        the hybrid CPU-GPU engine (in progress)
 
 The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax.runtime.planners``,
 ``placement``, ``latency``) and the kernels import without loading flax or the model code.
@@ -26,6 +27,7 @@ _LAZY = {
     "generate": "fiddler_jax.runtime.generate",
     "generate_with_stats": "fiddler_jax.runtime.generate",
     "logits": "fiddler_jax.runtime.generate",
+    "Engine": "fiddler_jax.runtime.engine",
 }
 _SUBPACKAGES = ("assets", "experiments", "kernels", "models", "runtime", "training")
 __all__ = ["CheckpointError", "FiddlerError", "InvalidInputError", "ModelConfigError", *_LAZY]
