@@ -12,8 +12,7 @@ The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax
 """
 from __future__ import annotations
 
-import importlib
-
+from fiddler_jax._lazy import lazy_attributes
 from fiddler_jax.errors import CheckpointError, FiddlerError, InvalidInputError, ModelConfigError
 
 __version__ = "0.1.0"
@@ -33,15 +32,4 @@ _SUBPACKAGES = ("assets", "experiments", "kernels", "models", "runtime", "traini
 __all__ = ["CheckpointError", "FiddlerError", "InvalidInputError", "ModelConfigError", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"fiddler_jax.{name}")
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fiddler_jax' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBPACKAGES)

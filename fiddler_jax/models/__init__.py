@@ -3,7 +3,7 @@
 Names are imported lazily (PEP 562): ``fiddler_jax.models.config`` stays importable without JAX."""
 from __future__ import annotations
 
-import importlib
+from fiddler_jax._lazy import lazy_attributes
 
 _LAZY = {
     "Checkpoint": "fiddler_jax.models.checkpoint",
@@ -16,13 +16,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fiddler_jax.models' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
