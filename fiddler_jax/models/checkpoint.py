@@ -24,6 +24,7 @@ from fiddler_jax.errors import CheckpointError, InvalidInputError
 from fiddler_jax.models.config import MixtralConfig
 from fiddler_jax.models.mixtral import Mixtral
 from fiddler_jax.models.safetensors_io import DTYPES, SafetensorsFile
+from fiddler_jax.units import parse_bytes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -170,18 +171,6 @@ def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray
     return model, host
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
-    if not m:
-        raise InvalidInputError(f"max_shard_size {size!r} is not a size like '5GB', '200MiB' or 1000000")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * base ** power)
-
-
 def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     """Write one safetensors file: header JSON padded to 8 bytes, then the tensors' little-endian bytes."""
     names = {v: k for k, v in DTYPES.items()}
@@ -205,7 +194,7 @@ def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_size: 
     path = os.fspath(path)
     if not isinstance(model, Mixtral):
         raise InvalidInputError(f"save_pretrained expects a fiddler_jax Mixtral model, got {type(model).__name__}")
-    limit = _parse_size(max_shard_size)
+    limit = parse_bytes(max_shard_size)
     cfg = model.config
     os.makedirs(path, exist_ok=True)
     tensors: list[tuple[str, np.ndarray]] = []

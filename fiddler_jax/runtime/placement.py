@@ -14,39 +14,14 @@ A budget below step 1 + 2 is an error that states the minimum. Pure Python: no J
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.config import MixtralConfig
+from fiddler_jax.units import format_bytes, parse_bytes
 
 POLICIES = ("popularity", "first", "random")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(size: int | str) -> int:
-    """Bytes from an int or a string such as "24GiB", "12MiB", "1.5GB", "4096"."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        if size < 0:
-            raise InvalidInputError(f"a byte count must be non-negative, got {size}")
-        return int(size)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
-    unit = m and m.group(2).upper()
-    if not m or unit not in _UNITS:
-        raise InvalidInputError(f"{size!r} is not a size; write e.g. 24GiB, 512MiB, 80GB or a byte count")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Byte accounting of one placement (all in bytes)."""
