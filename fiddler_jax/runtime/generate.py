@@ -18,7 +18,7 @@ from flax import nnx
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.mixtral import Mixtral
-from fiddler_jax.runtime import sampling
+from fiddler_jax.runtime import beam_search, sampling
 
 CACHE_BUCKET = 64
 
@@ -99,8 +99,21 @@ class GenerationStats:
 
 
 def generate(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
-             temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None) -> np.ndarray:
-    """Generated token ids [B, T + n]; see :func:`generate_with_stats`."""
+             temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping=False) -> np.ndarray:
+    """Generated token ids [B, T + n]; see :func:`generate_with_stats`. ``num_beams`` > 1 runs beam search
+    (``fiddler_jax.runtime.beam_search``: transformers' semantics for ``length_penalty`` and ``early_stopping``
+    True / False / "never"; the prompt plus ``max_new_tokens`` must fit in max_position_embeddings)."""
+    beam_search.check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
+    if num_beams > 1:
+        ids = check_token_ids(model, input_ids, max_new_tokens)
+        eos = model.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        graphdef, state = nnx.split(model)
+        return beam_search.beam_search(
+            lambda tokens, cache, start: _forward_last(graphdef, state, cache, tokens, jnp.int32(start)),
+            lambda rows, length: model.init_cache(rows, cache_length(length, 0, model.config)),
+            ids, max_new_tokens, num_beams, eos_token_ids=eos, length_penalty=length_penalty,
+            early_stopping=early_stopping, pad_token_id=model.config.pad_token_id)
     ids, _ = generate_with_stats(model, input_ids, max_new_tokens, do_sample, seed, temperature=temperature,
                                  top_p=top_p, eos_token_id=eos_token_id)
     return ids
