@@ -3,7 +3,8 @@
 Public API (stable names):
   load_pretrained(path, dtype="float32"|"bfloat16") -> Mixtral   an NNX module with the checkpoint's weights
   logits(model, input_ids) -> np.ndarray                           float32 [B, T, vocab]
-  generate(model, input_ids, max_new_tokens, do_sample=False, seed=0) -> np.ndarray   [B, T + new]
+  generate(model, input_ids, max_new_tokens, do_sample=False, seed=0, *, num_beams=1, length_penalty=1.0,
+           early_stopping=False, temperature=1.0, top_p=1.0) -> np.ndarray                [B, T + new]
   save_pretrained(model, path)                                     HF folder that transformers loads
   Engine.from_pretrained(path, gpu_budget=..., planner=...)        the hybrid CPU-GPU engine (in progress)
 

@@ -33,7 +33,7 @@ def test_hybrid_equals_all_resident_float32(checkpoint, planner):
     prompt = ids[:1, :5]
     np.testing.assert_array_equal(engine.generate(prompt, 16, eos_token_id=[]),
                                   fj.generate(reference, prompt, 16, eos_token_id=[]))
-    lanes = np.concatenate([r.lanes[r.counts > 0] for r in engine.trace])
+    lanes = np.concatenate([r.lanes[r.counts > 0] for r in engine.trace.steps])
     expected = {"cpu_only": {Lane.CPU}, "transfer": {Lane.TRANSFER}}.get(planner)
     off_gpu = set(lanes[lanes != Lane.GPU].tolist())
     assert off_gpu and (expected is None or off_gpu == expected)
@@ -45,7 +45,7 @@ def test_all_resident_layers_skip_the_planner(checkpoint):
     assert engine.placement.resident.all()
     ids = token_ids(97, (1, 9), seed=2)
     np.testing.assert_allclose(engine.logits(ids), fj.logits(reference, ids), rtol=0, atol=1e-6)
-    assert engine.trace == []
+    assert len(engine.trace) == 0
 
 
 def test_bfloat16_hybrid_with_the_cpu_kernel_on_the_bundled_model():
@@ -74,7 +74,7 @@ def test_plans_never_recompile(checkpoint):
     jitted = (E._attention_and_router, E._stack_mix, E._residual_add, E._write_slot)
     before = [f._cache_size() for f in jitted]
     engine.generate(prompt, 40, eos_token_id=[])  # same cache bucket, many different plans
-    assert len({tuple(r.lanes) for r in engine.trace}) > 1
+    assert len({tuple(r.lanes) for r in engine.trace.steps}) > 1
     assert [f._cache_size() for f in jitted] == before
 
 
@@ -92,3 +92,24 @@ def test_bad_configurations(checkpoint):
                                       dtype="float32", progress=False)
     with pytest.raises(PlannerError, match="gpu_budget"):
         engine.logits(token_ids(97, (1, 8)))
+
+
+def test_trace_saves_a_perfetto_timeline(checkpoint, tmp_path):
+    import json
+
+    path, _ = checkpoint
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=1,
+                                      dtype="float32", progress=False)
+    engine.generate(token_ids(97, (1, 6), seed=5), 6, eos_token_id=[])
+    assert len(engine.trace) == 6 * 2  # every step of both (partly offloaded) layers was planned
+    engine.trace.save(tmp_path / "trace.json")
+    data = json.loads((tmp_path / "trace.json").read_text())
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    lanes = {e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
+    assert lanes == {"plan", "pcie", "cpu", "gpu"}
+    assert {e["tid"] for e in spans} >= {0, 3} and all(e["dur"] >= 0 for e in spans)
+    summary = data["otherData"]["summary"]
+    assert summary["planned_steps"] == 12 and 0 <= summary["gpu_hit_rate"] <= 1
+    assert sum(summary["experts_per_lane"].values()) == sum(int((s.counts > 0).sum()) for s in engine.trace.steps)
+    engine.trace.clear()
+    assert engine.trace_summary() == {"planned_steps": 0}

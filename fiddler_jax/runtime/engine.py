@@ -14,18 +14,17 @@ of each forward step:
      asynchronously before the CPU lane runs, so the two overlap;
   4. the contributions are summed on the GPU with the residual.
 A layer whose experts are all resident runs as one jitted call with no host round trip. Every step is
-recorded in ``engine.trace`` (counts, lanes, predicted and measured lane times).
+recorded in ``engine.trace`` (counts, plan, lane spans; ``engine.trace.save("trace.json")`` writes a
+Perfetto timeline).
 
 Not yet here (next steps of the engine issue): pinned host memory and a faster PCIe copy path, the dynamic
-expert cache (``lru`` / ``cache_slots``), beam search, the Perfetto trace export.
+expert cache (``lru`` / ``cache_slots``), a CPU lane that runs in a thread beside the copies.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,21 +38,10 @@ from fiddler_jax.models.moe import Routing, route, sparse_expert_mix
 from fiddler_jax.runtime import planners as P
 from fiddler_jax.runtime.generate import cache_length, check_sampling, check_token_ids, decode_loop
 from fiddler_jax.runtime.latency import LatencyModel
-from fiddler_jax.runtime.placement import Placement, place
+from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
+from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.profiling import RoutingProfile
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """One planned layer step: what the router asked for, the plan, and how long the host-side lanes took."""
-
-    layer: int
-    counts: np.ndarray
-    lanes: np.ndarray
-    predicted_s: float
-    cpu_s: float
-    transfer_s: float
-    wall_s: float
+from fiddler_jax.runtime.trace import StepRecord, Trace
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -142,7 +130,7 @@ class Engine:
         self.planner = planner
         self.latency = latency
         self.host = host_experts
-        self.trace: list[StepRecord] = []
+        self.trace = Trace()
         self._graph, self._state = nnx.split(model)
         self._layers = [nnx.split(layer) for layer in model.layers]
         self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
@@ -188,37 +176,45 @@ class Engine:
         return cls(model, host, plan, bound, lat, staging_slots)
 
     # -- the step loop ---------------------------------------------------------------------------------------
-    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array, StepRecord]:
-        tic = time.perf_counter()
-        counts = np.asarray(counts)
+    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:
+        """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes."""
+        clock = self.trace.now
+        t_plan = clock()
+        counts = np.asarray(counts)  # the host sync of this layer step
         plan = self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
         lanes = plan.lanes
+        spans = {"plan": (t_plan, clock())}
+        t_gpu = clock()
         gpu_out = jnp.zeros(moe_in.shape, jnp.float32)
         if self.placement.resident[layer].any():
             gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
-        transfer_s = 0.0
         order = plan.transfer_order
-        for wave in range(0, len(order), max(self.staging_slots, 1)):
-            t0 = time.perf_counter()
-            slot_of = np.full(len(lanes), -1, np.int32)
-            for slot, e in enumerate(order[wave:wave + self.staging_slots]):
-                for name in ("w1", "w3", "w2"):
-                    self._staging[name] = _write_slot(self._staging[name], jnp.int32(slot),
-                                                      jax.device_put(self.host[layer][name][e]))
-                slot_of[e] = slot
-            transfer_s += time.perf_counter() - t0
-            gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(slot_of), self._staging["w1"],
-                                           self._staging["w3"], self._staging["w2"])
-        t0 = time.perf_counter()
+        if len(order):
+            t_copy = clock()
+            for wave in range(0, len(order), self.staging_slots):
+                slot_of = np.full(len(lanes), -1, np.int32)
+                for slot, e in enumerate(order[wave:wave + self.staging_slots]):
+                    for name in ("w1", "w3", "w2"):
+                        self._staging[name] = _write_slot(self._staging[name], jnp.int32(slot),
+                                                          jax.device_put(self.host[layer][name][e]))
+                    slot_of[e] = slot
+                gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(slot_of), self._staging["w1"],
+                                               self._staging["w3"], self._staging["w2"])
+            spans["pcie"] = (t_copy, clock())
         experts = np.asarray(routing.experts)
         on_cpu = lanes[experts] == P.Lane.CPU
-        token, slot = np.nonzero(on_cpu)
-        cpu_out = cpu_expert_mix(np.asarray(moe_in) if on_cpu.any() else np.zeros(moe_in.shape, moe_in.dtype),
-                                 token, experts[token, slot], np.asarray(routing.weights)[token, slot],
-                                 self.host[layer])
-        cpu_s = time.perf_counter() - t0
-        record = StepRecord(layer, counts, lanes, plan.predicted_s, cpu_s, transfer_s, time.perf_counter() - tic)
-        return gpu_out, jnp.asarray(cpu_out), record
+        cpu_out = jnp.zeros(moe_in.shape, jnp.float32)
+        if on_cpu.any():
+            t_cpu = clock()
+            token, slot = np.nonzero(on_cpu)
+            host_out = cpu_expert_mix(np.asarray(moe_in), token, experts[token, slot],
+                                      np.asarray(routing.weights)[token, slot], self.host[layer])
+            cpu_out = jnp.asarray(host_out)
+            spans["cpu"] = (t_cpu, clock())
+        gpu_out.block_until_ready()
+        spans["gpu"] = (t_gpu, clock())
+        self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
+        return gpu_out, cpu_out
 
     def forward(self, tokens, cache, start: int):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""
@@ -230,9 +226,8 @@ class Engine:
                 x, kv = _fused_layer(graphdef, state, x, kv, start)
             else:
                 h, moe_in, routing, counts, kv = _attention_and_router(graphdef, state, x, kv, start)
-                gpu_out, cpu_out, record = self._hybrid_moe(layer, moe_in, routing, counts)
+                gpu_out, cpu_out = self._hybrid_moe(layer, moe_in, routing, counts)
                 x = _residual_add(h, gpu_out, cpu_out)
-                self.trace.append(record)
             new_cache.append(kv)
         return _head(self._graph, self._state, x), tuple(new_cache)
 
@@ -248,9 +243,6 @@ class Engine:
                  length_penalty: float = 1.0, early_stopping=False) -> np.ndarray:
         """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``).
         Beam search needs num_beams × cache length within the KV reserve placed for ``max_batch`` rows."""
-        from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
-        from fiddler_jax.runtime.placement import kv_cache_bytes
-
         ids = check_token_ids(self.model, input_ids, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
         check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
@@ -275,17 +267,5 @@ class Engine:
         return out
 
     def trace_summary(self) -> dict:
-        """GPU-hit rate over active experts, experts per lane, and host-side lane seconds, over ``trace``."""
-        if not self.trace:
-            return {"planned_steps": 0}
-        active = np.concatenate([r.counts > 0 for r in self.trace])
-        lanes = np.concatenate([r.lanes for r in self.trace])
-        return {
-            "planned_steps": len(self.trace),
-            "gpu_hit_rate": float((lanes[active] == P.Lane.GPU).mean()),
-            "experts_per_lane": {lane.name.lower(): int((lanes[active] == lane).sum())
-                                 for lane in (P.Lane.GPU, P.Lane.CPU, P.Lane.TRANSFER)},
-            "cpu_lane_s": float(sum(r.cpu_s for r in self.trace)),
-            "transfer_lane_s": float(sum(r.transfer_s for r in self.trace)),
-            "predicted_s": float(sum(r.predicted_s for r in self.trace)),
-        }
+        """``engine.trace.summary()``: GPU-hit rate, experts and busy time per lane, idle time."""
+        return self.trace.summary()
