@@ -87,3 +87,19 @@ def test_text_prompt_with_brackets_on_the_bundled_model(tmp_path):
     r = cli("generate", 'prompt="def area(r):"', "max_new_tokens=8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("def area(r):") and "tokens/s" in r.stdout
+
+
+def test_generate_through_the_hybrid_engine_matches_the_plain_model(tmp_path):
+    """`fiddler-jax generate` with experts offloaded prints the plain model's text, the engine summary, and
+    writes the Perfetto trace; every planner group entry composes."""
+    plain = cli("generate", "max_new_tokens=10", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    text = plain.stdout.split("\n[")[0]
+    for planner in ("cpu_only", "fiddler", "transfer"):
+        trace = tmp_path / f"{planner}.json"
+        r = cli("generate", "max_new_tokens=10", "engine.resident_experts=8", f"planner={planner}",
+                f"engine.trace={trace}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split("\n[")[0] == text and "planned layer steps" in r.stdout and trace.exists()
+    r = cli("generate", "engine.trace=x.json", cwd=tmp_path)
+    assert r.returncode == 2 and "engine.trace needs the hybrid engine" in r.stderr

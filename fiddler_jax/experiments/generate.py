@@ -1,6 +1,7 @@
 """``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import hydra
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
+from fiddler_jax.runtime.planners import PlannerConfig
 
 
 @dataclass
@@ -18,8 +20,21 @@ class ModelConfig:
 
 
 @dataclass
+class EngineConfig:
+    gpu_budget: str | None = None  # null = the whole model on the GPU, no planning; e.g. "24GiB"
+    placement: str = "popularity"  # popularity | first | random
+    resident_experts: int | None = None  # ablation: fix the number of GPU-resident experts
+    profile: str | None = None  # routing profile from `fiddler-jax profile` (placement=popularity)
+    latency: str | None = None  # latency model file from calibration; null = the design-note numbers
+    max_batch: int = 1  # KV reserve rows (beam search needs num_beams)
+    trace: str | None = None  # write the per-layer Perfetto timeline here
+
+
+@dataclass
 class GenerateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     prompt: str | None = None  # text, through the folder's tokenizer
     prompt_ids: list[int] | None = None  # or token ids
     max_new_tokens: int = 64
@@ -27,6 +42,9 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -39,9 +57,11 @@ def main(cfg) -> None:
     import numpy as np
 
     import fiddler_jax as fj
+    from fiddler_jax.runtime.generate import GenerationStats
 
     path = resolve_model_path(cfg.model.path)
-    model = fj.load_pretrained(path, dtype=cfg.model.dtype)
+    engine = build_engine(path, cfg)
+    model = fj.load_pretrained(path, dtype=cfg.model.dtype) if engine is None else engine.model
     tokenizer = fj.load_tokenizer(path)
     if cfg.prompt is not None and cfg.prompt_ids is not None:
         raise InvalidInputError("give either prompt=<text> or prompt_ids=[...], not both")
@@ -52,17 +72,60 @@ def main(cfg) -> None:
             raise InvalidInputError(f"{path} has no tokenizer files, so a text prompt cannot be encoded; pass "
                                     "prompt_ids=[1,2,3] instead")
         ids = np.asarray(tokenizer(cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT)["input_ids"])[None, :]
-    out, stats = fj.generate_with_stats(model, ids, cfg.max_new_tokens, do_sample=cfg.do_sample, seed=cfg.seed,
-                                        temperature=cfg.temperature, top_p=cfg.top_p)
+    kwargs = dict(do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
+                  num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping)
+    if engine is not None:
+        tic = time.perf_counter()
+        out = engine.generate(ids, cfg.max_new_tokens, **kwargs)
+        stats = GenerationStats(ids.shape[1], out.shape[1] - ids.shape[1], decode_s=time.perf_counter() - tic)
+    elif cfg.num_beams > 1:
+        tic = time.perf_counter()
+        out = fj.generate(model, ids, cfg.max_new_tokens, **kwargs)
+        stats = GenerationStats(ids.shape[1], out.shape[1] - ids.shape[1], decode_s=time.perf_counter() - tic)
+    else:
+        out, stats = fj.generate_with_stats(model, ids, cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                            seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p)
     new = out[0, ids.shape[1]:]
     if tokenizer is not None:
         print(tokenizer.decode(out[0], skip_special_tokens=True))
     else:
         print("prompt ids:   ", ids[0].tolist())
         print("generated ids:", new.tolist())
-    print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; time to first token "
-          f"{stats.prefill_s * 1e3:.0f} ms (compile included); decode {stats.decode_tokens_per_s:.1f} tokens/s "
-          f"(steady state) on {model_device(model)}]")
+    if stats.prefill_s:
+        print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; time to first token "
+              f"{stats.prefill_s * 1e3:.0f} ms (compile included); decode {stats.decode_tokens_per_s:.1f} tokens/s "
+              f"(steady state) on {model_device(model)}]")
+    else:
+        print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new in {stats.decode_s:.2f} s, compile "
+              f"included, on {model_device(model)}]")
+    if engine is not None:
+        summary = engine.trace_summary()
+        print(f"[engine: {engine.placement.memory}; planner {engine.planner.name}; "
+              f"{summary['planned_steps']} planned layer steps, GPU hit rate {summary.get('gpu_hit_rate', 1.0):.0%}, "
+              f"experts per lane {summary.get('experts_per_lane', {})}]")
+        if cfg.engine.trace:
+            engine.trace.save(cfg.engine.trace)
+            print(f"wrote the per-layer timeline to {cfg.engine.trace} (open it in ui.perfetto.dev)")
+
+
+def build_engine(path: str, cfg):
+    """The hybrid engine when a GPU budget or a resident-expert count is set, else None (plain model)."""
+    e = cfg.engine
+    if e.gpu_budget is None and e.resident_experts is None:
+        if e.trace:
+            raise InvalidInputError("engine.trace needs the hybrid engine: set engine.gpu_budget (e.g. 24GiB) or "
+                                    "engine.resident_experts")
+        return None
+    from fiddler_jax.runtime.engine import Engine
+    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
+
+    p = cfg.planner
+    extra = {k: p[k] for k in ("max_transfers", "concurrent", "exact_limit") if p.get(k) is not None}
+    return Engine.from_pretrained(
+        path, gpu_budget=e.gpu_budget or "1TiB", planner=p.name, placement=e.placement,
+        resident_experts=e.resident_experts, staging_slots=p.staging_slots or DEFAULT_STAGING_SLOTS,
+        cache_slots=p.cache_slots or 0, dtype=cfg.model.dtype, profile=e.profile, latency=e.latency,
+        max_batch=max(e.max_batch, cfg.num_beams), **extra)
 
 
 def model_device(model) -> str:
