@@ -20,11 +20,12 @@ def checkpoint(tmp_path_factory):
     return str(path), fj.load_pretrained(path, progress=False)
 
 
-@pytest.mark.parametrize("planner", ["fiddler", "fiddler_overlap", "cpu_only", "transfer"])
-def test_hybrid_equals_all_resident_float32(checkpoint, planner):
+@pytest.mark.parametrize("planner,cache_slots", [("fiddler", 0), ("fiddler_overlap", 0), ("cpu_only", 0),
+                                                ("transfer", 0), ("lru", 1), ("fiddler_overlap", 1)])
+def test_hybrid_equals_all_resident_float32(checkpoint, planner, cache_slots):
     path, reference = checkpoint
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner=planner, resident_experts=2, dtype="float32",
-                                      progress=False)
+                                      cache_slots=cache_slots, progress=False)
     assert engine.placement.resident_count == 2
     ids = token_ids(97, (2, 20), seed=1)
     ref = fj.logits(reference, ids)
@@ -34,9 +35,14 @@ def test_hybrid_equals_all_resident_float32(checkpoint, planner):
     np.testing.assert_array_equal(engine.generate(prompt, 16, eos_token_id=[]),
                                   fj.generate(reference, prompt, 16, eos_token_id=[]))
     lanes = np.concatenate([r.lanes[r.counts > 0] for r in engine.trace.steps])
-    expected = {"cpu_only": {Lane.CPU}, "transfer": {Lane.TRANSFER}}.get(planner)
+    expected = {"cpu_only": {Lane.CPU}, "transfer": {Lane.TRANSFER}, "lru": {Lane.TRANSFER}}.get(planner)
     off_gpu = set(lanes[lanes != Lane.GPU].tolist())
     assert off_gpu and (expected is None or off_gpu == expected)
+    if planner == "lru":  # the cache served some experts: more GPU steps than the 2 resident experts explain
+        hits = sum(int((r.lanes == Lane.GPU).sum()) for r in engine.trace.steps)
+        resident_hits = sum(int((r.counts[engine.placement.resident[r.layer]] > 0).sum())
+                            for r in engine.trace.steps)
+        assert hits > resident_hits
 
 
 def test_all_resident_layers_skip_the_planner(checkpoint):
@@ -86,8 +92,8 @@ def test_bad_configurations(checkpoint):
         E.Engine.from_pretrained(path, placement="hot", progress=False)
     with pytest.raises(InvalidInputError, match="below the minimum"):
         E.Engine.from_pretrained(path, gpu_budget="1KiB", progress=False)
-    with pytest.raises(InvalidInputError, match="dynamic expert cache"):
-        E.Engine.from_pretrained(path, planner="lru", progress=False)
+    with pytest.raises(PlannerError, match="cache_slots must be at least 1"):
+        E.Engine.from_pretrained(path, planner="lru", cache_slots=-1, progress=False)
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="gpu_only", resident_experts=1,
                                       dtype="float32", progress=False)
     with pytest.raises(PlannerError, match="gpu_budget"):

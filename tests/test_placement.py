@@ -43,8 +43,8 @@ def test_every_byte_is_counted_against_the_budget():
     base = P.place(cfg, 10**9, itemsize=4, max_context=64, resident_experts=0).memory.fixed
     p = P.place(cfg, base + 5 * e + e // 2, itemsize=4, max_context=64)
     assert p.resident_count == 5
-    p = P.place(cfg, base + 5 * e + e // 2 + 2 * e, itemsize=4, max_context=64, staging_slots=1, cache_slots=1)
-    assert p.resident_count == 5 and p.memory.slots == 2 * e
+    p = P.place(cfg, base + 5 * e + e // 2 + 4 * e, itemsize=4, max_context=64, staging_slots=1, cache_slots=1)
+    assert p.resident_count == 5 and p.memory.slots == 4 * e  # 1 staging slot + 1 cache slot in each of 3 layers
     assert P.place(cfg, 10**9, itemsize=4).resident_count == 12  # everything fits
 
 

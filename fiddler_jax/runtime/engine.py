@@ -17,8 +17,10 @@ A layer whose experts are all resident runs as one jitted call with no host roun
 recorded in ``engine.trace`` (counts, plan, lane spans; ``engine.trace.save("trace.json")`` writes a
 Perfetto timeline).
 
-Not yet here (next steps of the engine issue): pinned host memory and a faster PCIe copy path, the dynamic
-expert cache (``lru`` / ``cache_slots``), a CPU lane that runs in a thread beside the copies.
+With ``cache_slots`` (or ``planner="lru"``) copied experts stay in a per-layer dynamic cache with LRU eviction.
+
+Not yet here (next steps of the engine issue): pinned host memory and a faster PCIe copy path, a CPU lane that
+runs in a thread beside the copies.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ class Engine:
     """Mixtral with experts split between the GPU and the host, planned per layer step (module docstring)."""
 
     def __init__(self, model, host_experts: list[dict[str, np.ndarray]], placement: Placement, planner,
-                 latency: LatencyModel, staging_slots: int):
+                 latency: LatencyModel, staging_slots: int, cache_slots: int = 0):
         self.model = model
         self.config: MixtralConfig = model.config
         self.placement = placement
@@ -145,6 +147,11 @@ class Engine:
                   "w3": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
                   "w2": (staging_slots, cfg.hidden_size, cfg.intermediate_size)}
         self._staging = {k: jnp.zeros(s, dtype) for k, s in shapes.items()} if staging_slots else {}
+        # The dynamic cache: ``cache_slots`` expert buffers per layer; which expert sits in which slot is the
+        # planner's CacheState (planner.caches[layer]).
+        self.cache_slots = cache_slots
+        self._cache = [{k: jnp.zeros((cache_slots,) + s[1:], dtype) for k, s in shapes.items()}
+                       for _ in range(cfg.num_hidden_layers)] if cache_slots else []
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -155,25 +162,26 @@ class Engine:
                         seed: int = 0, progress: bool = True, **planner_params) -> Engine:
         """Place, load and plan a checkpoint folder. ``latency`` is a calibrated latency file (default: the
         design-note numbers of the H100 machine); ``profile`` a routing profile from ``fiddler-jax profile``."""
-        if planner == "lru" or cache_slots:
-            raise InvalidInputError("the engine does not run the dynamic expert cache yet (planner=lru, "
-                                    "cache_slots); use fiddler, fiddler_overlap, cpu_only, transfer or gpu_only")
-        if planner in P.POLICIES and _accepts(planner, "staging_slots"):
+        policy = "transfer" if planner == "lru" else planner
+        if _accepts(policy, "staging_slots"):
             planner_params.setdefault("staging_slots", staging_slots)
+        if cache_slots:
+            planner_params["cache_slots"] = cache_slots
         bound = P.get_planner(planner, **planner_params)
-        if staging_slots < 1 and planner in ("fiddler", "fiddler_overlap", "transfer"):
+        cache_slots = getattr(bound, "cache_slots", 0)
+        if staging_slots < 1 and policy in ("fiddler", "fiddler_overlap", "transfer"):
             raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
         cfg = MixtralConfig.from_pretrained(path)
         counts = RoutingProfile.load(profile).counts if profile is not None else None
         itemsize = resolve_dtype(dtype).itemsize
         plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
                      resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
-                     staging_slots=staging_slots, seed=seed)
+                     staging_slots=staging_slots, cache_slots=cache_slots, seed=seed)
         model, host = load_split(path, dtype, resident=plan.resident, progress=progress)
         if profile is not None:
             RoutingProfile.load(profile, model)  # refuses a profile of another model
         lat = LatencyModel.from_design_numbers() if latency is None else LatencyModel.load(latency)
-        return cls(model, host, plan, bound, lat, staging_slots)
+        return cls(model, host, plan, bound, lat, staging_slots, cache_slots)
 
     # -- the step loop ---------------------------------------------------------------------------------------
     def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:
@@ -181,6 +189,7 @@ class Engine:
         clock = self.trace.now
         t_plan = clock()
         counts = np.asarray(counts)  # the host sync of this layer step
+        cache_before = self._cache_state(layer)
         plan = self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
         lanes = plan.lanes
         spans = {"plan": (t_plan, clock())}
@@ -189,6 +198,8 @@ class Engine:
         if self.placement.resident[layer].any():
             gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
         order = plan.transfer_order
+        if self.cache_slots:
+            gpu_out, order = self._cache_lane(layer, moe_in, routing, plan, cache_before, gpu_out, spans)
         if len(order):
             t_copy = clock()
             for wave in range(0, len(order), self.staging_slots):
@@ -200,7 +211,7 @@ class Engine:
                     slot_of[e] = slot
                 gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(slot_of), self._staging["w1"],
                                                self._staging["w3"], self._staging["w2"])
-            spans["pcie"] = (t_copy, clock())
+            spans["pcie"] = (spans.get("pcie", (t_copy,))[0], clock())
         experts = np.asarray(routing.experts)
         on_cpu = lanes[experts] == P.Lane.CPU
         cpu_out = jnp.zeros(moe_in.shape, jnp.float32)
@@ -215,6 +226,37 @@ class Engine:
         spans["gpu"] = (t_gpu, clock())
         self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
         return gpu_out, cpu_out
+
+    def _cache_state(self, layer: int) -> P.CacheState | None:
+        return self.planner.caches.get(layer, P.CacheState.empty(self.cache_slots)) if self.cache_slots else None
+
+    def _cache_lane(self, layer, moe_in, routing, plan, before: P.CacheState, gpu_out, spans):
+        """Dynamic-cache hits run from the layer's cache buffers; copies the new CacheState keeps are written
+        into their cache slot (after the hits were dispatched, so an evicted slot is read before it is
+        overwritten) and run from there. Returns the GPU sum and the copies left for the staging slots."""
+        hits = np.full(len(plan.lanes), -1, np.int32)
+        for slot, e in enumerate(before.experts):
+            if e >= 0 and plan.cached[e]:
+                hits[e] = slot
+        buffers = self._cache[layer]
+        if (hits >= 0).any():
+            gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(hits), buffers["w1"], buffers["w3"],
+                                           buffers["w2"])
+        after = self.planner.caches[layer]
+        into_cache = [(after.experts.index(e), e) for e in plan.transfer_order.tolist() if e in after.experts]
+        if into_cache:
+            t_copy = self.trace.now()
+            placed = np.full(len(plan.lanes), -1, np.int32)
+            for slot, e in into_cache:
+                for name in ("w1", "w3", "w2"):
+                    buffers[name] = _write_slot(buffers[name], jnp.int32(slot),
+                                                jax.device_put(self.host[layer][name][e]))
+                placed[e] = slot
+            gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(placed), buffers["w1"], buffers["w3"],
+                                           buffers["w2"])
+            spans["pcie"] = (t_copy, self.trace.now())
+        cached = {e for _, e in into_cache}
+        return gpu_out, np.asarray([e for e in plan.transfer_order.tolist() if e not in cached], np.int32)
 
     def forward(self, tokens, cache, start: int):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""

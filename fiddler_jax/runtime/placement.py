@@ -3,7 +3,8 @@
 Algorithm (Fiddler §3, with the accounting made explicit):
   1. Everything that is not an expert goes to the GPU: embeddings, attention, norms, routers, the LM head.
   2. Reserve the KV cache for ``max_batch`` sequences of ``max_context`` tokens, an activation workspace for the
-     largest step, and one expert-sized buffer for each PCIe staging slot and each dynamic-cache slot.
+     largest step, and one expert-sized buffer for each PCIe staging slot (shared by all layers) and each
+     dynamic-cache slot (``cache_slots`` per layer).
   3. Fill what is left with whole experts in the order of the placement policy:
      ``popularity`` — most-routed (layer, expert) first by an offline profile; ties, and the case with no
      profile, follow the *spread* order (expert 0 of every layer, then expert 1 of every layer, ...), so every
@@ -30,7 +31,7 @@ class MemoryPlan:
     non_expert: int
     kv_cache: int
     workspace: int
-    slots: int  # staging + dynamic-cache buffers
+    slots: int  # staging buffers + dynamic-cache buffers of every layer
     expert: int  # one expert (w1, w3, w2)
     resident_count: int
 
@@ -125,7 +126,8 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
     memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
                         workspace=workspace_bytes(cfg, itemsize, step_tokens),
-                        slots=(staging_slots + cache_slots) * expert, expert=expert, resident_count=0)
+                        slots=(staging_slots + cache_slots * cfg.num_hidden_layers) * expert, expert=expert,
+                        resident_count=0)
     if budget < memory.fixed:
         raise InvalidInputError(
             f"gpu_budget {format_bytes(budget)} is below the minimum {format_bytes(memory.fixed)} this model "
