@@ -119,3 +119,24 @@ def test_trace_saves_a_perfetto_timeline(checkpoint, tmp_path):
     assert sum(summary["experts_per_lane"].values()) == sum(int((s.counts > 0).sum()) for s in engine.trace.steps)
     engine.trace.clear()
     assert engine.trace_summary() == {"planned_steps": 0}
+
+
+def test_same_seed_same_output_across_cpu_thread_counts():
+    """bf16 hybrid decoding (CPU lane = the C++ kernel) is bit-identical with 1 and 3 kernel threads, sampled."""
+    from fiddler_jax import kernels
+
+    path = default_model_path()
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=4,
+                                      dtype="bfloat16", progress=False)
+    prompt = np.asarray(fj.load_tokenizer(path)("class Stack:")["input_ids"])[None]
+    before = kernels.get_num_threads()
+    outputs, logits = [], []
+    try:
+        for threads in (1, 3):
+            kernels.set_num_threads(threads)
+            logits.append(engine.logits(prompt))
+            outputs.append(engine.generate(prompt, 12, do_sample=True, seed=7, top_p=0.9, eos_token_id=[]))
+    finally:
+        kernels.set_num_threads(before)
+    np.testing.assert_array_equal(logits[0], logits[1])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
