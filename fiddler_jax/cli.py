@@ -15,6 +15,7 @@ COMMANDS = {
     "profile": ("fiddler_jax.experiments.profile", "count router choices per (layer, expert) over a corpus"),
     "bench-kernel": ("fiddler_jax.kernels.bench", "benchmark the CPU expert kernel (Mixtral-8x7B shapes)"),
     "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
+    "calibrate": ("fiddler_jax.experiments.calibrate", "measure this machine's lane latencies for a model geometry"),
 }
 
 

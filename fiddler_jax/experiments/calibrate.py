@@ -1,0 +1,79 @@
+"""``fiddler-jax calibrate``: time this machine's lanes (CPU kernel, GPU expert, host -> GPU copy, layer-step
+sync) for one model geometry, fit the latency model and save it where ``Engine.from_pretrained(latency="auto")``
+looks (``latency.default_path``), with a plot of measurements vs fit in Hydra's output folder."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
+from fiddler_jax.experiments.generate import ModelConfig
+from fiddler_jax.runtime.calibrate import DEFAULT_BUDGET_S, DEFAULT_NS
+
+
+@dataclass
+class GeometryOverride:
+    hidden: int | None = None  # expert hidden size; null = the model's hidden_size
+    ffn: int | None = None  # expert FFN size; null = the model's intermediate_size
+
+
+@dataclass
+class CalibrateConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="bfloat16"))
+    geometry: GeometryOverride = field(default_factory=GeometryOverride)
+    ns: list[int] = field(default_factory=lambda: list(DEFAULT_NS))
+    experts: int = 4
+    budget_s: float = DEFAULT_BUDGET_S
+    out: str | None = None  # latency JSON; null = latency.default_path(machine, geometry)
+    plot: bool = True
+
+
+ConfigStore.instance().store(name="calibrate_schema", node=CalibrateConfig)
+
+
+def resolve_geometry(cfg) -> tuple[int, int, str]:
+    """(hidden, ffn, where they came from): the overrides where given, the model folder's config.json for the rest."""
+    hidden, ffn = cfg.geometry.hidden, cfg.geometry.ffn
+    if hidden is not None and ffn is not None:
+        return hidden, ffn, "geometry overrides"
+    from fiddler_jax.models.config import MixtralConfig
+
+    path = resolve_model_path(cfg.model.path)
+    config = MixtralConfig.from_pretrained(path)
+    return (config.hidden_size if hidden is None else hidden, config.intermediate_size if ffn is None else ffn,
+            f"{path}/config.json" + (" with geometry overrides" if (hidden, ffn) != (None, None) else ""))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="calibrate", version_base="1.3")
+@clear_errors
+def main(cfg) -> None:
+    from fiddler_jax.runtime.calibrate import calibrate, check_args, table
+    from fiddler_jax.runtime.latency import default_path, plot
+
+    hidden, ffn, source = resolve_geometry(cfg)
+    ns = OmegaConf.to_container(cfg.ns)
+    check_args(hidden, ffn, cfg.model.dtype, ns, cfg.experts, cfg.budget_s)  # fail before any setup
+    print(f"expert geometry from {source}")
+    model, measurements = calibrate(hidden, ffn, cfg.model.dtype, ns=ns, experts=cfg.experts,
+                                    budget_s=cfg.budget_s)
+    out = os.path.expanduser(cfg.out) if cfg.out else default_path(model.machine, model.geometry)
+    model.save(out)
+    run_dir = HydraConfig.get().runtime.output_dir
+    with open(os.path.join(run_dir, "measurements.json"), "w") as f:
+        json.dump({"model": model.to_dict(), "measurements": measurements.to_dict()}, f, indent=1)
+    print(f"wrote {out}")
+    if cfg.plot:
+        png = os.path.join(run_dir, "latency.png")
+        plot(measurements.curves(), png, model)
+        print(f"wrote {png}")
+    print(table(model, measurements))
+
+
+if __name__ == "__main__":
+    main()

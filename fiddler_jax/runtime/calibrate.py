@@ -1,0 +1,316 @@
+"""Measure this machine's lanes for one expert geometry and fit the latency model the planners decide with.
+
+Each lane is timed through the engine's own code path (``runtime/engine.py``), so predictions match execution:
+  cpu(n)      ``cpu_expert_mix`` on n tokens all routed to one expert (the C++ grouped kernel for bfloat16,
+              numpy for float32), rotating over ``experts`` host experts so the weights come from DRAM
+  gpu(n)      ``_stack_mix`` over a 1-row expert stack on the default device with n tokens routed (top-1) to it;
+              a sample is ``experts`` calls dispatched back to back (one per stack, as the engine queues them)
+              then ``block_until_ready``, divided by the number of calls: the time an expert occupies the GPU.
+              Compilation is excluded (one warm-up call per n).
+  transfer_s  one expert's three matrices host -> GPU as the engine stages them:
+              ``_write_slot(stack, slot, jax.device_put(host_weights))`` into a staging stack, then block
+  sync_s      a tiny jitted op on the device plus ``np.asarray`` of its small result (the routing counts'
+              round trip of a planned layer step)
+Every (lane, n) row: one warm-up, then repetitions until ``min_reps`` and the row's share of ``budget_s`` are
+both met (at most ``max_reps``). ``PiecewiseLinear.fit`` takes the medians and makes the curves non-decreasing.
+Weights are random (built from bits: no model is loaded), the shapes are all that matter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.runtime.latency import Geometry, LatencyModel, Machine, PiecewiseLinear
+
+DTYPES = ("bfloat16", "float32")
+DEFAULT_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DEFAULT_BUDGET_S = 20.0
+MIN_REPS, MAX_REPS, SYNC_REPS = 3, 50, 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurements:
+    """Raw timings in seconds: per lane the token count of every sample and its time; copies and syncs."""
+
+    cpu: tuple[tuple[int, ...], tuple[float, ...]]
+    gpu: tuple[tuple[int, ...], tuple[float, ...]]
+    transfer: tuple[float, ...]
+    sync: tuple[float, ...]
+
+    def curves(self) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
+        """The n-dependent lanes, as ``latency.plot`` takes them."""
+        return {"cpu": self.cpu, "gpu": self.gpu}
+
+    def to_dict(self) -> dict:
+        return {"cpu": {"n": list(self.cpu[0]), "s": list(self.cpu[1])},
+                "gpu": {"n": list(self.gpu[0]), "s": list(self.gpu[1])},
+                "transfer_s": list(self.transfer), "sync_s": list(self.sync)}
+
+
+def cpu_model_name() -> str:
+    """The CPU as /proc/cpuinfo names it (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_identity(device=None) -> Machine:
+    """This machine as a latency model records it: CPU model name with the CPUs this process may use (the CPU
+    lane's speed depends on both), and the JAX device kind of ``device`` (default: the first device, the
+    engine's "GPU")."""
+    import jax
+
+    device = jax.devices()[0] if device is None else device
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return Machine(cpu=f"{cpu_model_name()} ({cpus} CPUs)", gpu=str(device.device_kind))
+
+
+def check_args(hidden, ffn, dtype, ns, experts, budget_s) -> tuple[Geometry, tuple[int, ...]]:
+    """The geometry and sorted distinct token counts, or one InvalidInputError naming what is wrong."""
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)} (the engine's expert dtypes); got {dtype!r}")
+    for name, value in (("hidden", hidden), ("ffn", ffn), ("experts", experts)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidInputError(f"{name} must be a positive integer; got {value!r}")
+    ns = list(ns) if isinstance(ns, Sequence) and not isinstance(ns, str) else [ns]
+    bad = [n for n in ns if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
+    if not ns or bad:
+        raise InvalidInputError(f"ns must be a non-empty list of positive token counts; got {ns!r}")
+    if not (isinstance(budget_s, (int, float)) and np.isfinite(budget_s) and budget_s > 0):
+        raise InvalidInputError(f"budget_s must be a positive number of seconds; got {budget_s!r}")
+    return Geometry(int(hidden), int(ffn), dtype), tuple(sorted({int(n) for n in ns}))
+
+
+def sample(fn: Callable[[], object], budget_s: float, min_reps: int = MIN_REPS,
+           max_reps: int = MAX_REPS) -> list[float]:
+    """Seconds of each call of ``fn`` after one warm-up: at least ``min_reps``, more while the budget lasts."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def host_weights(geometry: Geometry, experts: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random host expert stacks {w1, w3: [E, ffn, hidden], w2: [E, hidden, ffn]} in the geometry's dtype.
+    bfloat16 from random bits (finite values of about ±[0.004, 0.016), like kernels/bench.py), fast at GB size."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    h, f = geometry.hidden, geometry.ffn
+    shapes = {"w1": (experts, f, h), "w3": (experts, f, h), "w2": (experts, h, f)}
+    if geometry.dtype == "float32":
+        return {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in shapes.items()}
+    out = {}
+    for k, s in shapes.items():
+        bits = rng.integers(0, 1 << 16, size=s, dtype=np.uint16)
+        out[k] = ((bits & np.uint16(0x807F)) | np.uint16(0x3C00)).view(ml_dtypes.bfloat16)
+    return out
+
+
+def np_dtype(dtype: str) -> np.dtype:
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+
+
+def _inputs(geometry: Geometry, n: int, seed: int) -> np.ndarray:
+    """Activations [n, hidden] in the geometry's dtype (the engine's ``moe_in``)."""
+    x = np.random.default_rng(seed).standard_normal((n, geometry.hidden), dtype=np.float32)
+    return x.astype(np_dtype(geometry.dtype))
+
+
+def measure_cpu(geometry: Geometry, ns: Sequence[int], host: dict[str, np.ndarray], row_budget_s: float,
+                progress: Callable[[str], None] | None = None) -> tuple[list[int], list[float]]:
+    """``cpu_expert_mix`` with n tokens on one expert, the expert rotating over the host stacks."""
+    from fiddler_jax.runtime.engine import cpu_expert_mix
+
+    experts = host["w1"].shape[0]
+    cycle = iter(range(1 << 62))
+    out_n, out_s = [], []
+    for n in ns:
+        x = _inputs(geometry, n, seed=n)
+        token = np.arange(n, dtype=np.int64)  # as np.nonzero gives them in the engine
+        weight = np.ones(n, np.float32)
+        expert_of = [np.full(n, e, np.int32) for e in range(experts)]
+        times = sample(lambda: cpu_expert_mix(x, token, expert_of[next(cycle) % experts], weight, host),
+                       row_budget_s)
+        out_n += [n] * len(times)
+        out_s += times
+        _report(progress, "cpu", n, times)
+    return out_n, out_s
+
+
+def device_weights(geometry: Geometry, experts: int, seed: int = 0):
+    """``experts`` random 1-row stacks (w1, w3, w2) made on the default device (no host copies)."""
+    import jax
+    import jax.numpy as jnp
+
+    h, f = geometry.hidden, geometry.ffn
+
+    @jax.jit
+    def make(key):
+        def one(k, shape):
+            if geometry.dtype == "float32":
+                return jax.random.normal(k, shape, jnp.float32) * 0.02
+            bits = jax.random.bits(k, shape, jnp.uint16)
+            return jax.lax.bitcast_convert_type((bits & 0x807F) | 0x3C00, jnp.bfloat16)
+
+        k1, k3, k2 = jax.random.split(key, 3)
+        return one(k1, (1, f, h)), one(k3, (1, f, h)), one(k2, (1, h, f))
+
+    return [make(k) for k in jax.random.split(jax.random.key(seed), experts)]
+
+
+def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_s: float,
+                progress: Callable[[str], None] | None = None) -> tuple[list[int], list[float]]:
+    """``_stack_mix`` on a 1-row stack: ``experts`` calls back to back, block, divide (module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fiddler_jax.models.moe import Routing
+    from fiddler_jax.runtime.engine import _stack_mix
+
+    stacks = device_weights(geometry, experts)
+    slot_of = jnp.zeros(1, jnp.int32)
+    out_n, out_s = [], []
+    for n in ns:
+        x = jnp.asarray(_inputs(geometry, n, seed=n))
+        routing = Routing(jnp.ones((n, 1), jnp.float32), jnp.zeros((n, 1), jnp.int32))
+
+        def run():
+            outs = [_stack_mix(x, routing, slot_of, *w) for w in stacks]
+            jax.block_until_ready(outs)
+
+        times = [t / experts for t in sample(run, row_budget_s)]
+        out_n += [n] * len(times)
+        out_s += times
+        _report(progress, "gpu", n, times)
+    return out_n, out_s
+
+
+def measure_transfer(geometry: Geometry, host: dict[str, np.ndarray], row_budget_s: float,
+                     progress: Callable[[str], None] | None = None) -> list[float]:
+    """One expert into a staging slot exactly as the engine copies it (``_write_slot`` of ``jax.device_put``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fiddler_jax.runtime.engine import _write_slot
+    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
+
+    experts = host["w1"].shape[0]
+    staging = {k: jnp.zeros((DEFAULT_STAGING_SLOTS, *v.shape[1:]), v.dtype) for k, v in host.items()}
+    cycle = iter(range(1 << 62))
+
+    def copy():
+        i = next(cycle)
+        e, slot = i % experts, jnp.int32(i % DEFAULT_STAGING_SLOTS)
+        for name in ("w1", "w3", "w2"):
+            staging[name] = _write_slot(staging[name], slot, jax.device_put(host[name][e]))
+        jax.block_until_ready(list(staging.values()))
+
+    times = sample(copy, row_budget_s)
+    _report(progress, "transfer", None, times)
+    return times
+
+
+def measure_sync(row_budget_s: float, progress: Callable[[str], None] | None = None) -> list[float]:
+    """A tiny jitted op (the routing counts) and ``np.asarray`` of its result: a planned step's host round trip."""
+    import jax
+    import jax.numpy as jnp
+
+    counts = jax.jit(lambda e: jnp.bincount(e.reshape(-1), length=8))
+    experts = jnp.array([[1, 5]], jnp.int32)
+    times = sample(lambda: np.asarray(counts(experts)), row_budget_s, min_reps=20, max_reps=SYNC_REPS)
+    _report(progress, "sync", None, times)
+    return times
+
+
+def _report(progress, lane: str, n: int | None, times: list[float]) -> None:
+    if progress is not None:
+        where = f"n={n:<4d}" if n is not None else "      "
+        progress(f"  {lane:8s} {where} {statistics.median(times) * 1e3:9.4f} ms  (median of {len(times)})")
+
+
+def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] = DEFAULT_NS, experts: int = 4,
+              budget_s: float = DEFAULT_BUDGET_S, progress: bool = True) -> tuple[LatencyModel, Measurements]:
+    """Measure the four lanes on this machine for one expert of (hidden, ffn, dtype) and fit the latency model.
+
+    ``ns`` are the token counts timed (the curves' knots), ``experts`` the number of distinct random experts the
+    timed calls rotate over, ``budget_s`` the timing seconds shared out over all rows (each row still gets at
+    least a few repetitions; setup and compilation come on top). Returns the model, with this machine and the
+    geometry as provenance, and the raw measurements."""
+    geometry, ns = check_args(hidden, ffn, dtype, ns, experts, budget_s)
+    import jax
+
+    say = (lambda line: print(line, flush=True)) if progress else None
+    row_budget = budget_s / (2 * len(ns) + 2)
+    machine = machine_identity()
+    if say:
+        nbytes = 3 * geometry.hidden * geometry.ffn * np_dtype(geometry.dtype).itemsize
+        say(f"calibrating {geometry} (one expert = {nbytes / 1e6:.1f} MB) on {machine.cpu} + {machine.gpu} "
+            f"({jax.devices()[0].platform}); {experts} experts rotated, ~{budget_s:g} s of timing")
+    host = host_weights(geometry, experts)
+    cpu = measure_cpu(geometry, ns, host, row_budget, say)
+    gpu = measure_gpu(geometry, ns, experts, row_budget, say)
+    transfer = measure_transfer(geometry, host, row_budget, say)
+    sync = measure_sync(row_budget, say)
+    model = LatencyModel(cpu=PiecewiseLinear.fit(*cpu), gpu=PiecewiseLinear.fit(*gpu),
+                         transfer_s=statistics.median(transfer), sync_s=statistics.median(sync),
+                         machine=machine, geometry=geometry)
+    measurements = Measurements(cpu=(tuple(cpu[0]), tuple(cpu[1])), gpu=(tuple(gpu[0]), tuple(gpu[1])),
+                                transfer=tuple(transfer), sync=tuple(sync))
+    return model, measurements
+
+
+def table(model: LatencyModel, measurements: Measurements) -> str:
+    """Per lane and n: the measured median, the fitted value and the sample count; then copy and sync."""
+    lines = [f"latency model for {model.geometry} on {model.machine.cpu} + {model.machine.gpu}",
+             f"{'lane':9s}{'n':>6s}{'measured ms':>14s}{'fit ms':>11s}{'reps':>6s}"]
+    for lane, (ns, secs) in measurements.curves().items():
+        ns_arr, s_arr = np.asarray(ns), np.asarray(secs)
+        for n in np.unique(ns_arr):
+            rows = s_arr[ns_arr == n]
+            lines.append(f"{lane:9s}{int(n):6d}{np.median(rows) * 1e3:14.4f}{getattr(model, lane)(n) * 1e3:11.4f}"
+                         f"{rows.size:6d}")
+    lines.append(f"{'transfer':9s}{'':6s}{model.transfer_s * 1e3:14.4f}{'':11s}{len(measurements.transfer):6d}"
+                 "   (one expert host -> GPU)")
+    lines.append(f"{'sync':9s}{'':6s}{model.sync_s * 1e3:14.4f}{'':11s}{len(measurements.sync):6d}"
+                 "   (layer-step host round trip)")
+    return "\n".join(lines)
+
+
+def geometry_of(config, dtype) -> Geometry:
+    """The expert geometry of a ``MixtralConfig`` run in ``dtype`` (a name or a numpy/jax dtype)."""
+    from fiddler_jax.models.checkpoint import resolve_dtype
+
+    return Geometry(hidden=config.hidden_size, ffn=config.intermediate_size, dtype=resolve_dtype(dtype).name)
+
+
+def load_calibrated(geometry: Geometry, root: str | os.PathLike | None = None) -> LatencyModel:
+    """This machine's saved calibration for ``geometry`` (``latency.default_path``), or a LatencyModelError that
+    says how to create it."""
+    from fiddler_jax.runtime.latency import LatencyModelError, default_path
+
+    machine = machine_identity()
+    path = default_path(machine, geometry, root)
+    if not os.path.isfile(path):
+        raise LatencyModelError(
+            f"no latency model calibrated on this machine ({machine.cpu} + {machine.gpu}) for {geometry}: expected "
+            f"{path}. Create it (about a minute) with `fiddler-jax calibrate model.path=<the model folder> "
+            f"model.dtype={geometry.dtype}`, or pass latency=None (the DESIGN.md numbers) or latency=<a JSON file>")
+    return LatencyModel.load(path, expect_machine=machine, expect_geometry=geometry)
