@@ -40,6 +40,7 @@ from fiddler_jax.models.moe import Routing, route, sparse_expert_mix
 from fiddler_jax.runtime import planners as P
 from fiddler_jax.runtime.generate import cache_length, check_sampling, check_token_ids, decode_loop
 from fiddler_jax.runtime.latency import LatencyModel
+from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.profiling import RoutingProfile
@@ -160,8 +161,9 @@ class Engine:
                         cache_slots: int = 0, dtype="bfloat16", profile: str | os.PathLike | None = None,
                         latency: str | os.PathLike | None = None, max_batch: int = 1, max_context: int | None = None,
                         seed: int = 0, progress: bool = True, **planner_params) -> Engine:
-        """Place, load and plan a checkpoint folder. ``latency`` is a calibrated latency file (default: the
-        design-note numbers of the H100 machine); ``profile`` a routing profile from ``fiddler-jax profile``."""
+        """Place, load and plan a checkpoint folder. ``latency``: None = the design-note numbers of the H100
+        machine; "auto" = this machine's calibration for this geometry (``fiddler-jax calibrate``); or a latency
+        JSON file. ``profile``: a routing profile from ``fiddler-jax profile``."""
         policy = "transfer" if planner == "lru" else planner
         if _accepts(policy, "staging_slots"):
             planner_params.setdefault("staging_slots", staging_slots)
@@ -172,6 +174,12 @@ class Engine:
         if staging_slots < 1 and policy in ("fiddler", "fiddler_overlap", "transfer"):
             raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
         cfg = MixtralConfig.from_pretrained(path)
+        if latency is None:
+            lat = LatencyModel.from_design_numbers()
+        elif isinstance(latency, str) and latency == "auto":
+            lat = load_calibrated(geometry_of(cfg, dtype))  # missing: an error naming the calibrate command
+        else:
+            lat = LatencyModel.load(latency)
         counts = RoutingProfile.load(profile).counts if profile is not None else None
         itemsize = resolve_dtype(dtype).itemsize
         plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
@@ -180,7 +188,6 @@ class Engine:
         model, host = load_split(path, dtype, resident=plan.resident, progress=progress)
         if profile is not None:
             RoutingProfile.load(profile, model)  # refuses a profile of another model
-        lat = LatencyModel.from_design_numbers() if latency is None else LatencyModel.load(latency)
         return cls(model, host, plan, bound, lat, staging_slots, cache_slots)
 
     # -- the step loop ---------------------------------------------------------------------------------------
