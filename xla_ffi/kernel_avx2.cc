@@ -69,26 +69,6 @@ inline void Dot(const uint16_t* const* w, const float* x, int64_t ldx, int64_t k
   }
 }
 
-template <int R>
-inline void DotTokens(const uint16_t* const* w, const float* x, int64_t ldx, int64_t k, int64_t t,
-                      int64_t n, float* out) {
-  if (t + 2 <= n) {
-    Dot<R, 2>(w, x + t * ldx, ldx, k, out);
-  } else {
-    Dot<R, 1>(w, x + t * ldx, ldx, k, out);
-  }
-}
-
-void DotRows(int rows, const uint16_t* const* w, const float* x, int64_t ldx, int64_t k, int64_t t,
-             int64_t n, float* out) {
-  switch (rows) {
-    case 4: DotTokens<4>(w, x, ldx, k, t, n, out); break;
-    case 3: DotTokens<3>(w, x, ldx, k, t, n, out); break;
-    case 2: DotTokens<2>(w, x, ldx, k, t, n, out); break;
-    default: DotTokens<1>(w, x, ldx, k, t, n, out); break;
-  }
-}
-
 size_t ActBytes(int64_t n, int64_t k) { return static_cast<size_t>(n * k) * sizeof(float); }
 
 void Pack(const uint16_t* x, int64_t k, const int32_t* idx, int64_t /*n*/, int64_t t0, int64_t t1,
@@ -103,51 +83,10 @@ void Pack(const uint16_t* x, int64_t k, const int32_t* idx, int64_t /*n*/, int64
   }
 }
 
-void Phase1(const void* x_act, int64_t n, int64_t hidden, const uint16_t* w1, const uint16_t* w3,
-            int64_t F, int64_t r0, int64_t r1, void* h_act) {
-  const float* x = static_cast<const float*>(x_act);
-  float* h = static_cast<float*>(h_act);
-  constexpr int kPairs = kRows / 2;
-  for (int64_t j = r0; j < r1; j += kPairs) {
-    const int pairs = static_cast<int>(r1 - j < kPairs ? r1 - j : kPairs);
-    const uint16_t* w[kRows];
-    for (int p = 0; p < pairs; ++p) {
-      w[p] = w1 + (j + p) * hidden;
-      w[pairs + p] = w3 + (j + p) * hidden;
-    }
-    for (int64_t t = 0; t < n; t += kTokens) {
-      const int tb = static_cast<int>(n - t < kTokens ? n - t : kTokens);
-      float out[kRows * kTokens];
-      DotRows(2 * pairs, w, x, hidden, hidden, t, n, out);
-      for (int p = 0; p < pairs; ++p)
-        for (int q = 0; q < tb; ++q) h[(t + q) * F + j + p] = Silu(out[p * tb + q]) * out[(pairs + p) * tb + q];
-    }
-  }
-}
+using Act = float;
+inline Act StoreH(float v) { return v; }
 
-void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t /*hidden*/, int64_t r0,
-            int64_t r1, OutView o) {
-  const float* h = static_cast<const float*>(h_act);
-  for (int64_t i = r0; i < r1; i += kRows) {
-    const int rows = static_cast<int>(r1 - i < kRows ? r1 - i : kRows);
-    const uint16_t* w[kRows];
-    for (int r = 0; r < rows; ++r) w[r] = w2 + (i + r) * F;
-    for (int64_t t = 0; t < n; t += kTokens) {
-      const int tb = static_cast<int>(n - t < kTokens ? n - t : kTokens);
-      float out[kRows * kTokens];
-      DotRows(rows, w, h, F, F, t, n, out);
-      for (int r = 0; r < rows; ++r) {
-        for (int q = 0; q < tb; ++q) {
-          if (o.f32) {
-            static_cast<float*>(o.data)[(t + q) * o.ld + i + r] = out[r * tb + q];
-          } else {
-            static_cast<uint16_t*>(o.data)[(t + q) * o.ld + i + r] = F32ToBf16(out[r * tb + q]);
-          }
-        }
-      }
-    }
-  }
-}
+#include "row_kernel_phases.inc"
 
 }  // namespace
 
