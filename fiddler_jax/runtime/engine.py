@@ -85,6 +85,11 @@ def _stack_mix(moe_in, routing, slot_of, w1, w3, w2):
     return sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
 
 
+def _buffers_mix(moe_in, routing, slot_of: np.ndarray, buffers: dict):
+    """``_stack_mix`` over a dict of GPU expert buffers (staging slots or a layer's cache) with a host slot map."""
+    return _stack_mix(moe_in, routing, jnp.asarray(slot_of), buffers["w1"], buffers["w3"], buffers["w2"])
+
+
 @jax.jit
 def _residual_add(h, gpu_out, cpu_out):
     return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
@@ -212,12 +217,9 @@ class Engine:
             for wave in range(0, len(order), self.staging_slots):
                 slot_of = np.full(len(lanes), -1, np.int32)
                 for slot, e in enumerate(order[wave:wave + self.staging_slots]):
-                    for name in ("w1", "w3", "w2"):
-                        self._staging[name] = _write_slot(self._staging[name], jnp.int32(slot),
-                                                          jax.device_put(self.host[layer][name][e]))
+                    self._copy_expert(layer, e, self._staging, slot)
                     slot_of[e] = slot
-                gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(slot_of), self._staging["w1"],
-                                               self._staging["w3"], self._staging["w2"])
+                gpu_out = gpu_out + _buffers_mix(moe_in, routing, slot_of, self._staging)
             spans["pcie"] = (spans.get("pcie", (t_copy,))[0], clock())
         experts = np.asarray(routing.experts)
         on_cpu = lanes[experts] == P.Lane.CPU
@@ -234,6 +236,11 @@ class Engine:
         self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
         return gpu_out, cpu_out
 
+    def _copy_expert(self, layer: int, expert: int, buffers: dict, slot: int) -> None:
+        """The PCIe lane: expert ``expert`` of ``layer`` from host memory into row ``slot`` of ``buffers``."""
+        for name in ("w1", "w3", "w2"):
+            buffers[name] = _write_slot(buffers[name], jnp.int32(slot), jax.device_put(self.host[layer][name][expert]))
+
     def _cache_state(self, layer: int) -> P.CacheState | None:
         return self.planner.caches.get(layer, P.CacheState.empty(self.cache_slots)) if self.cache_slots else None
 
@@ -247,20 +254,16 @@ class Engine:
                 hits[e] = slot
         buffers = self._cache[layer]
         if (hits >= 0).any():
-            gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(hits), buffers["w1"], buffers["w3"],
-                                           buffers["w2"])
+            gpu_out = gpu_out + _buffers_mix(moe_in, routing, hits, buffers)
         after = self.planner.caches[layer]
         into_cache = [(after.experts.index(e), e) for e in plan.transfer_order.tolist() if e in after.experts]
         if into_cache:
             t_copy = self.trace.now()
             placed = np.full(len(plan.lanes), -1, np.int32)
             for slot, e in into_cache:
-                for name in ("w1", "w3", "w2"):
-                    buffers[name] = _write_slot(buffers[name], jnp.int32(slot),
-                                                jax.device_put(self.host[layer][name][e]))
+                self._copy_expert(layer, e, buffers, slot)
                 placed[e] = slot
-            gpu_out = gpu_out + _stack_mix(moe_in, routing, jnp.asarray(placed), buffers["w1"], buffers["w3"],
-                                           buffers["w2"])
+            gpu_out = gpu_out + _buffers_mix(moe_in, routing, placed, buffers)
             spans["pcie"] = (t_copy, self.trace.now())
         cached = {e for _, e in into_cache}
         return gpu_out, np.asarray([e for e in plan.transfer_order.tolist() if e not in cached], np.int32)
