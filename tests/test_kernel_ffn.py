@@ -131,6 +131,37 @@ def test_grouped_mixed_batch_sizes():
     assert rel_err(out, grouped_ref(x, tok, exp, wts, w1, w3, w2)) <= 1e-2
 
 
+@pytest.mark.parametrize("path", _params(["auto"] + ALL_PATHS), indirect=True)
+def test_grouped_per_expert_tables_equal_stacks(path):
+    """Experts held in separate buffers (the engine's pinned host experts) give bit-identical results to one
+    stack; an unused expert may be absent (None), a used one may not."""
+    rng = np.random.default_rng(11)
+    T, E, hidden, ffn = 12, 5, 72, 100
+    x = rand_bf16(rng, (T, hidden))
+    w1, w3, w2 = _stacked(rng, E, hidden, ffn)
+    tok, exp, wts = _routing(rng, T, E)
+    keep = exp != 2
+    tok, exp, wts = tok[keep], exp[keep], wts[keep]
+    stacked = K.grouped_expert_ffn_numpy(x, tok, exp, wts, w1, w3, w2, np.full((T, hidden), np.nan, np.float32))
+
+    def table(w):
+        return [None if e == 2 else np.array(w[e]) for e in range(E)]  # separate allocations
+
+    tables = K.grouped_expert_ffn_numpy(x, tok, exp, wts, table(w1), table(w3), table(w2),
+                                        np.full((T, hidden), np.nan, np.float32))
+    np.testing.assert_array_equal(tables, stacked)
+    with pytest.raises(K.KernelError, match=r"expert_idx\[0\] = 2 has no weights"):
+        K.grouped_expert_ffn_numpy(x, np.array([0], np.int32), np.array([2], np.int32), np.ones(1, np.float32),
+                                   table(w1), table(w3), table(w2), np.zeros((T, hidden), np.float32))
+    bad = table(w1)
+    bad[0] = np.asfortranarray(bad[0])
+    with pytest.raises(K.KernelError, match=r"w1\[0\] must be C-contiguous"):
+        K.grouped_expert_ffn_numpy(x, tok, exp, wts, bad, table(w3), table(w2), np.zeros((T, hidden), np.float32))
+    with pytest.raises(K.KernelError, match=r"w2\[0\] must be a numpy bfloat16 array of shape \(72, 100\)"):
+        K.grouped_expert_ffn_numpy(x, tok, exp, wts, table(w1), table(w3), [w1[0]] * E,
+                                   np.zeros((T, hidden), np.float32))
+
+
 @pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)
 def test_thread_count_does_not_change_results(path):
     rng = np.random.default_rng(3)

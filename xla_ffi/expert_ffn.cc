@@ -187,6 +187,7 @@ void SinglePhase2(void* p, int tid, int nt) {
 struct Segment {
   const PathKernels* k;
   int64_t expert;
+  const uint16_t *w1, *w3, *w2;  // this expert's weights
   int64_t n;       // tokens routed to it
   int64_t first;   // position of its first row in the expert-sorted assignment order
   void* x_act;
@@ -197,7 +198,6 @@ struct Segment {
 struct GroupedCall {
   const uint16_t* x;
   int64_t T, hidden, ffn;
-  const uint16_t *w1, *w3, *w2;
   const float* weights;
   const int32_t* gather;     // [A] token of each assignment, in expert-sorted order
   const int32_t* tok_off;    // [T+1]
@@ -246,26 +246,22 @@ void GroupedPack(void* p, int tid, int nt) {
 
 void GroupedPhase1(void* p, int tid, int nt) {
   auto* c = static_cast<GroupedCall*>(p);
-  const int64_t wsz = c->ffn * c->hidden;
   for (int64_t s = 0; s < c->nseg; ++s) {
     const Segment& sg = c->seg[s];
     int64_t r0, r1;
     SegmentRows(*c, 1, s, tid, nt, &r0, &r1);
-    if (r0 < r1)
-      sg.k->phase1(sg.x_act, sg.n, c->hidden, c->w1 + sg.expert * wsz, c->w3 + sg.expert * wsz, c->ffn, r0, r1,
-                   sg.h_act);
+    if (r0 < r1) sg.k->phase1(sg.x_act, sg.n, c->hidden, sg.w1, sg.w3, c->ffn, r0, r1, sg.h_act);
   }
 }
 
 void GroupedPhase2(void* p, int tid, int nt) {
   auto* c = static_cast<GroupedCall*>(p);
-  const int64_t wsz = c->ffn * c->hidden;
   for (int64_t s = 0; s < c->nseg; ++s) {
     const Segment& sg = c->seg[s];
     int64_t r0, r1;
     SegmentRows(*c, 2, s, tid, nt, &r0, &r1);
     OutView o{c->ybuf + sg.first * c->hidden, c->hidden, true};
-    if (r0 < r1) sg.k->phase2(sg.h_act, sg.n, c->ffn, c->w2 + sg.expert * wsz, c->hidden, r0, r1, o);
+    if (r0 < r1) sg.k->phase2(sg.h_act, sg.n, c->ffn, sg.w2, c->hidden, r0, r1, o);
   }
 }
 
@@ -502,11 +498,23 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   return nullptr;
 }
 
-const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
-                             const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
-                             int64_t A, const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y,
-                             bool out_f32) {
-  const char* op = "grouped_expert_ffn";
+namespace {
+
+// Where expert e's weights are: one stack with a fixed stride, or a table of per-expert pointers.
+struct ExpertWeights {
+  const uint16_t *w1, *w3, *w2;  // stacks (tables == false)
+  const uint16_t* const *t1, *const *t3, *const *t2;  // per-expert tables (tables == true)
+  bool tables;
+  int64_t stride;  // ffn * hidden
+
+  const uint16_t* W1(int64_t e) const { return tables ? t1[e] : w1 + e * stride; }
+  const uint16_t* W3(int64_t e) const { return tables ? t3[e] : w3 + e * stride; }
+  const uint16_t* W2(int64_t e) const { return tables ? t2[e] : w2 + e * stride; }
+};
+
+const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                        const int32_t* token_idx, const int32_t* expert_idx, const float* weights, int64_t A,
+                        const ExpertWeights& ew, void* y, bool out_f32) {
   if (T < 0 || hidden < 0 || ffn < 0 || E < 0 || A < 0)
     return Errorf("%s: negative size (T=%lld hidden=%lld ffn=%lld E=%lld A=%lld)", op, (long long)T,
                   (long long)hidden, (long long)ffn, (long long)E, (long long)A);
@@ -525,6 +533,10 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
     if (!(w >= 0.f) || std::isinf(w))
       return Errorf("%s: weights[%lld] = %g: routing weights must be finite and >= 0", op, (long long)a,
                     static_cast<double>(w));
+    const int32_t e = expert_idx[a];
+    if (ew.tables && (!ew.t1[e] || !ew.t3[e] || !ew.t2[e]))
+      return Errorf("%s: expert_idx[%lld] = %d has no weights (null table entry): that expert is not held on "
+                    "the host", op, (long long)a, e);
   }
   if (T == 0 || hidden == 0) return nullptr;
   if (A == 0 || ffn == 0) {
@@ -582,6 +594,9 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
     Segment& s = seg[nseg++];
     s.k = GetPathKernels(path);
     s.expert = e;
+    s.w1 = ew.W1(e);
+    s.w3 = ew.W3(e);
+    s.w2 = ew.W2(e);
     s.n = cnt;
     s.first = exp_off[e];
     s.cost1 = 2 * RowCost(path, cnt);
@@ -603,9 +618,6 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
   c.T = T;
   c.hidden = hidden;
   c.ffn = ffn;
-  c.w1 = w1;
-  c.w3 = w3;
-  c.w2 = w2;
   c.weights = weights;
   c.gather = gather;
   c.tok_off = tok_off;
@@ -622,6 +634,27 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
   pool.Run(GroupedPhase2, &c);
   pool.Run(GroupedCombine, &c);
   return nullptr;
+}
+
+}  // namespace
+
+const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                             const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
+                             int64_t A, const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y,
+                             bool out_f32) {
+  const ExpertWeights ew{w1, w3, w2, nullptr, nullptr, nullptr, false, ffn * hidden};
+  return GroupedImpl("grouped_expert_ffn", x, T, hidden, ffn, E, token_idx, expert_idx, weights, A, ew, y,
+                     out_f32);
+}
+
+const char* GroupedExpertFfnTables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                                   const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
+                                   int64_t A, const uint16_t* const* w1, const uint16_t* const* w3,
+                                   const uint16_t* const* w2, void* y, bool out_f32) {
+  if (E > 0 && A > 0 && (!w1 || !w3 || !w2)) return Errorf("grouped_expert_ffn_tables: null weight table");
+  const ExpertWeights ew{nullptr, nullptr, nullptr, w1, w3, w2, true, ffn * hidden};
+  return GroupedImpl("grouped_expert_ffn_tables", x, T, hidden, ffn, E, token_idx, expert_idx, weights, A, ew, y,
+                     out_f32);
 }
 
 }  // namespace fiddler

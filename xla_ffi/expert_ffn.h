@@ -23,6 +23,14 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
                              int64_t A, const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y,
                              bool out_f32);
 
+// GroupedExpertFfn with the experts' weights given as tables of E pointers (w1[e], w3[e] [ffn, hidden],
+// w2[e] [hidden, ffn]): experts held in separate allocations (the engine's pinned host buffers). A null entry
+// is allowed for experts that no assignment uses; an assignment to one is an error.
+const char* GroupedExpertFfnTables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                                   const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
+                                   int64_t A, const uint16_t* const* w1, const uint16_t* const* w3,
+                                   const uint16_t* const* w2, void* y, bool out_f32);
+
 // Configuration (all thread-safe; they wait for a running call to finish).
 // Forces a path (kAuto = choose by n and CPU). Returns false if the CPU cannot run it.
 bool SetForcedPath(Path path);

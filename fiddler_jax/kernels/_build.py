@@ -47,6 +47,10 @@ int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t 
                           const int32_t* token_idx, const int32_t* expert_idx, const float* weights, int64_t A,
                           const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y, int out_f32,
                           char* err, int err_len);
+int fj_grouped_expert_ffn_tables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
+                                 const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
+                                 int64_t A, const uint64_t* w1, const uint64_t* w3, const uint64_t* w2, void* y,
+                                 int out_f32, char* err, int err_len);
 """
 
 

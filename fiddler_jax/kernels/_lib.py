@@ -167,25 +167,60 @@ def expert_ffn_numpy(x, w1, w3, w2, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _expert_table(name: str, experts, shape: tuple[int, int]) -> tuple[np.ndarray, list]:
+    """Addresses of per-expert bf16 matrices (0 for None), after checking each one's dtype, shape and layout."""
+    addresses = np.zeros(len(experts), np.uint64)
+    for e, w in enumerate(experts):
+        if w is None:
+            continue
+        if not isinstance(w, np.ndarray) or w.dtype != ml_dtypes.bfloat16 or w.shape != shape:
+            raise KernelError(f"{name}[{e}] must be a numpy bfloat16 array of shape {shape}, got "
+                              f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+        if not w.flags.c_contiguous:
+            raise KernelError(f"{name}[{e}] must be C-contiguous (a copy would defeat holding experts once)")
+        addresses[e] = w.ctypes.data
+    return addresses, list(experts)
+
+
 def grouped_expert_ffn_numpy(hidden, token_idx, expert_idx, weights, w1, w3, w2, out: np.ndarray) -> np.ndarray:
-    """out[:] = grouped expert FFN (numpy), computed in place by the C++ kernel."""
+    """out[:] = grouped expert FFN (numpy), computed in place by the C++ kernel.
+
+    w1, w3 [E, ffn, hidden] and w2 [E, hidden, ffn] are stacks, or sequences of E per-expert matrices
+    (None for experts that no assignment uses) — experts held in separate buffers are read where they are."""
     x = _bf16_buffer("hidden", hidden, 2)
-    w1, w3, w2 = (_bf16_buffer(n, a, 3) for n, a in (("w1", w1), ("w3", w3), ("w2", w2)))
     tok = np.ascontiguousarray(token_idx, dtype=np.int32)
     exp = np.ascontiguousarray(expert_idx, dtype=np.int32)
     wts = np.ascontiguousarray(weights, dtype=np.float32)
     if not (tok.ndim == exp.ndim == wts.ndim == 1 and tok.shape == exp.shape == wts.shape):
         raise KernelError(f"token_idx {tok.shape}, expert_idx {exp.shape}, weights {wts.shape} must be equal 1-D")
     T, hdim = x.shape
-    E, ffn = w1.shape[:2]
-    if w1.shape != (E, ffn, hdim) or w3.shape != w1.shape or w2.shape != (E, hdim, ffn):
-        raise KernelError(f"weight shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match hidden {x.shape}")
-    _check_out(out, (T, hdim))
     err = _ffi.new("char[512]")
-    rc = _lib.fj_grouped_expert_ffn(
-        _ptr("uint16_t*", x), T, hdim, ffn, E, _ptr("int32_t*", tok), _ptr("int32_t*", exp), _ptr("float*", wts),
-        tok.shape[0], _ptr("uint16_t*", w1), _ptr("uint16_t*", w3), _ptr("uint16_t*", w2), _ptr("void*", out),
-        int(out.dtype == np.float32), err, 512)
+    if isinstance(w1, np.ndarray):
+        w1, w3, w2 = (_bf16_buffer(n, a, 3) for n, a in (("w1", w1), ("w3", w3), ("w2", w2)))
+        E, ffn = w1.shape[:2]
+        if w1.shape != (E, ffn, hdim) or w3.shape != w1.shape or w2.shape != (E, hdim, ffn):
+            raise KernelError(f"weight shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match hidden "
+                              f"{x.shape}")
+        _check_out(out, (T, hdim))
+        rc = _lib.fj_grouped_expert_ffn(
+            _ptr("uint16_t*", x), T, hdim, ffn, E, _ptr("int32_t*", tok), _ptr("int32_t*", exp),
+            _ptr("float*", wts), tok.shape[0], _ptr("uint16_t*", w1), _ptr("uint16_t*", w3), _ptr("uint16_t*", w2),
+            _ptr("void*", out), int(out.dtype == np.float32), err, 512)
+    else:
+        E = len(w1)
+        if len(w3) != E or len(w2) != E:
+            raise KernelError(f"weight tables have {len(w1)}, {len(w3)}, {len(w2)} entries; they must be equal")
+        first = next((w for w in w1 if w is not None), None)
+        ffn = first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 2 else 0
+        t1, keep1 = _expert_table("w1", w1, (ffn, hdim))
+        t3, keep3 = _expert_table("w3", w3, (ffn, hdim))
+        t2, keep2 = _expert_table("w2", w2, (hdim, ffn))
+        _check_out(out, (T, hdim))
+        rc = _lib.fj_grouped_expert_ffn_tables(
+            _ptr("uint16_t*", x), T, hdim, ffn, E, _ptr("int32_t*", tok), _ptr("int32_t*", exp),
+            _ptr("float*", wts), tok.shape[0], _ptr("uint64_t*", t1), _ptr("uint64_t*", t3), _ptr("uint64_t*", t2),
+            _ptr("void*", out), int(out.dtype == np.float32), err, 512)
+        del keep1, keep3, keep2  # the matrices stay alive through the call
     if rc != 0:
         raise KernelError(_ffi.string(err).decode())
     return out
