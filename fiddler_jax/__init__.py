@@ -6,17 +6,35 @@ Public API (stable names):
   generate(model, input_ids, max_new_tokens, do_sample=False, seed=0, *, num_beams=1, length_penalty=1.0,
            early_stopping=False, temperature=1.0, top_p=1.0) -> np.ndarray                [B, T + new]
   save_pretrained(model, path)                                     HF folder that transformers loads
-  Engine.from_pretrained(path, gpu_budget=..., planner=...)        the hybrid CPU-GPU engine (in progress)
+  Engine.from_pretrained(path, gpu_budget=..., planner=...)        the hybrid CPU-GPU engine
 
 The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax.runtime.planners``,
 ``placement``, ``latency``) and the kernels import without loading flax or the model code.
+
+Importing the package raises JAX's pinned host memory cap (``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB``, 64 GiB by
+default) to this machine's RAM unless it is set already: offloaded experts live in pinned memory, and Mixtral at
+a 24 GiB GPU budget pins about 70 GB. The cap is read when JAX starts its GPU client, so import fiddler_jax
+(or set the variable) before the first JAX computation.
 """
 from __future__ import annotations
+
+import os as _os
 
 from fiddler_jax._lazy import lazy_attributes
 from fiddler_jax.errors import CheckpointError, FiddlerError, InvalidInputError, ModelConfigError
 
 __version__ = "0.1.0"
+
+
+def _raise_pinned_host_cap() -> None:
+    try:
+        ram = _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    _os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(max(64, ram >> 30)))
+
+
+_raise_pinned_host_cap()
 
 _LAZY = {
     "Mixtral": "fiddler_jax.models",

@@ -11,7 +11,7 @@ import pytest
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.runtime.calibrate import (
-    calibrate, host_weights, load_calibrated, machine_identity, measure_cpu,
+    calibrate, load_calibrated, machine_identity, measure_cpu, pinned_experts,
 )
 from fiddler_jax.runtime.latency import Geometry, LatencyModel, LatencyModelError, default_path
 
@@ -39,7 +39,7 @@ def test_curves_are_positive_non_decreasing_and_record_this_machine(calibrated):
 def test_cpu_prediction_agrees_with_a_fresh_measurement(calibrated):
     """The shared CI machine's speed drifts, so a few re-measurements get a chance to land within 2x."""
     model, _ = calibrated
-    host = host_weights(GEOMETRY, 2, seed=1)
+    host = pinned_experts(GEOMETRY, 2, seed=1)
     for _ in range(3):
         ns, secs = map(np.asarray, measure_cpu(GEOMETRY, NS, host, row_budget_s=0.2))
         ratios = {n: float(np.median(secs[ns == n]) / model.cpu(n)) for n in NS}

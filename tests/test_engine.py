@@ -72,16 +72,83 @@ def test_bfloat16_hybrid_with_the_cpu_kernel_on_the_bundled_model():
 
 
 def test_plans_never_recompile(checkpoint):
+    """Compile counts stay flat over a 100-token run whose plans keep changing (the issue's measurement)."""
+    from fiddler_jax.runtime import host_experts
+
     path, _ = checkpoint
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=1,
-                                      dtype="float32", progress=False)
+                                      cache_slots=1, dtype="float32", progress=False)
     prompt = token_ids(97, (1, 6), seed=3)
-    engine.generate(prompt, 4, eos_token_id=[])
-    jitted = (E._attention_and_router, E._stack_mix, E._residual_add, E._write_slot)
+    engine.generate(prompt, 100, eos_token_id=[])  # compiles every shape this generation length uses
+    jitted = (E._attention_and_router, E._stack_mix, E._residual_add, host_experts._copy_jit)
     before = [f._cache_size() for f in jitted]
-    engine.generate(prompt, 40, eos_token_id=[])  # same cache bucket, many different plans
+    engine.trace.clear()
+    engine.generate(prompt, 100, eos_token_id=[])  # the same shapes again, many different plans
     assert len({tuple(r.lanes) for r in engine.trace.steps}) > 1
     assert [f._cache_size() for f in jitted] == before
+
+
+def test_offloaded_experts_are_held_once_in_pinned_memory(checkpoint):
+    """Each offloaded expert exists once, in pinned_host memory; the CPU lane's views are those same bytes;
+    the device model holds only the resident experts."""
+    from fiddler_jax.runtime.placement import expert_bytes
+
+    path, _ = checkpoint
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=3,
+                                      dtype="float32", progress=False)
+    resident = engine.placement.resident
+    np.testing.assert_array_equal(engine.host.held, ~resident)
+    assert engine.host.nbytes == int((~resident).sum()) * expert_bytes(engine.config, 4)
+    for layer, expert in zip(*np.nonzero(~resident)):
+        arrays = engine.host.arrays(int(layer), int(expert))
+        tables = engine.host.tables(int(layer))
+        for i, name in enumerate(("w1", "w3", "w2")):
+            assert arrays[name].sharding.memory_kind == "pinned_host"
+            assert tables[i][expert].ctypes.data == arrays[name].unsafe_buffer_pointer()
+    for layer, moe in enumerate(l.block_sparse_moe for l in engine.model.layers):
+        assert moe.w1.shape[0] == resident[layer].sum()
+    with pytest.raises(fj.FiddlerError, match="not held in host memory"):
+        engine.host.arrays(*map(int, np.argwhere(resident)[0]))
+
+
+def test_pinned_memory_exhaustion_names_the_limit(checkpoint, monkeypatch):
+    import jax
+
+    from fiddler_jax.runtime import host_experts
+
+    real_put = jax.device_put
+    calls = []
+
+    def put(x, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4096 bytes")
+        return real_put(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", put)
+    offloaded = np.ones((2, 4), bool)
+    source = lambda l, e: {w: np.zeros((8, 4), np.float32) for w in ("w1", "w3", "w2")}  # noqa: E731
+    with pytest.raises(host_experts.HostMemoryError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB.*gpu_budget"):
+        host_experts.HostExperts.pin(source, offloaded, progress=False)
+
+
+def test_sequential_plans_run_the_lanes_one_after_another(checkpoint):
+    """``fiddler`` (the paper) runs GPU, PCIe, CPU in turn; ``cpu_only`` (concurrent) starts the CPU lane
+    before the GPU lane has finished queueing its work."""
+    path, _ = checkpoint
+    ids = token_ids(97, (1, 12), seed=6)
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler", resident_experts=2,
+                                      dtype="float32", progress=False, latency=None)
+    engine.logits(ids)
+    for step in engine.trace.steps:
+        if "cpu" in step.spans:
+            assert step.spans["cpu"][0] >= step.spans["gpu"][1]
+            if "pcie" in step.spans:
+                assert step.spans["cpu"][0] >= step.spans["pcie"][1]
+    concurrent = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=2,
+                                          dtype="float32", progress=False)
+    concurrent.logits(ids)
+    assert any(s.spans["cpu"][0] < s.spans["gpu"][1] for s in concurrent.trace.steps if "cpu" in s.spans)
 
 
 def test_bad_configurations(checkpoint):

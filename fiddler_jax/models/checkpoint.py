@@ -117,14 +117,32 @@ def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool 
     return load_split(path, dtype, progress=progress)[0]
 
 
+class ExpertReader:
+    """The offloaded experts of a checkpoint, read on demand: ``reader(layer, expert)`` → {"w1", "w3", "w2"}
+    numpy arrays of the load dtype (zero-copy mmap views when the checkpoint already stores that dtype). The
+    engine pins one expert at a time from here, so the host never holds a second full copy of the experts."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype, offloaded: np.ndarray):
+        self.checkpoint = checkpoint
+        self.dtype = np.dtype(dtype)
+        self.offloaded = offloaded
+
+    def __call__(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        if not self.offloaded[layer, expert]:
+            raise InvalidInputError(f"expert {expert} of layer {layer} is resident on the device, not offloaded")
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        return {w: np.asarray(self.checkpoint.tensor(f"{prefix}.{w}.weight"), dtype=self.dtype)
+                for w in ("w1", "w3", "w2")}
+
+
 def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray | None = None,
-               progress: bool = True) -> tuple[Mixtral, list[dict[str, np.ndarray]]]:
+               progress: bool = True) -> tuple[Mixtral, ExpertReader | None]:
     """Load a checkpoint with the experts split between the device and the host.
 
     With ``resident`` (bool [layers, experts]) each layer's stacked expert parameters (w1, w3, w2) hold only
-    its resident experts, in expert order, and the second result gives every layer's full expert stacks in host
-    memory (``{"w1": [E, ffn, hidden], "w3": ..., "w2": [E, hidden, ffn]}`` numpy arrays of ``dtype``).
-    Without it, everything goes to the device and the host list is empty."""
+    its resident experts, in expert order; the offloaded experts are checked (names, shapes) but not read, and
+    the second result reads them on demand (:class:`ExpertReader`). Without it, everything goes to the device
+    and the second result is None."""
     dtype = resolve_dtype(dtype)
     ckpt = Checkpoint(path)
     cfg = ckpt.config
@@ -133,7 +151,6 @@ def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray
         if resident.shape != (cfg.num_hidden_layers, cfg.num_local_experts):
             raise InvalidInputError(f"resident mask has shape {list(resident.shape)}, expected "
                                     f"[{cfg.num_hidden_layers}, {cfg.num_local_experts}]")
-    host: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.num_hidden_layers)] if resident is not None else []
     model = nnx.eval_shape(lambda: Mixtral(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     params = list(_params(model))
     used: set[str] = set()
@@ -143,8 +160,9 @@ def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray
         for p, param in params:
             names = hf_names(p, cfg.num_local_experts)
             expected = param.shape[1:] if len(names) > 1 else param.shape
+            keep = resident[int(p[1])] if len(names) > 1 and resident is not None else np.ones(len(names), bool)
             parts = []
-            for name in names:
+            for name, read in zip(names, keep):
                 if name not in ckpt:
                     raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {ckpt.path} "
                                           f"(config.json expects it); the checkpoint is incomplete or not Mixtral")
@@ -152,23 +170,20 @@ def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray
                     raise CheckpointError(
                         f"tensor {name!r} in {ckpt.file_of(name)} has shape {list(ckpt.shape(name))}, but "
                         f"config.json implies {list(expected)}; the weights do not match config.json")
-                parts.append(np.asarray(ckpt.tensor(name), dtype=dtype))
+                if read:
+                    parts.append(np.asarray(ckpt.tensor(name), dtype=dtype))
                 used.add(name)
                 bar.update()
-            if len(parts) == 1:
+            if len(names) == 1:
                 param.value = jax.device_put(parts[0])
-                continue
-            stack = np.stack(parts)
-            if resident is None:
-                param.value = jax.device_put(stack)
+            elif parts:
+                param.value = jax.device_put(np.stack(parts))
             else:
-                layer = int(p[1])
-                host[layer][str(p[-1])] = stack
-                param.value = jax.device_put(stack[resident[layer]])
+                param.value = jnp.zeros((0,) + tuple(expected), dtype)
     unused = sorted(set(ckpt.names()) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unused:
         warnings.warn(f"{ckpt.path}: {len(unused)} tensor(s) not used by Mixtral, e.g. {unused[:3]}", stacklevel=2)
-    return model, host
+    return model, (ExpertReader(ckpt, dtype, ~resident) if resident is not None else None)
 
 
 def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:

@@ -2,13 +2,14 @@
 
 Each lane is timed through the engine's own code path (``runtime/engine.py``), so predictions match execution:
   cpu(n)      ``cpu_expert_mix`` on n tokens all routed to one expert (the C++ grouped kernel for bfloat16,
-              numpy for float32), rotating over ``experts`` host experts so the weights come from DRAM
+              numpy for float32) over the pinned host views, rotating over ``experts`` experts so the weights
+              come from DRAM
   gpu(n)      ``_stack_mix`` over a 1-row expert stack on the default device with n tokens routed (top-1) to it;
               a sample is ``experts`` calls dispatched back to back (one per stack, as the engine queues them)
               then ``block_until_ready``, divided by the number of calls: the time an expert occupies the GPU.
               Compilation is excluded (one warm-up call per n).
-  transfer_s  one expert's three matrices host -> GPU as the engine stages them:
-              ``_write_slot(stack, slot, jax.device_put(host_weights))`` into a staging stack, then block
+  transfer_s  one expert's three matrices from pinned host memory into a GPU staging slot as the engine
+              stages them (``host_experts.copy_into_slot``), then block
   sync_s      a tiny jitted op on the device plus ``np.asarray`` of its small result (the routing counts'
               round trip of a planned layer step)
 Every (lane, n) row: one warm-up, then repetitions until ``min_reps`` and the row's share of ``budget_s`` are
@@ -134,12 +135,22 @@ def _inputs(geometry: Geometry, n: int, seed: int) -> np.ndarray:
     return x.astype(np_dtype(geometry.dtype))
 
 
-def measure_cpu(geometry: Geometry, ns: Sequence[int], host: dict[str, np.ndarray], row_budget_s: float,
+def pinned_experts(geometry: Geometry, experts: int, seed: int = 0):
+    """``experts`` random experts held as the engine holds offloaded ones (layer 0 of a ``HostExperts``)."""
+    from fiddler_jax.runtime.host_experts import HostExperts
+
+    stacks = host_weights(geometry, experts, seed)
+    return HostExperts.pin(lambda _, e: {k: v[e] for k, v in stacks.items()}, np.ones((1, experts), bool),
+                           progress=False)
+
+
+def measure_cpu(geometry: Geometry, ns: Sequence[int], host, row_budget_s: float,
                 progress: Callable[[str], None] | None = None) -> tuple[list[int], list[float]]:
-    """``cpu_expert_mix`` with n tokens on one expert, the expert rotating over the host stacks."""
+    """``cpu_expert_mix`` with n tokens on one expert, the expert rotating over the pinned host experts."""
     from fiddler_jax.runtime.engine import cpu_expert_mix
 
-    experts = host["w1"].shape[0]
+    experts = host.held.shape[1]
+    tables = host.tables(0)
     cycle = iter(range(1 << 62))
     out_n, out_s = [], []
     for n in ns:
@@ -147,7 +158,7 @@ def measure_cpu(geometry: Geometry, ns: Sequence[int], host: dict[str, np.ndarra
         token = np.arange(n, dtype=np.int64)  # as np.nonzero gives them in the engine
         weight = np.ones(n, np.float32)
         expert_of = [np.full(n, e, np.int32) for e in range(experts)]
-        times = sample(lambda: cpu_expert_mix(x, token, expert_of[next(cycle) % experts], weight, host),
+        times = sample(lambda: cpu_expert_mix(x, token, expert_of[next(cycle) % experts], weight, tables),
                        row_budget_s)
         out_n += [n] * len(times)
         out_s += times
@@ -203,25 +214,25 @@ def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_
     return out_n, out_s
 
 
-def measure_transfer(geometry: Geometry, host: dict[str, np.ndarray], row_budget_s: float,
+def measure_transfer(geometry: Geometry, host, row_budget_s: float,
                      progress: Callable[[str], None] | None = None) -> list[float]:
-    """One expert into a staging slot exactly as the engine copies it (``_write_slot`` of ``jax.device_put``)."""
+    """One expert from pinned host memory into a staging slot exactly as the engine copies it
+    (``host_experts.copy_into_slot``), then block."""
     import jax
     import jax.numpy as jnp
 
-    from fiddler_jax.runtime.engine import _write_slot
+    from fiddler_jax.runtime.host_experts import copy_into_slot
     from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
 
-    experts = host["w1"].shape[0]
-    staging = {k: jnp.zeros((DEFAULT_STAGING_SLOTS, *v.shape[1:]), v.dtype) for k, v in host.items()}
+    experts = host.held.shape[1]
+    staging = {k: jnp.zeros((DEFAULT_STAGING_SLOTS, *v.shape), v.dtype) for k, v in host.arrays(0, 0).items()}
     cycle = iter(range(1 << 62))
 
     def copy():
+        nonlocal staging
         i = next(cycle)
-        e, slot = i % experts, jnp.int32(i % DEFAULT_STAGING_SLOTS)
-        for name in ("w1", "w3", "w2"):
-            staging[name] = _write_slot(staging[name], slot, jax.device_put(host[name][e]))
-        jax.block_until_ready(list(staging.values()))
+        staging = copy_into_slot(staging, i % DEFAULT_STAGING_SLOTS, host.arrays(0, i % experts))
+        jax.block_until_ready(staging)
 
     times = sample(copy, row_budget_s)
     _report(progress, "transfer", None, times)
@@ -264,7 +275,7 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
         nbytes = 3 * geometry.hidden * geometry.ffn * np_dtype(geometry.dtype).itemsize
         say(f"calibrating {geometry} (one expert = {nbytes / 1e6:.1f} MB) on {machine.cpu} + {machine.gpu} "
             f"({jax.devices()[0].platform}); {experts} experts rotated, ~{budget_s:g} s of timing")
-    host = host_weights(geometry, experts)
+    host = pinned_experts(geometry, experts)
     cpu = measure_cpu(geometry, ns, host, row_budget, say)
     gpu = measure_gpu(geometry, ns, experts, row_budget, say)
     transfer = measure_transfer(geometry, host, row_budget, say)

@@ -1,29 +1,30 @@
 """The hybrid engine: Fiddler's layer-step loop over GPU-resident and host-resident experts.
 
 Weights: everything but the experts, and the experts that placement makes resident, live on the "GPU" (the
-first JAX device, whatever its platform); every layer's full expert stacks live in host memory. For each layer
-of each forward step:
+first JAX device, whatever its platform); every other expert lives once, in pinned host memory
+(:mod:`host_experts`), where the CPU lane reads it in place and the PCIe lane copies it from. For each layer of
+each forward step:
   1. a jitted segment runs attention, the post-attention norm and the router, and counts the tokens sent to
      each expert;
-  2. the counts come to the host and the planner (pure Python, outside jit) gives each active expert a lane:
-     GPU (resident), CPU or TRANSFER;
-  3. the lanes run: TRANSFER experts are copied into shared staging slots on the GPU (in waves of at most
-     ``staging_slots``), the GPU computes resident and staged experts (``moe.sparse_expert_mix`` over each
-     stack with a slot map, so plans never change shapes and never recompile), and the CPU computes its experts
-     on the host — the C++ kernel for bfloat16, float32 numpy for float32. GPU work is dispatched
-     asynchronously before the CPU lane runs, so the two overlap;
+  2. the counts and the routing come to the host (the one sync of the step) and the planner (pure Python,
+     outside jit) gives each active expert a lane: GPU (resident or cached), CPU or TRANSFER;
+  3. the lanes run. CPU: a worker thread fetches the activations and runs the C++ kernel (bfloat16; float32
+     parity runs use numpy) over the pinned views — the kernel releases the GIL. PCIe: TRANSFER experts are
+     copied into shared staging slots on the GPU (waves of at most ``staging_slots``) by a jitted DMA from
+     pinned memory. GPU: resident, cached and staged experts run through ``moe.sparse_expert_mix`` with a slot
+     map, so plans never change shapes and never recompile. With a concurrent plan (``fiddler_overlap``,
+     ``cpu_only``, ...) the three lanes run at once: the main thread only queues GPU work, then waits. With a
+     sequential plan (``fiddler``, the paper's execution) each lane waits for the one before: GPU, PCIe, CPU;
   4. the contributions are summed on the GPU with the residual.
 A layer whose experts are all resident runs as one jitted call with no host round trip. Every step is
-recorded in ``engine.trace`` (counts, plan, lane spans; ``engine.trace.save("trace.json")`` writes a
-Perfetto timeline).
+recorded in ``engine.trace`` (counts, plan, lane spans from queueing to completion;
+``engine.trace.save("trace.json")`` writes a Perfetto timeline).
 
 With ``cache_slots`` (or ``planner="lru"``) copied experts stay in a per-layer dynamic cache with LRU eviction.
-
-Not yet here (next steps of the engine issue): pinned host memory and a faster PCIe copy path, a CPU lane that
-runs in a thread beside the copies.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import os
@@ -41,6 +42,7 @@ from fiddler_jax.runtime import planners as P
 from fiddler_jax.runtime.generate import cache_length, check_sampling, check_token_ids, decode_loop
 from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
+from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.profiling import RoutingProfile
@@ -95,49 +97,46 @@ def _residual_add(h, gpu_out, cpu_out):
     return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_slot(stack, slot, weights):
-    return jax.lax.dynamic_update_index_in_dim(stack, weights, slot, 0)
-
-
 def _accepts(policy_name: str, param: str) -> bool:
     policy = P.POLICIES.get(policy_name)
     return policy is not None and param in inspect.signature(policy).parameters
 
 
 def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, weight: np.ndarray,
-                   host: dict[str, np.ndarray]) -> np.ndarray:
-    """The CPU lane: float32 [N, hidden] = Σ weight · FFN_expert(moe_in[token]) over the given assignments.
-    bfloat16 weights run through the C++ kernel (all experts of the call at once, over all cores); float32
-    weights (parity runs) through numpy in float32."""
+                   tables: tuple[list, list, list]) -> np.ndarray:
+    """The CPU lane: float32 [N, hidden] = Σ weight · FFN_expert(moe_in[token]) over the given assignments, with
+    ``tables`` = (w1s, w3s, w2s) per-expert host arrays (None where an expert is not on the host). bfloat16
+    weights run through the C++ kernel (all experts of the call at once, over all cores, reading the weights
+    where they are); float32 weights (parity runs) through numpy in float32."""
     out = np.zeros(moe_in.shape, np.float32)
     if len(token) == 0:
         return out
-    if host["w1"].dtype == np.float32:
+    w1s, w3s, w2s = tables
+    if w1s[int(expert[0])].dtype == np.float32:
         for e in np.unique(expert):
             rows = expert == e
             x = moe_in[token[rows]]
-            gate, up = x @ host["w1"][e].T, x @ host["w3"][e].T
-            y = (gate / (1 + np.exp(-gate)) * up) @ host["w2"][e].T
+            gate, up = x @ w1s[e].T, x @ w3s[e].T
+            y = (gate / (1 + np.exp(-gate)) * up) @ w2s[e].T
             np.add.at(out, token[rows], y * weight[rows, None])
         return out
     from fiddler_jax.kernels import grouped_expert_ffn_numpy
 
     return grouped_expert_ffn_numpy(np.ascontiguousarray(moe_in), token.astype(np.int32), expert.astype(np.int32),
-                                    weight.astype(np.float32), host["w1"], host["w3"], host["w2"], out=out)
+                                    weight.astype(np.float32), w1s, w3s, w2s, out=out)
 
 
 class Engine:
     """Mixtral with experts split between the GPU and the host, planned per layer step (module docstring)."""
 
-    def __init__(self, model, host_experts: list[dict[str, np.ndarray]], placement: Placement, planner,
-                 latency: LatencyModel, staging_slots: int, cache_slots: int = 0):
+    def __init__(self, model, host: HostExperts, placement: Placement, planner, latency: LatencyModel,
+                 staging_slots: int, cache_slots: int = 0):
         self.model = model
         self.config: MixtralConfig = model.config
         self.placement = placement
         self.planner = planner
         self.latency = latency
-        self.host = host_experts
+        self.host = host
         self.trace = Trace()
         self._graph, self._state = nnx.split(model)
         self._layers = [nnx.split(layer) for layer in model.layers]
@@ -158,6 +157,7 @@ class Engine:
         self.cache_slots = cache_slots
         self._cache = [{k: jnp.zeros((cache_slots,) + s[1:], dtype) for k, s in shapes.items()}
                        for _ in range(cfg.num_hidden_layers)] if cache_slots else []
+        self._cpu_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-cpu-lane")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -190,9 +190,10 @@ class Engine:
         plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
                      resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
                      staging_slots=staging_slots, cache_slots=cache_slots, seed=seed)
-        model, host = load_split(path, dtype, resident=plan.resident, progress=progress)
+        model, reader = load_split(path, dtype, resident=plan.resident, progress=progress)
         if profile is not None:
             RoutingProfile.load(profile, model)  # refuses a profile of another model
+        host = HostExperts.pin(reader, ~plan.resident, progress=progress)
         return cls(model, host, plan, bound, lat, staging_slots, cache_slots)
 
     # -- the step loop ---------------------------------------------------------------------------------------
@@ -200,11 +201,18 @@ class Engine:
         """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes."""
         clock = self.trace.now
         t_plan = clock()
-        counts = np.asarray(counts)  # the host sync of this layer step
+        counts, experts, weights = jax.device_get((counts, routing.experts, routing.weights))  # the step's sync
         cache_before = self._cache_state(layer)
         plan = self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
         lanes = plan.lanes
         spans = {"plan": (t_plan, clock())}
+        on_cpu = lanes[experts] == P.Lane.CPU
+        cpu_job = None
+        if on_cpu.any():
+            token, slot = np.nonzero(on_cpu)
+            job = functools.partial(self._run_cpu_lane, layer, moe_in, token, experts[token, slot],
+                                    weights[token, slot])
+            cpu_job = self._cpu_lane.submit(job) if plan.concurrent else None
         t_gpu = clock()
         gpu_out = jnp.zeros(moe_in.shape, jnp.float32)
         if self.placement.resident[layer].any():
@@ -213,33 +221,33 @@ class Engine:
         if self.cache_slots:
             gpu_out, order = self._cache_lane(layer, moe_in, routing, plan, cache_before, gpu_out, spans)
         if len(order):
-            t_copy = clock()
+            if not plan.concurrent:
+                gpu_out.block_until_ready()  # sequential: the GPU lane ends before the PCIe lane starts
+            spans.setdefault("pcie", (clock(),) * 2)
             for wave in range(0, len(order), self.staging_slots):
                 slot_of = np.full(len(lanes), -1, np.int32)
                 for slot, e in enumerate(order[wave:wave + self.staging_slots]):
-                    self._copy_expert(layer, e, self._staging, slot)
+                    self._staging = copy_into_slot(self._staging, slot, self.host.arrays(layer, int(e)))
                     slot_of[e] = slot
                 gpu_out = gpu_out + _buffers_mix(moe_in, routing, slot_of, self._staging)
-            spans["pcie"] = (spans.get("pcie", (t_copy,))[0], clock())
-        experts = np.asarray(routing.experts)
-        on_cpu = lanes[experts] == P.Lane.CPU
-        cpu_out = jnp.zeros(moe_in.shape, jnp.float32)
-        if on_cpu.any():
-            t_cpu = clock()
-            token, slot = np.nonzero(on_cpu)
-            host_out = cpu_expert_mix(np.asarray(moe_in), token, experts[token, slot],
-                                      np.asarray(routing.weights)[token, slot], self.host[layer])
-            cpu_out = jnp.asarray(host_out)
-            spans["cpu"] = (t_cpu, clock())
+        if "pcie" in spans:  # wait for the copies alone (the mixes after them are the GPU lane's)
+            jax.block_until_ready((self._staging, self._cache[layer] if self.cache_slots else None))
+            spans["pcie"] = (spans["pcie"][0], clock())
         gpu_out.block_until_ready()
         spans["gpu"] = (t_gpu, clock())
+        cpu_out = jnp.zeros(moe_in.shape, jnp.float32)
+        if on_cpu.any():
+            host_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
+            cpu_out = jnp.asarray(host_out)
         self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
         return gpu_out, cpu_out
 
-    def _copy_expert(self, layer: int, expert: int, buffers: dict, slot: int) -> None:
-        """The PCIe lane: expert ``expert`` of ``layer`` from host memory into row ``slot`` of ``buffers``."""
-        for name in ("w1", "w3", "w2"):
-            buffers[name] = _write_slot(buffers[name], jnp.int32(slot), jax.device_put(self.host[layer][name][expert]))
+    def _run_cpu_lane(self, layer: int, moe_in, token, expert, weight):
+        """The CPU lane of one layer step (runs in the lane's worker thread): activations to the host, the
+        kernel over the pinned expert views. Returns the float32 output and the lane's (start, end)."""
+        start = self.trace.now()
+        out = cpu_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
+        return out, (start, self.trace.now())
 
     def _cache_state(self, layer: int) -> P.CacheState | None:
         return self.planner.caches.get(layer, P.CacheState.empty(self.cache_slots)) if self.cache_slots else None
@@ -252,19 +260,18 @@ class Engine:
         for slot, e in enumerate(before.experts):
             if e >= 0 and plan.cached[e]:
                 hits[e] = slot
-        buffers = self._cache[layer]
         if (hits >= 0).any():
-            gpu_out = gpu_out + _buffers_mix(moe_in, routing, hits, buffers)
+            gpu_out = gpu_out + _buffers_mix(moe_in, routing, hits, self._cache[layer])
         after = self.planner.caches[layer]
         into_cache = [(after.experts.index(e), e) for e in plan.transfer_order.tolist() if e in after.experts]
         if into_cache:
             t_copy = self.trace.now()
             placed = np.full(len(plan.lanes), -1, np.int32)
             for slot, e in into_cache:
-                self._copy_expert(layer, e, buffers, slot)
+                self._cache[layer] = copy_into_slot(self._cache[layer], slot, self.host.arrays(layer, e))
                 placed[e] = slot
-            gpu_out = gpu_out + _buffers_mix(moe_in, routing, placed, buffers)
-            spans["pcie"] = (t_copy, self.trace.now())
+            gpu_out = gpu_out + _buffers_mix(moe_in, routing, placed, self._cache[layer])
+            spans["pcie"] = (t_copy, t_copy)  # the end is set when the copies have landed
         cached = {e for _, e in into_cache}
         return gpu_out, np.asarray([e for e in plan.transfer_order.tolist() if e not in cached], np.int32)
 

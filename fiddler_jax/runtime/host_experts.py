@@ -1,0 +1,124 @@
+"""Offloaded experts, held once in pinned host memory and shared by the CPU lane and the PCIe lane.
+
+Every offloaded (layer, expert) is three JAX arrays (w1, w3, w2) in the ``pinned_host`` memory of the GPU
+device (on a CPU-only JAX, of the CPU device: the same code runs in CI):
+  * the PCIe lane moves them into GPU buffers inside a jit (:func:`copy_into_slot`): a DMA from pinned memory
+    whose dispatch returns at once — 7.4 ms for a Mixtral-8x7B expert (352 MB, 45 GiB/s) on the H100 machine,
+    against 59 ms for an eager ``device_put`` of pageable numpy (scripts/probe_pinned_lane.py);
+  * the CPU lane reads the very same bytes: ``np.asarray`` of a pinned_host array is a zero-copy view (checked
+    for every array at load; the kernel takes per-expert weight tables, so no stack is ever built).
+Why one array per expert and not a stack per layer: slicing a pinned stack inside jit copies as fast, but its
+dispatch blocked the Python thread for 5 ms (measured), which would serialise the lanes.
+
+Loading pins one expert at a time from a source callable (a checkpoint's mmap reader, or random weights) and
+drops the source arrays, so the host never holds a second full copy. JAX's pinned allocator is capped by
+``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` (default 64 GiB); ``fiddler_jax`` raises that cap to the machine's RAM
+at import, before JAX starts its GPU client.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from fiddler_jax.errors import FiddlerError
+from fiddler_jax.units import format_bytes
+
+WEIGHTS = ("w1", "w3", "w2")
+PINNED = "pinned_host"
+HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+class HostMemoryError(FiddlerError, MemoryError):
+    """The offloaded experts do not fit in pinned host memory."""
+
+
+def _host_view(array: jax.Array) -> np.ndarray:
+    """Zero-copy numpy view of a host-memory JAX array (an error if this JAX would copy)."""
+    view = np.asarray(array)
+    if view.ctypes.data != array.unsafe_buffer_pointer():
+        raise FiddlerError("np.asarray of a pinned_host array copied instead of viewing; this JAX version breaks "
+                           "the engine's hold-experts-once design (report it with your jax version)")
+    return view
+
+
+class HostExperts:
+    """Pinned host copies of the offloaded experts: ``arrays(l, e)`` for the PCIe lane, ``tables(l)`` for the
+    CPU kernel (per-expert numpy views, None for experts not held here)."""
+
+    def __init__(self, arrays: dict[tuple[int, int], dict[str, jax.Array]], num_layers: int, num_experts: int):
+        self._arrays = arrays
+        self.held = np.zeros((num_layers, num_experts), bool)
+        for layer, expert in arrays:
+            self.held[layer, expert] = True
+        self._views = {key: {w: _host_view(a[w]) for w in WEIGHTS} for key, a in arrays.items()}
+
+    @classmethod
+    def pin(cls, source: Callable[[int, int], dict[str, np.ndarray]], offloaded: np.ndarray,
+            device: jax.Device | None = None, progress: bool = True) -> HostExperts:
+        """Put every expert with ``offloaded[l, e]`` into pinned memory of ``device``, one at a time from
+        ``source(l, e)`` → {"w1", "w3", "w2"} numpy arrays."""
+        device = device or jax.devices()[0]
+        kinds = {m.kind for m in device.addressable_memories()}
+        if PINNED not in kinds:
+            raise FiddlerError(f"device {device} has no pinned_host memory (it has {sorted(kinds)}); the engine "
+                               "needs it to hold offloaded experts")
+        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED)
+        keys = [(int(l), int(e)) for l, e in zip(*np.nonzero(offloaded))]
+        arrays: dict[tuple[int, int], dict[str, jax.Array]] = {}
+        pinned_bytes = 0
+        with tqdm(keys, desc="pinning offloaded experts", unit="expert", disable=not progress or not keys,
+                  leave=False) as bar:
+            for key in bar:
+                weights = source(*key)
+                try:
+                    arrays[key] = {w: jax.device_put(np.ascontiguousarray(weights[w]), sharding) for w in WEIGHTS}
+                    jax.block_until_ready(arrays[key])
+                except Exception as exc:  # XlaRuntimeError: RESOURCE_EXHAUSTED from the pinned allocator
+                    if "RESOURCE_EXHAUSTED" not in str(exc) and "out of memory" not in str(exc).lower():
+                        raise
+                    need = pinned_bytes * len(keys) // max(len(arrays), 1)
+                    raise HostMemoryError(
+                        f"pinned host memory ran out after {len(arrays)} of {len(keys)} offloaded experts "
+                        f"({format_bytes(pinned_bytes)} pinned, about {format_bytes(need)} needed): raise "
+                        f"{HOST_LIMIT_VAR} before JAX starts (fiddler_jax sets it to the machine's RAM unless it is "
+                        "already set), free host memory, or give the GPU a larger gpu_budget") from exc
+                pinned_bytes += sum(a.nbytes for a in arrays[key].values())
+        return cls(arrays, *offloaded.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for weights in self._arrays.values() for a in weights.values())
+
+    def arrays(self, layer: int, expert: int) -> dict[str, jax.Array]:
+        """The pinned JAX arrays of one expert (inputs of :func:`copy_into_slot`)."""
+        try:
+            return self._arrays[layer, expert]
+        except KeyError:
+            raise FiddlerError(f"expert {expert} of layer {layer} is not held in host memory") from None
+
+    @functools.lru_cache(maxsize=None)
+    def tables(self, layer: int) -> tuple[list, list, list]:
+        """Per-expert numpy views of one layer, (w1s, w3s, w2s), None where the expert is not held here."""
+        experts = range(self.held.shape[1])
+        return tuple([self._views[layer, e][w] if self.held[layer, e] else None for e in experts] for w in WEIGHTS)
+
+
+def _copy_into_slot(buffers: dict, slot, weights: dict, target) -> dict:
+    return {w: jax.lax.dynamic_update_index_in_dim(buffers[w], jax.device_put(weights[w], target), slot, 0)
+            for w in WEIGHTS}
+
+
+_copy_jit = jax.jit(_copy_into_slot, donate_argnums=0, static_argnames="target")
+
+
+def copy_into_slot(buffers: dict[str, jax.Array], slot: int, weights: dict[str, jax.Array]) -> dict:
+    """The PCIe lane: one jitted call that moves an expert's pinned arrays into row ``slot`` of the GPU buffers
+    {"w1": [S, ffn, hidden], ...} (donated; the updated buffers are returned). One expert per call keeps a
+    single compiled signature whatever the plan. The call returns when the copy is queued, not when it ends:
+    block on the result to wait for it."""
+    target = jax.sharding.SingleDeviceSharding(next(iter(buffers["w1"].devices())), memory_kind="device")
+    return _copy_jit(buffers, np.int32(slot), weights, target=target)
