@@ -145,6 +145,7 @@ def test_sequential_plans_run_the_lanes_one_after_another(checkpoint):
             assert step.spans["cpu"][0] >= step.spans["gpu"][1]
             if "pcie" in step.spans:
                 assert step.spans["cpu"][0] >= step.spans["pcie"][1]
+    assert engine.trace_summary()["overlap_s"]["cpu+pcie"] == 0
     concurrent = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=2,
                                           dtype="float32", progress=False)
     concurrent.logits(ids)
@@ -186,6 +187,8 @@ def test_trace_saves_a_perfetto_timeline(checkpoint, tmp_path):
     assert sum(summary["experts_per_lane"].values()) == sum(int((s.counts > 0).sum()) for s in engine.trace.steps)
     engine.trace.clear()
     assert engine.trace_summary() == {"planned_steps": 0}
+    tokens, stats = engine.generate_with_stats(token_ids(97, (1, 6), seed=5), 6, eos_token_id=[])
+    assert tokens.shape == (1, 12) and stats.prefill_s > 0 and stats.new_tokens == 6
 
 
 def test_same_seed_same_output_across_cpu_thread_counts():

@@ -1,6 +1,7 @@
 """``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -74,17 +75,15 @@ def main(cfg) -> None:
         ids = np.asarray(tokenizer(cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT)["input_ids"])[None, :]
     kwargs = dict(do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
                   num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping)
-    if engine is not None:
+    if cfg.num_beams > 1:
         tic = time.perf_counter()
-        out = engine.generate(ids, cfg.max_new_tokens, **kwargs)
-        stats = GenerationStats(ids.shape[1], out.shape[1] - ids.shape[1], decode_s=time.perf_counter() - tic)
-    elif cfg.num_beams > 1:
-        tic = time.perf_counter()
-        out = fj.generate(model, ids, cfg.max_new_tokens, **kwargs)
+        out = (engine.generate if engine is not None else functools.partial(fj.generate, model))(
+            ids, cfg.max_new_tokens, **kwargs)
         stats = GenerationStats(ids.shape[1], out.shape[1] - ids.shape[1], decode_s=time.perf_counter() - tic)
     else:
-        out, stats = fj.generate_with_stats(model, ids, cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                            seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p)
+        run = engine.generate_with_stats if engine is not None else functools.partial(fj.generate_with_stats, model)
+        out, stats = run(ids, cfg.max_new_tokens, do_sample=cfg.do_sample, seed=cfg.seed,
+                         temperature=cfg.temperature, top_p=cfg.top_p)
     new = out[0, ids.shape[1]:]
     if tokenizer is not None:
         print(tokenizer.decode(out[0], skip_special_tokens=True))

@@ -39,7 +39,9 @@ from fiddler_jax.models.checkpoint import load_split, resolve_dtype
 from fiddler_jax.models.config import MixtralConfig
 from fiddler_jax.models.moe import Routing, route, sparse_expert_mix
 from fiddler_jax.runtime import planners as P
-from fiddler_jax.runtime.generate import cache_length, check_sampling, check_token_ids, decode_loop
+from fiddler_jax.runtime.generate import (
+    GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop,
+)
 from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
 from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot
@@ -303,27 +305,39 @@ class Engine:
         """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``).
         Beam search needs num_beams × cache length within the KV reserve placed for ``max_batch`` rows."""
         ids = check_token_ids(self.model, input_ids, max_new_tokens)
-        check_sampling(do_sample, temperature, top_p)
         check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
-        eos = self.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        if num_beams == 1:
+            return self.generate_with_stats(ids, max_new_tokens, do_sample, seed, temperature=temperature,
+                                            top_p=top_p, eos_token_id=eos_token_id)[0]
         if max_new_tokens == 0:
             return ids
 
-        def forward_last(tokens, cache, start):
-            logits, cache = self.forward(tokens, cache, start)
-            return logits[:, -1], cache
+        slots = cache_length(ids.shape[1], max_new_tokens, self.config)
+        check_kv_reserve(kv_cache_bytes(self.config, self.model.dtype.itemsize, num_beams, slots),
+                         self.placement.memory.kv_cache, num_beams, slots)
+        return beam_search(self._forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
+                           max_new_tokens, num_beams, eos_token_ids=self._eos(eos_token_id),
+                           length_penalty=length_penalty, early_stopping=early_stopping,
+                           pad_token_id=self.config.pad_token_id)
 
-        if num_beams > 1:
-            slots = cache_length(ids.shape[1], max_new_tokens, self.config)
-            check_kv_reserve(kv_cache_bytes(self.config, self.model.dtype.itemsize, num_beams, slots),
-                             self.placement.memory.kv_cache, num_beams, slots)
-            return beam_search(forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
-                               max_new_tokens, num_beams, eos_token_ids=eos, length_penalty=length_penalty,
-                               early_stopping=early_stopping, pad_token_id=self.config.pad_token_id)
+    def generate_with_stats(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
+                            temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None):
+        """Greedy or sampled continuation and its :class:`GenerationStats` (time to first token apart from the
+        steady-state decode rate), like ``fiddler_jax.generate_with_stats``."""
+        ids = check_token_ids(self.model, input_ids, max_new_tokens)
+        check_sampling(do_sample, temperature, top_p)
+        if max_new_tokens == 0:
+            return ids, GenerationStats(prompt_tokens=ids.shape[1])
         cache = self.model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, self.config))
-        out, _ = decode_loop(forward_last, cache, ids, max_new_tokens, eos, do_sample=do_sample, seed=seed,
-                             temperature=temperature, top_p=top_p)
-        return out
+        return decode_loop(self._forward_last, cache, ids, max_new_tokens, self._eos(eos_token_id),
+                           do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p)
+
+    def _forward_last(self, tokens, cache, start):
+        logits, cache = self.forward(tokens, cache, start)
+        return logits[:, -1], cache
+
+    def _eos(self, eos_token_id) -> tuple[int, ...]:
+        return self.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
 
     def trace_summary(self) -> dict:
         """``engine.trace.summary()``: GPU-hit rate, experts and busy time per lane, idle time."""

@@ -1,10 +1,12 @@
 """Per-layer timeline of the hybrid engine: what each planned layer step asked for, what the planner decided,
 and when each lane was busy — saved as Chrome/Perfetto trace-event JSON (one track per lane) with a summary.
 
-Times are host wall-clock (``time.perf_counter``) relative to the trace's creation. Host-side lanes (``plan``,
-``pcie`` — the copies' dispatch and host part —, ``cpu``) are measured exactly. The ``gpu`` span of a step runs
-from the dispatch of its expert work to the moment the host sees the result ready, which the engine checks
-right after its CPU lane: when the GPU finishes first, the span ends late by at most the CPU lane's remainder.
+Times are host wall-clock (``time.perf_counter``) relative to the trace's creation; each lane's span runs from
+the moment the engine starts or queues its work to the moment the host sees that work done: ``plan`` (the
+routing sync and the planner), ``pcie`` (first copy queued → all copies landed), ``cpu`` (the worker thread's
+activations fetch and kernel), ``gpu`` (resident work queued → all expert work of the step done; under a
+concurrent plan it contains the copies it waits for). ``overlap_s`` in the summary is the time the CPU and
+PCIe lanes were busy at once — the concurrency Fiddler's sequential execution leaves unused.
 Open the file in https://ui.perfetto.dev or chrome://tracing.
 """
 from __future__ import annotations
@@ -34,6 +36,13 @@ class StepRecord:
     def busy_s(self, lane: str) -> float:
         start, end = self.spans.get(lane, (0.0, 0.0))
         return end - start
+
+    def overlap_s(self, a: str, b: str) -> float:
+        """Seconds both lanes were busy in this step."""
+        if a not in self.spans or b not in self.spans:
+            return 0.0
+        (s1, e1), (s2, e2) = self.spans[a], self.spans[b]
+        return max(0.0, min(e1, e2) - max(s1, s2))
 
     @property
     def wall_s(self) -> float:
@@ -76,6 +85,8 @@ class Trace:
             "busy_s": busy,
             "wall_s": wall,
             "idle_s": {lane: wall - b for lane, b in busy.items()},
+            "overlap_s": {"cpu+pcie": sum(s.overlap_s("cpu", "pcie") for s in self.steps),
+                          "cpu+gpu": sum(s.overlap_s("cpu", "gpu") for s in self.steps)},
             "predicted_s": float(sum(s.predicted_s for s in self.steps)),
         }
 
