@@ -128,6 +128,32 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
                                     weight.astype(np.float32), w1s, w3s, w2s, out=out)
 
 
+CPU_BACKENDS = ("kernel", "xla")
+
+
+@jax.jit
+def _xla_expert_ffn(x, w1, w3, w2):
+    f32 = jnp.float32
+    gate = jnp.dot(x, w1.T, preferred_element_type=f32)
+    up = jnp.dot(x, w3.T, preferred_element_type=f32)
+    return jnp.dot((jax.nn.silu(gate) * up).astype(x.dtype), w2.T, preferred_element_type=f32)
+
+
+def xla_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, weight: np.ndarray,
+                   tables: tuple[list, list, list]) -> np.ndarray:
+    """The CPU lane through XLA's own CPU dot (``kernel=xla``, the ablation baseline): each expert's FFN is a
+    jitted computation on the JAX CPU device over the same pinned weights (``device_put`` of an aligned host
+    view aliases it, no copy)."""
+    cpu = jax.devices("cpu")[0]
+    out = np.zeros(moe_in.shape, np.float32)
+    for e in np.unique(expert):
+        rows = expert == e
+        x = jax.device_put(np.ascontiguousarray(moe_in[token[rows]]), cpu)
+        y = np.asarray(_xla_expert_ffn(x, *(jax.device_put(t[e], cpu) for t in tables)))
+        np.add.at(out, token[rows], y * weight[rows, None])
+    return out
+
+
 class Engine:
     """Mixtral with experts split between the GPU and the host, planned per layer step (module docstring)."""
 
@@ -160,6 +186,7 @@ class Engine:
         self._cache = [{k: jnp.zeros((cache_slots,) + s[1:], dtype) for k, s in shapes.items()}
                        for _ in range(cfg.num_hidden_layers)] if cache_slots else []
         self._cpu_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-cpu-lane")
+        self.cpu_backend = "kernel"
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -167,10 +194,50 @@ class Engine:
                         resident_experts: int | None = None, staging_slots: int = P.DEFAULT_STAGING_SLOTS,
                         cache_slots: int = 0, dtype="bfloat16", profile: str | os.PathLike | None = None,
                         latency: str | os.PathLike | None = None, max_batch: int = 1, max_context: int | None = None,
-                        seed: int = 0, progress: bool = True, **planner_params) -> Engine:
+                        seed: int = 0, cpu_backend: str = "kernel", progress: bool = True,
+                        **planner_params) -> Engine:
         """Place, load and plan a checkpoint folder. ``latency``: None = the design-note numbers of the H100
         machine; "auto" = this machine's calibration for this geometry (``fiddler-jax calibrate``); or a latency
-        JSON file. ``profile``: a routing profile from ``fiddler-jax profile``."""
+        JSON file. ``profile``: a routing profile from ``fiddler-jax profile``. ``cpu_backend``: "kernel" (our
+        C++ kernel) or "xla" (XLA's own CPU dot: the ablation baseline)."""
+        cfg = MixtralConfig.from_pretrained(path)
+
+        def load(resident):
+            model, reader = load_split(path, dtype, resident=resident, progress=progress)
+            if profile is not None:
+                RoutingProfile.load(profile, model)  # refuses a profile of another model
+            return model, reader
+
+        return cls._build(cfg, load, gpu_budget=gpu_budget, planner=planner, placement=placement,
+                          resident_experts=resident_experts, staging_slots=staging_slots, cache_slots=cache_slots,
+                          dtype=dtype, profile=profile, latency=latency, max_batch=max_batch,
+                          max_context=max_context, seed=seed, cpu_backend=cpu_backend, progress=progress,
+                          planner_params=planner_params)
+
+    @classmethod
+    def from_random(cls, config: MixtralConfig, *, weight_seed: int = 0, router_bias: float = 0.0,
+                    **kwargs) -> Engine:
+        """The engine over a seeded random model of ``config``'s geometry made in memory
+        (:mod:`fiddler_jax.models.random_weights`; nothing is written to disk). Keyword arguments as
+        :meth:`from_pretrained`."""
+        from fiddler_jax.models.random_weights import random_split_model
+
+        dtype = kwargs.get("dtype", "bfloat16")
+        planner_params = {k: kwargs.pop(k) for k in list(kwargs) if k not in inspect.signature(cls._build).parameters}
+        return cls._build(config, lambda resident: random_split_model(config, dtype, resident=resident,
+                                                                      seed=weight_seed, router_bias=router_bias),
+                          planner_params=planner_params, **kwargs)
+
+    @classmethod
+    def _build(cls, cfg: MixtralConfig, load, *, gpu_budget="24GiB", planner="fiddler_overlap",
+               placement="popularity", resident_experts=None, staging_slots=P.DEFAULT_STAGING_SLOTS, cache_slots=0,
+               dtype="bfloat16", profile=None, latency=None, max_batch=1, max_context=None, seed=0,
+               cpu_backend="kernel", progress=True, planner_params=None) -> Engine:
+        """Planner, latency model, placement; then ``load(resident) -> (model, offloaded-expert source)`` and
+        the pinning of the offloaded experts."""
+        planner_params = dict(planner_params or {})
+        if cpu_backend not in CPU_BACKENDS:
+            raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
         policy = "transfer" if planner == "lru" else planner
         if _accepts(policy, "staging_slots"):
             planner_params.setdefault("staging_slots", staging_slots)
@@ -180,7 +247,6 @@ class Engine:
         cache_slots = getattr(bound, "cache_slots", 0)
         if staging_slots < 1 and policy in ("fiddler", "fiddler_overlap", "transfer"):
             raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
-        cfg = MixtralConfig.from_pretrained(path)
         if latency is None:
             lat = LatencyModel.from_design_numbers()
         elif isinstance(latency, str) and latency == "auto":
@@ -192,11 +258,11 @@ class Engine:
         plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
                      resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
                      staging_slots=staging_slots, cache_slots=cache_slots, seed=seed)
-        model, reader = load_split(path, dtype, resident=plan.resident, progress=progress)
-        if profile is not None:
-            RoutingProfile.load(profile, model)  # refuses a profile of another model
-        host = HostExperts.pin(reader, ~plan.resident, progress=progress)
-        return cls(model, host, plan, bound, lat, staging_slots, cache_slots)
+        model, source = load(plan.resident)
+        host = HostExperts.pin(source, ~plan.resident, progress=progress)
+        engine = cls(model, host, plan, bound, lat, staging_slots, cache_slots)
+        engine.cpu_backend = cpu_backend
+        return engine
 
     # -- the step loop ---------------------------------------------------------------------------------------
     def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:
@@ -248,7 +314,8 @@ class Engine:
         """The CPU lane of one layer step (runs in the lane's worker thread): activations to the host, the
         kernel over the pinned expert views. Returns the float32 output and the lane's (start, end)."""
         start = self.trace.now()
-        out = cpu_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
+        mix = xla_expert_mix if self.cpu_backend == "xla" else cpu_expert_mix
+        out = mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
         return out, (start, self.trace.now())
 
     def _cache_state(self, layer: int) -> P.CacheState | None:
