@@ -1,8 +1,8 @@
 """The ``fiddler-jax`` command: ``fiddler-jax <subcommand> [hydra overrides...]``.
 
 Most subcommands are Hydra apps in :mod:`fiddler_jax.experiments` with their config in ``conf/<name>.yaml``
-(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config); ``bench-kernel`` takes
-plain ``--flags`` (``--help`` lists them).
+(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config); ``bench-kernel`` and
+``report`` take plain arguments (``--help`` lists them).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ COMMANDS = {
     "bench-kernel": ("fiddler_jax.kernels.bench", "benchmark the CPU expert kernel (Mixtral-8x7B shapes)"),
     "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
     "calibrate": ("fiddler_jax.experiments.calibrate", "measure this machine's lane latencies for a model geometry"),
+    "bench": ("fiddler_jax.experiments.bench", "run a scenario (decode/prefill/beam) and write result.json"),
+    "report": ("fiddler_jax.experiments.report", "CSV + markdown table + plots of a sweep's result.json files"),
 }
 
 

@@ -47,7 +47,7 @@ def path_supported(path: str) -> bool:
 
 def _path_id(path: str) -> int:
     if path not in _PATH_ID:
-        raise ValueError(f"unknown kernel path {path!r}; expected one of {PATHS}")
+        raise KernelError(f"unknown kernel path {path!r}; valid: {', '.join(PATHS)}")
     return _PATH_ID[path]
 
 
@@ -56,7 +56,10 @@ def set_kernel_path(path: str) -> None:
 
     The environment variable FIDDLER_KERNEL_PATH sets the initial value."""
     if _lib.fj_set_path(_path_id(path)) != 0:
-        raise RuntimeError(f"kernel path {path!r} is not supported by this CPU ({cpu_features()['flags']})")
+        flags = [k for k, v in cpu_features()["flags"].items() if v]
+        raise UnsupportedPathError(f"kernel path {path!r} is not supported by this CPU (it has {', '.join(flags)}; "
+                                   f"supported paths: {', '.join(cpu_features()['supported_paths'])}); use "
+                                   "kernel=auto or one of those")
 
 
 def get_kernel_path() -> str:
@@ -130,6 +133,10 @@ def cpu_features(token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)) -> dict[s
 
 class KernelError(FiddlerError, ValueError):
     """A kernel call rejected its input (the message names the argument)."""
+
+
+class UnsupportedPathError(KernelError, RuntimeError):
+    """A kernel path this CPU cannot run was forced."""
 
 
 def _bf16_buffer(name: str, a: np.ndarray, rank: int) -> np.ndarray:

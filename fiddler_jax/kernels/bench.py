@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import numpy as np
@@ -24,6 +22,7 @@ import numpy as np
 import fiddler_jax.kernels as K
 from fiddler_jax.kernels._lib import _ffi, _lib
 from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
+from fiddler_jax.provenance import git_dirty, git_sha, versions
 
 GIB = 1024 ** 3
 # The AMX defaults (xla_ffi/kernel_amx.cc), restored after each sweep entry.
@@ -66,38 +65,6 @@ def read_bandwidth(buffers, reps=7) -> float:
 
     t, _ = timeit(read, min_reps=reps, max_reps=reps, warmup=2)
     return total / t / GIB
-
-
-def git_sha() -> str:
-    if os.environ.get("FIDDLER_GIT_SHA"):
-        return os.environ["FIDDLER_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def versions() -> dict:
-    v = {"python": platform.python_version(), "numpy": np.__version__}
-    import jax
-    v["jax"] = jax.__version__
-    try:
-        import jaxlib
-        v["jaxlib"] = jaxlib.__version__
-    except Exception:
-        pass
-    try:
-        import torch
-        v["torch"] = torch.__version__
-    except Exception:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            v["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return v
 
 
 def main(argv=None) -> dict:
@@ -312,7 +279,7 @@ def main(argv=None) -> dict:
             extra["sweep_amx_variant"] = sweep
         K.set_kernel_path("auto")
 
-    result = {"git_sha": git_sha(), "versions": versions(), "cpu_features": feats, "hidden": H, "ffn": F,
+    result = {"git_sha": git_sha(), "git_dirty": git_dirty(), "versions": versions(), "cpu_features": feats, "hidden": H, "ffn": F,
               "expert_bytes": wbytes, "read_bandwidth_GiBps": bw, "streaming_bar_ms": bar_s * 1e3,
               "rows": rows, **extra}
     if a.json:

@@ -1,0 +1,222 @@
+"""``fiddler-jax bench``: one scenario through the engine (or a peer baseline), warm-up excluded, ``repeats``
+timed runs reported as median and spread; ``result.json`` in Hydra's output folder holds the metrics, the
+resolved config, the overrides, provenance (git SHA and dirty flag, versions, CPU model and flags, GPU) and the
+latency model the planner used. Config: ``conf/bench.yaml`` and its groups (schemas in ``schemas.py``).
+
+Scenarios: ``decode`` (time to first token, steady-state and end-to-end tokens/s), ``prefill`` (TTFT of a long
+prompt), ``beam`` (tokens/s counting every beam, end-to-end latency). Prompts are cut from a text file
+(``prompts_file``; default: the held-out files of the tiny model's corpus, i.e. this Python's standard
+library), repeated if short; a model without a tokenizer gets seeded random token ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
+
+SCENARIOS = ("decode", "prefill", "beam")
+BASELINES = ("hf_accelerate",)
+
+
+def prompt_text(prompts_file: str | None) -> str:
+    """The text prompts are cut from: ``prompts_file``, or the tiny model's held-out corpus files."""
+    if prompts_file is not None:
+        path = os.path.expanduser(prompts_file)
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"prompts_file {path} does not exist")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if not text.strip():
+            raise InvalidInputError(f"prompts_file {path} is empty; give a text file with prompts")
+        return text
+    from fiddler_jax.training.corpus import find_corpus
+
+    corpus = find_corpus()
+    return "\n".join(corpus.read(rel) for rel in corpus.heldout[:8])
+
+
+def prompt_ids(tokenizer, text: str, length: int, vocab_size: int, seed: int) -> np.ndarray:
+    """[1, length] token ids: the start of ``text`` (repeated when short), or seeded random ids."""
+    if tokenizer is None:
+        return np.random.default_rng(seed).integers(0, vocab_size, size=(1, length))
+    ids = np.asarray(tokenizer(text[: 16 * length + 1024])["input_ids"])
+    if ids.size == 0:
+        raise InvalidInputError("the prompt text tokenizes to nothing")
+    return np.resize(ids, length)[None]
+
+
+def gpu_budget(hardware) -> str | int:
+    """``hardware.gpu_budget``, or for ``auto`` 95% of what XLA may allocate on the GPU (no limit on a CPU)."""
+    if hardware.gpu_budget is not None:
+        return hardware.gpu_budget
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return int(limit * 0.95) if limit else "1024TiB"
+
+
+def build_engine(cfg):
+    """The engine the config describes (our planners, placement, kernel, budget)."""
+    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.runtime.engine import Engine
+    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
+
+    m, p, pl = cfg.model, cfg.planner, cfg.placement
+    extra = {k: p[k] for k in ("max_transfers", "concurrent", "exact_limit") if p.get(k) is not None}
+    from fiddler_jax.runtime.generate import CACHE_BUCKET
+
+    need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
+    context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
+    kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), planner=p.name, placement=pl.policy,
+                  resident_experts=pl.resident_experts, staging_slots=p.staging_slots or DEFAULT_STAGING_SLOTS,
+                  cache_slots=p.cache_slots or 0, dtype=m.dtype, profile=pl.profile, latency=cfg.latency,
+                  max_batch=cfg.scenario.num_beams, max_context=context, seed=pl.seed,
+                  cpu_backend="xla" if cfg.kernel.path == "xla" else "kernel", **extra)
+    if m.random:
+        if not m.geometry:
+            raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
+        config = MixtralConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(m.geometry)},
+                                            source=f"model={m.name}")
+        return Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
+    if m.path is None and m.name != "tiny":
+        raise InvalidInputError(f"model={m.name} needs its checkpoint folder: add model.path=<HF Mixtral folder> "
+                                "(or use model=mixtral_8x7b_random on a machine without it)")
+    path = resolve_model_path(m.path)
+    import fiddler_jax as fj
+
+    return Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
+
+
+def set_kernel(path: str) -> None:
+    from fiddler_jax import kernels
+
+    kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
+
+
+def run_once(engine, ids: np.ndarray, scenario) -> dict:
+    """One timed run of the scenario; seconds and rates."""
+    new = scenario.output_tokens
+    if scenario.name == "beam":
+        tic = time.perf_counter()
+        out = engine.generate(ids, new, num_beams=scenario.num_beams, length_penalty=scenario.length_penalty,
+                              early_stopping=scenario.early_stopping, eos_token_id=[])
+        latency = time.perf_counter() - tic
+        made = out.shape[1] - ids.shape[1]
+        return {"latency_s": latency, "tokens_per_s": scenario.num_beams * made / latency, "new_tokens": made}
+    _, stats = engine.generate_with_stats(ids, new, eos_token_id=[])
+    total = stats.prefill_s + stats.first_step_s + stats.decode_s
+    metrics = {"ttft_s": stats.prefill_s, "latency_s": total, "new_tokens": stats.new_tokens}
+    if scenario.name == "decode":
+        metrics["tokens_per_s"] = stats.new_tokens / total
+        if stats.new_tokens > 2:
+            metrics["decode_tokens_per_s"] = stats.decode_tokens_per_s
+    return metrics
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median and spread (min, max) of every metric over the timed runs."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+    return out
+
+
+def routing_counts(engine) -> list[list[int]] | None:
+    """Tokens routed to each (layer, expert) over the trace (planned layers only)."""
+    if not engine.trace.steps:
+        return None
+    counts = np.zeros((engine.config.num_hidden_layers, engine.config.num_local_experts), np.int64)
+    for step in engine.trace.steps:
+        counts[step.layer] += step.counts
+    return counts.tolist()
+
+
+def run_bench(cfg, out_dir: str) -> dict:
+    """Run the configured scenario; returns the result dict (also written to ``out_dir/result.json``)."""
+    from fiddler_jax.provenance import provenance
+
+    s = cfg.scenario
+    if s.name not in SCENARIOS:
+        raise InvalidInputError(f"unknown scenario {s.name!r}; valid: {', '.join(SCENARIOS)}")
+    if min(s.input_tokens, s.output_tokens, s.num_beams, cfg.repeats) < 1 or cfg.warmup < 0:
+        raise InvalidInputError("scenario.input_tokens, output_tokens, num_beams and repeats must be ≥ 1, "
+                                "warmup ≥ 0")
+    if cfg.baseline is not None:
+        if cfg.baseline not in BASELINES:
+            raise InvalidInputError(f"unknown baseline {cfg.baseline!r}; valid: null, {', '.join(BASELINES)}")
+        from fiddler_jax.experiments.baselines import run_hf_accelerate
+
+        metrics, extra = run_hf_accelerate(cfg)
+    else:
+        set_kernel(cfg.kernel.path)
+        engine, tokenizer = build_engine(cfg)
+        ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
+                         cfg.seed)
+        for _ in tqdm(range(cfg.warmup), desc="warm-up", leave=False):
+            run_once(engine, ids, s)
+        runs = []
+        for _ in tqdm(range(cfg.repeats), desc=f"{s.name} x{cfg.repeats}", leave=False):
+            engine.trace.clear()
+            runs.append(run_once(engine, ids, s))
+        metrics = summarize(runs)
+        if cfg.trace and engine.trace.steps:
+            engine.trace.save(os.path.join(out_dir, "trace.json"))
+        extra = {"engine": {"memory_plan": str(engine.placement.memory),
+                            "resident_experts": engine.placement.resident_count,
+                            "pinned_host_bytes": engine.host.nbytes, "trace_summary": engine.trace_summary(),
+                            "routing_counts": routing_counts(engine)},
+                 "latency_model": engine.latency.to_dict()}
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    result = {"metrics": metrics, "peak_gpu_bytes": stats.get("peak_bytes_in_use"),
+              "config": OmegaConf.to_container(cfg, resolve=True), "overrides": overrides(), **extra,
+              **provenance()}
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return result
+
+
+def overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (a direct call)
+        return []
+
+
+def table(result: dict) -> str:
+    cfg = result["config"]
+    head = (f"{cfg['scenario']['name']} {cfg['model']['name']} ({cfg['model']['dtype']}), planner "
+            f"{cfg['planner']['name']}, placement {cfg['placement']['policy']}, kernel {cfg['kernel']['path']}, "
+            f"budget {cfg['hardware']['gpu_budget'] or 'auto'}" + (f", baseline {cfg['baseline']}"
+                                                                   if cfg["baseline"] else ""))
+    lines = [head, f"{'metric':22s}{'median':>12s}{'min':>12s}{'max':>12s}"]
+    for key, m in result["metrics"].items():
+        lines.append(f"{key:22s}{m['median']:12.4g}{m['min']:12.4g}{m['max']:12.4g}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
+@clear_errors
+def main(cfg) -> None:
+    out_dir = HydraConfig.get().runtime.output_dir
+    result = run_bench(cfg, out_dir)
+    print(f"wrote {os.path.join(out_dir, 'result.json')}")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The research harness: every config in conf/ composes against its schema, a tiny sweep on the bundled model
+writes complete result files that `report` turns into a table, and bad input fails with one clear message."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments import bench, report
+from fiddler_jax.experiments.common import CONF_DIR
+from tests.test_cli import cli
+
+GROUPS = ("model", "planner", "placement", "hardware", "scenario", "kernel")
+COMMON = ["placement.resident_experts=8", "scenario.input_tokens=12", "scenario.output_tokens=4", "repeats=1",
+          "warmup=1"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+
+
+def test_every_config_composes():
+    import importlib
+
+    for app in ("generate", "profile", "calibrate", "train_tiny", "init_random"):
+        importlib.import_module(f"fiddler_jax.experiments.{app}")  # registers the app's schema
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for group in GROUPS:
+            for option in options(group):
+                cfg = compose("bench", overrides=[f"{group}={option}"])
+                assert OmegaConf.select(cfg, group) is not None, (group, option)
+        for experiment in options("experiment"):
+            cfg = compose("bench", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+            assert cfg.hydra.sweeper.params, experiment  # each preset is a sweep
+        assert compose("bench", overrides=["model=mixtral_8x7b_random"]).model.geometry.num_hidden_layers == 32
+        for name in ("generate", "profile", "calibrate", "train_tiny"):
+            compose(name)
+        compose("init_random", overrides=["out=x"])
+
+
+def test_typos_and_unknown_options_fail_at_composition():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="fiddler_overlap"):  # Hydra lists the options
+            compose("bench", overrides=["planner=fidler"])
+        with pytest.raises(Exception, match="repeets"):
+            compose("bench", overrides=["repeets=3"])
+        with pytest.raises(Exception, match="input_tokns"):
+            compose("bench", overrides=["scenario.input_tokns=3"])
+
+
+def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = cli("bench", "-m", "planner=fiddler,cpu_only", "scenario=decode", *COMMON, f"hydra.sweep.dir={sweep}",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = sorted(sweep.glob("*/result.json"))
+    assert len(results) == 2
+    for path, planner in zip(results, ("fiddler", "cpu_only")):
+        result = json.loads(path.read_text())
+        assert {"metrics", "config", "overrides", "git_sha", "git_dirty", "versions", "hardware",
+                "latency_model", "engine", "peak_gpu_bytes"} <= set(result)
+        assert result["config"]["planner"]["name"] == planner
+        assert {"cpu", "cpu_flags", "gpu"} <= set(result["hardware"]) and result["versions"]["jax"]
+        tps = result["metrics"]["tokens_per_s"]
+        assert tps["min"] <= tps["median"] <= tps["max"] and tps["median"] > 0
+        assert result["metrics"]["ttft_s"]["median"] > 0
+        assert result["engine"]["trace_summary"]["planned_steps"] > 0  # the engine really offloaded experts
+    r = cli("report", str(sweep), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| planner |" in r.stdout and "cpu_only" in r.stdout
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [row["planner"] for row in rows] == ["fiddler", "cpu_only"]
+    assert float(rows[0]["tokens_per_s_median"]) > 0
+    assert (sweep / "report_tokens_per_s.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("scenario,metric", [("prefill", "ttft_s"), ("beam", "tokens_per_s")])
+def test_prefill_and_beam_scenarios_in_process(tmp_path, scenario, metric):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("bench", overrides=[f"scenario={scenario}", *COMMON, "scenario.num_beams=2"])
+    result = bench.run_bench(cfg, str(tmp_path))
+    assert result["metrics"][metric]["median"] > 0
+    assert json.loads((tmp_path / "result.json").read_text())["config"]["scenario"]["name"] == scenario
+
+
+def test_random_geometry_model_and_xla_kernel(tmp_path):
+    """model=mixtral_8x7b_random machinery at a small geometry; kernel=xla runs the CPU lane through XLA."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            "model=mixtral_8x7b_random", "model.geometry.num_hidden_layers=2", "model.geometry.hidden_size=64",
+            "model.geometry.intermediate_size=96", "model.geometry.vocab_size=300", "model.router_bias=0.5",
+            "model.geometry.num_attention_heads=4", "model.geometry.num_key_value_heads=2", "kernel=xla",
+            "planner=cpu_only", *COMMON, "placement.resident_experts=2"])
+    result = bench.run_bench(cfg, str(tmp_path))
+    assert result["engine"]["trace_summary"]["experts_per_lane"]["cpu"] > 0
+    assert len(result["engine"]["routing_counts"]) == 2
+
+
+def test_bad_input_messages(tmp_path):
+    with pytest.raises(InvalidInputError, match="no result.json under"):
+        report.report(str(tmp_path))
+    with pytest.raises(InvalidInputError, match="not a folder"):
+        report.report(str(tmp_path / "missing"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(InvalidInputError, match="is empty"):
+        bench.prompt_text(str(empty))
+    r = cli("bench", "model=mixtral_8x7b", f"model.path={tmp_path}", *COMMON, cwd=tmp_path)
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", "model=mixtral_8x7b", *COMMON, cwd=tmp_path)
+    assert r.returncode != 0 and "model.path" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", "baseline=hf_accelerate", *COMMON, cwd=tmp_path)
+    assert r.returncode == 2 and "hf_accelerate" in r.stderr and "Traceback" not in r.stderr
