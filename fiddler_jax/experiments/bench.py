@@ -199,10 +199,10 @@ def overrides() -> list[str]:
 
 def table(result: dict) -> str:
     cfg = result["config"]
-    head = (f"{cfg['scenario']['name']} {cfg['model']['name']} ({cfg['model']['dtype']}), planner "
-            f"{cfg['planner']['name']}, placement {cfg['placement']['policy']}, kernel {cfg['kernel']['path']}, "
-            f"budget {cfg['hardware']['gpu_budget'] or 'auto'}" + (f", baseline {cfg['baseline']}"
-                                                                   if cfg["baseline"] else ""))
+    who = (f"baseline {cfg['baseline']}" if cfg["baseline"] else
+           f"planner {cfg['planner']['name']}, placement {cfg['placement']['policy']}, kernel {cfg['kernel']['path']}")
+    head = (f"{cfg['scenario']['name']} {cfg['model']['name']} ({cfg['model']['dtype']}), {who}, budget "
+            f"{cfg['hardware']['gpu_budget'] or 'auto'}")
     lines = [head, f"{'metric':22s}{'median':>12s}{'min':>12s}{'max':>12s}"]
     for key, m in result["metrics"].items():
         lines.append(f"{key:22s}{m['median']:12.4g}{m['min']:12.4g}{m['max']:12.4g}")

@@ -27,7 +27,7 @@ def find_results(folder: str) -> list[tuple[str, dict]]:
 
     def order(path):  # Hydra job folders are numbered: sort 2 before 10
         rel = os.path.relpath(path, folder).split(os.sep)
-        return [int(p) if p.isdigit() else p for p in rel]
+        return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in rel]
 
     results = []
     for path in sorted(paths, key=order):
