@@ -111,6 +111,22 @@ def test_offloaded_experts_are_held_once_in_pinned_memory(checkpoint):
         engine.host.arrays(*map(int, np.argwhere(resident)[0]))
 
 
+def test_host_experts_are_freed_with_their_engine():
+    """Nothing keeps pinned experts alive once their holder is gone (a cache on them once did)."""
+    import gc
+    import weakref
+
+    from fiddler_jax.runtime.host_experts import HostExperts
+
+    source = lambda l, e: {w: np.ones((8, 4), np.float32) for w in ("w1", "w3", "w2")}  # noqa: E731
+    host = HostExperts.pin(source, np.ones((2, 3), bool), progress=False)
+    assert host.tables(1)[2][0] is not None
+    ref = weakref.ref(host)
+    del host
+    gc.collect()
+    assert ref() is None
+
+
 def test_pinned_memory_exhaustion_names_the_limit(checkpoint, monkeypatch):
     import jax
 
@@ -160,6 +176,8 @@ def test_bad_configurations(checkpoint):
         E.Engine.from_pretrained(path, placement="hot", progress=False)
     with pytest.raises(InvalidInputError, match="below the minimum"):
         E.Engine.from_pretrained(path, gpu_budget="1KiB", progress=False)
+    with pytest.raises(InvalidInputError, match="unknown cpu_backend 'numba'; valid: kernel, xla"):
+        E.Engine.from_pretrained(path, cpu_backend="numba", progress=False)
     with pytest.raises(PlannerError, match="cache_slots must be at least 1"):
         E.Engine.from_pretrained(path, planner="lru", cache_slots=-1, progress=False)
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="gpu_only", resident_experts=1,

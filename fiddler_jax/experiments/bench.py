@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors, planner_kwargs, resolve_model_path
 
 SCENARIOS = ("decode", "prefill", "beam")
 BASELINES = ("hf_accelerate",)
@@ -71,19 +71,15 @@ def build_engine(cfg):
     """The engine the config describes (our planners, placement, kernel, budget)."""
     from fiddler_jax.models.config import MixtralConfig
     from fiddler_jax.runtime.engine import Engine
-    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
-
-    m, p, pl = cfg.model, cfg.planner, cfg.placement
-    extra = {k: p[k] for k in ("max_transfers", "concurrent", "exact_limit") if p.get(k) is not None}
     from fiddler_jax.runtime.generate import CACHE_BUCKET
 
+    m, pl = cfg.model, cfg.placement
     need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
     context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
-    kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), planner=p.name, placement=pl.policy,
-                  resident_experts=pl.resident_experts, staging_slots=p.staging_slots or DEFAULT_STAGING_SLOTS,
-                  cache_slots=p.cache_slots or 0, dtype=m.dtype, profile=pl.profile, latency=cfg.latency,
-                  max_batch=cfg.scenario.num_beams, max_context=context, seed=pl.seed,
-                  cpu_backend="xla" if cfg.kernel.path == "xla" else "kernel", **extra)
+    kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), placement=pl.policy, resident_experts=pl.resident_experts,
+                  dtype=m.dtype, profile=pl.profile, latency=cfg.latency, max_batch=cfg.scenario.num_beams,
+                  max_context=context, seed=pl.seed, cpu_backend="xla" if cfg.kernel.path == "xla" else "kernel",
+                  **planner_kwargs(cfg.planner))
     if m.random:
         if not m.geometry:
             raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")

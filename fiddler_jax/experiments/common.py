@@ -40,3 +40,13 @@ def resolve_model_path(path: str | None) -> str:
         raise CheckpointError("no model.path given and this installation ships no bundled model; pass "
                               "model.path=<HF Mixtral folder> (or create one with `fiddler-jax init-random`)")
     return str(default)
+
+
+def planner_kwargs(planner) -> dict:
+    """The ``conf/planner/`` group as ``Engine.from_pretrained``/``from_random`` keyword arguments (unset
+    options keep the engine's defaults)."""
+    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
+
+    extra = {k: planner[k] for k in ("max_transfers", "concurrent", "exact_limit") if planner.get(k) is not None}
+    return dict(planner=planner.name, staging_slots=planner.staging_slots or DEFAULT_STAGING_SLOTS,
+                cache_slots=planner.cache_slots or 0, **extra)

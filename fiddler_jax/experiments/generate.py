@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors, planner_kwargs, resolve_model_path
 from fiddler_jax.runtime.planners import PlannerConfig
 
 
@@ -116,15 +116,11 @@ def build_engine(path: str, cfg):
                                     "engine.resident_experts")
         return None
     from fiddler_jax.runtime.engine import Engine
-    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
 
-    p = cfg.planner
-    extra = {k: p[k] for k in ("max_transfers", "concurrent", "exact_limit") if p.get(k) is not None}
     return Engine.from_pretrained(
-        path, gpu_budget=e.gpu_budget or "1TiB", planner=p.name, placement=e.placement,
-        resident_experts=e.resident_experts, staging_slots=p.staging_slots or DEFAULT_STAGING_SLOTS,
-        cache_slots=p.cache_slots or 0, dtype=cfg.model.dtype, profile=e.profile, latency=e.latency,
-        max_batch=max(e.max_batch, cfg.num_beams), **extra)
+        path, gpu_budget=e.gpu_budget or "1TiB", placement=e.placement, resident_experts=e.resident_experts,
+        dtype=cfg.model.dtype, profile=e.profile, latency=e.latency, max_batch=max(e.max_batch, cfg.num_beams),
+        **planner_kwargs(cfg.planner))
 
 
 def model_device(model) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import fiddler_jax.kernels as K
 from fiddler_jax.kernels._lib import _ffi, _lib
 from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
-from fiddler_jax.provenance import git_dirty, git_sha, versions
+from fiddler_jax.provenance import cpu_model, git_dirty, git_sha, versions
 
 GIB = 1024 ** 3
 # The AMX defaults (xla_ffi/kernel_amx.cc), restored after each sweep entry.
@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
             extra["sweep_amx_variant"] = sweep
         K.set_kernel_path("auto")
 
-    result = {"git_sha": git_sha(), "git_dirty": git_dirty(), "versions": versions(), "cpu_features": feats, "hidden": H, "ffn": F,
+    result = {"git_sha": git_sha(), "git_dirty": git_dirty(), "versions": {**versions(), "cpu_model": cpu_model()}, "cpu_features": feats, "hidden": H, "ffn": F,
               "expert_bytes": wbytes, "read_bandwidth_GiBps": bw, "streaming_bar_ms": bar_s * 1e3,
               "rows": rows, **extra}
     if a.json:

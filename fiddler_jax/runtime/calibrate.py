@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.provenance import cpu_model
 from fiddler_jax.runtime.latency import Geometry, LatencyModel, Machine, PiecewiseLinear
 
 DTYPES = ("bfloat16", "float32")
@@ -55,18 +55,6 @@ class Measurements:
                 "transfer_s": list(self.transfer), "sync_s": list(self.sync)}
 
 
-def cpu_model_name() -> str:
-    """The CPU as /proc/cpuinfo names it (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def machine_identity(device=None) -> Machine:
     """This machine as a latency model records it: CPU model name with the CPUs this process may use (the CPU
     lane's speed depends on both), and the JAX device kind of ``device`` (default: the first device, the
@@ -75,7 +63,7 @@ def machine_identity(device=None) -> Machine:
 
     device = jax.devices()[0] if device is None else device
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Machine(cpu=f"{cpu_model_name()} ({cpus} CPUs)", gpu=str(device.device_kind))
+    return Machine(cpu=f"{cpu_model()} ({cpus} CPUs)", gpu=str(device.device_kind))
 
 
 def check_args(hidden, ffn, dtype, ns, experts, budget_s) -> tuple[Geometry, tuple[int, ...]]:

@@ -158,7 +158,7 @@ class Engine:
     """Mixtral with experts split between the GPU and the host, planned per layer step (module docstring)."""
 
     def __init__(self, model, host: HostExperts, placement: Placement, planner, latency: LatencyModel,
-                 staging_slots: int, cache_slots: int = 0):
+                 staging_slots: int, cache_slots: int = 0, cpu_backend: str = "kernel"):
         self.model = model
         self.config: MixtralConfig = model.config
         self.placement = placement
@@ -186,7 +186,7 @@ class Engine:
         self._cache = [{k: jnp.zeros((cache_slots,) + s[1:], dtype) for k, s in shapes.items()}
                        for _ in range(cfg.num_hidden_layers)] if cache_slots else []
         self._cpu_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-cpu-lane")
-        self.cpu_backend = "kernel"
+        self.cpu_backend = cpu_backend
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -236,7 +236,7 @@ class Engine:
         """Planner, latency model, placement; then ``load(resident) -> (model, offloaded-expert source)`` and
         the pinning of the offloaded experts."""
         planner_params = dict(planner_params or {})
-        if cpu_backend not in CPU_BACKENDS:
+        if cpu_backend not in CPU_BACKENDS:  # before anything is loaded
             raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
         policy = "transfer" if planner == "lru" else planner
         if _accepts(policy, "staging_slots"):
@@ -260,9 +260,7 @@ class Engine:
                      staging_slots=staging_slots, cache_slots=cache_slots, seed=seed)
         model, source = load(plan.resident)
         host = HostExperts.pin(source, ~plan.resident, progress=progress)
-        engine = cls(model, host, plan, bound, lat, staging_slots, cache_slots)
-        engine.cpu_backend = cpu_backend
-        return engine
+        return cls(model, host, plan, bound, lat, staging_slots, cache_slots, cpu_backend)
 
     # -- the step loop ---------------------------------------------------------------------------------------
     def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:

@@ -17,7 +17,6 @@ at import, before JAX starts its GPU client.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -54,7 +53,9 @@ class HostExperts:
         self.held = np.zeros((num_layers, num_experts), bool)
         for layer, expert in arrays:
             self.held[layer, expert] = True
-        self._views = {key: {w: _host_view(a[w]) for w in WEIGHTS} for key, a in arrays.items()}
+        views = {key: {w: _host_view(a[w]) for w in WEIGHTS} for key, a in arrays.items()}
+        self._tables = [tuple([views[layer, e][w] if (layer, e) in views else None for e in range(num_experts)]
+                              for w in WEIGHTS) for layer in range(num_layers)]
 
     @classmethod
     def pin(cls, source: Callable[[int, int], dict[str, np.ndarray]], offloaded: np.ndarray,
@@ -100,11 +101,9 @@ class HostExperts:
         except KeyError:
             raise FiddlerError(f"expert {expert} of layer {layer} is not held in host memory") from None
 
-    @functools.lru_cache(maxsize=None)
     def tables(self, layer: int) -> tuple[list, list, list]:
         """Per-expert numpy views of one layer, (w1s, w3s, w2s), None where the expert is not held here."""
-        experts = range(self.held.shape[1])
-        return tuple([self._views[layer, e][w] if self.held[layer, e] else None for e in experts] for w in WEIGHTS)
+        return self._tables[layer]
 
 
 def _copy_into_slot(buffers: dict, slot, weights: dict, target) -> dict:
