@@ -117,3 +117,29 @@ def test_bad_input_messages(tmp_path):
     assert r.returncode != 0 and "model.path" in r.stderr and "Traceback" not in r.stderr
     r = cli("bench", "baseline=hf_accelerate", *COMMON, cwd=tmp_path)
     assert r.returncode == 2 and "hf_accelerate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_random_model_is_the_same_model_at_every_budget_and_router_bias_skews_routing():
+    """Expert (l, e) of the seeded random model has the same weights resident or offloaded, so budgets compare
+    one model; router_bias moves tokens to the low-numbered experts."""
+    import numpy as np
+
+    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.runtime.engine import Engine
+
+    cfg = MixtralConfig.from_hf_dict(dict(model_type="mixtral", vocab_size=256, hidden_size=256,
+                                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                                          max_position_embeddings=512), source="test")
+    ids = np.random.default_rng(0).integers(0, 256, (1, 200))
+
+    def run(resident, bias):
+        engine = Engine.from_random(cfg, gpu_budget="1GiB", resident_experts=resident, planner="cpu_only",
+                                    dtype="float32", weight_seed=3, router_bias=bias, progress=False)
+        return engine.logits(ids), sum(s.counts for s in engine.trace.steps)
+
+    all_resident, _ = run(16, 0.0)
+    hybrid, uniform = run(3, 0.0)
+    assert np.abs(hybrid - all_resident).max() <= 1e-5 * np.abs(all_resident).max()
+    _, skewed = run(3, 2.0)
+    assert skewed[:2].sum() / skewed.sum() > max(0.5, uniform[:2].sum() / uniform.sum())
