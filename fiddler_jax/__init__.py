@@ -47,7 +47,7 @@ _LAZY = {
     "logits": "fiddler_jax.runtime.generate",
     "Engine": "fiddler_jax.runtime.engine",
 }
-_SUBPACKAGES = ("assets", "experiments", "kernels", "models", "runtime", "training")
+_SUBPACKAGES = ("analysis", "assets", "experiments", "kernels", "models", "runtime", "training")
 __all__ = ["CheckpointError", "FiddlerError", "InvalidInputError", "ModelConfigError", *_LAZY]
 
 

@@ -71,12 +71,15 @@ def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
         assert tps["min"] <= tps["median"] <= tps["max"] and tps["median"] > 0
         assert result["metrics"]["ttft_s"]["median"] > 0
         assert result["engine"]["trace_summary"]["planned_steps"] > 0  # the engine really offloaded experts
+        limits = result["limits"]  # 8 of 32 experts resident: every decode token needs offloaded experts
+        assert limits["offloaded_experts_per_token"] > 0 and limits["two_lane_decode_tokens_per_s"] > 0
     r = cli("report", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| planner |" in r.stdout and "cpu_only" in r.stdout
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [row["planner"] for row in rows] == ["fiddler", "cpu_only"]
     assert float(rows[0]["tokens_per_s_median"]) > 0
+    assert float(rows[0]["two_lane_limit_tokens_per_s"]) > 0
     assert (sweep / "report_tokens_per_s.png").stat().st_size > 1000
 
 

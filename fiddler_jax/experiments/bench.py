@@ -140,6 +140,27 @@ def routing_counts(engine) -> list[list[int]] | None:
     return counts.tolist()
 
 
+def decode_limit(engine) -> dict | None:
+    """The two-lane decode limit the latency model allows for the routing seen in the trace's decode steps.
+
+    A decode token needs, per layer, its top-k experts; those not resident (placement, not a planner's cache) must
+    be read by the CPU lane (``cpu(1)`` s each) or copied over PCIe (``transfer_s`` each). With both lanes busy
+    all the time and everything else free, one token takes ``offloaded / (1/cpu(1) + 1/transfer_s)`` seconds:
+    the rate no planner can beat on this placement. None when the trace holds no single-token step."""
+    k = engine.config.num_experts_per_tok
+    steps = [s for s in engine.trace.steps if int(s.counts.sum()) == k]
+    if not steps:
+        return None
+    resident = engine.placement.resident
+    offloaded = sum(int(((s.counts > 0) & ~resident[s.layer]).sum()) for s in steps)
+    tokens = len(steps) / engine.config.num_hidden_layers
+    per_token = offloaded / tokens
+    lanes_per_s = 1.0 / engine.latency.cpu(1) + 1.0 / engine.latency.transfer_s
+    return {"offloaded_experts_per_token": per_token,
+            "two_lane_decode_tokens_per_s": lanes_per_s / per_token if per_token else None,
+            "source": "latency model (cpu(1) and transfer_s) and the routing of the last timed run"}
+
+
 def run_bench(cfg, out_dir: str) -> dict:
     """Run the configured scenario; returns the result dict (also written to ``out_dir/result.json``)."""
     from fiddler_jax.provenance import provenance
@@ -174,6 +195,7 @@ def run_bench(cfg, out_dir: str) -> dict:
                             "resident_experts": engine.placement.resident_count,
                             "pinned_host_bytes": engine.host.nbytes, "trace_summary": engine.trace_summary(),
                             "routing_counts": routing_counts(engine)},
+                 "limits": decode_limit(engine) if s.name == "decode" else None,
                  "latency_model": engine.latency.to_dict()}
     import jax
 

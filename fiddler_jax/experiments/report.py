@@ -58,6 +58,8 @@ def rows_of(results: list[tuple[str, dict]], folder: str) -> tuple[list[dict], l
             stats = r["metrics"].get(m, {})
             for s in ("median", "min", "max"):
                 row[f"{m}_{s}"] = stats.get(s, "")
+        limits = r.get("limits") or {}
+        row["two_lane_limit_tokens_per_s"] = limits.get("two_lane_decode_tokens_per_s") or ""
         row["peak_gpu_bytes"] = r.get("peak_gpu_bytes") or ""
         row["git_sha"] = (r.get("git_sha") or "")[:12] + ("+dirty" if r.get("git_dirty") else "")
         row["gpu"] = r.get("hardware", {}).get("gpu", "")

@@ -1,0 +1,1 @@
+"""Analyses of model behaviour (routing statistics) used by the notebooks."""

@@ -1,0 +1,83 @@
+"""Routing statistics against hand-counted cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiddler_jax.analysis import routing_stats as rs
+from fiddler_jax.errors import InvalidInputError
+
+# 2 layers, 4 tokens, top-2 of 4 experts.
+CHOICES = np.array([
+    [[0, 1], [0, 1], [1, 2], [3, 0]],
+    [[2, 3], [2, 3], [2, 0], [1, 2]],
+])
+
+
+def test_popularity_and_imbalance():
+    shares = rs.popularity(CHOICES, 4)
+    np.testing.assert_allclose(shares[0], [3 / 8, 3 / 8, 1 / 8, 1 / 8])
+    np.testing.assert_allclose(shares[1], [1 / 8, 1 / 8, 4 / 8, 2 / 8])
+    np.testing.assert_allclose(rs.load_imbalance(shares), [1.5, 2.0])
+    np.testing.assert_allclose(rs.load_imbalance(np.full((1, 4), 0.25)), [1.0])
+
+
+def test_coactivation_counts_pairs_per_token():
+    co = rs.coactivation(CHOICES, 4)
+    assert co[0, 0, 1] == co[0, 1, 0] == 2 / 4  # tokens 0 and 1
+    assert co[0, 0, 0] == 3 / 4 and co[0, 2, 3] == 0
+    assert co[1, 2, 3] == 2 / 4 and co[1, 2, 2] == 1.0
+
+
+def test_temporal_reuse():
+    # layer 0: {0,1}->{0,1} 2 shared, {0,1}->{1,2} 1, {1,2}->{3,0} 0 ; layer 1: 2, 1, 1
+    np.testing.assert_allclose(rs.temporal_reuse(CHOICES, 4), [(2 + 1 + 0) / 6, (2 + 1 + 1) / 6])
+    assert rs.chance_reuse(8, 2) == 0.25
+    with pytest.raises(InvalidInputError, match="two tokens"):
+        rs.temporal_reuse(CHOICES[:, :1], 4)
+
+
+def test_layer_transition_rows_are_conditional_distributions():
+    t = rs.layer_transition(CHOICES, 4)
+    assert t.shape == (1, 4, 4)
+    # expert 0 at layer 0 (tokens 0, 1, 3) is followed by {2,3}, {2,3}, {1,2}: 2 of 6 pairs go to 3
+    np.testing.assert_allclose(t[0, 0], [0, 1 / 6, 3 / 6, 2 / 6])
+    np.testing.assert_allclose(t[0].sum(axis=1), 1.0)
+    choices = np.array([[[0, 1]] * 3, [[0, 1]] * 3])
+    assert not rs.layer_transition(choices, 4)[0, 2].any()  # an unused expert's row stays zero
+
+
+def test_token_categories_and_split():
+    assert [rs.token_category(p) for p in ("def", " return", "  ", "\n", "foo_bar", " x1", "(", "):", "42",
+                                           "3.5", "é", "a-b", "match")] == [
+        "keyword", "keyword", "whitespace", "whitespace", "identifier", "identifier", "punctuation",
+        "punctuation", "number", "number", "identifier", "other", "keyword"]
+    split = rs.routing_by_category(CHOICES, ["keyword", "keyword", "identifier", "keyword"], 4)
+    assert set(split) == {"keyword", "identifier"}
+    np.testing.assert_allclose(split["identifier"][0], [0, 0.5, 0.5, 0])
+    with pytest.raises(InvalidInputError, match="categories for 4 tokens"):
+        rs.routing_by_category(CHOICES, ["keyword"], 4)
+
+
+def test_bad_choices():
+    with pytest.raises(InvalidInputError, match="outside"):
+        rs.popularity(CHOICES, 3)
+    with pytest.raises(InvalidInputError, match="integer array"):
+        rs.popularity(CHOICES.astype(float), 4)
+
+
+def test_route_text_matches_the_models_router():
+    import jax.numpy as jnp
+
+    import fiddler_jax as fj
+    from fiddler_jax.assets import default_model_path
+
+    model = fj.load_pretrained(default_model_path(), progress=False)
+    ids = np.arange(40) % model.config.vocab_size
+    choices = rs.route_text(model, ids, window=16)  # three windows, the last one short
+    assert choices.shape == (model.config.num_hidden_layers, 40, model.config.num_experts_per_tok)
+    _, _, router_logits = model(jnp.asarray(ids[None, 16:32]), model.init_cache(1, 16), 0, return_router_logits=True)
+    top = np.argsort(-np.asarray(router_logits[1]), axis=1)[:, :2]
+    assert (np.sort(top, axis=1) == np.sort(choices[1, 16:32], axis=1)).all()
+    with pytest.raises(InvalidInputError, match="another tokenizer"):
+        rs.route_text(model, np.array([model.config.vocab_size]))
