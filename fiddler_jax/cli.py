@@ -17,6 +17,7 @@ COMMANDS = {
     "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
     "calibrate": ("fiddler_jax.experiments.calibrate", "measure this machine's lane latencies for a model geometry"),
     "bench": ("fiddler_jax.experiments.bench", "run a scenario (decode/prefill/beam) and write result.json"),
+    "ceilings": ("fiddler_jax.experiments.ceilings", "measure host/PCIe/HBM bandwidths and the limits they set"),
     "report": ("fiddler_jax.experiments.report", "CSV + markdown table + plots of a sweep's result.json files"),
 }
 

@@ -94,7 +94,8 @@ def run_hf_accelerate(cfg) -> tuple[dict, dict]:
     devices = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
     extra = {"baseline": {"name": "hf_accelerate", "budget": format_bytes(budget), "devices": devices,
                           "peak_cuda_bytes": int(torch.cuda.max_memory_allocated()),
-                          "ttft_median_s": statistics.median(r["ttft_s"] for r in runs)}}
+                          "ttft_median_s": statistics.median(r["ttft_s"] for r in runs)},
+             "gpu_memory": {"peak_bytes_in_use": int(torch.cuda.max_memory_allocated()), "source": "torch.cuda"}}
     del model
     torch.cuda.empty_cache()
     return summarize(runs), extra

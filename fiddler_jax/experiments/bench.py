@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.units import parse_bytes
 from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
 from fiddler_jax.experiments.common import CONF_DIR, clear_errors, planner_kwargs, resolve_model_path
 
@@ -67,32 +68,70 @@ def gpu_budget(hardware) -> str | int:
     return int(limit * 0.95) if limit else "1024TiB"
 
 
-def build_engine(cfg):
-    """The engine the config describes (our planners, placement, kernel, budget)."""
+def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
+    """The ``MixtralConfig`` of a random model's geometry (default: ``conf/model/mixtral_8x7b_random.yaml``)."""
     from fiddler_jax.models.config import MixtralConfig
+
+    if geometry is None:
+        geometry = OmegaConf.load(os.path.join(CONF_DIR, "model", "mixtral_8x7b_random.yaml")).geometry
+    return MixtralConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(geometry)},
+                                      source=f"model={name}")
+
+
+# The engine last built in this process, by the part of the config that fixes its weights, placement and GPU
+# buffers: a sweep over planners or kernels reuses it (``Engine.with_planner``) instead of building Mixtral again.
+_LAST_ENGINE: dict = {}
+
+
+def _engine_key(cfg, context: int) -> str:
+    pk = planner_kwargs(cfg.planner)
+    parts = {"model": cfg.model, "placement": cfg.placement, "budget": gpu_budget(cfg.hardware),
+             "beams": cfg.scenario.num_beams, "context": context, "latency": cfg.latency,
+             "slots": (pk["staging_slots"], pk["cache_slots"])}
+    return json.dumps(OmegaConf.to_container(OmegaConf.create(parts), resolve=True), sort_keys=True, default=str)
+
+
+def build_engine(cfg):
+    """The engine the config describes (our planners, placement, kernel, budget), and the tokenizer or None."""
     from fiddler_jax.runtime.engine import Engine
     from fiddler_jax.runtime.generate import CACHE_BUCKET
 
     m, pl = cfg.model, cfg.placement
     need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
     context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
+    cpu_backend = "xla" if cfg.kernel.path == "xla" else "kernel"
+    key = _engine_key(cfg, context)
+    if key in _LAST_ENGINE:
+        engine, tokenizer = _LAST_ENGINE[key]
+        pk = planner_kwargs(cfg.planner)
+        return engine.with_planner(pk.pop("planner"), cpu_backend=cpu_backend, **pk), tokenizer
+    release_engines()
     kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), placement=pl.policy, resident_experts=pl.resident_experts,
                   dtype=m.dtype, profile=pl.profile, latency=cfg.latency, max_batch=cfg.scenario.num_beams,
-                  max_context=context, seed=pl.seed, cpu_backend="xla" if cfg.kernel.path == "xla" else "kernel",
-                  **planner_kwargs(cfg.planner))
+                  max_context=context, seed=pl.seed, cpu_backend=cpu_backend, **planner_kwargs(cfg.planner))
     if m.random:
         if not m.geometry:
             raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
-        config = MixtralConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(m.geometry)},
-                                            source=f"model={m.name}")
-        return Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
-    if m.path is None and m.name != "tiny":
-        raise InvalidInputError(f"model={m.name} needs its checkpoint folder: add model.path=<HF Mixtral folder> "
-                                "(or use model=mixtral_8x7b_random on a machine without it)")
-    path = resolve_model_path(m.path)
-    import fiddler_jax as fj
+        config = random_model_config(m.geometry, m.name)
+        built = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
+    else:
+        if m.path is None and m.name != "tiny":
+            raise InvalidInputError(f"model={m.name} needs its checkpoint folder: add model.path=<HF Mixtral folder> "
+                                    "(or use model=mixtral_8x7b_random on a machine without it)")
+        path = resolve_model_path(m.path)
+        import fiddler_jax as fj
 
-    return Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
+        built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
+    _LAST_ENGINE[key] = built
+    return built
+
+
+def release_engines() -> None:
+    """Drop the engine kept for reuse (its GPU buffers and pinned experts are freed)."""
+    import gc
+
+    _LAST_ENGINE.clear()
+    gc.collect()
 
 
 def set_kernel(path: str) -> None:
@@ -101,17 +140,18 @@ def set_kernel(path: str) -> None:
     kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
 
 
-def run_once(engine, ids: np.ndarray, scenario) -> dict:
-    """One timed run of the scenario; seconds and rates."""
+def run_once(engine, ids: np.ndarray, scenario, kv_slots: int | None = None) -> dict:
+    """One timed run of the scenario; seconds and rates. ``kv_slots``: the KV length (a warm-up shorter than
+    the scenario passes the scenario's, so it compiles the same shapes)."""
     new = scenario.output_tokens
     if scenario.name == "beam":
         tic = time.perf_counter()
         out = engine.generate(ids, new, num_beams=scenario.num_beams, length_penalty=scenario.length_penalty,
-                              early_stopping=scenario.early_stopping, eos_token_id=[])
+                              early_stopping=scenario.early_stopping, eos_token_id=[], kv_slots=kv_slots)
         latency = time.perf_counter() - tic
         made = out.shape[1] - ids.shape[1]
         return {"latency_s": latency, "tokens_per_s": scenario.num_beams * made / latency, "new_tokens": made}
-    _, stats = engine.generate_with_stats(ids, new, eos_token_id=[])
+    _, stats = engine.generate_with_stats(ids, new, eos_token_id=[], kv_slots=kv_slots)
     total = stats.prefill_s + stats.first_step_s + stats.decode_s
     metrics = {"ttft_s": stats.prefill_s, "latency_s": total, "new_tokens": stats.new_tokens}
     if scenario.name == "decode":
@@ -176,18 +216,24 @@ def run_bench(cfg, out_dir: str) -> dict:
             raise InvalidInputError(f"unknown baseline {cfg.baseline!r}; valid: null, {', '.join(BASELINES)}")
         from fiddler_jax.experiments.baselines import run_hf_accelerate
 
+        release_engines()
         metrics, extra = run_hf_accelerate(cfg)
     else:
         set_kernel(cfg.kernel.path)
         engine, tokenizer = build_engine(cfg)
         ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
                          cfg.seed)
+        warm = s if cfg.warmup_tokens is None else OmegaConf.merge(
+            s, {"output_tokens": max(1, min(cfg.warmup_tokens, s.output_tokens))})
+        from fiddler_jax.runtime.generate import cache_length
+
+        kv = cache_length(s.input_tokens, s.output_tokens, engine.config)
         for _ in tqdm(range(cfg.warmup), desc="warm-up", leave=False):
-            run_once(engine, ids, s)
+            run_once(engine, ids, warm, kv)
         runs = []
         for _ in tqdm(range(cfg.repeats), desc=f"{s.name} x{cfg.repeats}", leave=False):
             engine.trace.clear()
-            runs.append(run_once(engine, ids, s))
+            runs.append(run_once(engine, ids, s, kv))
         metrics = summarize(runs)
         if cfg.trace and engine.trace.steps:
             engine.trace.save(os.path.join(out_dir, "trace.json"))
@@ -197,14 +243,25 @@ def run_bench(cfg, out_dir: str) -> dict:
                             "routing_counts": routing_counts(engine)},
                  "limits": decode_limit(engine) if s.name == "decode" else None,
                  "latency_model": engine.latency.to_dict()}
-    import jax
+    if cfg.baseline is None:
+        from fiddler_jax.runtime.gpu_memory import usage
 
-    stats = jax.devices()[0].memory_stats() or {}
-    result = {"metrics": metrics, "peak_gpu_bytes": stats.get("peak_bytes_in_use"),
+        gpu_memory = usage()
+    else:
+        gpu_memory = extra.pop("gpu_memory", {})
+    budget = gpu_budget(cfg.hardware)
+    gpu_memory["budget_bytes"] = parse_bytes(budget)
+    peak = gpu_memory.get("peak_bytes_in_use")
+    gpu_memory["within_budget"] = None if peak is None else peak <= gpu_memory["budget_bytes"]
+    result = {"metrics": metrics, "peak_gpu_bytes": peak, "gpu_memory": gpu_memory,
               "config": OmegaConf.to_container(cfg, resolve=True), "overrides": overrides(), **extra,
               **provenance()}
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
+    if cfg.hardware.gpu_budget is not None and cfg.baseline is None:  # a baseline's overrun is recorded only
+        from fiddler_jax.runtime.gpu_memory import check_within
+
+        check_within(budget, peak)  # a run above its budget is a failed run (result.json says by how much)
     return result
 
 
@@ -231,6 +288,12 @@ def table(result: dict) -> str:
 @clear_errors
 def main(cfg) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
+    if cfg.hardware.gpu_budget is not None and cfg.baseline is None:
+        from fiddler_jax.runtime.gpu_memory import cap_xla_allocator
+
+        cap_xla_allocator(cfg.hardware.gpu_budget)  # XLA may allocate no more than the budget
+    elif cfg.baseline is not None:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU to torch
     result = run_bench(cfg, out_dir)
     print(f"wrote {os.path.join(out_dir, 'result.json')}")
     print(table(result))

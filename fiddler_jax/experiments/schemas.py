@@ -62,6 +62,7 @@ class BenchConfig:
     baseline: Optional[str] = None
     repeats: int = 3
     warmup: int = 1
+    warmup_tokens: Optional[int] = None
     prompts_file: Optional[str] = None
     latency: Optional[str] = None
     max_context: Optional[int] = None

@@ -25,6 +25,7 @@ With ``cache_slots`` (or ``planner="lru"``) copied experts stay in a per-layer d
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import functools
 import inspect
 import os
@@ -102,6 +103,20 @@ def _residual_add(h, gpu_out, cpu_out):
 def _accepts(policy_name: str, param: str) -> bool:
     policy = P.POLICIES.get(policy_name)
     return policy is not None and param in inspect.signature(policy).parameters
+
+
+def _bind_planner(planner: str, planner_params: dict | None, staging_slots: int, cache_slots: int):
+    """The planner callable for a name and its parameters (``lru`` is ``transfer`` with a cache)."""
+    planner_params = dict(planner_params or {})
+    policy = "transfer" if planner == "lru" else planner
+    if _accepts(policy, "staging_slots"):
+        planner_params.setdefault("staging_slots", staging_slots)
+    if cache_slots:
+        planner_params["cache_slots"] = cache_slots
+    bound = P.get_planner(planner, **planner_params)
+    if staging_slots < 1 and policy in ("fiddler", "fiddler_overlap", "transfer"):
+        raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
+    return bound
 
 
 def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, weight: np.ndarray,
@@ -235,18 +250,10 @@ class Engine:
                cpu_backend="kernel", progress=True, planner_params=None) -> Engine:
         """Planner, latency model, placement; then ``load(resident) -> (model, offloaded-expert source)`` and
         the pinning of the offloaded experts."""
-        planner_params = dict(planner_params or {})
         if cpu_backend not in CPU_BACKENDS:  # before anything is loaded
             raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
-        policy = "transfer" if planner == "lru" else planner
-        if _accepts(policy, "staging_slots"):
-            planner_params.setdefault("staging_slots", staging_slots)
-        if cache_slots:
-            planner_params["cache_slots"] = cache_slots
-        bound = P.get_planner(planner, **planner_params)
+        bound = _bind_planner(planner, planner_params, staging_slots, cache_slots)
         cache_slots = getattr(bound, "cache_slots", 0)
-        if staging_slots < 1 and policy in ("fiddler", "fiddler_overlap", "transfer"):
-            raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
         if latency is None:
             lat = LatencyModel.from_design_numbers()
         elif isinstance(latency, str) and latency == "auto":
@@ -261,6 +268,25 @@ class Engine:
         model, source = load(plan.resident)
         host = HostExperts.pin(source, ~plan.resident, progress=progress)
         return cls(model, host, plan, bound, lat, staging_slots, cache_slots, cpu_backend)
+
+    def with_planner(self, planner: str, *, cpu_backend: str | None = None, staging_slots: int | None = None,
+                     cache_slots: int = 0, **planner_params) -> Engine:
+        """Another engine over the same weights, placement, pinned experts and GPU buffers, with another planner
+        (and CPU backend): what a sweep over planners wants, since building Mixtral-8x7B's engine takes minutes
+        and a second copy would not fit. The two share buffers, so run one at a time. The planner must fit the
+        buffers placed: at most this engine's staging slots and the same dynamic-cache slots."""
+        cpu_backend = cpu_backend or self.cpu_backend
+        if cpu_backend not in CPU_BACKENDS:
+            raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
+        staging_slots = self.staging_slots if staging_slots is None else staging_slots
+        bound = _bind_planner(planner, planner_params, staging_slots, cache_slots)
+        if staging_slots > self.staging_slots or getattr(bound, "cache_slots", 0) != self.cache_slots:
+            raise InvalidInputError(
+                f"planner {planner!r} needs {staging_slots} staging and {getattr(bound, 'cache_slots', 0)} cache "
+                f"slots, but this engine placed {self.staging_slots} and {self.cache_slots}; build a new engine")
+        other = copy.copy(self)
+        other.planner, other.cpu_backend, other.trace = bound, cpu_backend, Trace()
+        return other
 
     # -- the step loop ---------------------------------------------------------------------------------------
     def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:
@@ -366,18 +392,18 @@ class Engine:
 
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, num_beams: int = 1,
-                 length_penalty: float = 1.0, early_stopping=False) -> np.ndarray:
+                 length_penalty: float = 1.0, early_stopping=False, kv_slots: int | None = None) -> np.ndarray:
         """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``).
         Beam search needs num_beams × cache length within the KV reserve placed for ``max_batch`` rows."""
         ids = check_token_ids(self.model, input_ids, max_new_tokens)
         check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
         if num_beams == 1:
             return self.generate_with_stats(ids, max_new_tokens, do_sample, seed, temperature=temperature,
-                                            top_p=top_p, eos_token_id=eos_token_id)[0]
+                                            top_p=top_p, eos_token_id=eos_token_id, kv_slots=kv_slots)[0]
         if max_new_tokens == 0:
             return ids
 
-        slots = cache_length(ids.shape[1], max_new_tokens, self.config)
+        slots = self._kv_slots(ids.shape[1], max_new_tokens, kv_slots)
         check_kv_reserve(kv_cache_bytes(self.config, self.model.dtype.itemsize, num_beams, slots),
                          self.placement.memory.kv_cache, num_beams, slots)
         return beam_search(self._forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
@@ -386,16 +412,28 @@ class Engine:
                            pad_token_id=self.config.pad_token_id)
 
     def generate_with_stats(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
-                            temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None):
+                            temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
+                            kv_slots: int | None = None):
         """Greedy or sampled continuation and its :class:`GenerationStats` (time to first token apart from the
-        steady-state decode rate), like ``fiddler_jax.generate_with_stats``."""
+        steady-state decode rate), like ``fiddler_jax.generate_with_stats``. ``kv_slots``: the KV-cache length
+        (default: prompt + new tokens rounded up); runs of different lengths given the same value share every
+        compiled shape (a short warm-up then compiles what a long run needs)."""
         ids = check_token_ids(self.model, input_ids, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
         if max_new_tokens == 0:
             return ids, GenerationStats(prompt_tokens=ids.shape[1])
-        cache = self.model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, self.config))
+        cache = self.model.init_cache(ids.shape[0], self._kv_slots(ids.shape[1], max_new_tokens, kv_slots))
         return decode_loop(self._forward_last, cache, ids, max_new_tokens, self._eos(eos_token_id),
                            do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p)
+
+    def _kv_slots(self, prompt_len: int, max_new_tokens: int, kv_slots: int | None) -> int:
+        need = cache_length(prompt_len, max_new_tokens, self.config)
+        if kv_slots is None:
+            return need
+        if not need <= kv_slots <= self.config.max_position_embeddings:
+            raise InvalidInputError(f"kv_slots={kv_slots} must hold the prompt and the new tokens ({need}) and stay "
+                                    f"within max_position_embeddings ({self.config.max_position_embeddings})")
+        return int(kv_slots)
 
     def _forward_last(self, tokens, cache, start):
         logits, cache = self.forward(tokens, cache, start)

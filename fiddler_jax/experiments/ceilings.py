@@ -1,0 +1,168 @@
+"""``fiddler-jax ceilings``: the bandwidths that bound offloaded MoE inference on this machine, measured side by
+side in one run, and the speed limits they imply for Mixtral-8x7B (bf16) at each GPU budget.
+
+Measured (median of ``--reps``):
+  * host read: every core sums its own slice of one ``--host-gib`` array (numpy reductions release the GIL),
+    STREAM-like: the rate the CPU lane can read expert weights at;
+  * pinned H2D: a jitted copy of a ``--h2d-gib`` pinned-host array into device memory, the PCIe lane's path;
+  * GPU HBM read: a jitted sum over a ``--hbm-gib`` device array.
+Limits, per budget (placement as the engine places it for a decode of 128 + 128 tokens; routing uniform, which
+is what random weights give without router bias — runs record their measured routing too):
+  * offloaded experts per decode token: Σ over layers of top_k × (offloaded experts of the layer) / E;
+  * two-lane decode limit: (host read + pinned H2D bandwidth) / (offloaded expert bytes per token) — the CPU lane
+    and the PCIe lane both reading offloaded weights all the time, every other cost free;
+  * PCIe prefill limit: (all offloaded expert bytes) / pinned H2D bandwidth — a long prompt touches every expert
+    and the fastest way to run them all is to copy each once;
+  * HBM roofline (all resident): HBM read bandwidth / (bytes a decode token reads: top-k experts per layer,
+    attention, router and LM head weights).
+Prints the table last; ``--out`` writes JSON (bandwidths, limits, provenance).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+GIB = 1 << 30
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up (page faults, compilation)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def host_read_bandwidth(nbytes: int, threads: int | None = None, reps: int = 5) -> float:
+    """Bytes/s that ``threads`` (default: this process's CPUs) read together, each summing its own slice."""
+    threads = threads or len(os.sched_getaffinity(0))
+    data = np.ones(nbytes // 8, np.int64)
+    slices = np.array_split(data, threads)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        def read():
+            list(pool.map(np.sum, slices))
+
+        seconds = _median_time(read, reps)
+    return data.nbytes / seconds
+
+
+def pinned_h2d_bandwidth(nbytes: int, reps: int = 5) -> float:
+    """Bytes/s of a jitted copy from a pinned-host array into device memory of the first device."""
+    import jax
+    import jax.numpy as jnp
+
+    dev = jax.devices()[0]
+    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+    src = jax.device_put(np.ones(nbytes // 2, np.uint16), pinned)
+    copy = jax.jit(lambda a: a, out_shardings=device)
+
+    def run():
+        copy(src).block_until_ready()
+
+    seconds = _median_time(run, reps)
+    return src.nbytes / seconds
+
+
+def hbm_read_bandwidth(nbytes: int, reps: int = 10) -> float:
+    """Bytes/s of a jitted reduction over a device array (read-bound)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+
+    def run():
+        total(x).block_until_ready()
+
+    seconds = _median_time(run, reps)
+    return x.nbytes / seconds
+
+
+def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging_slots: int = 2) -> dict:
+    """The limits of the module docstring for one GPU budget (bf16 weights)."""
+    from fiddler_jax.runtime.placement import expert_bytes, non_expert_bytes, place
+
+    plan = place(cfg, budget, itemsize=2, max_context=max_context, staging_slots=staging_slots)
+    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    offloaded = (~plan.resident).sum(axis=1)
+    per_token = float((k * offloaded / E).sum())
+    expert = expert_bytes(cfg, 2)
+    embed_table = cfg.vocab_size * cfg.hidden_size * 2
+    token_bytes = non_expert_bytes(cfg, 2) - embed_table + cfg.num_hidden_layers * k * expert  # one embed row
+    host, h2d, hbm = bandwidth["host_read"], bandwidth["pinned_h2d"], bandwidth["hbm_read"]
+    return {
+        "budget": budget, "resident_experts": plan.resident_count,
+        "offloaded_experts": int(offloaded.sum()), "offloaded_bytes": int(offloaded.sum()) * expert,
+        "offloaded_experts_per_token": per_token,
+        "two_lane_decode_tokens_per_s": (host + h2d) / (per_token * expert) if per_token else None,
+        "cpu_lane_only_decode_tokens_per_s": host / (per_token * expert) if per_token else None,
+        "pcie_prefill_limit_s": int(offloaded.sum()) * expert / h2d,
+        "hbm_roofline_tokens_per_s": hbm / token_bytes,
+    }
+
+
+def table(result: dict) -> str:
+    bw = result["bandwidth_GBps"]
+    lines = [f"ceilings on {result['hardware'].get('cpu')} + {result['hardware'].get('gpu')}",
+             f"  host read {bw['host_read']:.1f} GB/s ({result['threads']} threads), pinned H2D "
+             f"{bw['pinned_h2d']:.1f} GB/s, GPU HBM read {bw['hbm_read']:.1f} GB/s", "",
+             f"{'budget':>8s}{'resident':>10s}{'offl./tok':>11s}{'2-lane tok/s':>14s}{'CPU-only tok/s':>16s}"
+             f"{'PCIe prefill s':>16s}{'HBM roofline':>14s}"]
+    for lim in result["limits"]:
+        two, cpu = lim["two_lane_decode_tokens_per_s"], lim["cpu_lane_only_decode_tokens_per_s"]
+        lines.append(f"{lim['budget']:>8s}{lim['resident_experts']:>10d}{lim['offloaded_experts_per_token']:>11.2f}"
+                     f"{two or float('inf'):>14.2f}{cpu or float('inf'):>16.2f}{lim['pcie_prefill_limit_s']:>16.2f}"
+                     f"{lim['hbm_roofline_tokens_per_s']:>14.1f}")
+    return "\n".join(lines)
+
+
+def run(budgets: list[str], host_gib: float, h2d_gib: float, hbm_gib: float, reps: int) -> dict:
+    from fiddler_jax.experiments.bench import random_model_config
+    from fiddler_jax.provenance import provenance
+
+    threads = len(os.sched_getaffinity(0))
+    bandwidth = {"host_read": host_read_bandwidth(int(host_gib * GIB), threads, reps),
+                 "pinned_h2d": pinned_h2d_bandwidth(int(h2d_gib * GIB), reps),
+                 "hbm_read": hbm_read_bandwidth(int(hbm_gib * GIB), 2 * reps)}
+    cfg = random_model_config()
+    return {"bandwidth_GBps": {k: v / 1e9 for k, v in bandwidth.items()}, "threads": threads,
+            "sizes_GiB": {"host": host_gib, "h2d": h2d_gib, "hbm": hbm_gib}, "model": "mixtral_8x7b (bf16)",
+            "limits": [limits(cfg, b, bandwidth) for b in budgets], **provenance()}
+
+
+def main(argv=None) -> None:
+    from fiddler_jax.experiments.common import clear_errors
+
+    ap = argparse.ArgumentParser(prog="fiddler-jax ceilings", description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="24GiB,48GiB,79GiB", help="comma-separated GPU budgets")
+    ap.add_argument("--host-gib", type=float, default=8.0, help="host array read (GiB)")
+    ap.add_argument("--h2d-gib", type=float, default=2.0, help="pinned array copied to the GPU (GiB)")
+    ap.add_argument("--hbm-gib", type=float, default=8.0, help="device array read (GiB)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="write the result JSON here")
+    args = ap.parse_args(argv)
+
+    @clear_errors
+    def go():
+        result = run([b.strip() for b in args.budgets.split(",") if b.strip()], args.host_gib, args.h2d_gib,
+                     args.hbm_gib, args.reps)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        print(table(result))
+
+    go()
+
+
+if __name__ == "__main__":
+    main()
