@@ -5,7 +5,8 @@ that the budget does not count.
 
 For a stack of S Mixtral-8x7B experts (bf16) and M rows, per variant: XLA's temp bytes (compiled memory
 analysis), the median time and the effective weight-read bandwidth (M distinct experts' bytes / time).
-  gather      today's ``gathered_expert_ffn``
+  gather      ``gathered_expert_ffn`` (the engine's form before rowwise)
+  rowwise     ``rowwise_expert_ffn``: multiply-and-sum per row, the slice fused into the reduction
   dynslice    one dynamic_slice per row (static unroll over M)
   ragged      ``grouped_expert_ffn`` (ragged_dot over the whole stack with group sizes)
   switch      lax.switch per row over static slices of the stack
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiddler_jax.models.moe import gathered_expert_ffn, grouped_expert_ffn
+from fiddler_jax.models.moe import gathered_expert_ffn, grouped_expert_ffn, rowwise_expert_ffn
 
 H, F = int(os.environ.get("PROBE_HIDDEN", 4096)), int(os.environ.get("PROBE_FFN", 14336))
 S = int(os.environ.get("PROBE_SLOTS", 8))
@@ -62,7 +63,7 @@ def onehot_sum(x, ids, w1, w3, w2):
     return jnp.einsum("ms,smh->mh", jax.nn.one_hot(ids, w1.shape[0], dtype=F32), y)
 
 
-VARIANTS = {"gather": gathered_expert_ffn, "dynslice": dynslice, "ragged": ragged, "switch": switch,
+VARIANTS = {"gather": gathered_expert_ffn, "rowwise": rowwise_expert_ffn, "dynslice": dynslice, "ragged": ragged, "switch": switch,
             "onehot_sum": onehot_sum}
 
 
@@ -74,7 +75,7 @@ def main():
     w2 = (jax.random.normal(k2, (S, H, F), jnp.bfloat16) * 0.02)
     expert_bytes = 3 * H * F * 2
     rows, out = [], {"device": str(jax.devices()[0]), "jax": jax.__version__, "H": H, "F": F, "S": S, "runs": []}
-    for m in (1, 2, 4):
+    for m in tuple(int(v) for v in os.environ.get("PROBE_ROWS", "1,2,4").split(",")):
         x = jax.random.normal(kx, (m, H), jnp.bfloat16)
         ids = jnp.asarray(np.arange(m) * 3 % S, jnp.int32)
         ref = None

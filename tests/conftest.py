@@ -64,3 +64,16 @@ def small_checkpoint(tmp_path_factory):
 
 def token_ids(vocab: int, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where JAX has no GPU (CI); they run on the device machine."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import jax
+
+    if jax.devices()[0].platform != "gpu":
+        skip = pytest.mark.skip(reason="needs a GPU (run on the device machine)")
+        for item in gpu_tests:
+            item.add_marker(skip)

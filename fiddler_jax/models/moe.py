@@ -7,8 +7,8 @@ Routing algorithm (Mixtral, as in transformers):
      contiguous groups and the per-expert token counts — the counts are what the hybrid planner reads.
   3. ``expert_ffn`` / ``grouped_expert_ffn``: the SwiGLU expert FFN_e(x) = (silu(x·w1ᵀ) ⊙ (x·w3ᵀ)) · w2ᵀ, with
      weights in HF layout (w1, w3 [ffn, hidden]; w2 [hidden, ffn]); the grouped form runs all groups at once with
-     ``jax.lax.ragged_dot_general``; with no more assignments than experts (decode) the gathered form fetches just
-     the chosen experts' weights instead.
+     ``jax.lax.ragged_dot_general``; with no more assignments than experts (decode) the row-wise form reads just
+     the chosen experts' weights, in place, instead.
   4. ``combine``: out_t = Σ_j weight_{t,j} · FFN_{e_{t,j}}(x_t), accumulated in float32.
 
 The runtime later splits step 3 between GPU-resident experts and offloaded ones; steps 1, 2 and 4 stay the same.
@@ -91,6 +91,41 @@ def gathered_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array,
     return jnp.einsum("mf,mhf->mh", act, w2[expert_ids], precision=prec, preferred_element_type=jnp.float32)
 
 
+def rowwise_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array, w3: jax.Array,
+                       w2: jax.Array) -> jax.Array:
+    """Like :func:`gathered_expert_ffn`, reading each row's expert in place: for row m (a static unroll over
+    the few rows of a decode step) every product is a multiply-and-sum over the expert's weights, e.g.
+    gate_f = Σ_h w1[e, f, h]·x_h in float32, with the expert picked by a dynamic slice that XLA fuses into the
+    reduction. Nothing expert-sized is materialised (the indexing form copies the chosen experts: k × 352 MB of
+    transient for a Mixtral decode step, beyond the budget) and each weight is read once."""
+    f32 = jnp.float32
+
+    def matvec(w, v):  # w [out, in] (one expert's rows), v [in] -> [out] float32
+        return jnp.sum(w.astype(f32) * v.astype(f32)[None, :], axis=-1)
+
+    rows = []
+    for m in range(x_rows.shape[0]):
+        pick = lambda w: jax.lax.dynamic_index_in_dim(w, expert_ids[m], keepdims=False)  # noqa: E731
+        x = x_rows[m]
+        act = (jax.nn.silu(matvec(pick(w1), x)) * matvec(pick(w3), x)).astype(w2.dtype)
+        rows.append(matvec(pick(w2), act))
+    return jnp.stack(rows)
+
+
+# How few-row steps read their experts: "rowwise" (in place, the default) or "gather" (index the stack; the
+# ablation). FIDDLER_DECODE_EXPERTS, read when a function is traced.
+DECODE_FORMS = {"rowwise": rowwise_expert_ffn, "gather": gathered_expert_ffn}
+
+
+def decode_form():
+    import os
+
+    name = os.environ.get("FIDDLER_DECODE_EXPERTS", "rowwise")
+    if name not in DECODE_FORMS:
+        raise ValueError(f"FIDDLER_DECODE_EXPERTS={name!r}; valid: {', '.join(DECODE_FORMS)}")
+    return DECODE_FORMS[name]
+
+
 def dense_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
     """Every expert on every token, mixed by the top-k routing weights (0 for experts not chosen):
     out_t = Σ_e g_{t,e} FFN_e(x_t). E/k times the FLOPs of the sparse forms but plain dense matmuls, which
@@ -132,7 +167,7 @@ def sparse_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.
     x_sorted = flat[groups.order // top_k]
     slot_sorted = slots.reshape(-1)[groups.order]
     if x_sorted.shape[0] <= num_slots:  # few assignments (decode): touch only the chosen rows
-        y_sorted = gathered_expert_ffn(x_sorted, jnp.minimum(slot_sorted, num_slots - 1), w1, w3, w2)
+        y_sorted = decode_form()(x_sorted, jnp.minimum(slot_sorted, num_slots - 1), w1, w3, w2)
     else:
         y_sorted = grouped_expert_ffn(x_sorted, groups.sizes[:num_slots], w1, w3, w2)
     y_sorted = jnp.where((slot_sorted < num_slots)[:, None], y_sorted, 0.0)

@@ -40,8 +40,12 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype, seed: int, std: floa
     if name.endswith("norm.weight"):
         return np.ones(shape, dtype)
     if dtype == np.dtype(ml_dtypes.bfloat16) and ".experts." in name:
-        bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-        return ((bits & np.uint16(0x807F)) | np.uint16(0x3C00)).view(ml_dtypes.bfloat16)
+        size = int(np.prod(shape))
+        # raw 64-bit draws viewed as 16-bit words, masked in place: about 8x faster than integers(dtype=uint16)
+        bits = rng.bit_generator.random_raw(-(-size // 4)).view(np.uint16)[:size]
+        np.bitwise_and(bits, np.uint16(0x807F), out=bits)
+        np.bitwise_or(bits, np.uint16(0x3C00), out=bits)
+        return bits.view(ml_dtypes.bfloat16).reshape(shape)
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
 
 
