@@ -111,7 +111,7 @@ def test_rowwise_decode_form_copies_no_expert():
     """On the GPU the row-wise form reads the chosen experts in place: XLA's temporaries stay far below one
     expert (the indexing form materialises every chosen expert). XLA's CPU backend does not fuse the slice into
     the reduction, so this is a GPU property."""
-    e, f, h = 4, 256, 128
+    e, f, h = 4, 2048, 1024
     w1, w3, w2 = (jnp.ones((e, f, h), jnp.bfloat16), jnp.ones((e, f, h), jnp.bfloat16),
                   jnp.ones((e, h, f), jnp.bfloat16))
     x, ids = jnp.ones((2, h), jnp.bfloat16), jnp.array([1, 3], jnp.int32)
