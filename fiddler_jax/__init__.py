@@ -14,7 +14,8 @@ The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax
 Importing the package raises JAX's pinned host memory cap (``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB``, 64 GiB by
 default) to this machine's RAM unless it is set already: offloaded experts live in pinned memory, and Mixtral at
 a 24 GiB GPU budget pins about 70 GB. The cap is read when JAX starts its GPU client, so import fiddler_jax
-(or set the variable) before the first JAX computation.
+(or set the variable) before the first JAX computation. An engine built before JAX starts narrows the cap to
+what its offloaded experts need (``runtime.host_experts.size_pinned_pool``).
 """
 from __future__ import annotations
 
@@ -26,12 +27,18 @@ from fiddler_jax.errors import CheckpointError, FiddlerError, InvalidInputError,
 __version__ = "0.1.0"
 
 
+DEFAULT_HOST_LIMIT_GB: str | None = None  # what this import set the pinned cap to (an engine may resize it)
+
+
 def _raise_pinned_host_cap() -> None:
+    global DEFAULT_HOST_LIMIT_GB
     try:
         ram = _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    _os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(max(64, ram >> 30)))
+    if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ:
+        DEFAULT_HOST_LIMIT_GB = str(max(64, ram >> 30))
+        _os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = DEFAULT_HOST_LIMIT_GB
 
 
 _raise_pinned_host_cap()

@@ -228,3 +228,23 @@ def test_same_seed_same_output_across_cpu_thread_counts():
         kernels.set_num_threads(before)
     np.testing.assert_array_equal(logits[0], logits[1])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_pinned_pool_is_sized_to_the_offloaded_experts_before_jax_starts():
+    """Before JAX starts, an engine narrows the pinned-host cap from the machine's RAM to what its experts need
+    (a doubling pool capped at the RAM pinned more than the machine had); a cap the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, fiddler_jax\n"
+            "from fiddler_jax.runtime.host_experts import size_pinned_pool\n"
+            "print(size_pinned_pool(10 << 30), os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'])\n"
+            "import jax; jax.devices()\n"
+            "print(size_pinned_pool(20 << 30), os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "13", "False", "13"]  # 10 GiB + 2% + 2 GiB, rounded up; unchanged once started
+    env["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = "40"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "40", "False", "40"]

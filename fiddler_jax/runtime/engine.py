@@ -45,7 +45,7 @@ from fiddler_jax.runtime.generate import (
 )
 from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
-from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot
+from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot, size_pinned_pool
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.profiling import RoutingProfile
@@ -265,6 +265,7 @@ class Engine:
         plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
                      resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
                      staging_slots=staging_slots, cache_slots=cache_slots, seed=seed)
+        size_pinned_pool(int((~plan.resident).sum()) * plan.memory.expert)  # before JAX starts, if it has not
         model, source = load(plan.resident)
         host = HostExperts.pin(source, ~plan.resident, progress=progress)
         return cls(model, host, plan, bound, lat, staging_slots, cache_slots, cpu_backend)

@@ -17,6 +17,8 @@ at import, before JAX starts its GPU client.
 """
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable
 
 import jax
@@ -29,6 +31,23 @@ from fiddler_jax.units import format_bytes
 WEIGHTS = ("w1", "w3", "w2")
 PINNED = "pinned_host"
 HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+def size_pinned_pool(nbytes: int) -> bool:
+    """Size XLA's pinned host pool for ``nbytes`` of experts (plus 2 GiB and 2% of slack) if JAX has not started
+    and the user did not set the cap; returns whether it did.
+
+    The pool grows by regions that double in size, each pinned (locked in RAM) as a whole: capped at the
+    machine's RAM, Mixtral's 64 GiB of offloaded experts at a 24 GiB budget made it ask for a 61 GiB region on
+    top of 63 GiB already pinned, and the kernel killed the process. Capped at what the experts need, the last
+    region is only what is left."""
+    import fiddler_jax
+    from fiddler_jax.runtime.gpu_memory import jax_started
+
+    if jax_started() or os.environ.get(HOST_LIMIT_VAR) != fiddler_jax.DEFAULT_HOST_LIMIT_GB:
+        return False
+    os.environ[HOST_LIMIT_VAR] = str(max(1, -(-(int(nbytes * 1.02) + (2 << 30)) >> 30)))
+    return True
 
 
 class HostMemoryError(FiddlerError, MemoryError):
