@@ -86,15 +86,23 @@ def kv_cache_bytes(cfg: MixtralConfig, itemsize: int, max_batch: int, max_contex
 XLA_SCRATCH = 256 << 20  # cuBLAS/autotuning scratch and allocator fragmentation (measured headroom, H100)
 
 
-def workspace_bytes(cfg: MixtralConfig, itemsize: int, max_step_tokens: int) -> int:
+def workspace_bytes(cfg: MixtralConfig, itemsize: int, max_step_tokens: int, context: int = 1) -> int:
     """Activations of the largest step — float32 logits, a few hidden-sized buffers and one layer's expert
-    intermediates for every token (an estimate; XLA reuses buffers) — plus XLA's own temporaries: its grouped
+    intermediates for every token (an estimate; XLA reuses buffers), the attention scores over ``context``
+    keys — plus XLA's own temporaries: its grouped
     (ragged) product re-lays out one stacked weight of a layer (E × ffn × hidden: 896 MiB for Mixtral-8x7B,
     measured with the compiled memory analysis on the H100) and ``XLA_SCRATCH``."""
     per_token = 4 * cfg.vocab_size + itemsize * (8 * cfg.hidden_size
                                                  + 2 * cfg.num_experts_per_tok * cfg.intermediate_size)
     stacked_weight = cfg.num_local_experts * cfg.intermediate_size * cfg.hidden_size * itemsize
-    return max_step_tokens * per_token + stacked_weight + XLA_SCRATCH
+    return max_step_tokens * per_token + attention_scores_bytes(cfg, max_step_tokens, context) + stacked_weight \
+        + XLA_SCRATCH
+
+
+def attention_scores_bytes(cfg: MixtralConfig, step_tokens: int, context: int) -> int:
+    """Float32 attention scores and probabilities of one layer for ``step_tokens`` queries over ``context`` keys
+    (2.2 GB each for a 4096-token Mixtral prefill: a 24 GiB run without them ran out of memory at 2048)."""
+    return 2 * 4 * cfg.num_attention_heads * step_tokens * context
 
 
 def placement_order(num_layers: int, num_experts: int, policy: str, profile: np.ndarray | None = None,
@@ -131,7 +139,7 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
     expert = expert_bytes(cfg, itemsize)
     memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
-                        workspace=workspace_bytes(cfg, itemsize, step_tokens),
+                        workspace=workspace_bytes(cfg, itemsize, step_tokens, min(context, step_tokens)),
                         slots=(staging_slots + cache_slots * cfg.num_hidden_layers) * expert, expert=expert,
                         resident_count=0)
     if budget < memory.fixed:
