@@ -248,3 +248,25 @@ def test_pinned_pool_is_sized_to_the_offloaded_experts_before_jax_starts():
     env["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = "40"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "40", "False", "40"]
+
+
+def test_with_planner_shares_weights_and_buffers_across_sweeps(checkpoint):
+    """Engines made by with_planner run on the built engine's weights and GPU buffers; any sequence of them (the
+    copies donate and replace the staging buffers) equals the all-resident model, and a planner needing more
+    buffers than were placed is refused."""
+    path, reference = checkpoint
+    base = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=2,
+                                    dtype="float32", progress=False)
+    ids = token_ids(97, (1, 12), seed=2)
+    ref = fj.logits(reference, ids)
+    for planner in ("transfer", "cpu_only", "transfer", "fiddler"):
+        engine = base.with_planner(planner)
+        assert engine.model is base.model and engine.host is base.host
+        out = engine.logits(ids)
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), planner
+        assert engine.trace.steps and not base.trace.steps  # each engine keeps its own trace
+    assert base.with_planner("transfer", cpu_backend="xla").cpu_backend == "xla"
+    with pytest.raises(InvalidInputError, match="build a new engine"):
+        base.with_planner("lru", cache_slots=1)
+    with pytest.raises(InvalidInputError, match="cpu_backend"):
+        base.with_planner("transfer", cpu_backend="gpu")

@@ -194,7 +194,9 @@ class Engine:
         shapes = {"w1": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
                   "w3": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
                   "w2": (staging_slots, cfg.hidden_size, cfg.intermediate_size)}
-        self._staging = {k: jnp.zeros(s, dtype) for k, s in shapes.items()} if staging_slots else {}
+        # Buffers the copies donate and replace: kept in a holder, so engines made by ``with_planner`` (which share
+        # it) always see the live arrays.
+        self._gpu_buffers = {"staging": {k: jnp.zeros(s, dtype) for k, s in shapes.items()} if staging_slots else {}}
         # The dynamic cache: ``cache_slots`` expert buffers per layer; which expert sits in which slot is the
         # planner's CacheState (planner.caches[layer]).
         self.cache_slots = cache_slots
@@ -288,6 +290,14 @@ class Engine:
         other = copy.copy(self)
         other.planner, other.cpu_backend, other.trace = bound, cpu_backend, Trace()
         return other
+
+    @property
+    def _staging(self) -> dict:
+        return self._gpu_buffers["staging"]
+
+    @_staging.setter
+    def _staging(self, buffers: dict) -> None:
+        self._gpu_buffers["staging"] = buffers
 
     # -- the step loop ---------------------------------------------------------------------------------------
     def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:
