@@ -41,10 +41,12 @@ def _check(choices: np.ndarray, num_experts: int) -> np.ndarray:
 
 def route_text(model, ids: np.ndarray, *, window: int = 256) -> np.ndarray:
     """choices [L, T, k]: the top-k experts of every layer for each of the T token ids, run through ``model`` in
-    independent windows of ``window`` tokens (the last one may be shorter). The top-k is taken on the router
-    logits, which picks the same experts as on their softmax."""
-    import jax
+    independent windows of ``window`` tokens (the last one may be shorter), through the profiler's
+    ``window_choices``."""
     import jax.numpy as jnp
+    from flax import nnx
+
+    from fiddler_jax.runtime.profiling import window_choices
 
     ids = np.asarray(ids).reshape(-1)
     cfg = model.config
@@ -52,12 +54,9 @@ def route_text(model, ids: np.ndarray, *, window: int = 256) -> np.ndarray:
         raise InvalidInputError("no tokens to route")
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
         raise InvalidInputError(f"token ids outside [0, {cfg.vocab_size}): they were made with another tokenizer")
-    k = cfg.num_experts_per_tok
-    out = []
-    for s in range(0, ids.size, window):
-        chunk = jnp.asarray(ids[None, s:s + window], jnp.int32)
-        _, _, router_logits = model(chunk, model.init_cache(1, chunk.shape[1]), 0, return_router_logits=True)
-        out.append(np.stack([np.asarray(jax.lax.top_k(rl.astype(jnp.float32), k)[1]) for rl in router_logits]))
+    graphdef, state = nnx.split(model)
+    out = [np.asarray(window_choices(graphdef, state, jnp.asarray(ids[None, s:s + window], jnp.int32)))
+           for s in range(0, ids.size, window)]
     return np.concatenate(out, axis=1).astype(np.int64)
 
 

@@ -83,8 +83,7 @@ def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
 _LAST_ENGINE: dict = {}
 
 
-def _engine_key(cfg, context: int) -> str:
-    pk = planner_kwargs(cfg.planner)
+def _engine_key(cfg, context: int, pk: dict) -> str:
     parts = {"model": cfg.model, "placement": cfg.placement, "budget": gpu_budget(cfg.hardware),
              "beams": cfg.scenario.num_beams, "context": context, "latency": cfg.latency,
              "slots": (pk["staging_slots"], pk["cache_slots"])}
@@ -100,15 +99,15 @@ def build_engine(cfg):
     need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
     context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
     cpu_backend = "xla" if cfg.kernel.path == "xla" else "kernel"
-    key = _engine_key(cfg, context)
+    pk = planner_kwargs(cfg.planner)
+    key = _engine_key(cfg, context, pk)
     if key in _LAST_ENGINE:
         engine, tokenizer = _LAST_ENGINE[key]
-        pk = planner_kwargs(cfg.planner)
-        return engine.with_planner(pk.pop("planner"), cpu_backend=cpu_backend, **pk), tokenizer
+        return engine.with_planner(cpu_backend=cpu_backend, **pk), tokenizer
     release_engines()
     kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), placement=pl.policy, resident_experts=pl.resident_experts,
                   dtype=m.dtype, profile=pl.profile, latency=cfg.latency, max_batch=cfg.scenario.num_beams,
-                  max_context=context, seed=pl.seed, cpu_backend=cpu_backend, **planner_kwargs(cfg.planner))
+                  max_context=context, seed=pl.seed, cpu_backend=cpu_backend, **pk)
     if m.random:
         if not m.geometry:
             raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
@@ -219,14 +218,14 @@ def run_bench(cfg, out_dir: str) -> dict:
         release_engines()
         metrics, extra = run_hf_accelerate(cfg)
     else:
+        from fiddler_jax.runtime.generate import cache_length
+
         set_kernel(cfg.kernel.path)
         engine, tokenizer = build_engine(cfg)
         ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
                          cfg.seed)
         warm = s if cfg.warmup_tokens is None else OmegaConf.merge(
             s, {"output_tokens": max(1, min(cfg.warmup_tokens, s.output_tokens))})
-        from fiddler_jax.runtime.generate import cache_length
-
         kv = cache_length(s.input_tokens, s.output_tokens, engine.config)
         for _ in tqdm(range(cfg.warmup), desc="warm-up", leave=False):
             run_once(engine, ids, warm, kv)

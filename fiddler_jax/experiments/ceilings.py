@@ -24,7 +24,6 @@ import concurrent.futures
 import json
 import os
 import statistics
-import time
 
 import numpy as np
 
@@ -32,13 +31,10 @@ GIB = 1 << 30
 
 
 def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up (page faults, compilation)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``reps`` calls after one warm-up call (page faults, compilation)."""
+    from fiddler_jax.runtime.calibrate import sample
+
+    return statistics.median(sample(fn, budget_s=0.0, min_reps=reps, max_reps=reps))
 
 
 def host_read_bandwidth(nbytes: int, threads: int | None = None, reps: int = 5) -> float:
@@ -57,7 +53,6 @@ def host_read_bandwidth(nbytes: int, threads: int | None = None, reps: int = 5) 
 def pinned_h2d_bandwidth(nbytes: int, reps: int = 5) -> float:
     """Bytes/s of a jitted copy from a pinned-host array into device memory of the first device."""
     import jax
-    import jax.numpy as jnp
 
     dev = jax.devices()[0]
     pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")

@@ -15,6 +15,7 @@ The runtime later splits step 3 between GPU-resident experts and offloaded ones;
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -118,8 +119,6 @@ DECODE_FORMS = {"rowwise": rowwise_expert_ffn, "gather": gathered_expert_ffn}
 
 
 def decode_form():
-    import os
-
     name = os.environ.get("FIDDLER_DECODE_EXPERTS", "rowwise")
     if name not in DECODE_FORMS:
         raise ValueError(f"FIDDLER_DECODE_EXPERTS={name!r}; valid: {', '.join(DECODE_FORMS)}")

@@ -105,6 +105,11 @@ def _accepts(policy_name: str, param: str) -> bool:
     return policy is not None and param in inspect.signature(policy).parameters
 
 
+def _check_cpu_backend(cpu_backend: str) -> None:
+    if cpu_backend not in CPU_BACKENDS:
+        raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
+
+
 def _bind_planner(planner: str, planner_params: dict | None, staging_slots: int, cache_slots: int):
     """The planner callable for a name and its parameters (``lru`` is ``transfer`` with a cache)."""
     planner_params = dict(planner_params or {})
@@ -252,8 +257,7 @@ class Engine:
                cpu_backend="kernel", progress=True, planner_params=None) -> Engine:
         """Planner, latency model, placement; then ``load(resident) -> (model, offloaded-expert source)`` and
         the pinning of the offloaded experts."""
-        if cpu_backend not in CPU_BACKENDS:  # before anything is loaded
-            raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
+        _check_cpu_backend(cpu_backend)  # before anything is loaded
         bound = _bind_planner(planner, planner_params, staging_slots, cache_slots)
         cache_slots = getattr(bound, "cache_slots", 0)
         if latency is None:
@@ -279,8 +283,7 @@ class Engine:
         and a second copy would not fit. The two share buffers, so run one at a time. The planner must fit the
         buffers placed: at most this engine's staging slots and the same dynamic-cache slots."""
         cpu_backend = cpu_backend or self.cpu_backend
-        if cpu_backend not in CPU_BACKENDS:
-            raise InvalidInputError(f"unknown cpu_backend {cpu_backend!r}; valid: {', '.join(CPU_BACKENDS)}")
+        _check_cpu_backend(cpu_backend)
         staging_slots = self.staging_slots if staging_slots is None else staging_slots
         bound = _bind_planner(planner, planner_params, staging_slots, cache_slots)
         if staging_slots > self.staging_slots or getattr(bound, "cache_slots", 0) != self.cache_slots:

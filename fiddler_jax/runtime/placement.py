@@ -86,7 +86,7 @@ def kv_cache_bytes(cfg: MixtralConfig, itemsize: int, max_batch: int, max_contex
 XLA_SCRATCH = 256 << 20  # cuBLAS/autotuning scratch and allocator fragmentation (measured headroom, H100)
 
 
-def workspace_bytes(cfg: MixtralConfig, itemsize: int, max_step_tokens: int, context: int = 1) -> int:
+def workspace_bytes(cfg: MixtralConfig, itemsize: int, max_step_tokens: int, context: int) -> int:
     """Activations of the largest step — float32 logits, a few hidden-sized buffers and one layer's expert
     intermediates for every token (an estimate; XLA reuses buffers), the attention scores over ``context``
     keys — plus XLA's own temporaries: its grouped

@@ -82,13 +82,23 @@ class RoutingProfile:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _window_counts(graphdef, state, tokens):
-    """[L, E] assignment counts of one batch of windows [B, T]."""
+def window_choices(graphdef, state, tokens):
+    """[L, B·T, k] the top-k experts every layer's router picks for each token of a batch of windows [B, T]
+    (each window from position 0). The top-k is taken on the router logits, which picks the same experts as
+    on their softmax."""
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
     _, _, router_logits = model(tokens, model.init_cache(b, t), 0, return_router_logits=True)
-    k, e = model.config.num_experts_per_tok, model.config.num_local_experts
-    return jnp.stack([jnp.bincount(jax.lax.top_k(rl, k)[1].reshape(-1), length=e) for rl in router_logits])
+    k = model.config.num_experts_per_tok
+    return jnp.stack([jax.lax.top_k(rl.astype(jnp.float32), k)[1] for rl in router_logits])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_counts(graphdef, state, tokens):
+    """[L, E] assignment counts of one batch of windows [B, T]."""
+    e = nnx.merge(graphdef, state).config.num_local_experts
+    choices = window_choices(graphdef, state, tokens)
+    return jnp.stack([jnp.bincount(c.reshape(-1), length=e) for c in choices])
 
 
 def profile_routing(model: Mixtral, windows: Iterable[np.ndarray], *, batch_size: int = 8, source: str = "",
