@@ -186,6 +186,7 @@ class Engine:
         self.latency = latency
         self.host = host
         self.trace = Trace()
+        self._device = jax.devices()[0]
         self._graph, self._state = nnx.split(model)
         self._layers = [nnx.split(layer) for layer in model.layers]
         self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
@@ -320,7 +321,7 @@ class Engine:
                                     weights[token, slot])
             cpu_job = self._cpu_lane.submit(job) if plan.concurrent else None
         t_gpu = clock()
-        gpu_out = jnp.zeros(moe_in.shape, jnp.float32)
+        gpu_out = jnp.zeros(moe_in.shape, jnp.float32, device=self._device)  # committed (see _on_device)
         if self.placement.resident[layer].any():
             gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
         order = plan.transfer_order
@@ -341,10 +342,10 @@ class Engine:
             spans["pcie"] = (spans["pcie"][0], clock())
         gpu_out.block_until_ready()
         spans["gpu"] = (t_gpu, clock())
-        cpu_out = jnp.zeros(moe_in.shape, jnp.float32)
+        cpu_out = jnp.zeros(moe_in.shape, jnp.float32, device=self._device)
         if on_cpu.any():
             host_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
-            cpu_out = jnp.asarray(host_out)
+            cpu_out = self._on_device(host_out)
         self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
         return gpu_out, cpu_out
 
@@ -385,7 +386,7 @@ class Engine:
     def forward(self, tokens, cache, start: int):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""
         start = jnp.int32(start)
-        x = _embed(self._graph, self._state, tokens)
+        x = _embed(self._graph, self._state, self._on_device(tokens))
         new_cache = []
         for layer, ((graphdef, state), kv) in enumerate(zip(self._layers, cache)):
             if self.placement.layer_all_resident(layer):
@@ -439,6 +440,12 @@ class Engine:
         cache = self.model.init_cache(ids.shape[0], self._kv_slots(ids.shape[1], max_new_tokens, kv_slots))
         return decode_loop(self._forward_last, cache, ids, max_new_tokens, self._eos(eos_token_id),
                            do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p)
+
+    def _on_device(self, value) -> jax.Array:
+        """``value`` committed to the engine's device: every jitted step then sees committed inputs whatever
+        the plan (a plan without a CPU or GPU share would otherwise pass uncommitted zeros, and JAX compiles
+        again for the other commitment)."""
+        return jax.device_put(value, self._device)
 
     def _kv_slots(self, prompt_len: int, max_new_tokens: int, kv_slots: int | None) -> int:
         need = cache_length(prompt_len, max_new_tokens, self.config)
