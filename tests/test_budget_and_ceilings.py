@@ -1,0 +1,128 @@
+"""GPU budgets are kept (allocator cap, a run over budget fails), the ceilings' limits follow from the measured
+bandwidths, and bench sweeps reuse one engine with short warm-ups that compile the scenario's shapes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments import bench, ceilings
+from fiddler_jax.experiments.common import CONF_DIR
+from fiddler_jax.runtime import gpu_memory
+from fiddler_jax.runtime.placement import expert_bytes, place
+from tests.test_harness import COMMON
+
+
+def test_check_within_fails_only_above_the_budget():
+    gpu_memory.check_within("1GiB", 1 << 30)
+    gpu_memory.check_within("1GiB", None)  # a backend without statistics
+    with pytest.raises(gpu_memory.BudgetExceededError, match="exceeded the 1.0 GiB budget by 1.0 MiB"):
+        gpu_memory.check_within("1GiB", (1 << 30) + (1 << 20))
+    with pytest.raises(InvalidInputError, match="not a size"):
+        gpu_memory.check_within("lots", 1)
+
+
+def test_cap_needs_a_cuda_driver(monkeypatch):
+    monkeypatch.setattr(gpu_memory, "cuda_total_memory", lambda ordinal=0: None)
+    assert gpu_memory.cap_xla_allocator("24GiB") == {"capped": False, "why": "no CUDA driver: nothing to cap"}
+    monkeypatch.setattr(gpu_memory, "cuda_total_memory", lambda ordinal=0: 80 << 30)
+    with pytest.raises(InvalidInputError, match="more than the GPU has"):
+        gpu_memory.cap_xla_allocator("100GiB")
+
+
+def test_cap_sets_the_allocator_fraction_before_jax_starts(monkeypatch):
+    monkeypatch.setattr(gpu_memory, "cuda_total_memory", lambda ordinal=0: 80 << 30)
+    monkeypatch.setattr(gpu_memory, "jax_started", lambda: False)
+    monkeypatch.delenv(gpu_memory.FRACTION, raising=False)
+    monkeypatch.delenv(gpu_memory.PREALLOCATE, raising=False)
+    assert gpu_memory.cap_xla_allocator("20GiB")["fraction"] == 0.25
+    import os
+
+    assert os.environ[gpu_memory.PREALLOCATE] == "false" and os.environ[gpu_memory.FRACTION] == "0.250000"
+
+
+def test_cap_refuses_a_second_budget_once_jax_started(monkeypatch):
+    monkeypatch.setattr(gpu_memory, "cuda_total_memory", lambda ordinal=0: 80 << 30)
+    monkeypatch.setattr(gpu_memory, "jax_started", lambda: True)
+    monkeypatch.setattr(gpu_memory, "current_limit", lambda: 24 << 30)
+    assert gpu_memory.cap_xla_allocator("24GiB")["capped"]
+    with pytest.raises(InvalidInputError, match="one process per budget"):
+        gpu_memory.cap_xla_allocator("48GiB")
+
+
+def test_ceiling_limits_follow_from_the_bandwidths():
+    cfg = bench.random_model_config()
+    bw = {"host_read": 100e9, "pinned_h2d": 50e9, "hbm_read": 3000e9}
+    lim = ceilings.limits(cfg, "24GiB", bw)
+    plan = place(cfg, "24GiB", itemsize=2, max_context=256, staging_slots=2)
+    expert = expert_bytes(cfg, 2)
+    assert lim["resident_experts"] == plan.resident_count and lim["offloaded_experts"] == 256 - plan.resident_count
+    per_token = 2 * lim["offloaded_experts"] / 8  # uniform routing, top-2 of 8
+    assert lim["offloaded_experts_per_token"] == pytest.approx(per_token)
+    assert lim["two_lane_decode_tokens_per_s"] == pytest.approx(150e9 / (per_token * expert))
+    assert lim["cpu_lane_only_decode_tokens_per_s"] == pytest.approx(100e9 / (per_token * expert))
+    assert lim["pcie_prefill_limit_s"] == pytest.approx(lim["offloaded_bytes"] / 50e9)
+    assert 100 < lim["hbm_roofline_tokens_per_s"] < 130  # ~26 GB read per token at 3 TB/s
+    whole = ceilings.limits(cfg, "1024GiB", bw)
+    assert whole["offloaded_experts"] == 0 and whole["two_lane_decode_tokens_per_s"] is None
+    with pytest.raises(InvalidInputError, match="not a size"):
+        ceilings.limits(cfg, "24 gigs", bw)
+
+
+def test_ceilings_run_measures_every_bandwidth(tmp_path):
+    out = tmp_path / "c.json"
+    ceilings.main(["--budgets", "24GiB", "--host-gib", "0.05", "--h2d-gib", "0.01", "--hbm-gib", "0.02",
+                   "--reps", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert all(v > 0 for v in result["bandwidth_GBps"].values())
+    assert [lim["budget"] for lim in result["limits"]] == ["24GiB"] and result["git_sha"] is not None
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("bench", overrides=[*COMMON, *overrides])
+
+
+def test_a_run_above_its_budget_fails_after_writing_its_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_memory, "usage", lambda: {"peak_bytes_in_use": 3 << 30, "bytes_limit": None})
+    with pytest.raises(gpu_memory.BudgetExceededError):
+        bench.run_bench(_compose("hardware.gpu_budget=2GiB", "planner=cpu_only"), str(tmp_path))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["gpu_memory"]["within_budget"] is False and result["peak_gpu_bytes"] == 3 << 30
+
+
+def test_a_sweep_over_planners_builds_the_engine_once(tmp_path, monkeypatch):
+    from fiddler_jax.runtime.engine import Engine
+
+    built = []
+    real = Engine._build.__func__
+    monkeypatch.setattr(Engine, "_build", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
+    bench.release_engines()
+    for planner in ("cpu_only", "fiddler", "transfer"):
+        result = bench.run_bench(_compose(f"planner={planner}", "warmup_tokens=1"), str(tmp_path))
+        assert result["metrics"]["tokens_per_s"]["median"] > 0
+    assert len(built) == 1
+    bench.run_bench(_compose("planner=cpu_only", "placement.resident_experts=6"), str(tmp_path))
+    assert len(built) == 2  # another placement: a new engine
+    bench.release_engines()
+
+
+def test_kv_slots_share_compiled_shapes_and_are_checked():
+    from fiddler_jax.runtime import engine as E
+    from fiddler_jax.runtime.generate import cache_length
+
+    cfg = _compose()
+    engine, _ = bench.build_engine(cfg)
+    prompt = np.arange(1, 9)[None] % engine.config.vocab_size
+    kv = cache_length(8, 40, engine.config)
+    engine.generate(prompt, 2, eos_token_id=[], kv_slots=kv)  # a short warm-up at the long run's KV length
+    jitted = (E._attention_and_router, E._stack_mix, E._residual_add)
+    before = [f._cache_size() for f in jitted]
+    engine.generate(prompt, 40, eos_token_id=[], kv_slots=kv)
+    assert [f._cache_size() for f in jitted] == before
+    with pytest.raises(InvalidInputError, match="kv_slots=16 must hold"):
+        engine.generate(prompt, 40, eos_token_id=[], kv_slots=16)
+    bench.release_engines()
