@@ -22,16 +22,10 @@ import numpy as np
 from flax import nnx
 
 from fiddler_jax.runtime import engine as E
-from fiddler_jax.runtime import host_experts
 from fiddler_jax.runtime.calibrate import calibrate, table
 
-JITTED = {"attention_and_router": E._attention_and_router, "stack_mix": E._stack_mix,
-          "residual_add": E._residual_add, "copy_into_slot": host_experts._copy_jit, "fused_layer": E._fused_layer,
-          "embed": E._embed, "head": E._head}
-
-
-def compiles() -> dict[str, int]:
-    return {k: f._cache_size() for k, f in JITTED.items()}
+def compiles(engine) -> dict[str, int]:
+    return {k: f._cache_size() for k, f in engine.jitted_functions().items()}
 
 
 def main() -> None:
@@ -91,12 +85,12 @@ def main() -> None:
         logits = engine.logits(ids)
         per_pos = np.linalg.norm(logits - ref_logits, axis=-1) / np.linalg.norm(ref_logits, axis=-1)
         engine.generate(ids, args.tokens, eos_token_id=[])  # compiles every shape of this run
-        before = compiles()
+        before = compiles(engine)
         engine.trace.clear()
         t = time.perf_counter()
         tokens = engine.generate(ids, args.tokens, eos_token_id=[])
         decode_s = time.perf_counter() - t
-        after = compiles()
+        after = compiles(engine)
         same = int(np.argmin(np.append(tokens[0, args.prompt:] == ref_tokens[0, args.prompt:], False)))
         summary = engine.trace_summary()
         engine.trace.save(os.path.join(out_dir, f"trace_{name}.json"))

@@ -111,7 +111,6 @@ def test_a_sweep_over_planners_builds_the_engine_once(tmp_path, monkeypatch):
 
 
 def test_kv_slots_share_compiled_shapes_and_are_checked():
-    from fiddler_jax.runtime import engine as E
     from fiddler_jax.runtime.generate import cache_length
 
     cfg = _compose()
@@ -119,7 +118,7 @@ def test_kv_slots_share_compiled_shapes_and_are_checked():
     prompt = np.arange(1, 9)[None] % engine.config.vocab_size
     kv = cache_length(8, 40, engine.config)
     engine.generate(prompt, 2, eos_token_id=[], kv_slots=kv)  # a short warm-up at the long run's KV length
-    jitted = (E._attention_and_router, E._stack_mix, E._residual_add)
+    jitted = list(engine.jitted_functions().values())
     before = [f._cache_size() for f in jitted]
     engine.generate(prompt, 40, eos_token_id=[], kv_slots=kv)
     assert [f._cache_size() for f in jitted] == before

@@ -1,6 +1,7 @@
 // The driver: path choice, workspace, and the split of weight rows over the thread pool.
 #include "expert_ffn.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -76,6 +77,7 @@ struct Runtime {
   int want_threads = 0;  // <= 0: physical cores
   bool pin = false;
   int spin_us = 200;
+  int chunks_per_thread = 4;  // work claimed dynamically in this many chunks per thread (robust to a busy core)
   Path forced = Path::kAuto;
   int64_t amx_min_n = 8;  // measured on the device's Xeon: AMX beats AVX512_BF16 from n = 8
   Workspace ws_index, ws_data;
@@ -84,6 +86,8 @@ struct Runtime {
     want_threads = EnvInt("FIDDLER_KERNEL_THREADS", 0);
     pin = EnvInt("FIDDLER_KERNEL_PIN", 0) != 0;
     spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 200);
+    chunks_per_thread = EnvInt("FIDDLER_KERNEL_CHUNKS", 4);
+    if (chunks_per_thread < 1) chunks_per_thread = 1;
     amx_min_n = EnvInt("FIDDLER_AMX_MIN_N", 8);
     g_amx_variant = EnvInt("FIDDLER_AMX_VARIANT", 0);
     g_prefetch_bytes = EnvInt("FIDDLER_KERNEL_PREFETCH", 0);
@@ -141,6 +145,18 @@ inline void SplitRows(int64_t R, int64_t granule, int tid, int nthreads, int64_t
   *r1 = b1 * granule < R ? b1 * granule : R;
 }
 
+// Dynamic split: rows [0, R) in chunks of ChunkRows(...) rows (a granule multiple, about R / (nthreads x
+// chunks_per_thread)); each thread claims the next chunk from an atomic counter until none is left. Each row is
+// still computed whole by one thread, so results do not depend on who claimed what; a thread slowed by another
+// process on its core (the engine's Python and XLA threads share the cores) just claims fewer chunks, where a
+// static split would make every thread wait for it.
+inline int64_t ChunkRows(int64_t R, int64_t granule, int nthreads, int chunks_per_thread) {
+  const int64_t want = (R + int64_t{nthreads} * chunks_per_thread - 1) / (int64_t{nthreads} * chunks_per_thread);
+  const int64_t g = granule > 0 ? granule : 1;
+  const int64_t rows = (want + g - 1) / g * g;
+  return rows > 0 ? rows : g;
+}
+
 inline size_t Align64(size_t b) { return (b + 63) & ~size_t{63}; }
 
 bool Overflows(int64_t a, int64_t b) { return a != 0 && b > INT64_MAX / a; }
@@ -157,6 +173,8 @@ struct SingleCall {
   void* x_pack;
   void* h_act;
   OutView out;
+  int64_t chunk1, chunk2;  // rows per claimed chunk in phase 1 (ffn rows) and phase 2 (hidden rows)
+  std::atomic<int64_t> next1{0}, next2{0};
 };
 
 void SinglePack(void* p, int tid, int nt) {
@@ -166,18 +184,20 @@ void SinglePack(void* p, int tid, int nt) {
   if (t0 < t1 || (tid == nt - 1)) c->k->pack(c->x, c->hidden, nullptr, c->n, t0, t1, c->x_pack);
 }
 
-void SinglePhase1(void* p, int tid, int nt) {
+void SinglePhase1(void* p, int, int) {
   auto* c = static_cast<SingleCall*>(p);
-  int64_t r0, r1;
-  SplitRows(c->ffn, c->k->row_granule, tid, nt, &r0, &r1);
-  if (r0 < r1) c->k->phase1(c->x_act, c->n, c->hidden, c->w1, c->w3, c->ffn, r0, r1, c->h_act);
+  for (int64_t r0 = c->next1.fetch_add(1) * c->chunk1; r0 < c->ffn; r0 = c->next1.fetch_add(1) * c->chunk1) {
+    const int64_t r1 = r0 + c->chunk1 < c->ffn ? r0 + c->chunk1 : c->ffn;
+    c->k->phase1(c->x_act, c->n, c->hidden, c->w1, c->w3, c->ffn, r0, r1, c->h_act);
+  }
 }
 
-void SinglePhase2(void* p, int tid, int nt) {
+void SinglePhase2(void* p, int, int) {
   auto* c = static_cast<SingleCall*>(p);
-  int64_t r0, r1;
-  SplitRows(c->hidden, c->k->row_granule, tid, nt, &r0, &r1);
-  if (r0 < r1) c->k->phase2(c->h_act, c->n, c->ffn, c->w2, c->hidden, r0, r1, c->out);
+  for (int64_t r0 = c->next2.fetch_add(1) * c->chunk2; r0 < c->hidden; r0 = c->next2.fetch_add(1) * c->chunk2) {
+    const int64_t r1 = r0 + c->chunk2 < c->hidden ? r0 + c->chunk2 : c->hidden;
+    c->k->phase2(c->h_act, c->n, c->ffn, c->w2, c->hidden, r0, r1, c->out);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -193,6 +213,8 @@ struct Segment {
   void* x_act;
   void* h_act;
   int64_t cost1, cost2;  // per-row cost estimates for phase 1 / 2
+  int64_t chunk_rows;    // this phase: rows per claimed chunk
+  int64_t chunk_first;   // this phase: global index of the segment's first chunk
 };
 
 struct GroupedCall {
@@ -208,30 +230,44 @@ struct GroupedCall {
   float* ybuf;               // [A, hidden] fp32, expert-sorted
   void* out;
   bool out_f32;
+  int64_t nchunks = 0;       // this phase's chunks over all segments
+  std::atomic<int64_t> next{0};
 };
 
-// The rows [r0, r1) of segment s that thread tid owns, splitting total cost evenly (granule-aligned).
-void SegmentRows(const GroupedCall& c, int phase, int64_t s, int tid, int nt, int64_t* r0, int64_t* r1) {
+// Lay out one phase's chunks (ChunkRows): every segment is cut into chunks of about the same cost -- the
+// phase's total cost over nthreads x chunks_per_thread -- so an expert with many tokens gets more, smaller
+// chunks; chunk indices run over the segments in order. Resets the claim counter.
+void PlanChunks(GroupedCall& c, int phase, int nthreads, int chunks_per_thread) {
   const int64_t rows = phase == 1 ? c.ffn : c.hidden;
-  int64_t total = 0, before = 0;
-  for (int64_t i = 0; i < c.nseg; ++i) {
-    const int64_t cost = (phase == 1 ? c.seg[i].cost1 : c.seg[i].cost2) * rows;
-    if (i < s) before += cost;
-    total += cost;
+  long double total = 0;
+  for (int64_t s = 0; s < c.nseg; ++s) total += static_cast<long double>(phase == 1 ? c.seg[s].cost1 : c.seg[s].cost2) * rows;
+  const long double per_chunk = total / (static_cast<long double>(nthreads) * chunks_per_thread);
+  int64_t first = 0;
+  for (int64_t s = 0; s < c.nseg; ++s) {
+    Segment& sg = c.seg[s];
+    const int64_t per_row = phase == 1 ? sg.cost1 : sg.cost2;
+    const int64_t g = sg.k->row_granule > 0 ? sg.k->row_granule : 1;
+    int64_t want = per_row > 0 ? static_cast<int64_t>(per_chunk / per_row) : rows;
+    want = (want + g - 1) / g * g;
+    sg.chunk_rows = want < g ? g : (want > rows ? rows : want);
+    sg.chunk_first = first;
+    first += (rows + sg.chunk_rows - 1) / sg.chunk_rows;
   }
-  const int64_t per_row = phase == 1 ? c.seg[s].cost1 : c.seg[s].cost2;
-  const int64_t g = c.seg[s].k->row_granule;
-  auto boundary = [&](int t) -> int64_t {
-    if (t >= nt) return rows;
-    // cost position of thread t's start, relative to this segment, in rows, rounded to the granule
-    const long double pos = static_cast<long double>(total) * t / nt - before;
-    if (pos <= 0) return 0;
-    int64_t r = static_cast<int64_t>(pos / per_row + 0.5L);
-    r = (r + g / 2) / g * g;
-    return r < rows ? r : rows;
-  };
-  *r0 = boundary(tid);
-  *r1 = boundary(tid + 1);
+  c.nchunks = first;
+  c.next.store(0);
+}
+
+// Claims chunks until none is left and runs `fn(segment, r0, r1)` on each.
+template <typename Fn>
+void ClaimChunks(GroupedCall& c, int64_t rows, Fn fn) {
+  int64_t s = 0;
+  for (int64_t i = c.next.fetch_add(1); i < c.nchunks; i = c.next.fetch_add(1)) {
+    while (s + 1 < c.nseg && c.seg[s + 1].chunk_first <= i) ++s;  // claims only grow: scan forward
+    const Segment& sg = c.seg[s];
+    const int64_t r0 = (i - sg.chunk_first) * sg.chunk_rows;
+    const int64_t r1 = r0 + sg.chunk_rows < rows ? r0 + sg.chunk_rows : rows;
+    fn(sg, r0, r1);
+  }
 }
 
 void GroupedPack(void* p, int tid, int nt) {
@@ -244,25 +280,19 @@ void GroupedPack(void* p, int tid, int nt) {
   }
 }
 
-void GroupedPhase1(void* p, int tid, int nt) {
+void GroupedPhase1(void* p, int, int) {
   auto* c = static_cast<GroupedCall*>(p);
-  for (int64_t s = 0; s < c->nseg; ++s) {
-    const Segment& sg = c->seg[s];
-    int64_t r0, r1;
-    SegmentRows(*c, 1, s, tid, nt, &r0, &r1);
-    if (r0 < r1) sg.k->phase1(sg.x_act, sg.n, c->hidden, sg.w1, sg.w3, c->ffn, r0, r1, sg.h_act);
-  }
+  ClaimChunks(*c, c->ffn, [c](const Segment& sg, int64_t r0, int64_t r1) {
+    sg.k->phase1(sg.x_act, sg.n, c->hidden, sg.w1, sg.w3, c->ffn, r0, r1, sg.h_act);
+  });
 }
 
-void GroupedPhase2(void* p, int tid, int nt) {
+void GroupedPhase2(void* p, int, int) {
   auto* c = static_cast<GroupedCall*>(p);
-  for (int64_t s = 0; s < c->nseg; ++s) {
-    const Segment& sg = c->seg[s];
-    int64_t r0, r1;
-    SegmentRows(*c, 2, s, tid, nt, &r0, &r1);
+  ClaimChunks(*c, c->hidden, [c](const Segment& sg, int64_t r0, int64_t r1) {
     OutView o{c->ybuf + sg.first * c->hidden, c->hidden, true};
-    if (r0 < r1) sg.k->phase2(sg.h_act, sg.n, c->ffn, sg.w2, c->hidden, r0, r1, o);
-  }
+    sg.k->phase2(sg.h_act, sg.n, c->ffn, sg.w2, c->hidden, r0, r1, o);
+  });
 }
 
 void GroupedCombine(void* p, int tid, int nt) {
@@ -492,6 +522,8 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   c.h_act = ws + xb;
   c.x_act = c.k->direct_x ? static_cast<const void*>(x) : c.x_pack;
   ThreadPool& pool = rt.Pool();
+  c.chunk1 = ChunkRows(ffn, c.k->row_granule, pool.size(), rt.chunks_per_thread);
+  c.chunk2 = ChunkRows(hidden, c.k->row_granule, pool.size(), rt.chunks_per_thread);
   if (!c.k->direct_x) pool.Run(SinglePack, &c);
   pool.Run(SinglePhase1, &c);
   pool.Run(SinglePhase2, &c);
@@ -630,7 +662,9 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   c.out_f32 = out_f32;
   ThreadPool& pool = rt.Pool();
   pool.Run(GroupedPack, &c);
+  PlanChunks(c, 1, pool.size(), rt.chunks_per_thread);
   pool.Run(GroupedPhase1, &c);
+  PlanChunks(c, 2, pool.size(), rt.chunks_per_thread);
   pool.Run(GroupedPhase2, &c);
   pool.Run(GroupedCombine, &c);
   return nullptr;

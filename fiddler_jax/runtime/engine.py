@@ -52,37 +52,77 @@ from fiddler_jax.runtime.profiling import RoutingProfile
 from fiddler_jax.runtime.trace import StepRecord, Trace
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).embed_tokens(tokens)
+class _Split:
+    """A module split once into its graph and a flat list of its arrays. The hot path passes ``leaves`` (a list,
+    flattened by JAX's C++ pytree code) to functions jitted once per ``key``, instead of an NNX ``State`` (whose
+    Python flattening sorts and hashes every key) and a static graphdef (hashed again by every call): on the tiny
+    model that halved the host time of a layer step."""
+
+    def __init__(self, module):
+        graphdef, state = nnx.split(module)
+        self.leaves, treedef = jax.tree.flatten(state)
+        self.key = (graphdef, treedef)
+
+    @staticmethod
+    def merge(key, leaves):
+        graphdef, treedef = key
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _head(graphdef, state, x):
-    model = nnx.merge(graphdef, state)
-    x = model.norm(x)
-    return model.embed_tokens.attend(x) if model.lm_head is None else model.lm_head(x, out_dtype=jnp.float32)
+def _residual(pending):
+    """The layer input from a pending residual: ``(x,)``, or ``(h, gpu_out, cpu_out)`` of a hybrid MoE step, whose
+    sum is taken at the start of the next jitted step (one dispatch fewer per layer than a separate add)."""
+    if len(pending) == 1:
+        return pending[0]
+    h, gpu_out, cpu_out = pending
+    return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _fused_layer(graphdef, state, x, kv, start):
-    """A layer whose experts are all on the GPU: attention + MoE in one call."""
-    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-    x, kv, _ = nnx.merge(graphdef, state)(x, kv, positions, start)
-    return x, kv
+@functools.cache
+def _layer_steps(key):
+    """The jitted layer steps of one layer structure (all of Mixtral's layers share one, so one compile each)."""
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def fused_layer(leaves, pending, kv, start):
+        """A layer whose experts are all on the GPU: attention + MoE in one call."""
+        x = _residual(pending)
+        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+        x, kv, _ = _Split.merge(key, leaves)(x, kv, positions, start)
+        return x, kv
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def attention_and_router(leaves, pending, kv, start):
+        """Step 1: residual after attention, the normed MoE input [N, hidden], the routing and per-expert
+        counts."""
+        layer = _Split.merge(key, leaves)
+        x = _residual(pending)
+        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+        h, kv = layer.attention_block(x, kv, positions, start)
+        moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+        moe = layer.block_sparse_moe
+        routing = route(moe.gate(moe_in), moe.top_k)
+        counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
+        return h, moe_in, routing, counts, kv
+
+    return fused_layer, attention_and_router
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _attention_and_router(graphdef, state, x, kv, start):
-    """Step 1: residual after attention, the normed MoE input [N, hidden], the routing and per-expert counts."""
-    layer = nnx.merge(graphdef, state)
-    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-    h, kv = layer.attention_block(x, kv, positions, start)
-    moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
-    moe = layer.block_sparse_moe
-    routing = route(moe.gate(moe_in), moe.top_k)
-    counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
-    return h, moe_in, routing, counts, kv
+@functools.cache
+def _model_ends(embed_key, norm_key, head_key):
+    """The jitted embedding and final norm + LM head (``head_key`` None: tied to the embedding)."""
+
+    @jax.jit
+    def embed(leaves, tokens):
+        return _Split.merge(embed_key, leaves)(tokens)
+
+    @jax.jit
+    def head(embed_leaves, norm_leaves, head_leaves, pending):
+        x = _Split.merge(norm_key, norm_leaves)(_residual(pending))
+        if head_key is None:
+            return _Split.merge(embed_key, embed_leaves).attend(x)
+        return _Split.merge(head_key, head_leaves)(x, out_dtype=jnp.float32)
+
+    return embed, head
 
 
 @jax.jit
@@ -93,11 +133,6 @@ def _stack_mix(moe_in, routing, slot_of, w1, w3, w2):
 def _buffers_mix(moe_in, routing, slot_of: np.ndarray, buffers: dict):
     """``_stack_mix`` over a dict of GPU expert buffers (staging slots or a layer's cache) with a host slot map."""
     return _stack_mix(moe_in, routing, jnp.asarray(slot_of), buffers["w1"], buffers["w3"], buffers["w2"])
-
-
-@jax.jit
-def _residual_add(h, gpu_out, cpu_out):
-    return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
 
 
 def _accepts(policy_name: str, param: str) -> bool:
@@ -149,6 +184,7 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
 
 
 CPU_BACKENDS = ("kernel", "xla")
+SMALL_STEP_BYTES = 1 << 20  # a layer step's activations up to this size come to the host with its routing
 
 
 @jax.jit
@@ -187,8 +223,13 @@ class Engine:
         self.host = host
         self.trace = Trace()
         self._device = jax.devices()[0]
-        self._graph, self._state = nnx.split(model)
-        self._layers = [nnx.split(layer) for layer in model.layers]
+        self._embed_part, self._norm_part = _Split(model.embed_tokens), _Split(model.norm)
+        self._head_part = None if model.lm_head is None else _Split(model.lm_head)
+        self._embed, self._head = _model_ends(self._embed_part.key, self._norm_part.key,
+                                              None if self._head_part is None else self._head_part.key)
+        self._layers = [_Split(layer) for layer in model.layers]
+        self._steps = [_layer_steps(part.key) for part in self._layers]  # (fused, attention_and_router)
+        self._zeros_cache = {}
         self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
         self._slot_of = []
         for resident in placement.resident:
@@ -308,7 +349,12 @@ class Engine:
         """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes."""
         clock = self.trace.now
         t_plan = clock()
-        counts, experts, weights = jax.device_get((counts, routing.experts, routing.weights))  # the step's sync
+        # The step's one sync: the routing, and for small steps (decode, beams) the activations too, which the
+        # CPU lane then need not fetch on its own.
+        small = moe_in.size * moe_in.dtype.itemsize <= SMALL_STEP_BYTES
+        fetched = jax.device_get((counts, routing.experts, routing.weights) + ((moe_in,) if small else ()))
+        counts, experts, weights = fetched[:3]
+        host_in = fetched[3] if small else None
         cache_before = self._cache_state(layer)
         plan = self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
         lanes = plan.lanes
@@ -317,11 +363,11 @@ class Engine:
         cpu_job = None
         if on_cpu.any():
             token, slot = np.nonzero(on_cpu)
-            job = functools.partial(self._run_cpu_lane, layer, moe_in, token, experts[token, slot],
-                                    weights[token, slot])
+            job = functools.partial(self._run_cpu_lane, layer, moe_in if host_in is None else host_in, token,
+                                    experts[token, slot], weights[token, slot])
             cpu_job = self._cpu_lane.submit(job) if plan.concurrent else None
         t_gpu = clock()
-        gpu_out = jnp.zeros(moe_in.shape, jnp.float32, device=self._device)  # committed (see _on_device)
+        gpu_out = self._zeros(moe_in.shape)
         if self.placement.resident[layer].any():
             gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
         order = plan.transfer_order
@@ -342,7 +388,7 @@ class Engine:
             spans["pcie"] = (spans["pcie"][0], clock())
         gpu_out.block_until_ready()
         spans["gpu"] = (t_gpu, clock())
-        cpu_out = jnp.zeros(moe_in.shape, jnp.float32, device=self._device)
+        cpu_out = self._zeros(moe_in.shape)
         if on_cpu.any():
             host_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
             cpu_out = self._on_device(host_out)
@@ -350,8 +396,9 @@ class Engine:
         return gpu_out, cpu_out
 
     def _run_cpu_lane(self, layer: int, moe_in, token, expert, weight):
-        """The CPU lane of one layer step (runs in the lane's worker thread): activations to the host, the
-        kernel over the pinned expert views. Returns the float32 output and the lane's (start, end)."""
+        """The CPU lane of one layer step (runs in the lane's worker thread): activations to the host (unless the
+        step's sync brought them), the kernel over the pinned expert views. Returns the float32 output and the
+        lane's (start, end)."""
         start = self.trace.now()
         mix = xla_expert_mix if self.cpu_backend == "xla" else cpu_expert_mix
         out = mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
@@ -386,17 +433,37 @@ class Engine:
     def forward(self, tokens, cache, start: int):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""
         start = jnp.int32(start)
-        x = _embed(self._graph, self._state, self._on_device(tokens))
+        pending = (self._embed(self._embed_part.leaves, self._on_device(tokens)),)
         new_cache = []
-        for layer, ((graphdef, state), kv) in enumerate(zip(self._layers, cache)):
+        for layer, (part, (fused_layer, attention_and_router), kv) in enumerate(zip(self._layers, self._steps,
+                                                                                     cache)):
             if self.placement.layer_all_resident(layer):
-                x, kv = _fused_layer(graphdef, state, x, kv, start)
+                x, kv = fused_layer(part.leaves, pending, kv, start)
+                pending = (x,)
             else:
-                h, moe_in, routing, counts, kv = _attention_and_router(graphdef, state, x, kv, start)
-                gpu_out, cpu_out = self._hybrid_moe(layer, moe_in, routing, counts)
-                x = _residual_add(h, gpu_out, cpu_out)
+                h, moe_in, routing, counts, kv = attention_and_router(part.leaves, pending, kv, start)
+                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, counts)  # added by the next step
             new_cache.append(kv)
-        return _head(self._graph, self._state, x), tuple(new_cache)
+        head_leaves = None if self._head_part is None else self._head_part.leaves
+        return self._head(self._embed_part.leaves, self._norm_part.leaves, head_leaves, pending), tuple(new_cache)
+
+    def jitted_functions(self) -> dict:
+        """The step loop's jitted functions by name, each once (``f._cache_size()`` counts its compiles: tests and
+        the device check assert that changing plans never compile again)."""
+        from fiddler_jax.runtime.host_experts import _copy_jit
+
+        found = {"embed": self._embed, "head": self._head, "stack_mix": _stack_mix, "copy_into_slot": _copy_jit}
+        for n, steps in enumerate(dict.fromkeys(self._steps)):  # distinct layer structures, in layer order
+            suffix = "" if n == 0 else f"_{n}"
+            found["fused_layer" + suffix], found["attention_and_router" + suffix] = steps
+        return found
+
+    def _zeros(self, shape) -> jax.Array:
+        """A float32 zeros array on the engine's device (committed, see ``_on_device``), made once per shape:
+        arrays are immutable, so a lane with no share reuses it instead of dispatching a fill every step."""
+        if shape not in self._zeros_cache:
+            self._zeros_cache[shape] = jnp.zeros(shape, jnp.float32, device=self._device)
+        return self._zeros_cache[shape]
 
     # -- public API ------------------------------------------------------------------------------------------
     def logits(self, input_ids) -> np.ndarray:
