@@ -1,8 +1,8 @@
 """The ``fiddler-jax`` command: ``fiddler-jax <subcommand> [hydra overrides...]``.
 
 Most subcommands are Hydra apps in :mod:`fiddler_jax.experiments` with their config in ``conf/<name>.yaml``
-(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config); ``bench-kernel`` and
-``report`` take plain arguments (``--help`` lists them).
+(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config); ``bench-kernel``,
+``bench-jobs`` and ``report`` take plain arguments (``--help`` lists them).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS = {
     "train-tiny": ("fiddler_jax.experiments.train_tiny", "train the bundled tiny Mixtral (optax)"),
     "calibrate": ("fiddler_jax.experiments.calibrate", "measure this machine's lane latencies for a model geometry"),
     "bench": ("fiddler_jax.experiments.bench", "run a scenario (decode/prefill/beam) and write result.json"),
+    "bench-jobs": ("fiddler_jax.experiments.bench_jobs", "several bench jobs in one process (one engine build)"),
     "ceilings": ("fiddler_jax.experiments.ceilings", "measure host/PCIe/HBM bandwidths and the limits they set"),
     "report": ("fiddler_jax.experiments.report", "CSV + markdown table + plots of a sweep's result.json files"),
 }

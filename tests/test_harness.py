@@ -147,3 +147,36 @@ def test_random_model_is_the_same_model_at_every_budget_and_router_bias_skews_ro
     _, skewed = run(3, 2.0)
     low = slice(0, 4)  # the lower half of the experts
     assert skewed[low].sum() / skewed.sum() > max(0.75, uniform[low].sum() / uniform.sum())
+
+
+def test_bench_jobs_share_one_engine_and_keep_going_after_a_failed_job(tmp_path, monkeypatch):
+    """`bench-jobs`: jobs whose engines agree build it once (a beam sweep with max_batch at its widest, a planner
+    change), each writes its result.json with its overrides, a bad job leaves error.txt and the rest still run."""
+    from fiddler_jax.experiments import bench_jobs
+    from fiddler_jax.runtime.engine import Engine
+
+    builds = []
+    real_build = Engine._build.__func__
+    monkeypatch.setattr(Engine, "_build", classmethod(lambda cls, *a, **k: builds.append(k["max_batch"])
+                                                       or real_build(cls, *a, **k)))
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("common: [" + ", ".join(COMMON) + ", scenario=beam, max_batch=3]\n"
+                    "jobs:\n  - [scenario.num_beams=1]\n  - [scenario.num_beams=3]\n"
+                    "  - [scenario.num_beams=4]\n  - [scenario.num_beams=3, planner=cpu_only]\n")
+    bench.release_engines()
+    common, job_list = bench_jobs.load_jobs(str(jobs))
+    status = bench_jobs.run_jobs(common, job_list, str(tmp_path / "out"))
+    assert [s == "ok" for _, s in status] == [True, True, False, True]
+    assert "max_batch=3 is below scenario.num_beams=4" in status[2][1]
+    assert (tmp_path / "out" / os.path.basename(status[2][0]) / "error.txt").exists()
+    assert builds == [3]  # one engine for all three good jobs
+    result = json.loads((tmp_path / "out" / os.path.basename(status[3][0]) / "result.json").read_text())
+    assert "planner=cpu_only" in result["overrides"] and result["config"]["planner"]["name"] == "cpu_only"
+    assert result["metrics"]["tokens_per_s"]["median"] > 0
+    table = report.report(str(tmp_path / "out"))
+    assert "cpu_only" in table
+    bench.release_engines()
+    with pytest.raises(InvalidInputError, match="non-empty list `jobs:`"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("common: []\n")
+        bench_jobs.load_jobs(str(bad))

@@ -85,9 +85,18 @@ _LAST_ENGINE: dict = {}
 
 def _engine_key(cfg, context: int, pk: dict) -> str:
     parts = {"model": cfg.model, "placement": cfg.placement, "budget": gpu_budget(cfg.hardware),
-             "beams": cfg.scenario.num_beams, "context": context, "latency": cfg.latency,
+             "rows": kv_rows(cfg), "context": context, "latency": cfg.latency,
              "slots": (pk["staging_slots"], pk["cache_slots"])}
     return json.dumps(OmegaConf.to_container(OmegaConf.create(parts), resolve=True), sort_keys=True, default=str)
+
+
+def kv_rows(cfg) -> int:
+    """The KV reserve in sequences: ``max_batch``, or the scenario's beam width."""
+    rows = cfg.max_batch or cfg.scenario.num_beams
+    if rows < cfg.scenario.num_beams:
+        raise InvalidInputError(f"max_batch={rows} is below scenario.num_beams={cfg.scenario.num_beams}; the "
+                                "KV reserve must hold every beam")
+    return rows
 
 
 def build_engine(cfg):
@@ -106,7 +115,7 @@ def build_engine(cfg):
         return engine.with_planner(cpu_backend=cpu_backend, **pk), tokenizer
     release_engines()
     kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), placement=pl.policy, resident_experts=pl.resident_experts,
-                  dtype=m.dtype, profile=pl.profile, latency=cfg.latency, max_batch=cfg.scenario.num_beams,
+                  dtype=m.dtype, profile=pl.profile, latency=cfg.latency, max_batch=kv_rows(cfg),
                   max_context=context, seed=pl.seed, cpu_backend=cpu_backend, **pk)
     if m.random:
         if not m.geometry:
@@ -200,8 +209,9 @@ def decode_limit(engine) -> dict | None:
             "source": "latency model (cpu(1) and transfer_s) and the routing of the last timed run"}
 
 
-def run_bench(cfg, out_dir: str) -> dict:
-    """Run the configured scenario; returns the result dict (also written to ``out_dir/result.json``)."""
+def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict:
+    """Run the configured scenario; returns the result dict (also written to ``out_dir/result.json``).
+    ``job_overrides``: the overrides to record (default: Hydra's, when run as a Hydra job)."""
     from fiddler_jax.provenance import provenance
 
     s = cfg.scenario
@@ -252,8 +262,9 @@ def run_bench(cfg, out_dir: str) -> dict:
     gpu_memory["budget_bytes"] = parse_bytes(budget)
     peak = gpu_memory.get("peak_bytes_in_use")
     gpu_memory["within_budget"] = None if peak is None else peak <= gpu_memory["budget_bytes"]
+    recorded = overrides() if job_overrides is None else list(job_overrides)
     result = {"metrics": metrics, "peak_gpu_bytes": peak, "gpu_memory": gpu_memory,
-              "config": OmegaConf.to_container(cfg, resolve=True), "overrides": overrides(), **extra,
+              "config": OmegaConf.to_container(cfg, resolve=True), "overrides": recorded, **extra,
               **provenance()}
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)

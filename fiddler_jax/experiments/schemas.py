@@ -66,6 +66,7 @@ class BenchConfig:
     prompts_file: Optional[str] = None
     latency: Optional[str] = None
     max_context: Optional[int] = None
+    max_batch: Optional[int] = None
     trace: bool = False
     seed: int = 0
 
