@@ -13,8 +13,10 @@ each forward step:
      copied into shared staging slots on the GPU (waves of at most ``staging_slots``) by a jitted DMA from
      pinned memory. GPU: resident, cached and staged experts run through ``moe.sparse_expert_mix`` with a slot
      map, so plans never change shapes and never recompile. With a concurrent plan (``fiddler_overlap``,
-     ``cpu_only``, ...) the three lanes run at once: the main thread only queues GPU work, then waits. With a
-     sequential plan (``fiddler``, the paper's execution) each lane waits for the one before: GPU, PCIe, CPU;
+     ``cpu_only``, ...) the three lanes run at once: the main thread queues the GPU work without waiting, then
+     runs the CPU lane itself (or, when the plan copies, leaves it to the worker thread and times the copies).
+     With a sequential plan (``fiddler``, the paper's execution) each lane waits for the one before: GPU, PCIe,
+     CPU. Plans of small steps are remembered per (layer, counts), so decode rarely runs the planner's search;
   4. the contributions are summed on the GPU with the residual.
 A layer whose experts are all resident runs as one jitted call with no host round trip. Every step is
 recorded in ``engine.trace`` (counts, plan, lane spans from queueing to completion;
@@ -185,6 +187,8 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
 
 CPU_BACKENDS = ("kernel", "xla")
 SMALL_STEP_BYTES = 1 << 20  # a layer step's activations up to this size come to the host with its routing
+PLAN_MEMO_TOKENS = 64  # plans of steps with at most this many routed tokens are remembered (Engine._plan)
+PLAN_MEMO_SIZE = 1 << 14
 
 
 @jax.jit
@@ -230,6 +234,7 @@ class Engine:
         self._layers = [_Split(layer) for layer in model.layers]
         self._steps = [_layer_steps(part.key) for part in self._layers]  # (fused, attention_and_router)
         self._zeros_cache = {}
+        self._plans = {}  # (layer, counts bytes) -> Plan (see _plan)
         self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
         self._slot_of = []
         for resident in placement.resident:
@@ -333,7 +338,7 @@ class Engine:
                 f"planner {planner!r} needs {staging_slots} staging and {getattr(bound, 'cache_slots', 0)} cache "
                 f"slots, but this engine placed {self.staging_slots} and {self.cache_slots}; build a new engine")
         other = copy.copy(self)
-        other.planner, other.cpu_backend, other.trace = bound, cpu_backend, Trace()
+        other.planner, other.cpu_backend, other.trace, other._plans = bound, cpu_backend, Trace(), {}
         return other
 
     @property
@@ -345,8 +350,10 @@ class Engine:
         self._gpu_buffers["staging"] = buffers
 
     # -- the step loop ---------------------------------------------------------------------------------------
-    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, jax.Array]:
-        """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes."""
+    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, np.ndarray]:
+        """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes. Returns
+        the GPU lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
+        argument, which moves it in the jit's own C++ path)."""
         clock = self.trace.now
         t_plan = clock()
         # The step's one sync: the routing, and for small steps (decode, beams) the activations too, which the
@@ -354,18 +361,22 @@ class Engine:
         small = moe_in.size * moe_in.dtype.itemsize <= SMALL_STEP_BYTES
         fetched = jax.device_get((counts, routing.experts, routing.weights) + ((moe_in,) if small else ()))
         counts, experts, weights = fetched[:3]
-        host_in = fetched[3] if small else None
+        host_in = fetched[3] if small else moe_in
         cache_before = self._cache_state(layer)
-        plan = self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
+        plan = self._plan(counts, layer)
         lanes = plan.lanes
         spans = {"plan": (t_plan, clock())}
         on_cpu = lanes[experts] == P.Lane.CPU
-        cpu_job = None
+        job = cpu_job = None
         if on_cpu.any():
             token, slot = np.nonzero(on_cpu)
-            job = functools.partial(self._run_cpu_lane, layer, moe_in if host_in is None else host_in, token,
-                                    experts[token, slot], weights[token, slot])
-            cpu_job = self._cpu_lane.submit(job) if plan.concurrent else None
+            job = functools.partial(self._run_cpu_lane, layer, host_in, token, experts[token, slot],
+                                    weights[token, slot])
+            # A concurrent plan with copies hands the CPU lane to its worker thread, so the main thread can time
+            # the copies; without copies every GPU call below is queued without waiting, so the main thread
+            # runs the CPU lane itself after queuing them (no thread hand-off on the decode path).
+            if plan.concurrent and (len(plan.transfer_order) or self.cache_slots):
+                cpu_job = self._cpu_lane.submit(job)
         t_gpu = clock()
         gpu_out = self._zeros(moe_in.shape)
         if self.placement.resident[layer].any():
@@ -386,14 +397,30 @@ class Engine:
         if "pcie" in spans:  # wait for the copies alone (the mixes after them are the GPU lane's)
             jax.block_until_ready((self._staging, self._cache[layer] if self.cache_slots else None))
             spans["pcie"] = (spans["pcie"][0], clock())
+        cpu_out = self._cpu_zeros(moe_in.shape)
+        if job is not None and cpu_job is None and plan.concurrent:
+            cpu_out, spans["cpu"] = job()  # inline: the GPU span below then ends when the main thread looks
         gpu_out.block_until_ready()
         spans["gpu"] = (t_gpu, clock())
-        cpu_out = self._zeros(moe_in.shape)
-        if on_cpu.any():
-            host_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
-            cpu_out = self._on_device(host_out)
+        if job is not None and "cpu" not in spans:
+            cpu_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
         self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
         return gpu_out, cpu_out
+
+    def _plan(self, counts: np.ndarray, layer: int) -> P.Plan:
+        """The planner's plan, remembered per (layer, counts) for small steps: a planner without a dynamic cache
+        is a pure function of them (the residency and latency model are fixed), and decode sees few distinct
+        count vectors, so most steps skip the search (0.2 ms on the H100 machine's host)."""
+        if self.cache_slots or counts.sum() > PLAN_MEMO_TOKENS:
+            return self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
+        key = (layer, counts.tobytes())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLAN_MEMO_SIZE:
+                self._plans.clear()
+            plan = self._plans[key] = self.planner(counts, self.placement.resident[layer], self.latency,
+                                                    layer=layer)
+        return plan
 
     def _run_cpu_lane(self, layer: int, moe_in, token, expert, weight):
         """The CPU lane of one layer step (runs in the lane's worker thread): activations to the host (unless the
@@ -457,6 +484,16 @@ class Engine:
             suffix = "" if n == 0 else f"_{n}"
             found["fused_layer" + suffix], found["attention_and_router" + suffix] = steps
         return found
+
+    def _cpu_zeros(self, shape) -> np.ndarray:
+        """The CPU lane's output when it has no share: a read-only float32 numpy zeros per shape (the lane's
+        output is always numpy, so the next step's jit sees one argument type)."""
+        key = ("host", shape)
+        if key not in self._zeros_cache:
+            zeros = np.zeros(shape, np.float32)
+            zeros.flags.writeable = False
+            self._zeros_cache[key] = zeros
+        return self._zeros_cache[key]
 
     def _zeros(self, shape) -> jax.Array:
         """A float32 zeros array on the engine's device (committed, see ``_on_device``), made once per shape:
