@@ -10,6 +10,8 @@ Algorithm (Fiddler §3, with the accounting made explicit):
      profile, follow the *spread* order (expert 0 of every layer, then expert 1 of every layer, ...), so every
      layer gets the same share; ``first`` — (layer, expert) in checkpoint order; ``random`` — a seeded shuffle.
      ``resident_experts`` fixes the count instead (an ablation knob; it must still fit).
+  4. XLA's autotuner needs scratch for one weight of the largest per-layer resident stack when it compiles
+     (``autotune_bytes``): drop experts from the end of the order until that fits too.
 A budget below step 1 + 2 is an error that states the minimum. Pure Python: no JAX, no device needed.
 """
 from __future__ import annotations
@@ -34,10 +36,11 @@ class MemoryPlan:
     slots: int  # staging buffers + dynamic-cache buffers of every layer
     expert: int  # one expert (w1, w3, w2)
     resident_count: int
+    autotune: int = 0  # XLA's autotuning scratch for the largest resident stack (depends on the placement)
 
     @property
     def fixed(self) -> int:
-        return self.non_expert + self.kv_cache + self.workspace + self.slots
+        return self.non_expert + self.kv_cache + self.workspace + self.slots + self.autotune
 
     @property
     def used(self) -> int:
@@ -46,7 +49,7 @@ class MemoryPlan:
     def __str__(self) -> str:
         f = format_bytes
         return (f"budget {f(self.budget)}: non-expert {f(self.non_expert)}, KV cache {f(self.kv_cache)}, "
-                f"workspace {f(self.workspace)}, slots {f(self.slots)}, {self.resident_count} resident experts "
+                f"workspace {f(self.workspace)}, autotuning {f(self.autotune)}, slots {f(self.slots)}, {self.resident_count} resident experts "
                 f"x {f(self.expert)} = {f(self.resident_count * self.expert)}; used {f(self.used)}")
 
 
@@ -153,7 +156,24 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
     if not 0 <= count <= fits:
         raise InvalidInputError(f"resident_experts={resident_experts} does not fit: gpu_budget "
                                 f"{format_bytes(budget)} holds at most {fits} of {total} experts")
-    resident = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), bool)
-    for layer, e in placement_order(cfg.num_hidden_layers, cfg.num_local_experts, policy, profile, seed)[:count]:
-        resident[layer, e] = True
-    return Placement(resident, dataclasses.replace(memory, resident_count=count), policy)
+    order = placement_order(cfg.num_hidden_layers, cfg.num_local_experts, policy, profile, seed)
+    while True:  # the autotuner's scratch depends on the placement: fewer experts until both fit
+        resident = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), bool)
+        for layer, e in order[:count]:
+            resident[layer, e] = True
+        planned = dataclasses.replace(memory, resident_count=count,
+                                      autotune=autotune_bytes(cfg, itemsize, int(resident.sum(axis=1).max())))
+        if planned.used <= budget or resident_experts is not None or count == 0:
+            break
+        count -= 1
+    if planned.used > budget:
+        raise InvalidInputError(f"resident_experts={resident_experts} does not fit with XLA's autotuning scratch "
+                                f"({planned}); lower resident_experts or raise gpu_budget")
+    return Placement(resident, planned, policy)
+
+
+def autotune_bytes(cfg: MixtralConfig, itemsize: int, layer_resident: int) -> int:
+    """XLA's autotuner profiles a layer's grouped product on scratch copies of its operand when it compiles:
+    one weight of the largest resident stack (``layer_resident`` experts × ffn × hidden). At 48 GiB (5 resident
+    in some layers) it asked for 576 MiB at the cap and every run failed to compile."""
+    return layer_resident * cfg.intermediate_size * cfg.hidden_size * itemsize
