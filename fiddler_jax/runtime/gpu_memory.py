@@ -15,6 +15,7 @@ processes: one ``fiddler-jax bench -m`` per budget).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 
 from fiddler_jax.errors import FiddlerError, InvalidInputError
@@ -63,7 +64,9 @@ def cap_xla_allocator(budget: int | str) -> dict:
     if nbytes > total:
         raise InvalidInputError(f"gpu_budget {format_bytes(nbytes)} is more than the GPU has "
                                 f"({format_bytes(total)}); lower hardware.gpu_budget")
-    fraction = f"{nbytes / total:.6f}"
+    # Rounded down: XLA's limit is fraction x total, and rounding up gave a 48 GiB limit 2 MiB above the budget
+    # (the run then failed its budget by those 2 MiB).
+    fraction = f"{math.floor(nbytes / total * 1e6) / 1e6:.6f}"
     if jax_started():
         limit = current_limit()
         if limit is not None and abs(limit - nbytes) > max(64 << 20, nbytes // 200):
