@@ -180,3 +180,8 @@ def test_bench_jobs_share_one_engine_and_keep_going_after_a_failed_job(tmp_path,
         bad = tmp_path / "bad.yaml"
         bad.write_text("common: []\n")
         bench_jobs.load_jobs(str(bad))
+    with pytest.raises(InvalidInputError, match="several GPU budgets .*one jobs file per budget"):
+        bench_jobs.run_jobs(COMMON, [["hardware=rtx6000_24g"], ["hardware=ada6000_48g"]], str(tmp_path / "two"))
+    assert not (tmp_path / "two").exists()  # refused before any job ran
+    r = cli("bench-jobs", str(bad), "--out", str(tmp_path / "cli"), cwd=tmp_path)
+    assert r.returncode == 2 and "non-empty list `jobs:`" in r.stderr and "Traceback" not in r.stderr

@@ -98,13 +98,11 @@ def main() -> None:
     ap.add_argument("jobs", help="YAML file with `common:` and `jobs:` override lists")
     ap.add_argument("--out", required=True, help="folder for the jobs' result.json files and the report")
     args = ap.parse_args()
-    try:
-        common, jobs = load_jobs(args.jobs)
-        status = run_jobs(common, jobs, args.out)
-    except FiddlerError as exc:
-        print(f"error: {exc}")
-        raise SystemExit(2) from None
     from fiddler_jax.experiments import report
+    from fiddler_jax.experiments.common import clear_errors
+
+    common, jobs = clear_errors(load_jobs)(args.jobs)
+    status = clear_errors(run_jobs)(common, jobs, args.out)
 
     if any(s == "ok" for _, s in status):
         report.main([args.out])
