@@ -44,6 +44,19 @@ def test_cap_sets_the_allocator_fraction_before_jax_starts(monkeypatch):
     assert os.environ[gpu_memory.PREALLOCATE] == "false" and os.environ[gpu_memory.FRACTION] == "0.250000"
 
 
+def test_cap_never_lets_xla_exceed_the_budget(monkeypatch):
+    """The H100's 85520809984 bytes: 48 GiB is 0.6026555.. of it, which rounds up to 0.602656 -- a limit above
+    the budget. The fraction is rounded down."""
+    total = 85520809984
+    monkeypatch.setattr(gpu_memory, "cuda_total_memory", lambda ordinal=0: total)
+    monkeypatch.setattr(gpu_memory, "jax_started", lambda: False)
+    monkeypatch.delenv(gpu_memory.FRACTION, raising=False)
+    monkeypatch.delenv(gpu_memory.PREALLOCATE, raising=False)
+    for budget in ("24GiB", "48GiB", "79GiB"):
+        fraction = gpu_memory.cap_xla_allocator(budget)["fraction"]
+        assert 0 <= gpu_memory.parse_bytes(budget) - fraction * total < 1e-6 * total, budget
+
+
 def test_cap_refuses_a_second_budget_once_jax_started(monkeypatch):
     monkeypatch.setattr(gpu_memory, "cuda_total_memory", lambda ordinal=0: 80 << 30)
     monkeypatch.setattr(gpu_memory, "jax_started", lambda: True)

@@ -269,3 +269,30 @@ def test_with_planner_shares_weights_and_buffers_across_sweeps(checkpoint):
         base.with_planner("lru", cache_slots=1)
     with pytest.raises(InvalidInputError, match="cpu_backend"):
         base.with_planner("transfer", cpu_backend="gpu")
+
+
+@pytest.mark.parametrize("cache_slots", [0, 1])
+def test_plans_of_small_steps_are_remembered_unless_a_cache_makes_the_planner_stateful(checkpoint, cache_slots):
+    """Decode repeats (layer, counts): the planner runs once per distinct pair; the remembered plan is the plan
+    the planner gives. A dynamic cache makes plans depend on history, so then it runs every step."""
+    path, _ = checkpoint
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=2,
+                                      dtype="float32", cache_slots=cache_slots, progress=False)
+    planner, calls = engine.planner, []
+
+    def counting(counts, resident, latency, layer):
+        calls.append((layer, counts.tobytes()))
+        return planner(counts, resident, latency, layer=layer)
+
+    engine.planner = counting
+    if cache_slots:
+        counting.caches = planner.caches
+    engine.generate(token_ids(97, (1, 6), seed=5), 30, eos_token_id=[])
+    steps = [(s.layer, s.counts.tobytes()) for s in engine.trace.steps]
+    if cache_slots:
+        assert calls == steps
+        return
+    assert sorted(calls) == sorted(set(steps)) and len(calls) < len(steps)  # decode repeats count vectors
+    for s in engine.trace.steps:
+        fresh = planner(s.counts, engine.placement.resident[s.layer], engine.latency, layer=s.layer)
+        np.testing.assert_array_equal(s.lanes, fresh.lanes)

@@ -185,3 +185,24 @@ def test_bench_jobs_share_one_engine_and_keep_going_after_a_failed_job(tmp_path,
     assert not (tmp_path / "two").exists()  # refused before any job ran
     r = cli("bench-jobs", str(bad), "--out", str(tmp_path / "cli"), cwd=tmp_path)
     assert r.returncode == 2 and "non-empty list `jobs:`" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hf_accelerate_random_fill_is_seeded_tiled_normal():
+    """The baseline's random init: norms 1, every other weight a seeded normal(0, std) tile repeated, so a
+    47B-parameter model fills at memory speed."""
+    torch = pytest.importorskip("torch")
+    from fiddler_jax.experiments.baselines import TILE, _fill_random
+
+    def model():
+        return torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(8), "big": torch.nn.Linear(1000, 1100, bias=False),
+                                    "small": torch.nn.Linear(64, 32, bias=False)}).to(torch.bfloat16)
+
+    a, b, c = model(), model(), model()
+    _fill_random(a, torch, 0.02, seed=0)
+    _fill_random(b, torch, 0.02, seed=0)
+    _fill_random(c, torch, 0.02, seed=1)
+    assert torch.equal(a["norm"].weight, torch.ones(8, dtype=torch.bfloat16))
+    big = a["big"].weight.float().reshape(-1)
+    assert big.numel() > TILE and torch.isfinite(big).all() and abs(big.std().item() - 0.02) < 1e-3
+    assert torch.equal(big[TILE:TILE + 1000], big[:1000])  # the tile repeats, the tail included
+    assert torch.equal(a["big"].weight, b["big"].weight) and not torch.equal(a["big"].weight, c["big"].weight)

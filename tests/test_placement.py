@@ -60,6 +60,10 @@ def test_budget_below_the_non_expert_part_states_the_minimum():
 
 def test_resident_experts_override():
     assert P.place(TINY, 10**9, itemsize=4, resident_experts=3).resident_count == 3
+    e = P.expert_bytes(TINY, 4)
+    base = P.place(TINY, 10**9, itemsize=4, max_context=64, resident_experts=0).memory.fixed
+    with pytest.raises(InvalidInputError, match="resident_experts=5 does not fit with XLA's autotuning scratch"):
+        P.place(TINY, base + 5 * e + e // 2, itemsize=4, max_context=64, resident_experts=5)
     with pytest.raises(InvalidInputError, match="holds at most 12 of 12"):
         P.place(TINY, 10**9, itemsize=4, resident_experts=13)
 
