@@ -397,7 +397,7 @@ class Engine:
         if "pcie" in spans:  # wait for the copies alone (the mixes after them are the GPU lane's)
             jax.block_until_ready((self._staging, self._cache[layer] if self.cache_slots else None))
             spans["pcie"] = (spans["pcie"][0], clock())
-        cpu_out = self._cpu_zeros(moe_in.shape)
+        cpu_out = self._zeros(moe_in.shape, host=True)
         if job is not None and cpu_job is None and plan.concurrent:
             cpu_out, spans["cpu"] = job()  # inline: the GPU span below then ends when the main thread looks
         gpu_out.block_until_ready()
@@ -485,22 +485,20 @@ class Engine:
             found["fused_layer" + suffix], found["attention_and_router" + suffix] = steps
         return found
 
-    def _cpu_zeros(self, shape) -> np.ndarray:
-        """The CPU lane's output when it has no share: a read-only float32 numpy zeros per shape (the lane's
-        output is always numpy, so the next step's jit sees one argument type)."""
-        key = ("host", shape)
+    def _zeros(self, shape, *, host: bool = False):
+        """Float32 zeros made once per (place, shape): arrays are immutable (the numpy one is made read-only), so
+        a lane with no share reuses them instead of making a fill every step. On the device they are committed
+        (see ``_on_device``); on the host they are the CPU lane's empty output, which is always numpy so the next
+        step's jit sees one argument type."""
+        key = (host, shape)
         if key not in self._zeros_cache:
-            zeros = np.zeros(shape, np.float32)
-            zeros.flags.writeable = False
+            if host:
+                zeros = np.zeros(shape, np.float32)
+                zeros.flags.writeable = False
+            else:
+                zeros = jnp.zeros(shape, jnp.float32, device=self._device)
             self._zeros_cache[key] = zeros
         return self._zeros_cache[key]
-
-    def _zeros(self, shape) -> jax.Array:
-        """A float32 zeros array on the engine's device (committed, see ``_on_device``), made once per shape:
-        arrays are immutable, so a lane with no share reuses it instead of dispatching a fill every step."""
-        if shape not in self._zeros_cache:
-            self._zeros_cache[shape] = jnp.zeros(shape, jnp.float32, device=self._device)
-        return self._zeros_cache[shape]
 
     # -- public API ------------------------------------------------------------------------------------------
     def logits(self, input_ids) -> np.ndarray:
@@ -546,9 +544,8 @@ class Engine:
                            do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p)
 
     def _on_device(self, value) -> jax.Array:
-        """``value`` committed to the engine's device: every jitted step then sees committed inputs whatever
-        the plan (a plan without a CPU or GPU share would otherwise pass uncommitted zeros, and JAX compiles
-        again for the other commitment)."""
+        """``value`` committed to the engine's device: the jitted steps then always see committed inputs (an
+        uncommitted input made JAX compile them a second time, for the other commitment)."""
         return jax.device_put(value, self._device)
 
     def _kv_slots(self, prompt_len: int, max_new_tokens: int, kv_slots: int | None) -> int:
