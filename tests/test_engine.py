@@ -79,7 +79,7 @@ def test_plans_never_recompile(checkpoint):
     prompt = token_ids(97, (1, 6), seed=3)
     engine.generate(prompt, 100, eos_token_id=[])  # compiles every shape this generation length uses
     jitted = list(engine.jitted_functions().values())
-    assert len(jitted) == 6  # all four layers share one structure: one jitted step of each kind
+    assert len(jitted) == 7  # all four layers share one structure: one jitted step of each kind
     before = [f._cache_size() for f in jitted]
     engine.trace.clear()
     engine.generate(prompt, 100, eos_token_id=[])  # the same shapes again, many different plans
@@ -296,3 +296,36 @@ def test_plans_of_small_steps_are_remembered_unless_a_cache_makes_the_planner_st
     for s in engine.trace.steps:
         fresh = planner(s.counts, engine.placement.resident[s.layer], engine.latency, layer=s.layer)
         np.testing.assert_array_equal(s.lanes, fresh.lanes)
+
+
+@pytest.mark.parametrize("max_transfers", [0, 2])
+def test_prefetched_copies_equal_the_all_resident_model_and_stay_within_the_slots(checkpoint, max_transfers):
+    """With prefetch, layer 0 starts copying layer 1's predicted experts; layer 1 runs those on the GPU from the
+    copies. Outputs still equal the all-resident model, the copies never outnumber the staging slots, the trace
+    counts the copies, and changing staged sets never compile again."""
+    path, reference = checkpoint
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=1,
+                                      dtype="float32", prefetch=2, max_transfers=max_transfers, progress=False)
+    pool, copy, held = engine._pool, engine._pool.copy, []
+
+    def counting_copy(layer, expert, **kw):
+        staged = copy(layer, expert, **kw)
+        held.append(len(pool))
+        return staged
+
+    pool.copy = counting_copy
+    ids = token_ids(97, (2, 20), seed=1)
+    ref = fj.logits(reference, ids)
+    assert np.abs(engine.logits(ids) - ref).max() <= 1e-5 * np.abs(ref).max()
+    prompt = ids[:1, :5]
+    np.testing.assert_array_equal(engine.generate(prompt, 24, eos_token_id=[]),
+                                  fj.generate(reference, prompt, 24, eos_token_id=[]))
+    assert held and max(held) <= engine.staging_slots and len(pool) == 0
+    summary = engine.trace_summary()["prefetch"]
+    if max_transfers == 0:  # decode steps leave the PCIe lane idle: layer 0 prefetches, layer 1 uses copies
+        assert summary["copies"] > 0 and 0 < summary["used"] <= summary["wanted"] <= summary["copies"]
+        assert all(not r.prefetched.any() for r in engine.trace.steps if r.layer == 0)
+    jitted = list(engine.jitted_functions().values())
+    before = [f._cache_size() for f in jitted]
+    engine.generate(prompt, 24, eos_token_id=[])
+    assert [f._cache_size() for f in jitted] == before

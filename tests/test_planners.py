@@ -12,7 +12,8 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.runtime.latency import LatencyModel, PiecewiseLinear
 from fiddler_jax.runtime.planners import (
     PLANNER_NAMES, POLICIES, CachedPlanner, CacheState, Lane, Plan, PlannerConfig, PlannerError, get_planner,
-    plan_cpu_only, plan_fiddler, plan_fiddler_overlap, plan_gpu_only, plan_transfer, planner_from_config,
+    plan_cpu_only, plan_fiddler, plan_fiddler_overlap, plan_gpu_only, plan_prefetch, plan_transfer,
+    planner_from_config,
 )
 
 LAT = LatencyModel.from_design_numbers()
@@ -162,6 +163,104 @@ def test_greedy_on_many_experts_is_fast_and_respects_fiddler():
     plan = plan_fiddler_overlap(counts, resident, LAT, max_transfers=64)  # beyond exact_limit: greedy
     assert plan.predicted_s <= plan_fiddler(counts, resident, LAT, max_transfers=64).predicted_s
     assert plan.lanes.shape == (64,) and plan.lanes.dtype == np.int8
+
+
+# --- prefetched copies (staged_s) and plan_prefetch ------------------------------------------------------
+
+def reference_staged_makespan(lat, counts, on_gpu, staged_s, use, transfer_seq, slots):
+    """Concurrent makespan with prefetched copies, by direct simulation: resident GPU work, then the used staged
+    experts in landing order (each after its copy lands), then the new copies, which queue on the PCIe lane
+    behind every staged copy and use the slots the staged copies leave free."""
+    active = [e for e in range(len(counts)) if counts[e] > 0]
+    staged = [e for e in range(len(counts)) if np.isfinite(staged_s[e])]
+    gpu_t = sum(lat.gpu(counts[e]) for e in active if on_gpu[e])
+    cpu_t = sum(lat.cpu(counts[e]) for e in active if not on_gpu[e] and e not in use and e not in transfer_seq)
+    for e in sorted(use, key=lambda e: (staged_s[e], e)):
+        gpu_t = max(gpu_t, staged_s[e]) + lat.gpu(counts[e])
+    free = slots - len(staged)
+    copy_end, slot_busy_until = max([staged_s[e] for e in staged], default=0.0), [0.0] * max(free, 1)
+    for i, e in enumerate(transfer_seq):
+        copy_end = max(copy_end, slot_busy_until[i % free]) + lat.transfer_s
+        gpu_t = max(gpu_t, copy_end) + lat.gpu(counts[e])
+        slot_busy_until[i % free] = gpu_t
+    return lat.sync_s + max(cpu_t, gpu_t)
+
+
+def test_a_landed_prefetch_runs_on_the_gpu_and_a_late_one_on_the_cpu():
+    counts = np.array([1, 0, 1, 0, 0, 0, 0, 0])
+    staged = np.full(8, np.inf)
+    staged[2] = 0.0
+    plan = plan_fiddler_overlap(counts, none_resident(), LAT, staged_s=staged)
+    assert plan.lanes[2] == Lane.GPU and plan.staged[2] and not plan.staged[0] and 2 not in plan.transfer_order
+    assert plan.lanes[0] == Lane.CPU
+    assert plan.predicted_s == pytest.approx(LAT.sync_s + max(LAT.cpu(1), LAT.gpu(1)))
+    staged[2] = 10 * LAT.cpu(1) + 1.0  # lands long after the CPU would be done with both
+    late = plan_fiddler_overlap(counts, none_resident(), LAT, staged_s=staged)
+    assert late.lanes[2] == Lane.CPU and not late.staged.any()
+    # a staged expert without tokens is not used; staged_s of a resident expert is ignored
+    idle = plan_fiddler_overlap(np.array([1, 0, 0, 0, 0, 0, 0, 0]), none_resident(), LAT, staged_s=np.zeros(8))
+    assert idle.staged.tolist() == [True] + [False] * 7
+    with pytest.raises(PlannerError, match="staged_s"):
+        plan_fiddler_overlap(counts, none_resident(), LAT, staged_s=np.full(8, np.nan))
+
+
+def test_prefetched_plans_are_optimal_and_match_a_direct_simulation():
+    rng = np.random.default_rng(7)
+    lat = dataclasses.replace(LAT, transfer_s=2.5 * MS)  # copies that sometimes win, so every branch is taken
+    for _ in range(200):
+        counts, resident = random_case(rng, e=6)
+        staged_s = np.where(rng.random(6) < 0.4, rng.uniform(0, 8 * MS, 6), np.inf)
+        staged_s[rng.random(6) < 0.3] = 0.0
+        staged_s[resident] = np.inf
+        slots = int(rng.integers(1, 4))
+        n_staged = int(np.isfinite(staged_s).sum())
+        plan = plan_fiddler_overlap(counts, resident, lat, staging_slots=slots + n_staged, max_transfers=3,
+                                    staged_s=staged_s)
+        use = np.flatnonzero(plan.staged).tolist()
+        assert all(np.isfinite(staged_s[e]) and counts[e] > 0 for e in use)
+        assert plan.predicted_s == pytest.approx(reference_staged_makespan(
+            lat, counts, resident, staged_s, use, plan.transfer_order.tolist(), slots + n_staged), rel=1e-12)
+        staged_active = [e for e in range(6) if counts[e] > 0 and np.isfinite(staged_s[e])]
+        others = [e for e in range(6) if counts[e] > 0 and not resident[e] and not np.isfinite(staged_s[e])]
+        best = min(reference_staged_makespan(lat, counts, resident, staged_s, list(u), list(seq), slots + n_staged)
+                   for r in range(len(staged_active) + 1) for u in itertools.combinations(staged_active, r)
+                   for k in range(min(3, len(others)) + 1) for seq in itertools.permutations(others, k))
+        assert plan.predicted_s == pytest.approx(best, rel=1e-12)
+
+
+def test_staged_copies_take_their_staging_slots():
+    counts = np.array([400, 400, 0, 0])
+    staged = np.array([np.inf, np.inf, 0.0, np.inf])  # an unused copy still holds the only slot
+    plan = plan_fiddler_overlap(counts, none_resident(4), LAT, staging_slots=1, staged_s=staged)
+    assert len(plan.transfer_order) == 0
+    assert len(plan_fiddler_overlap(counts, none_resident(4), LAT, staging_slots=1).transfer_order) > 0
+
+
+def test_plan_prefetch_picks_the_most_predicted_experts_not_on_the_gpu():
+    predicted = np.array([1, 0, 3, 1, 2, 0])
+    on_gpu = np.array([False, False, True, False, False, False])
+    staged = np.array([False, False, False, True, False, False])
+    np.testing.assert_array_equal(plan_prefetch(predicted, on_gpu, staged, free_slots=2, prefetch=3), [4, 0])
+    np.testing.assert_array_equal(plan_prefetch(predicted, on_gpu, staged, free_slots=2, prefetch=1), [4])
+    assert plan_prefetch(predicted, on_gpu, staged, free_slots=0, prefetch=3).size == 0
+    assert plan_prefetch(np.zeros(6, int), on_gpu, staged, free_slots=2, prefetch=2).size == 0
+    with pytest.raises(PlannerError, match="prefetch must be non-negative"):
+        plan_prefetch(predicted, on_gpu, staged, free_slots=2, prefetch=-1)
+    with pytest.raises(PlannerError, match="one shape"):
+        plan_prefetch(predicted[:3], on_gpu, staged, free_slots=2, prefetch=1)
+
+
+def test_prefetch_is_a_fiddler_overlap_option():
+    assert get_planner("fiddler_overlap").prefetch == 1
+    assert get_planner("fiddler_overlap", prefetch=0).prefetch == 0
+    assert get_planner("fiddler").prefetch == 0 and get_planner("cpu_only").prefetch == 0
+    with pytest.raises(PlannerError, match="cannot prefetch"):
+        get_planner("cpu_only", prefetch=1)
+    with pytest.raises(PlannerError, match="cannot prefetch"):
+        get_planner("fiddler_overlap", prefetch=1, cache_slots=1)
+    with pytest.raises(PlannerError, match="non-negative integer"):
+        get_planner("fiddler_overlap", prefetch=-2)
+    assert planner_from_config(PlannerConfig(name="fiddler_overlap", prefetch=2)).prefetch == 2
 
 
 # --- baselines and staging slots ----------------------------------------------------------------------

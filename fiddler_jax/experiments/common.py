@@ -47,6 +47,7 @@ def planner_kwargs(planner) -> dict:
     options keep the engine's defaults)."""
     from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
 
-    extra = {k: planner[k] for k in ("max_transfers", "concurrent", "exact_limit") if planner.get(k) is not None}
+    extra = {k: planner[k] for k in ("max_transfers", "concurrent", "exact_limit", "prefetch")
+             if planner.get(k) is not None}
     return dict(planner=planner.name, staging_slots=planner.staging_slots or DEFAULT_STAGING_SLOTS,
                 cache_slots=planner.cache_slots or 0, **extra)

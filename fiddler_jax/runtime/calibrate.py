@@ -8,8 +8,8 @@ Each lane is timed through the engine's own code path (``runtime/engine.py``), s
               a sample is ``experts`` calls dispatched back to back (one per stack, as the engine queues them)
               then ``block_until_ready``, divided by the number of calls: the time an expert occupies the GPU.
               Compilation is excluded (one warm-up call per n).
-  transfer_s  one expert's three matrices from pinned host memory into a GPU staging slot as the engine
-              stages them (``host_experts.copy_into_slot``), then block
+  transfer_s  one expert's three matrices from pinned host memory into GPU arrays as the engine's PCIe lane
+              copies them (``staging.StagingPool``: an eager copy), then block
   sync_s      a tiny jitted op on the device plus ``np.asarray`` of its small result (the routing counts'
               round trip of a planned layer step)
 Every (lane, n) row: one warm-up, then repetitions until ``min_reps`` and the row's share of ``budget_s`` are
@@ -204,23 +204,21 @@ def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_
 
 def measure_transfer(geometry: Geometry, host, row_budget_s: float,
                      progress: Callable[[str], None] | None = None) -> list[float]:
-    """One expert from pinned host memory into a staging slot exactly as the engine copies it
-    (``host_experts.copy_into_slot``), then block."""
+    """One expert from pinned host memory into GPU arrays exactly as the engine's PCIe lane copies it
+    (``staging.StagingPool.copy``, one slot), then block and free it."""
     import jax
-    import jax.numpy as jnp
 
-    from fiddler_jax.runtime.host_experts import copy_into_slot
-    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
+    from fiddler_jax.runtime.staging import StagingPool
 
     experts = host.held.shape[1]
-    staging = {k: jnp.zeros((DEFAULT_STAGING_SLOTS, *v.shape), v.dtype) for k, v in host.arrays(0, 0).items()}
+    pool = StagingPool(host, jax.devices()[0], 1, 0.0)
     cycle = iter(range(1 << 62))
 
     def copy():
-        nonlocal staging
-        i = next(cycle)
-        staging = copy_into_slot(staging, i % DEFAULT_STAGING_SLOTS, host.arrays(0, i % experts))
-        jax.block_until_ready(staging)
+        e = next(cycle) % experts
+        pool.copy(0, e)
+        pool.wait(0)
+        pool.release(0)
 
     times = sample(copy, row_budget_s)
     _report(progress, "transfer", None, times)

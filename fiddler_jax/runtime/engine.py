@@ -5,13 +5,17 @@ first JAX device, whatever its platform); every other expert lives once, in pinn
 (:mod:`host_experts`), where the CPU lane reads it in place and the PCIe lane copies it from. For each layer of
 each forward step:
   1. a jitted segment runs attention, the post-attention norm and the router, and counts the tokens sent to
-     each expert;
+     each expert -- and the tokens the next layer's router would send to each of its experts from this hidden
+     state (the prediction prefetching acts on);
   2. the counts and the routing come to the host (the one sync of the step) and the planner (pure Python,
-     outside jit) gives each active expert a lane: GPU (resident or cached), CPU or TRANSFER;
+     outside jit) gives each active expert a lane: GPU (resident, cached, or prefetched during the previous
+     step), CPU or TRANSFER;
   3. the lanes run. CPU: a worker thread fetches the activations and runs the C++ kernel (bfloat16; float32
      parity runs use numpy) over the pinned views — the kernel releases the GIL. PCIe: TRANSFER experts are
-     copied into shared staging slots on the GPU (waves of at most ``staging_slots``) by a jitted DMA from
-     pinned memory. GPU: resident, cached and staged experts run through ``moe.sparse_expert_mix`` with a slot
+     copied (:mod:`staging`: an eager copy on XLA's host-to-device stream, beside compute) into fresh GPU
+     arrays, at most ``staging_slots`` alive at once; a step that leaves the PCIe lane idle starts copying the
+     next layer's predicted experts instead (``prefetch``, ``planners.plan_prefetch``). GPU: resident, cached
+     and copied experts run through ``moe.sparse_expert_mix`` with a slot
      map, so plans never change shapes and never recompile. With a concurrent plan (``fiddler_overlap``,
      ``cpu_only``, ...) the three lanes run at once: the main thread queues the GPU work without waiting, then
      runs the CPU lane itself (or, when the plan copies, leaves it to the worker thread and times the copies).
@@ -48,6 +52,7 @@ from fiddler_jax.runtime.generate import (
 from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
 from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot, size_pinned_pool
+from fiddler_jax.runtime.staging import StagingPool
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.profiling import RoutingProfile
@@ -81,8 +86,9 @@ def _residual(pending):
 
 
 @functools.cache
-def _layer_steps(key):
-    """The jitted layer steps of one layer structure (all of Mixtral's layers share one, so one compile each)."""
+def _layer_steps(key, router_key):
+    """The jitted layer steps of one layer structure (all of Mixtral's layers share one, so one compile each);
+    ``router_key``: the (post-attention norm, gate) structure of the layer the step looks ahead to."""
 
     @functools.partial(jax.jit, donate_argnums=2)
     def fused_layer(leaves, pending, kv, start):
@@ -93,9 +99,10 @@ def _layer_steps(key):
         return x, kv
 
     @functools.partial(jax.jit, donate_argnums=2)
-    def attention_and_router(leaves, pending, kv, start):
+    def attention_and_router(leaves, pending, kv, start, lookahead):
         """Step 1: residual after attention, the normed MoE input [N, hidden], the routing and per-expert
-        counts."""
+        counts, and the counts the next layer's router (``lookahead``: its norm and gate leaves) would give
+        this hidden state -- the prediction that prefetching copies ahead on."""
         layer = _Split.merge(key, leaves)
         x = _residual(pending)
         positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
@@ -104,7 +111,10 @@ def _layer_steps(key):
         moe = layer.block_sparse_moe
         routing = route(moe.gate(moe_in), moe.top_k)
         counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
-        return h, moe_in, routing, counts, kv
+        next_norm, next_gate = (_Split.merge(k, part) for k, part in zip(router_key, lookahead))
+        guess = route(next_gate(next_norm(h).reshape(-1, h.shape[-1])), moe.top_k)
+        predicted = jnp.bincount(guess.experts.reshape(-1), length=moe.num_experts)
+        return h, moe_in, routing, counts, predicted, kv
 
     return fused_layer, attention_and_router
 
@@ -130,6 +140,13 @@ def _model_ends(embed_key, norm_key, head_key):
 @jax.jit
 def _stack_mix(moe_in, routing, slot_of, w1, w3, w2):
     return sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
+
+
+@functools.partial(jax.jit, static_argnames="num_experts")
+def _expert_mix(moe_in, routing, expert, w1, w3, w2, *, num_experts):
+    """One copied expert's share of the MoE output (its weights are a PCIe-lane copy, one array each)."""
+    slot_of = jnp.where(jnp.arange(num_experts) == expert, 0, -1).astype(jnp.int32)
+    return sparse_expert_mix(moe_in, routing, w1[None], w3[None], w2[None], slot_of)
 
 
 def _buffers_mix(moe_in, routing, slot_of: np.ndarray, buffers: dict):
@@ -232,7 +249,11 @@ class Engine:
         self._embed, self._head = _model_ends(self._embed_part.key, self._norm_part.key,
                                               None if self._head_part is None else self._head_part.key)
         self._layers = [_Split(layer) for layer in model.layers]
-        self._steps = [_layer_steps(part.key) for part in self._layers]  # (fused, attention_and_router)
+        routers = [(_Split(l.post_attention_layernorm), _Split(l.block_sparse_moe.gate)) for l in model.layers]
+        # each layer step looks ahead to the next layer's router (the last layer to its own: never prefetched)
+        self._lookahead = [tuple(p.leaves for p in routers[min(n + 1, len(routers) - 1)]) for n in range(len(routers))]
+        self._steps = [_layer_steps(part.key, tuple(p.key for p in routers[n]))  # (fused, attention_and_router)
+                       for n, part in enumerate(self._layers)]
         self._zeros_cache = {}
         self._plans = {}  # (layer, counts bytes) -> Plan (see _plan)
         self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
@@ -243,16 +264,15 @@ class Engine:
             self._slot_of.append(jnp.asarray(slot_of))
         cfg, dtype = self.config, model.dtype
         self.staging_slots = staging_slots
-        shapes = {"w1": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
-                  "w3": (staging_slots, cfg.intermediate_size, cfg.hidden_size),
-                  "w2": (staging_slots, cfg.hidden_size, cfg.intermediate_size)}
-        # Buffers the copies donate and replace: kept in a holder, so engines made by ``with_planner`` (which share
-        # it) always see the live arrays.
-        self._gpu_buffers = {"staging": {k: jnp.zeros(s, dtype) for k, s in shapes.items()} if staging_slots else {}}
+        # The PCIe lane's live copies (shared with engines made by ``with_planner``): at most ``staging_slots``.
+        self._pool = StagingPool(host, self._device, staging_slots, latency.transfer_s)
         # The dynamic cache: ``cache_slots`` expert buffers per layer; which expert sits in which slot is the
         # planner's CacheState (planner.caches[layer]).
         self.cache_slots = cache_slots
-        self._cache = [{k: jnp.zeros((cache_slots,) + s[1:], dtype) for k, s in shapes.items()}
+        shapes = {"w1": (cache_slots, cfg.intermediate_size, cfg.hidden_size),
+                  "w3": (cache_slots, cfg.intermediate_size, cfg.hidden_size),
+                  "w2": (cache_slots, cfg.hidden_size, cfg.intermediate_size)}
+        self._cache = [{k: jnp.zeros(s, dtype) for k, s in shapes.items()}
                        for _ in range(cfg.num_hidden_layers)] if cache_slots else []
         self._cpu_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-cpu-lane")
         self.cpu_backend = cpu_backend
@@ -342,28 +362,29 @@ class Engine:
         return other
 
     @property
-    def _staging(self) -> dict:
-        return self._gpu_buffers["staging"]
-
-    @_staging.setter
-    def _staging(self, buffers: dict) -> None:
-        self._gpu_buffers["staging"] = buffers
+    def planner_prefetch(self) -> int:
+        """Next-layer experts copied ahead per layer step (the planner's ``prefetch``; 0: none)."""
+        return getattr(self.planner, "prefetch", 0)
 
     # -- the step loop ---------------------------------------------------------------------------------------
-    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts) -> tuple[jax.Array, np.ndarray]:
-        """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes. Returns
-        the GPU lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
+    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts, predicted) -> tuple[jax.Array, np.ndarray]:
+        """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes, and start
+        copying the next layer's predicted experts when this step leaves the PCIe lane idle. Returns the GPU
+        lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
         argument, which moves it in the jit's own C++ path)."""
         clock = self.trace.now
         t_plan = clock()
-        # The step's one sync: the routing, and for small steps (decode, beams) the activations too, which the
-        # CPU lane then need not fetch on its own.
+        # The step's one sync: the routing and the next layer's predicted counts, and for small steps (decode,
+        # beams) the activations too, which the CPU lane then need not fetch on its own.
         small = moe_in.size * moe_in.dtype.itemsize <= SMALL_STEP_BYTES
-        fetched = jax.device_get((counts, routing.experts, routing.weights) + ((moe_in,) if small else ()))
-        counts, experts, weights = fetched[:3]
-        host_in = fetched[3] if small else moe_in
+        fetched = jax.device_get((counts, routing.experts, routing.weights, predicted)
+                                 + ((moe_in,) if small else ()))
+        counts, experts, weights, predicted = fetched[:4]
+        host_in = fetched[4] if small else moe_in
         cache_before = self._cache_state(layer)
-        plan = self._plan(counts, layer)
+        E = len(counts)
+        staged = self._pool.staged(layer, E)
+        plan = self._plan(counts, layer, self._pool.left_s(layer, E) if staged.any() else None)
         lanes = plan.lanes
         spans = {"plan": (t_plan, clock())}
         on_cpu = lanes[experts] == P.Lane.CPU
@@ -381,6 +402,9 @@ class Engine:
         gpu_out = self._zeros(moe_in.shape)
         if self.placement.resident[layer].any():
             gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
+        for e in np.flatnonzero(plan.staged):  # prefetched copies: the mix waits for them on the device
+            gpu_out = gpu_out + _expert_mix(moe_in, routing, np.int32(e), **self._pool.arrays(layer, int(e)),
+                                            num_experts=E)
         order = plan.transfer_order
         if self.cache_slots:
             gpu_out, order = self._cache_lane(layer, moe_in, routing, plan, cache_before, gpu_out, spans)
@@ -388,38 +412,64 @@ class Engine:
             if not plan.concurrent:
                 gpu_out.block_until_ready()  # sequential: the GPU lane ends before the PCIe lane starts
             spans.setdefault("pcie", (clock(),) * 2)
-            for wave in range(0, len(order), self.staging_slots):
-                slot_of = np.full(len(lanes), -1, np.int32)
-                for slot, e in enumerate(order[wave:wave + self.staging_slots]):
-                    self._staging = copy_into_slot(self._staging, slot, self.host.arrays(layer, int(e)))
-                    slot_of[e] = slot
-                gpu_out = gpu_out + _buffers_mix(moe_in, routing, slot_of, self._staging)
+            gpu_out = self._copy_lane(layer, moe_in, routing, order, gpu_out)
+        elif self.planner_prefetch and layer + 1 < len(self._layers) and not self.placement.layer_all_resident(
+                layer + 1):
+            for e in P.plan_prefetch(predicted, self.placement.resident[layer + 1], self._pool.staged(layer + 1, E),
+                                     free_slots=self._pool.free(), prefetch=self.planner_prefetch):
+                self._pool.copy(layer + 1, int(e), ahead=True)
         if "pcie" in spans:  # wait for the copies alone (the mixes after them are the GPU lane's)
-            jax.block_until_ready((self._staging, self._cache[layer] if self.cache_slots else None))
+            self._pool.wait(layer)
+            if self.cache_slots:
+                jax.block_until_ready(self._cache[layer])
             spans["pcie"] = (spans["pcie"][0], clock())
         cpu_out = self._zeros(moe_in.shape, host=True)
         if job is not None and cpu_job is None and plan.concurrent:
             cpu_out, spans["cpu"] = job()  # inline: the GPU span below then ends when the main thread looks
         gpu_out.block_until_ready()
         spans["gpu"] = (t_gpu, clock())
+        self._pool.release(layer)  # the GPU work reading this layer's copies is done
         if job is not None and "cpu" not in spans:
             cpu_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
-        self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans))
+        self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans, staged, plan.staged))
         return gpu_out, cpu_out
 
-    def _plan(self, counts: np.ndarray, layer: int) -> P.Plan:
-        """The planner's plan, remembered per (layer, counts) for small steps: a planner without a dynamic cache
-        is a pure function of them (the residency and latency model are fixed), and decode sees few distinct
-        count vectors, so most steps skip the search (0.2 ms on the H100 machine's host)."""
+    def _copy_lane(self, layer: int, moe_in, routing, order: np.ndarray, gpu_out):
+        """The step's copies, in order, each mixed once it lands: when every slot is held, the next copy waits
+        until the GPU has finished with the oldest copy of this step (double buffering with two slots)."""
+        E = len(self.placement.resident[layer])
+        mine: list[tuple[int, jax.Array]] = []  # (expert, GPU sum after its mix)
+        for e in order.tolist():
+            if self._pool.free() < 1:
+                if not mine:
+                    raise P.PlannerError(f"layer {layer}: the plan copies experts but prefetched copies hold all "
+                                         f"{self.staging_slots} staging slots; this is an engine bug")
+                oldest, done = mine.pop(0)
+                done.block_until_ready()
+                self._pool.release(layer, oldest)
+            self._pool.copy(layer, e)
+            gpu_out = gpu_out + _expert_mix(moe_in, routing, np.int32(e), **self._pool.arrays(layer, e),
+                                            num_experts=E)
+            mine.append((e, gpu_out))
+        return gpu_out
+
+    def _plan(self, counts: np.ndarray, layer: int, staged_s: np.ndarray | None = None) -> P.Plan:
+        """The planner's plan, remembered per (layer, counts, staged copies' landing times in quarter
+        milliseconds) for small steps: a planner without a dynamic cache is a pure function of them (the
+        residency and latency model are fixed), and decode sees few distinct keys, so most steps skip the search
+        (0.2 ms on the H100 machine's host)."""
+        staged = {}
+        if staged_s is not None:  # only planners that prefetch are given it
+            staged = {"staged_s": np.where(np.isfinite(staged_s), np.ceil(staged_s * 4e3) / 4e3, np.inf)}
         if self.cache_slots or counts.sum() > PLAN_MEMO_TOKENS:
-            return self.planner(counts, self.placement.resident[layer], self.latency, layer=layer)
-        key = (layer, counts.tobytes())
+            return self.planner(counts, self.placement.resident[layer], self.latency, layer=layer, **staged)
+        key = (layer, counts.tobytes(), staged["staged_s"].tobytes() if staged else None)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= PLAN_MEMO_SIZE:
                 self._plans.clear()
             plan = self._plans[key] = self.planner(counts, self.placement.resident[layer], self.latency,
-                                                    layer=layer)
+                                                    layer=layer, **staged)
         return plan
 
     def _run_cpu_lane(self, layer: int, moe_in, token, expert, weight):
@@ -460,6 +510,7 @@ class Engine:
     def forward(self, tokens, cache, start: int):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""
         start = jnp.int32(start)
+        self._pool.clear()  # copies left by a forward pass that raised
         pending = (self._embed(self._embed_part.leaves, self._on_device(tokens)),)
         new_cache = []
         for layer, (part, (fused_layer, attention_and_router), kv) in enumerate(zip(self._layers, self._steps,
@@ -468,8 +519,9 @@ class Engine:
                 x, kv = fused_layer(part.leaves, pending, kv, start)
                 pending = (x,)
             else:
-                h, moe_in, routing, counts, kv = attention_and_router(part.leaves, pending, kv, start)
-                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, counts)  # added by the next step
+                h, moe_in, routing, counts, predicted, kv = attention_and_router(part.leaves, pending, kv, start,
+                                                                                 self._lookahead[layer])
+                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, counts, predicted)  # added next step
             new_cache.append(kv)
         head_leaves = None if self._head_part is None else self._head_part.leaves
         return self._head(self._embed_part.leaves, self._norm_part.leaves, head_leaves, pending), tuple(new_cache)
@@ -479,7 +531,8 @@ class Engine:
         the device check assert that changing plans never compile again)."""
         from fiddler_jax.runtime.host_experts import _copy_jit
 
-        found = {"embed": self._embed, "head": self._head, "stack_mix": _stack_mix, "copy_into_slot": _copy_jit}
+        found = {"embed": self._embed, "head": self._head, "stack_mix": _stack_mix, "expert_mix": _expert_mix,
+                 "copy_into_slot": _copy_jit}
         for n, steps in enumerate(dict.fromkeys(self._steps)):  # distinct layer structures, in layer order
             suffix = "" if n == 0 else f"_{n}"
             found["fused_layer" + suffix], found["attention_and_router" + suffix] = steps

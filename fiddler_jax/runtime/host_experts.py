@@ -2,9 +2,11 @@
 
 Every offloaded (layer, expert) is three JAX arrays (w1, w3, w2) in the ``pinned_host`` memory of the GPU
 device (on a CPU-only JAX, of the CPU device: the same code runs in CI):
-  * the PCIe lane moves them into GPU buffers inside a jit (:func:`copy_into_slot`): a DMA from pinned memory
-    whose dispatch returns at once — 7.4 ms for a Mixtral-8x7B expert (352 MB, 45 GiB/s) on the H100 machine,
-    against 59 ms for an eager ``device_put`` of pageable numpy (scripts/probe_pinned_lane.py);
+  * the PCIe lane copies them into GPU arrays with an eager ``device_put`` (:mod:`staging`): a DMA from pinned
+    memory on XLA's host-to-device stream, beside compute — 6.9 ms for a Mixtral-8x7B expert (352 MB) on the
+    H100 machine, against 59 ms for an eager ``device_put`` of pageable numpy (scripts/probe_pinned_lane.py,
+    scripts/probe_copy_stream.py). The dynamic cache's jitted :func:`copy_into_slot` is as fast but runs on the
+    compute stream, in front of the computations queued after it;
   * the CPU lane reads the very same bytes: ``np.asarray`` of a pinned_host array is a zero-copy view (checked
     for every array at load; the kernel takes per-expert weight tables, so no stack is ever built).
 Why one array per expert and not a stack per layer: slicing a pinned stack inside jit copies as fast, but its
@@ -114,7 +116,7 @@ class HostExperts:
         return sum(a.nbytes for weights in self._arrays.values() for a in weights.values())
 
     def arrays(self, layer: int, expert: int) -> dict[str, jax.Array]:
-        """The pinned JAX arrays of one expert (inputs of :func:`copy_into_slot`)."""
+        """The pinned JAX arrays of one expert (what the PCIe lane copies)."""
         try:
             return self._arrays[layer, expert]
         except KeyError:
@@ -134,7 +136,7 @@ _copy_jit = jax.jit(_copy_into_slot, donate_argnums=0, static_argnames="target")
 
 
 def copy_into_slot(buffers: dict[str, jax.Array], slot: int, weights: dict[str, jax.Array]) -> dict:
-    """The PCIe lane: one jitted call that moves an expert's pinned arrays into row ``slot`` of the GPU buffers
+    """The dynamic cache's copy: one jitted call that moves an expert's pinned arrays into row ``slot`` of the GPU buffers
     {"w1": [S, ffn, hidden], ...} (donated; the updated buffers are returned). One expert per call keeps a
     single compiled signature whatever the plan. The call returns when the copy is queued, not when it ends:
     block on the result to wait for it."""

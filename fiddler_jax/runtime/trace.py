@@ -32,6 +32,8 @@ class StepRecord:
     lanes: np.ndarray  # Lane code of each expert
     predicted_s: float  # the planner's predicted makespan
     spans: dict[str, tuple[float, float]]
+    prefetched: np.ndarray | None = None  # bool [E]: experts whose copy was started during the previous step
+    staged_used: np.ndarray | None = None  # bool [E]: prefetched experts the plan ran on the GPU
 
     def busy_s(self, lane: str) -> float:
         start, end = self.spans.get(lane, (0.0, 0.0))
@@ -88,7 +90,20 @@ class Trace:
             "overlap_s": {"cpu+pcie": sum(s.overlap_s("cpu", "pcie") for s in self.steps),
                           "cpu+gpu": sum(s.overlap_s("cpu", "gpu") for s in self.steps)},
             "predicted_s": float(sum(s.predicted_s for s in self.steps)),
+            **self._prefetch_summary(),
         }
+
+    def _prefetch_summary(self) -> dict:
+        """Prefetched copies: how many, how many the step's routing then asked for (the prediction was right),
+        how many ran on the GPU from the copy."""
+        steps = [s for s in self.steps if s.prefetched is not None and s.prefetched.any()]
+        if not steps:
+            return {}
+        copies = sum(int(s.prefetched.sum()) for s in steps)
+        wanted = sum(int((s.prefetched & (s.counts > 0)).sum()) for s in steps)
+        used = sum(int(s.staged_used.sum()) for s in steps)
+        return {"prefetch": {"copies": copies, "wanted": wanted, "used": used,
+                             "precision": wanted / copies, "steps_with_copies": len(steps)}}
 
     def to_chrome(self) -> dict:
         """Trace-event JSON: one complete ("X") event per lane span, lanes as threads of one process."""
