@@ -2,6 +2,8 @@
 model computes; plans never recompile; bad configurations fail clearly."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -306,6 +308,9 @@ def test_prefetched_copies_equal_the_all_resident_model_and_stay_within_the_slot
     path, reference = checkpoint
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=1,
                                       dtype="float32", prefetch=2, max_transfers=max_transfers, progress=False)
+    # copies as fast as on this machine (the design latency model's 6.4 ms copy never pays for the tiny model)
+    engine.latency = dataclasses.replace(engine.latency, transfer_s=1e-5)
+    engine._pool.transfer_s = engine.latency.transfer_s
     pool, copy, held = engine._pool, engine._pool.copy, []
 
     def counting_copy(layer, expert, **kw):
@@ -321,7 +326,7 @@ def test_prefetched_copies_equal_the_all_resident_model_and_stay_within_the_slot
     np.testing.assert_array_equal(engine.generate(prompt, 24, eos_token_id=[]),
                                   fj.generate(reference, prompt, 24, eos_token_id=[]))
     assert held and max(held) <= engine.staging_slots and len(pool) == 0
-    summary = engine.trace_summary()["prefetch"]
+    summary = engine.trace_summary().get("prefetch", {})
     if max_transfers == 0:  # decode steps leave the PCIe lane idle: layer 0 prefetches, layer 1 uses copies
         assert summary["copies"] > 0 and 0 < summary["used"] <= summary["wanted"] <= summary["copies"]
         assert all(not r.prefetched.any() for r in engine.trace.steps if r.layer == 0)

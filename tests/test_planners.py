@@ -240,14 +240,32 @@ def test_plan_prefetch_picks_the_most_predicted_experts_not_on_the_gpu():
     predicted = np.array([1, 0, 3, 1, 2, 0])
     on_gpu = np.array([False, False, True, False, False, False])
     staged = np.array([False, False, False, True, False, False])
-    np.testing.assert_array_equal(plan_prefetch(predicted, on_gpu, staged, free_slots=2, prefetch=3), [4, 0])
-    np.testing.assert_array_equal(plan_prefetch(predicted, on_gpu, staged, free_slots=2, prefetch=1), [4])
-    assert plan_prefetch(predicted, on_gpu, staged, free_slots=0, prefetch=3).size == 0
-    assert plan_prefetch(np.zeros(6, int), on_gpu, staged, free_slots=2, prefetch=2).size == 0
+    far = dict(step_s=1.0)  # every copy lands in time
+
+    def pick(**kw):
+        return plan_prefetch(predicted, on_gpu, staged, LAT, **{**far, **kw}).tolist()
+
+    assert pick(free_slots=2, prefetch=3) == [4, 0]
+    assert pick(free_slots=2, prefetch=1) == [4]
+    assert pick(free_slots=0, prefetch=3) == []
+    assert plan_prefetch(np.zeros(6, int), on_gpu, staged, LAT, free_slots=2, prefetch=2, **far).size == 0
     with pytest.raises(PlannerError, match="prefetch must be non-negative"):
-        plan_prefetch(predicted, on_gpu, staged, free_slots=2, prefetch=-1)
+        pick(free_slots=2, prefetch=-1)
     with pytest.raises(PlannerError, match="one shape"):
-        plan_prefetch(predicted[:3], on_gpu, staged, free_slots=2, prefetch=1)
+        plan_prefetch(predicted[:3], on_gpu, staged, LAT, free_slots=2, prefetch=1)
+
+
+def test_plan_prefetch_copies_only_what_lands_before_the_cpu_would_be_done():
+    """The k-th copy lands at backlog + k transfers; it pays while that is within the step and the CPU time of
+    the expert's predicted tokens."""
+    predicted = np.array([2, 1, 0, 0])
+    none = np.zeros(4, bool)
+    t, cpu2, cpu1 = LAT.transfer_s, float(LAT.cpu(2)), float(LAT.cpu(1))
+    exact = dict(free_slots=4, prefetch=4)
+    assert plan_prefetch(predicted, none, none, LAT, step_s=t - cpu2, **exact).tolist() == [0]
+    assert plan_prefetch(predicted, none, none, LAT, step_s=t - cpu2 - 1e-6, **exact).tolist() == []
+    assert plan_prefetch(predicted, none, none, LAT, step_s=2 * t - cpu1, **exact).tolist() == [0, 1]
+    assert plan_prefetch(predicted, none, none, LAT, step_s=2 * t - cpu1, pcie_backlog_s=1e-3, **exact).tolist() == [0]
 
 
 def test_prefetch_is_a_fiddler_overlap_option():

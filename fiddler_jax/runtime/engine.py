@@ -416,7 +416,8 @@ class Engine:
         elif self.planner_prefetch and layer + 1 < len(self._layers) and not self.placement.layer_all_resident(
                 layer + 1):
             for e in P.plan_prefetch(predicted, self.placement.resident[layer + 1], self._pool.staged(layer + 1, E),
-                                     free_slots=self._pool.free(), prefetch=self.planner_prefetch):
+                                     self.latency, free_slots=self._pool.free(), prefetch=self.planner_prefetch,
+                                     step_s=plan.predicted_s, pcie_backlog_s=self._pool.backlog_s()):
                 self._pool.copy(layer + 1, int(e), ahead=True)
         if "pcie" in spans:  # wait for the copies alone (the mixes after them are the GPU lane's)
             self._pool.wait(layer)

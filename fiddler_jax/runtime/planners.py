@@ -300,10 +300,15 @@ def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots
     return _plan("fiddler_overlap", step, transfer, int(staging_slots), True)
 
 
-def plan_prefetch(predicted_counts, on_gpu, staged, *, free_slots: int, prefetch: int) -> np.ndarray:
+def plan_prefetch(predicted_counts, on_gpu, staged, latency: LatencyModel, *, free_slots: int, prefetch: int,
+                  step_s: float = 0.0, pcie_backlog_s: float = 0.0) -> np.ndarray:
     """The next layer's experts to start copying now (module docstring): int32 ids, most predicted tokens first
     (ties: lower id), only predicted (count > 0) ones not on the GPU and not already staged, at most
-    min(prefetch, free_slots). The engine calls it only when this step's plan leaves the PCIe lane idle."""
+    min(prefetch, free_slots), and only copies that can still pay: the k-th lands after the lane's backlog and
+    k copies, and must land within ``step_s`` (this step's predicted time, after which the next one plans) plus
+    the CPU time of its predicted tokens -- later, the next step runs it on the CPU rather than wait, and a copy
+    in the queue would only delay the copies behind it. The engine calls it only when this step's plan leaves
+    the PCIe lane idle."""
     predicted_counts = np.asarray(predicted_counts)
     on_gpu, staged = np.asarray(on_gpu, bool), np.asarray(staged, bool)
     if not (predicted_counts.shape == on_gpu.shape == staged.shape) or predicted_counts.ndim != 1:
@@ -312,8 +317,10 @@ def plan_prefetch(predicted_counts, on_gpu, staged, *, free_slots: int, prefetch
     if int(prefetch) < 0:
         raise PlannerError(f"prefetch must be non-negative (experts copied ahead per layer step); got {prefetch}")
     ids = np.flatnonzero((predicted_counts > 0) & ~on_gpu & ~staged)
-    ids = ids[np.lexsort((ids, -predicted_counts[ids]))]
-    return ids[:max(min(int(prefetch), int(free_slots)), 0)].astype(np.int32)
+    ids = ids[np.lexsort((ids, -predicted_counts[ids]))][:max(min(int(prefetch), int(free_slots)), 0)]
+    lands = pcie_backlog_s + latency.transfer_s * np.arange(1, len(ids) + 1)
+    pays = lands <= step_s + latency.cpu(predicted_counts[ids])
+    return ids[:int(np.argmin(pays)) if not pays.all() else len(ids)].astype(np.int32)
 
 
 def plan_cpu_only(counts, on_gpu, latency: LatencyModel, *, concurrent: bool = True) -> Plan:

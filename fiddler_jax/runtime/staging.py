@@ -103,6 +103,11 @@ class StagingPool:
                 left[e] = staged.left_s(now)
         return left
 
+    def backlog_s(self) -> float:
+        """Seconds until the lane has landed every copy in the pool (0 when all are ready)."""
+        now = time.perf_counter()
+        return max((c.left_s(now) for c in self._copies.values()), default=0.0)
+
     def release(self, layer: int, expert: int | None = None) -> None:
         """Drop the copies of ``layer`` (or one expert's). Only once the GPU work reading them is done: the
         memory is then free for the next copy at once."""
