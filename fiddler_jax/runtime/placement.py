@@ -174,6 +174,8 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
 
 def autotune_bytes(cfg: MixtralConfig, itemsize: int, layer_resident: int) -> int:
     """XLA's autotuner profiles a layer's grouped product on scratch copies of its operand when it compiles:
-    one weight of the largest resident stack (``layer_resident`` experts × ffn × hidden). At 48 GiB (5 resident
-    in some layers) it asked for 576 MiB at the cap and every run failed to compile."""
-    return layer_resident * cfg.intermediate_size * cfg.hidden_size * itemsize
+    one weight of the largest resident stack (``layer_resident`` experts × ffn × hidden) and a little more. At
+    48 GiB (5 resident in some layers: 560 MiB a weight) it asked for 576 MiB, at 79 GiB (7: 784 MiB) for 800 MiB;
+    without room every run failed to compile. Reserved: the weight and a quarter more."""
+    weight = layer_resident * cfg.intermediate_size * cfg.hidden_size * itemsize
+    return weight + weight // 4
