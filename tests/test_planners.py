@@ -269,8 +269,8 @@ def test_plan_prefetch_copies_only_what_lands_before_the_cpu_would_be_done():
 
 
 def test_prefetch_is_a_fiddler_overlap_option():
-    assert get_planner("fiddler_overlap").prefetch == 1
-    assert get_planner("fiddler_overlap", prefetch=0).prefetch == 0
+    assert get_planner("fiddler_overlap").prefetch == 0
+    assert get_planner("fiddler_overlap", prefetch=1).prefetch == 1
     assert get_planner("fiddler").prefetch == 0 and get_planner("cpu_only").prefetch == 0
     with pytest.raises(PlannerError, match="cannot prefetch"):
         get_planner("cpu_only", prefetch=1)

@@ -60,7 +60,10 @@ from fiddler_jax.runtime.latency import LatencyModel
 EXACT_LIMIT = 10  # exhaustive search up to this many candidate experts (2**10 assignments)
 DEFAULT_STAGING_SLOTS = 2
 DEFAULT_LRU_CACHE_SLOTS = 2
-DEFAULT_PREFETCH = 1  # fiddler_overlap: next-layer experts copied ahead per layer step (plan_prefetch)
+# fiddler_overlap: next-layer experts copied ahead per layer step (plan_prefetch). Off by default: on the H100
+# machine the copies' DMA slows the CPU kernel by 18% (they read the same DRAM), which ate the gain of the 20% of
+# CPU-lane experts it moved to the GPU (decode at 24 GiB: 4.66 tok/s with 1, 4.78 without; docs/benchmarks.md).
+DEFAULT_PREFETCH = 0
 
 
 class PlannerError(InvalidInputError):
