@@ -202,6 +202,10 @@ def test_a_landed_prefetch_runs_on_the_gpu_and_a_late_one_on_the_cpu():
     assert idle.staged.tolist() == [True] + [False] * 7
     with pytest.raises(PlannerError, match="staged_s"):
         plan_fiddler_overlap(counts, none_resident(), LAT, staged_s=np.full(8, np.nan))
+    with pytest.raises(PlannerError, match="staged_s"):
+        plan_fiddler_overlap(counts, none_resident(), LAT, staged_s=np.zeros(3))
+    with pytest.raises(PlannerError, match="staging_slots must be at least 1"):
+        plan_fiddler_overlap(counts, none_resident(), LAT, staging_slots=0)
 
 
 def test_prefetched_plans_are_optimal_and_match_a_direct_simulation():

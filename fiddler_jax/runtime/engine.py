@@ -102,7 +102,7 @@ def _layer_steps(key, router_key):
     def attention_and_router(leaves, pending, kv, start, lookahead):
         """Step 1: residual after attention, the normed MoE input [N, hidden], the routing and per-expert
         counts, and the counts the next layer's router (``lookahead``: its norm and gate leaves) would give
-        this hidden state -- the prediction that prefetching copies ahead on."""
+        this hidden state -- the prediction that prefetching copies ahead on (None without ``lookahead``)."""
         layer = _Split.merge(key, leaves)
         x = _residual(pending)
         positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
@@ -111,9 +111,11 @@ def _layer_steps(key, router_key):
         moe = layer.block_sparse_moe
         routing = route(moe.gate(moe_in), moe.top_k)
         counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
-        next_norm, next_gate = (_Split.merge(k, part) for k, part in zip(router_key, lookahead))
-        guess = route(next_gate(next_norm(h).reshape(-1, h.shape[-1])), moe.top_k)
-        predicted = jnp.bincount(guess.experts.reshape(-1), length=moe.num_experts)
+        predicted = None  # lookahead None: the engine does not prefetch, so nothing is predicted
+        if lookahead is not None:
+            next_norm, next_gate = (_Split.merge(k, part) for k, part in zip(router_key, lookahead))
+            guess = route(next_gate(next_norm(h).reshape(-1, h.shape[-1])), moe.top_k)
+            predicted = jnp.bincount(guess.experts.reshape(-1), length=moe.num_experts)
         return h, moe_in, routing, counts, predicted, kv
 
     return fused_layer, attention_and_router
@@ -150,7 +152,7 @@ def _expert_mix(moe_in, routing, expert, w1, w3, w2, *, num_experts):
 
 
 def _buffers_mix(moe_in, routing, slot_of: np.ndarray, buffers: dict):
-    """``_stack_mix`` over a dict of GPU expert buffers (staging slots or a layer's cache) with a host slot map."""
+    """``_stack_mix`` over a layer's dynamic-cache buffers (a dict of stacked weights) with a host slot map."""
     return _stack_mix(moe_in, routing, jnp.asarray(slot_of), buffers["w1"], buffers["w3"], buffers["w2"])
 
 
@@ -513,6 +515,7 @@ class Engine:
         start = jnp.int32(start)
         self._pool.clear()  # copies left by a forward pass that raised
         pending = (self._embed(self._embed_part.leaves, self._on_device(tokens)),)
+        lookahead = self._lookahead if self.planner_prefetch else [None] * len(self._layers)
         new_cache = []
         for layer, (part, (fused_layer, attention_and_router), kv) in enumerate(zip(self._layers, self._steps,
                                                                                      cache)):
@@ -521,7 +524,7 @@ class Engine:
                 pending = (x,)
             else:
                 h, moe_in, routing, counts, predicted, kv = attention_and_router(part.leaves, pending, kv, start,
-                                                                                 self._lookahead[layer])
+                                                                                 lookahead[layer])
                 pending = (h,) + self._hybrid_moe(layer, moe_in, routing, counts, predicted)  # added next step
             new_cache.append(kv)
         head_leaves = None if self._head_part is None else self._head_part.leaves

@@ -156,11 +156,10 @@ def _step(counts, on_gpu, latency: LatencyModel, staged_s=None) -> _Step:
     if counts.size and counts.min() < 0:
         raise PlannerError(f"token counts must be non-negative; got {counts.tolist()}")
     counts = counts.astype(np.int32)
-    if staged_s is None:
-        staged_s = np.full(counts.shape, np.inf)
-    staged_s = np.where(on_gpu, np.inf, np.maximum(np.asarray(staged_s, np.float64), 0.0))
+    staged_s = np.full(counts.shape, np.inf) if staged_s is None else np.asarray(staged_s, np.float64)
     if staged_s.shape != counts.shape or np.isnan(staged_s).any():
         raise PlannerError(f"staged_s must be seconds [E] (inf: not staged); got {staged_s.tolist()}")
+    staged_s = np.where(on_gpu, np.inf, np.maximum(staged_s, 0.0))
     active = counts > 0
     gpu_s = np.where(active, latency.gpu(counts), 0.0)
     ids = np.flatnonzero(active & ~on_gpu & ~np.isfinite(staged_s))
@@ -275,7 +274,9 @@ def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots
     """The assignment with the smallest concurrent makespan (see the module docstring); ``staged_s``: landing
     times of prefetched copies (module docstring)."""
     step = _step(counts, on_gpu, latency, staged_s)
-    cap = _check_slots(staging_slots, max_transfers) if step.free_slots(staging_slots) else 0
+    cap = _check_slots(staging_slots, max_transfers)
+    if not step.free_slots(staging_slots):  # the staged copies hold every slot
+        cap = 0
     if not 0 <= int(exact_limit) <= 16:
         raise PlannerError(f"exact_limit must be in 0..16 (2**exact_limit assignments are searched); got {exact_limit}")
     ids = step.candidates
