@@ -334,3 +334,29 @@ def test_prefetched_copies_equal_the_all_resident_model_and_stay_within_the_slot
     before = [f._cache_size() for f in jitted]
     engine.generate(prompt, 24, eos_token_id=[])
     assert [f._cache_size() for f in jitted] == before
+
+
+def test_staging_pool_holds_at_most_its_slots_and_knows_when_copies_landed(checkpoint):
+    """A copy takes a slot until released; a copy beyond the slots is refused; a landed copy has 0 s left and
+    holds the expert's bytes; experts without a copy are inf."""
+    import jax
+
+    from fiddler_jax.errors import FiddlerError
+    from fiddler_jax.runtime.staging import StagingPool
+
+    path, _ = checkpoint
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=1,
+                                      dtype="float32", progress=False)
+    layer, (e1, e2) = 0, np.flatnonzero(engine.host.held[0])[:2]
+    pool = StagingPool(engine.host, jax.devices()[0], 1, transfer_s=5.0)
+    pool.copy(layer, int(e1), ahead=True)
+    assert pool.free() == 0 and pool.staged(layer, 4).tolist() == [e == e1 for e in range(4)]
+    with pytest.raises(FiddlerError, match="no free staging slot"):
+        pool.copy(layer, int(e2))
+    pool.wait(layer)
+    left = pool.left_s(layer, 4)
+    assert left[e1] == 0.0 and np.isinf(np.delete(left, e1)).all() and pool.backlog_s() == 0.0
+    for w, a in pool.arrays(layer, int(e1)).items():
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(engine.host.arrays(layer, int(e1))[w]))
+    pool.release(layer)
+    assert pool.free() == 1 and len(pool) == 0
