@@ -39,6 +39,7 @@ def _restore():
     yield
     K.set_kernel_path("auto")
     K.set_num_threads(0)
+    K.set_pool(spin_us=200, wait_all=False)
 
 
 @pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)
@@ -180,6 +181,40 @@ def test_thread_count_does_not_change_results(path):
     for y, g in results[1:]:
         assert np.array_equal(y, results[0][0])
         assert np.array_equal(g, results[0][1])
+
+
+def test_pool_with_sleeping_and_oversubscribed_workers_gives_the_same_bits():
+    """Slots are claimed by whoever is awake: with 8 threads on this machine's few cores and no spin (workers
+    sleep between calls and wake late), every call still runs every slot once -- the bits equal the 1-thread
+    result, call after call, from the main thread and from another Python thread, under both pool contracts."""
+    import threading
+
+    rng = np.random.default_rng(4)
+    T, E, hidden, ffn = 19, 4, 64, 200
+    xg = rand_bf16(rng, (T, hidden))
+    sw1, sw3, sw2 = _stacked(rng, E, hidden, ffn)
+    tok, exp, wts = _routing(rng, T, E)
+    K.set_num_threads(1)
+    want = K.grouped_expert_ffn_numpy(xg, tok, exp, wts, sw1, sw3, sw2, np.zeros((T, hidden), np.float32))
+    K.set_num_threads(8)
+    for wait_all in (False, True):
+        K.set_pool(spin_us=0, wait_all=wait_all)
+        got = []
+
+        def calls(n=25):
+            for _ in range(n):
+                got.append(K.grouped_expert_ffn_numpy(xg, tok, exp, wts, sw1, sw3, sw2,
+                                                      np.full((T, hidden), np.nan, np.float32)))
+
+        calls()
+        worker = threading.Thread(target=calls)
+        worker.start()
+        worker.join()
+        assert len(got) == 50
+        for g in got:
+            assert np.array_equal(g, want)
+    with pytest.raises(ValueError, match="spin_us"):
+        K.set_pool(spin_us=-1)
 
 
 def test_empty_and_degenerate_shapes():

@@ -56,6 +56,7 @@ void fj_set_amx_min_tokens(int64_t n) { fiddler::SetAmxMinTokens(n); }
 int64_t fj_get_amx_min_tokens(void) { return fiddler::GetAmxMinTokens(); }
 void fj_set_num_threads(int n, int pin) { fiddler::SetNumThreads(n, pin != 0); }
 int fj_get_num_threads(void) { return fiddler::GetNumThreads(); }
+void fj_set_pool(int spin_us, int wait_all) { fiddler::SetPool(spin_us, wait_all); }
 void fj_set_prefetch_bytes(int bytes) { fiddler::SetPrefetchBytes(bytes); }
 void fj_set_amx_group_kib(int kib) { fiddler::SetAmxGroupKib(kib); }
 void fj_set_amx_variant(int variant) { fiddler::SetAmxVariant(variant); }

@@ -77,6 +77,7 @@ struct Runtime {
   int want_threads = 0;  // <= 0: physical cores
   bool pin = false;
   int spin_us = 200;
+  bool wait_all = false;  // the pool's old contract (every worker joins every phase): for comparison only
   int chunks_per_thread = 4;  // work claimed dynamically in this many chunks per thread (robust to a busy core)
   Path forced = Path::kAuto;
   int64_t amx_min_n = 8;  // measured on the device's Xeon: AMX beats AVX512_BF16 from n = 8
@@ -86,6 +87,7 @@ struct Runtime {
     want_threads = EnvInt("FIDDLER_KERNEL_THREADS", 0);
     pin = EnvInt("FIDDLER_KERNEL_PIN", 0) != 0;
     spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 200);
+    wait_all = EnvInt("FIDDLER_KERNEL_POOL_WAIT_ALL", 0) != 0;
     chunks_per_thread = EnvInt("FIDDLER_KERNEL_CHUNKS", 4);
     if (chunks_per_thread < 1) chunks_per_thread = 1;
     amx_min_n = EnvInt("FIDDLER_AMX_MIN_N", 8);
@@ -117,7 +119,7 @@ struct Runtime {
         int got = PhysicalCoreCpuIds(cpus.data(), static_cast<int>(cpus.size()));
         cpus.resize(got > 0 ? got : 0);
       }
-      pool.reset(new ThreadPool(n, cpus, spin_us));
+      pool.reset(new ThreadPool(n, cpus, spin_us, wait_all));
     }
     return *pool;
   }
@@ -437,6 +439,14 @@ void SetNumThreads(int n, bool pin) {
   std::lock_guard<std::mutex> lock(rt.mu);
   rt.want_threads = n;
   rt.pin = pin;
+  rt.pool.reset();
+}
+
+void SetPool(int spin_us, int wait_all) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  if (spin_us >= 0) rt.spin_us = spin_us;
+  if (wait_all >= 0) rt.wait_all = wait_all != 0;
   rt.pool.reset();
 }
 

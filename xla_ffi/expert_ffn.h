@@ -45,6 +45,9 @@ int64_t GetAmxMinTokens();
 // Thread count (<= 0: physical cores) and pinning of pool threads to one CPU per physical core.
 void SetNumThreads(int n, bool pin);
 int GetNumThreads();
+// The pool's spin before its workers sleep (microseconds) and, for comparison, its old contract (every worker
+// joins every phase). A value < 0 leaves that knob unchanged; the pool is rebuilt.
+void SetPool(int spin_us, int wait_all);
 void SetPrefetchBytes(int bytes);
 // Reads `bytes` at p with the kernel's thread pool (each thread a contiguous slice) and returns a checksum:
 // the STREAM-like read bandwidth bar the benchmark compares the kernel against.

@@ -16,25 +16,47 @@ inline int64_t NowUs() {
       .count();
 }
 
+// Spins until pred() holds, yielding the core now and then (a waiter must not starve the thread it waits for).
+template <typename Pred>
+inline void SpinUntil(Pred pred) {
+  uint32_t spins = 0;
+  while (!pred()) {
+    CpuRelax();
+    if (++spins > (1u << 16)) std::this_thread::yield();
+  }
+}
+
+inline bool IsOpen(uint64_t job) { return (job & 1) != 0; }
+
 }  // namespace
 
-ThreadPool::ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us)
-    : nthreads_(nthreads < 1 ? 1 : nthreads), spin_us_(spin_us < 0 ? 0 : spin_us) {
+ThreadPool::ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us, bool wait_all)
+    : nthreads_(nthreads < 1 ? 1 : nthreads), spin_us_(spin_us < 0 ? 0 : spin_us), wait_all_(wait_all) {
   workers_.reserve(nthreads_ - 1);
   for (int tid = 1; tid < nthreads_; ++tid) {
     int cpu = tid < static_cast<int>(cpu_ids.size()) ? cpu_ids[tid] : -1;
-    workers_.emplace_back([this, tid, cpu] { WorkerLoop(tid, cpu); });
+    workers_.emplace_back([this, cpu] { WorkerLoop(cpu); });
   }
 }
 
 ThreadPool::~ThreadPool() {
-  stop_.store(true);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1);
+    stop_.store(true);
   }
   cv_.notify_all();
   for (auto& t : workers_) t.join();
+}
+
+// Runs unclaimed slots of the open job until none is left. Called by the caller, and by a worker only after it
+// counted itself in active_ and then saw the job open (so fn_/ctx_ are the open job's and stay valid).
+void ThreadPool::ClaimSlots() {
+  Fn fn = fn_;
+  void* ctx = ctx_;
+  for (int s = next_slot_.fetch_add(1); s < nthreads_; s = next_slot_.fetch_add(1)) {
+    fn(ctx, s, nthreads_);
+    done_slots_.fetch_add(1, std::memory_order_acq_rel);
+  }
 }
 
 void ThreadPool::Run(Fn fn, void* ctx) {
@@ -42,50 +64,62 @@ void ThreadPool::Run(Fn fn, void* ctx) {
     fn(ctx, 0, 1);
     return;
   }
+  // The previous job is closed and no worker is inside it (active_ was 0), so nobody reads these now.
   fn_ = fn;
   ctx_ = ctx;
-  pending_.store(nthreads_ - 1);
-  generation_.fetch_add(1);  // seq_cst: pairs with the sleepers_ increment in WorkerLoop
+  next_slot_.store(0, std::memory_order_relaxed);
+  done_slots_.store(0, std::memory_order_relaxed);
+  joined_.store(0, std::memory_order_relaxed);
+  ++generation_;
+  job_.store(2 * generation_ + 1);  // seq_cst: publishes the job; pairs with the sleepers_ increment below
   if (sleepers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
   }
-  fn(ctx, 0, nthreads_);
-  uint32_t spins = 0;
-  while (pending_.load(std::memory_order_acquire) != 0) {
-    CpuRelax();
-    if (++spins > (1u << 16)) std::this_thread::yield();
-  }
+  ClaimSlots();
+  SpinUntil([&] { return done_slots_.load(std::memory_order_acquire) == nthreads_; });
+  if (wait_all_) SpinUntil([&] { return joined_.load(std::memory_order_acquire) == nthreads_ - 1; });
+  job_.store(2 * generation_);  // closed: a worker that checks now stays out
+  SpinUntil([&] { return active_.load() == 0; });  // and the ones that got in have left
 }
 
-void ThreadPool::WorkerLoop(int tid, int cpu_id) {
+void ThreadPool::WorkerLoop(int cpu_id) {
   if (cpu_id >= 0) {
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpu_id, &set);
     pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
   }
-  uint64_t seen = 0;
+  uint64_t seen = 0;  // the last job this worker joined (or found closed)
+  auto ready = [&] {
+    const uint64_t j = job_.load(std::memory_order_acquire);
+    return stop_.load(std::memory_order_relaxed) || (j != seen && IsOpen(j));
+  };
   for (;;) {
-    // Spin for a while, then sleep until the generation moves.
-    if (generation_.load(std::memory_order_acquire) == seen) {
-      int64_t start = NowUs();
+    // Spin for a while, then sleep until a new job opens.
+    if (!ready()) {
+      const int64_t start = NowUs();
       uint32_t i = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
+      while (!ready()) {
         CpuRelax();
         if ((++i & 255) == 0 && NowUs() - start > spin_us_) break;
       }
-      if (generation_.load(std::memory_order_acquire) == seen) {
+      if (!ready()) {
         std::unique_lock<std::mutex> lock(mu_);
-        sleepers_.fetch_add(1);  // seq_cst, before re-reading generation_ under the lock
-        cv_.wait(lock, [&] { return generation_.load() != seen; });
+        sleepers_.fetch_add(1);  // seq_cst, before re-reading job_ under the lock
+        cv_.wait(lock, ready);
         sleepers_.fetch_sub(1);
       }
     }
-    seen = generation_.load(std::memory_order_acquire);
     if (stop_.load()) return;
-    fn_(ctx_, tid, nthreads_);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    active_.fetch_add(1);  // seq_cst: either Run's close comes later and waits for us, or we see it closed
+    const uint64_t j = job_.load();
+    if (IsOpen(j)) {
+      if (wait_all_) joined_.fetch_add(1, std::memory_order_acq_rel);
+      ClaimSlots();
+    }
+    active_.fetch_sub(1);
+    seen = j;
   }
 }
 

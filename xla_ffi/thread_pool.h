@@ -1,6 +1,12 @@
-// A persistent fork-join thread pool: Run(fn, ctx) calls fn(ctx, tid, n) for tid in [0, n) -- the caller runs
-// tid 0 -- and returns once all have finished. Workers spin briefly after each job (back-to-back phases of one
-// call see no wake-up latency), then sleep on a condition variable. No allocation per Run.
+// A persistent fork-join thread pool: Run(fn, ctx) calls fn(ctx, slot, n) once for every slot in [0, n) and
+// returns when all have finished. The slots are claimed from a counter by whoever is there -- the caller and
+// the workers that are awake -- so a worker that is asleep, or whose core is busy with another process's
+// thread (the engine's Python and XLA threads share the cores), delays nothing: the others run its slots. A
+// worker that wakes late joins the job still open, or none. Workers spin briefly after each job (back-to-back
+// phases of one call see no wake-up latency), then sleep on a condition variable. No allocation per Run.
+//
+// `wait_all` restores the old contract for comparison: Run also waits until every worker has joined the job
+// (so one descheduled worker delays every phase by its wake-up).
 #pragma once
 
 #include <atomic>
@@ -14,10 +20,11 @@ namespace fiddler {
 
 class ThreadPool {
  public:
-  using Fn = void (*)(void* ctx, int tid, int nthreads);
+  using Fn = void (*)(void* ctx, int slot, int nslots);
 
-  // nthreads >= 1 (the caller counts as one). pin: bind worker i to cpu_ids[i] when cpu_ids has that many.
-  ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us);
+  // nthreads >= 1 (the caller counts as one); n slots per Run. pin: bind worker i to cpu_ids[i] when cpu_ids has
+  // that many.
+  ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us, bool wait_all = false);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -27,15 +34,21 @@ class ThreadPool {
   void Run(Fn fn, void* ctx);
 
  private:
-  void WorkerLoop(int tid, int cpu_id);
+  void WorkerLoop(int cpu_id);
+  void ClaimSlots();
 
   const int nthreads_;
   const int spin_us_;
+  const bool wait_all_;
   std::vector<std::thread> workers_;
   Fn fn_ = nullptr;
   void* ctx_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  uint64_t generation_ = 0;          // caller-only: jobs run so far
+  std::atomic<uint64_t> job_{0};     // 2 * generation + 1 while that job is open, 2 * generation once closed
+  std::atomic<int> next_slot_{0};    // the next unclaimed slot of the open job
+  std::atomic<int> done_slots_{0};   // slots of the open job that have finished
+  std::atomic<int> active_{0};       // workers between their entry check and their exit
+  std::atomic<int> joined_{0};       // workers that joined the open job (wait_all only)
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   std::mutex mu_;

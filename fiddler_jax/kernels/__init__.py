@@ -18,6 +18,7 @@ from fiddler_jax.kernels._lib import (
     set_amx_min_tokens,
     set_kernel_path,
     set_num_threads,
+    set_pool,
     set_tuning,
 )
 from fiddler_jax.kernels._ops import expert_ffn, grouped_expert_ffn
@@ -37,5 +38,6 @@ __all__ = [
     "set_amx_min_tokens",
     "set_kernel_path",
     "set_num_threads",
+    "set_pool",
     "set_tuning",
 ]

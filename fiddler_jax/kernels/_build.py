@@ -36,6 +36,7 @@ void fj_set_amx_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
 void fj_set_num_threads(int n, int pin);
 int fj_get_num_threads(void);
+void fj_set_pool(int spin_us, int wait_all);
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);

@@ -82,6 +82,15 @@ def get_num_threads() -> int:
     return int(_lib.fj_get_num_threads())
 
 
+def set_pool(spin_us: int | None = None, wait_all: bool | None = None) -> None:
+    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 200 µs) and, for
+    comparison only, its old contract where every worker must join every phase (FIDDLER_KERNEL_POOL_WAIT_ALL=1;
+    by default whoever is awake runs the phase's slots). None leaves a knob as it is; the pool is rebuilt."""
+    if spin_us is not None and spin_us < 0:
+        raise ValueError(f"spin_us must be >= 0, got {spin_us}")
+    _lib.fj_set_pool(-1 if spin_us is None else int(spin_us), -1 if wait_all is None else int(bool(wait_all)))
+
+
 def set_amx_min_tokens(n: int) -> None:
     """Token count from which the automatic choice uses AMX (FIDDLER_AMX_MIN_N)."""
     _lib.fj_set_amx_min_tokens(int(n))
