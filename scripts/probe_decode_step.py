@@ -8,11 +8,14 @@ layer: about 1.5 offloaded experts per layer step, as at 24 GiB), then in one pr
 1. decodes with host timers around each part of the step -- the attention segment's dispatch, the routing sync
    (``jax.device_get``), the planner, the GPU mix's dispatch, the CPU lane, the rest of ``_hybrid_moe``, and
    what is left per step outside it (embedding, head, sampling, the loop) -- for variants of the kernel's thread
-   pool, in interleaved rounds: ``claim`` (the default: whoever is awake runs a phase's slots), ``wait_all``
-   (the old contract: every worker joins every phase), ``claim, spin 1 ms`` (workers stay awake between
-   layer steps), ``claim, 15 threads`` (a core left to Python and XLA);
+   pool and of the CPU lane, in interleaved rounds: ``inline`` (the default: the main thread queues the GPU
+   calls, then runs the kernel; the pool's slots are claimed by whoever is awake), ``thread`` (the kernel
+   starts on the lane's worker thread before the GPU calls are queued), ``wait_all`` (the pool's old contract:
+   every worker joins every phase), ``spin 1 ms`` (workers stay awake between layer steps), ``15 threads`` (a
+   core left to Python and XLA); it checks that every variant generates the same tokens;
 2. times the routing sync's transfer alone: ``device_get`` of the step's five small arrays against one packed
    array of the same bytes;
+   (the step's sync is now one packed transfer, ``runtime/routing_sync.py``);
 3. times the kernel alone on the engine's pinned experts (1 and 2 experts, one token): back to back, and after
    1 ms idle (the pool's workers asleep), per pool variant.
 
@@ -54,28 +57,78 @@ def timed(name, fn):
     return wrapper
 
 
+LAST: dict[str, tuple] = {}  # the last arguments of the attention segment and of the GPU mix
+
+
+def capture(name, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        LAST[name] = args
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def instrument(engine) -> None:
     """Host timers around the step's parts (the probe's own process only)."""
-    jax.device_get = timed("sync (device_get)", jax.device_get)
-    E._stack_mix = timed("gpu mix dispatch", E._stack_mix)
+    E._stack_mix = timed("gpu mix dispatch", capture("mix", E._stack_mix))
     E.Engine._plan = timed("planner", E.Engine._plan)
     E.Engine._run_cpu_lane = timed("cpu lane", E.Engine._run_cpu_lane)
     E.Engine._hybrid_moe = timed("_hybrid_moe", E.Engine._hybrid_moe)
-    engine._steps = [(fused, timed("attention dispatch", attn)) for fused, attn in engine._steps]
+    engine._steps = [(fused, timed("attention dispatch", capture("attention", attn))) for fused, attn in engine._steps]
+
+
+def dispatch_micro(engine, repeat=50) -> dict:
+    """The attention segment and the GPU mix called alone with the last decode step's arguments: host time of
+    the call (dispatch) and to the result on the host, with the CPU lane's output as numpy (as the engine passes
+    it) and already on the device."""
+    leaves, pending, _, start, lookahead = LAST["attention"]
+    attn = engine._steps[0][1].__wrapped__.__wrapped__
+    kv = engine.model.init_cache(1, 256)[0]
+    res = {}
+    variants = {"attention, cpu_out numpy": pending}
+    if len(pending) == 3:
+        variants["attention, cpu_out on device"] = pending[:2] + (jax.device_put(pending[2], jax.devices()[0]),)
+    for name, pend in variants.items():
+        disp, total = [], []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = attn(leaves, pend, kv, start, lookahead)
+            t1 = time.perf_counter()
+            jax.block_until_ready(out)
+            disp.append(t1 - t)
+            total.append(time.perf_counter() - t)
+            kv = out[-1]
+        res[name] = {"dispatch_ms": float(np.median(disp) * 1e3), "done_ms": float(np.median(total) * 1e3)}
+    mix = E._stack_mix.__wrapped__.__wrapped__
+    disp, total = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = mix(*LAST["mix"])
+        t1 = time.perf_counter()
+        out.block_until_ready()
+        disp.append(t1 - t)
+        total.append(time.perf_counter() - t)
+    res["gpu mix"] = {"dispatch_ms": float(np.median(disp) * 1e3), "done_ms": float(np.median(total) * 1e3)}
+    return res
 
 
 POOLS = {
-    "claim": dict(threads=0, spin_us=200, wait_all=False),
-    "wait_all": dict(threads=0, spin_us=200, wait_all=True),
-    "claim, spin 1 ms": dict(threads=0, spin_us=1000, wait_all=False),
-    "claim, 15 threads": dict(threads=15, spin_us=200, wait_all=False),
+    "inline": dict(threads=0, spin_us=200, wait_all=False, thread=False),
+    "thread": dict(threads=0, spin_us=200, wait_all=False, thread=True),
+    "inline, wait_all": dict(threads=0, spin_us=200, wait_all=True, thread=False),
+    "inline, spin 1 ms": dict(threads=0, spin_us=1000, wait_all=False, thread=False),
+    "inline, 15 threads": dict(threads=15, spin_us=200, wait_all=False, thread=False),
 }
 
 
-def use_pool(name: str) -> None:
+def use_pool(name: str, engine=None) -> None:
+    """A variant: the kernel pool's threads, spin and contract, and whether the CPU lane runs inline on the main
+    thread (after the GPU calls are queued) or on its worker thread (before)."""
     p = POOLS[name]
     K.set_num_threads(p["threads"])
     K.set_pool(spin_us=p["spin_us"], wait_all=p["wait_all"])
+    if engine is not None:
+        engine.cpu_lane_thread = p["thread"]
 
 
 def decode(engine, prompt, tokens) -> dict:
@@ -83,15 +136,17 @@ def decode(engine, prompt, tokens) -> dict:
     CALLS.clear()
     engine.trace.clear()
     t = time.perf_counter()
-    _, stats = engine.generate_with_stats(prompt, tokens)
+    ids, stats = engine.generate_with_stats(prompt, tokens)
     wall = time.perf_counter() - t
     steps = CALLS["_hybrid_moe"]
     per_step = {k: v / steps * 1e3 for k, v in TIMES.items()}
-    inner = sum(per_step.get(k, 0.0) for k in ("sync (device_get)", "planner", "gpu mix dispatch", "cpu lane"))
+    # the trace's plan span is the routing sync (waiting for the attention segment, one transfer) + the planner
+    per_step["sync"] = sum(r.busy_s("plan") for r in engine.trace.steps) / steps * 1e3 - per_step["planner"]
+    inner = sum(per_step.get(k, 0.0) for k in ("sync", "planner", "gpu mix dispatch", "cpu lane"))
     per_step["rest of _hybrid_moe"] = per_step["_hybrid_moe"] - inner
     per_step["outside the step"] = wall / steps * 1e3 - per_step["_hybrid_moe"] - per_step["attention dispatch"]
     cpu_experts = engine.trace.summary()["experts_per_lane"]["cpu"]
-    return {"decode_tokens_per_s": stats.decode_tokens_per_s, "wall_s": wall, "steps": steps,
+    return {"ids": np.asarray(ids).tolist(), "decode_tokens_per_s": stats.decode_tokens_per_s, "wall_s": wall, "steps": steps,
             "ms_per_step": wall / steps * 1e3, "cpu_experts_per_step": cpu_experts / steps, "per_step_ms": per_step}
 
 
@@ -149,6 +204,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--planner", default="fiddler_overlap")
     ap.add_argument("--latency", default="fiddler_jax/runtime/latency_h100.json")
+    ap.add_argument("--pools", default=",".join(POOLS))
+    ap.add_argument("--profile", action="store_true", help="cProfile one decode with the default pool")
     ap.add_argument("--hidden", type=int, default=4096)  # smaller: a quick run on the CPU
     ap.add_argument("--ffn", type=int, default=14336)
     args = ap.parse_args()
@@ -163,35 +220,52 @@ def main() -> None:
     print(f"engine built in {time.perf_counter() - t:.0f} s: {engine.placement.memory}", flush=True)
     instrument(engine)
     prompt = np.arange(1, 17, dtype=np.int32)[None]
-    use_pool("claim")
+    use_pool("inline", engine)
     decode(engine, prompt, 8)  # compile
     rounds = collections.defaultdict(list)
+    pools = args.pools.split(",")
     for r in range(args.rounds):
-        for name in POOLS:
-            use_pool(name)
+        for name in pools:
+            use_pool(name, engine)
             decode(engine, prompt, 4)  # the pool warms up
             rounds[name].append(decode(engine, prompt, args.tokens))
             print(r, name, f"{rounds[name][-1]['decode_tokens_per_s']:.2f} tok/s", flush=True)
     kernel = {}
-    for name in POOLS:
+    for name in pools:
         use_pool(name)
         kernel[name] = kernel_alone(engine)
-    use_pool("claim")
+    use_pool("inline", engine)
+    same = len({json.dumps(r["ids"]) for runs in rounds.values() for r in runs}) == 1
+    print("every variant generated the same tokens:", same, flush=True)
     sync = sync_transfer(engine)
-    result = {"args": vars(args), "device": str(jax.devices()[0]), "jax": jax.__version__,
+    micro = dispatch_micro(engine)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        decode(engine, prompt, args.tokens)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    result = {"same_tokens": same, "calls_alone_ms": micro, "args": vars(args), "device": str(jax.devices()[0]), "jax": jax.__version__,
               "git_sha": os.environ.get("FIDDLER_GIT_SHA", "unknown"), "decode": rounds, "kernel_ms": kernel,
               "sync_transfer_ms": sync}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "probe_decode_step.json"), "w") as f:
             json.dump(result, f, indent=1)
 
+    print("\ncalls alone with the last decode step's arguments (ms, median):")
+    for k, v in micro.items():
+        print(f"  {k:32s} dispatch {v['dispatch_ms']:.3f}  to done {v['done_ms']:.3f}")
     print(f"\nrouting sync transfer alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in sync.items()))
     print("\nkernel alone on pinned experts, one token (ms, median):")
     keys = list(next(iter(kernel.values())))
     print(f"{'pool':20s}" + "".join(f"{k:>34s}" for k in keys))
     for name, row in kernel.items():
         print(f"{name:20s}" + "".join(f"{row[k]:34.3f}" for k in keys))
-    parts = list(next(iter(rounds.values()))[0]["per_step_ms"])
+    parts = ["attention dispatch", "sync", "planner", "gpu mix dispatch", "cpu lane", "rest of _hybrid_moe",
+             "outside the step"]
     print(f"\ndecode, {args.layers} layers, {args.resident} resident, {args.tokens} tokens; per layer step (ms), "
           f"median of {args.rounds} rounds:")
     print(f"{'pool':20s}{'tok/s':>8s}{'ms/step':>9s}{'cpu exp':>8s}" + "".join(f"{p[:18]:>20s}" for p in parts))

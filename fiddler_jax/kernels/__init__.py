@@ -7,6 +7,7 @@ Force one with ``set_kernel_path`` or FIDDLER_KERNEL_PATH=avx512_bf16|amx|avx2|g
 """
 from fiddler_jax.kernels._lib import (
     PATHS,
+    ExpertTables,
     KernelError,
     cpu_features,
     expert_ffn_numpy,
@@ -25,6 +26,7 @@ from fiddler_jax.kernels._ops import expert_ffn, grouped_expert_ffn
 
 __all__ = [
     "PATHS",
+    "ExpertTables",
     "KernelError",
     "cpu_features",
     "expert_ffn",

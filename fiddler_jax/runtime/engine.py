@@ -7,7 +7,8 @@ each forward step:
   1. a jitted segment runs attention, the post-attention norm and the router, and counts the tokens sent to
      each expert -- and the tokens the next layer's router would send to each of its experts from this hidden
      state (the prediction prefetching acts on);
-  2. the counts and the routing come to the host (the one sync of the step) and the planner (pure Python,
+  2. the counts and the routing come to the host (the one sync of the step: one transfer, packed by
+     :mod:`routing_sync`) and the planner (pure Python,
      outside jit) gives each active expert a lane: GPU (resident, cached, or prefetched during the previous
      step), CPU or TRANSFER;
   3. the lanes run. CPU: a worker thread fetches the activations and runs the C++ kernel (bfloat16; float32
@@ -46,6 +47,7 @@ from fiddler_jax.models.checkpoint import load_split, resolve_dtype
 from fiddler_jax.models.config import MixtralConfig
 from fiddler_jax.models.moe import Routing, route, sparse_expert_mix
 from fiddler_jax.runtime import planners as P
+from fiddler_jax.runtime import routing_sync
 from fiddler_jax.runtime.generate import (
     GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop,
 )
@@ -100,9 +102,10 @@ def _layer_steps(key, router_key):
 
     @functools.partial(jax.jit, donate_argnums=2)
     def attention_and_router(leaves, pending, kv, start, lookahead):
-        """Step 1: residual after attention, the normed MoE input [N, hidden], the routing and per-expert
-        counts, and the counts the next layer's router (``lookahead``: its norm and gate leaves) would give
-        this hidden state -- the prediction that prefetching copies ahead on (None without ``lookahead``)."""
+        """Step 1: residual after attention, the normed MoE input [N, hidden], the routing, and the step's sync
+        vector (:mod:`routing_sync`: per-expert counts, the routing, the counts the next layer's router --
+        ``lookahead``: its norm and gate leaves, None when the engine does not prefetch -- would give this hidden
+        state, and for small steps the MoE input)."""
         layer = _Split.merge(key, leaves)
         x = _residual(pending)
         positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
@@ -111,12 +114,12 @@ def _layer_steps(key, router_key):
         moe = layer.block_sparse_moe
         routing = route(moe.gate(moe_in), moe.top_k)
         counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
-        predicted = None  # lookahead None: the engine does not prefetch, so nothing is predicted
+        predicted = None
         if lookahead is not None:
             next_norm, next_gate = (_Split.merge(k, part) for k, part in zip(router_key, lookahead))
             guess = route(next_gate(next_norm(h).reshape(-1, h.shape[-1])), moe.top_k)
             predicted = jnp.bincount(guess.experts.reshape(-1), length=moe.num_experts)
-        return h, moe_in, routing, counts, predicted, kv
+        return h, moe_in, routing, routing_sync.pack(counts, routing.experts, routing.weights, predicted, moe_in), kv
 
     return fused_layer, attention_and_router
 
@@ -129,9 +132,14 @@ def _model_ends(embed_key, norm_key, head_key):
     def embed(leaves, tokens):
         return _Split.merge(embed_key, leaves)(tokens)
 
-    @jax.jit
-    def head(embed_leaves, norm_leaves, head_leaves, pending):
-        x = _Split.merge(norm_key, norm_leaves)(_residual(pending))
+    @functools.partial(jax.jit, static_argnames="last_only")
+    def head(embed_leaves, norm_leaves, head_leaves, pending, last_only=False):
+        """Logits [B, T, V] float32, or [B, V] of the last position only (``last_only``: generation's steps, which
+        then neither compute nor hold the prompt's other logits)."""
+        x = _residual(pending)
+        if last_only:
+            x = x[:, -1]
+        x = _Split.merge(norm_key, norm_leaves)(x)
         if head_key is None:
             return _Split.merge(embed_key, embed_leaves).attend(x)
         return _Split.merge(head_key, head_leaves)(x, out_dtype=jnp.float32)
@@ -181,16 +189,17 @@ def _bind_planner(planner: str, planner_params: dict | None, staging_slots: int,
 
 
 def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, weight: np.ndarray,
-                   tables: tuple[list, list, list]) -> np.ndarray:
+                   tables: tuple[list, list, list], prepared=None) -> np.ndarray:
     """The CPU lane: float32 [N, hidden] = Σ weight · FFN_expert(moe_in[token]) over the given assignments, with
     ``tables`` = (w1s, w3s, w2s) per-expert host arrays (None where an expert is not on the host). bfloat16
     weights run through the C++ kernel (all experts of the call at once, over all cores, reading the weights
-    where they are); float32 weights (parity runs) through numpy in float32."""
+    where they are; ``prepared``: the same tables as ``kernels.ExpertTables`` made once, which skips the per-call
+    checks); float32 weights (parity runs) through numpy in float32."""
     out = np.zeros(moe_in.shape, np.float32)
     if len(token) == 0:
         return out
     w1s, w3s, w2s = tables
-    if w1s[int(expert[0])].dtype == np.float32:
+    if prepared is None and w1s[int(expert[0])].dtype == np.float32:
         for e in np.unique(expert):
             rows = expert == e
             x = moe_in[token[rows]]
@@ -200,12 +209,13 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
         return out
     from fiddler_jax.kernels import grouped_expert_ffn_numpy
 
+    if prepared is not None:
+        w1s, w3s, w2s = prepared, None, None
     return grouped_expert_ffn_numpy(np.ascontiguousarray(moe_in), token.astype(np.int32), expert.astype(np.int32),
                                     weight.astype(np.float32), w1s, w3s, w2s, out=out)
 
 
 CPU_BACKENDS = ("kernel", "xla")
-SMALL_STEP_BYTES = 1 << 20  # a layer step's activations up to this size come to the host with its routing
 PLAN_MEMO_TOKENS = 64  # plans of steps with at most this many routed tokens are remembered (Engine._plan)
 PLAN_MEMO_SIZE = 1 << 14
 
@@ -278,6 +288,7 @@ class Engine:
                        for _ in range(cfg.num_hidden_layers)] if cache_slots else []
         self._cpu_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-cpu-lane")
         self.cpu_backend = cpu_backend
+        self.cpu_lane_thread = os.environ.get("FIDDLER_CPU_LANE", "inline") == "thread"
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -369,20 +380,21 @@ class Engine:
         return getattr(self.planner, "prefetch", 0)
 
     # -- the step loop ---------------------------------------------------------------------------------------
-    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, counts, predicted) -> tuple[jax.Array, np.ndarray]:
+    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, sync, predicts: bool) -> tuple[jax.Array, np.ndarray]:
         """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes, and start
-        copying the next layer's predicted experts when this step leaves the PCIe lane idle. Returns the GPU
-        lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
+        copying the next layer's predicted experts when this step leaves the PCIe lane idle. ``sync``: the step's
+        packed routing (:mod:`routing_sync`; with the next layer's predicted counts when ``predicts``). Returns the
+        GPU lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
         argument, which moves it in the jit's own C++ path)."""
         clock = self.trace.now
         t_plan = clock()
-        # The step's one sync: the routing and the next layer's predicted counts, and for small steps (decode,
+        # The step's one sync, one transfer: the routing, the predicted counts, and for small steps (decode,
         # beams) the activations too, which the CPU lane then need not fetch on its own.
-        small = moe_in.size * moe_in.dtype.itemsize <= SMALL_STEP_BYTES
-        fetched = jax.device_get((counts, routing.experts, routing.weights, predicted)
-                                 + ((moe_in,) if small else ()))
-        counts, experts, weights, predicted = fetched[:4]
-        host_in = fetched[4] if small else moe_in
+        step = routing_sync.unpack(np.asarray(sync), num_experts=self.config.num_local_experts,
+                                   top_k=self.config.num_experts_per_tok, moe_in_shape=moe_in.shape,
+                                   moe_in_dtype=moe_in.dtype, predicted=predicts)
+        counts, experts, weights, predicted = step.counts, step.experts, step.weights, step.predicted
+        host_in = moe_in if step.moe_in is None else step.moe_in
         cache_before = self._cache_state(layer)
         E = len(counts)
         staged = self._pool.staged(layer, E)
@@ -397,8 +409,10 @@ class Engine:
                                     weights[token, slot])
             # A concurrent plan with copies hands the CPU lane to its worker thread, so the main thread can time
             # the copies; without copies every GPU call below is queued without waiting, so the main thread
-            # runs the CPU lane itself after queuing them (no thread hand-off on the decode path).
-            if plan.concurrent and (len(plan.transfer_order) or self.cache_slots):
+            # runs the CPU lane itself after queuing them (no thread hand-off on the decode path) -- unless
+            # ``cpu_lane_thread`` (FIDDLER_CPU_LANE=thread): then the kernel starts before the GPU calls are
+            # queued, at the cost of two thread hand-offs.
+            if plan.concurrent and (len(plan.transfer_order) or self.cache_slots or self.cpu_lane_thread):
                 cpu_job = self._cpu_lane.submit(job)
         t_gpu = clock()
         gpu_out = self._zeros(moe_in.shape)
@@ -480,8 +494,11 @@ class Engine:
         step's sync brought them), the kernel over the pinned expert views. Returns the float32 output and the
         lane's (start, end)."""
         start = self.trace.now()
-        mix = xla_expert_mix if self.cpu_backend == "xla" else cpu_expert_mix
-        out = mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
+        if self.cpu_backend == "xla":
+            out = xla_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
+        else:
+            out = cpu_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer),
+                                 self.host.kernel_tables(layer))
         return out, (start, self.trace.now())
 
     def _cache_state(self, layer: int) -> P.CacheState | None:
@@ -510,8 +527,9 @@ class Engine:
         cached = {e for _, e in into_cache}
         return gpu_out, np.asarray([e for e in plan.transfer_order.tolist() if e not in cached], np.int32)
 
-    def forward(self, tokens, cache, start: int):
-        """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.., and the updated KV cache."""
+    def forward(self, tokens, cache, start: int, *, last_only: bool = False):
+        """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.. ([B, V] of the last position with
+        ``last_only``), and the updated KV cache."""
         start = jnp.int32(start)
         self._pool.clear()  # copies left by a forward pass that raised
         pending = (self._embed(self._embed_part.leaves, self._on_device(tokens)),)
@@ -523,12 +541,13 @@ class Engine:
                 x, kv = fused_layer(part.leaves, pending, kv, start)
                 pending = (x,)
             else:
-                h, moe_in, routing, counts, predicted, kv = attention_and_router(part.leaves, pending, kv, start,
-                                                                                 lookahead[layer])
-                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, counts, predicted)  # added next step
+                h, moe_in, routing, sync, kv = attention_and_router(part.leaves, pending, kv, start, lookahead[layer])
+                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, sync, lookahead[layer] is not None)
             new_cache.append(kv)
         head_leaves = None if self._head_part is None else self._head_part.leaves
-        return self._head(self._embed_part.leaves, self._norm_part.leaves, head_leaves, pending), tuple(new_cache)
+        logits = self._head(self._embed_part.leaves, self._norm_part.leaves, head_leaves, pending,
+                            last_only=last_only)
+        return logits, tuple(new_cache)
 
     def jitted_functions(self) -> dict:
         """The step loop's jitted functions by name, each once (``f._cache_size()`` counts its compiles: tests and
@@ -615,8 +634,7 @@ class Engine:
         return int(kv_slots)
 
     def _forward_last(self, tokens, cache, start):
-        logits, cache = self.forward(tokens, cache, start)
-        return logits[:, -1], cache
+        return self.forward(tokens, cache, start, last_only=True)
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
         return self.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())

@@ -77,6 +77,7 @@ class HostExperts:
         views = {key: {w: _host_view(a[w]) for w in WEIGHTS} for key, a in arrays.items()}
         self._tables = [tuple([views[layer, e][w] if (layer, e) in views else None for e in range(num_experts)]
                               for w in WEIGHTS) for layer in range(num_layers)]
+        self._kernel_tables = {}  # layer -> kernels.ExpertTables (bfloat16 experts), made on first use
 
     @classmethod
     def pin(cls, source: Callable[[int, int], dict[str, np.ndarray]], offloaded: np.ndarray,
@@ -125,6 +126,20 @@ class HostExperts:
     def tables(self, layer: int) -> tuple[list, list, list]:
         """Per-expert numpy views of one layer, (w1s, w3s, w2s), None where the expert is not held here."""
         return self._tables[layer]
+
+    def kernel_tables(self, layer: int):
+        """The C++ kernel's checked tables of one layer's bfloat16 experts (``kernels.ExpertTables``, made once),
+        or None when the layer holds no bfloat16 experts (float32 parity runs take the numpy path)."""
+        if layer not in self._kernel_tables:
+            w1s, w3s, w2s = self._tables[layer]
+            first = next((w for w in w1s if w is not None), None)
+            prepared = None
+            if first is not None and first.dtype != np.float32:
+                from fiddler_jax.kernels import ExpertTables
+
+                prepared = ExpertTables(w1s, w3s, w2s, hidden=first.shape[1])
+            self._kernel_tables[layer] = prepared
+        return self._kernel_tables[layer]
 
 
 def _copy_into_slot(buffers: dict, slot, weights: dict, target) -> dict:
