@@ -115,9 +115,9 @@ def dispatch_micro(engine, repeat=50) -> dict:
 POOLS = {
     "inline": dict(threads=0, spin_us=200, wait_all=False, thread=False),
     "thread": dict(threads=0, spin_us=200, wait_all=False, thread=True),
-    "inline, wait_all": dict(threads=0, spin_us=200, wait_all=True, thread=False),
-    "inline, spin 1 ms": dict(threads=0, spin_us=1000, wait_all=False, thread=False),
-    "inline, 15 threads": dict(threads=15, spin_us=200, wait_all=False, thread=False),
+    "inline+wait_all": dict(threads=0, spin_us=200, wait_all=True, thread=False),
+    "inline+spin_1ms": dict(threads=0, spin_us=1000, wait_all=False, thread=False),
+    "inline+15_threads": dict(threads=15, spin_us=200, wait_all=False, thread=False),
 }
 
 
