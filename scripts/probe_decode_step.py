@@ -118,6 +118,9 @@ POOLS = {
     "inline+wait_all": dict(threads=0, spin_us=200, wait_all=True, thread=False),
     "inline+spin_1ms": dict(threads=0, spin_us=1000, wait_all=False, thread=False),
     "inline+15_threads": dict(threads=15, spin_us=200, wait_all=False, thread=False),
+    "inline+spin_50us": dict(threads=0, spin_us=50, wait_all=False, thread=False),
+    "thread+spin_50us": dict(threads=0, spin_us=50, wait_all=False, thread=True),
+    "thread+spin_0": dict(threads=0, spin_us=0, wait_all=False, thread=True),
 }
 
 
@@ -205,7 +208,7 @@ def main() -> None:
     ap.add_argument("--planner", default="fiddler_overlap")
     ap.add_argument("--latency", default="fiddler_jax/runtime/latency_h100.json")
     ap.add_argument("--pools", default=",".join(POOLS))
-    ap.add_argument("--profile", action="store_true", help="cProfile one decode with the default pool")
+    ap.add_argument("--profile", action="store_true", help="cProfile one decode with the default variant")
     ap.add_argument("--hidden", type=int, default=4096)  # smaller: a quick run on the CPU
     ap.add_argument("--ffn", type=int, default=14336)
     args = ap.parse_args()
