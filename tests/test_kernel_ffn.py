@@ -39,7 +39,7 @@ def _restore():
     yield
     K.set_kernel_path("auto")
     K.set_num_threads(0)
-    K.set_pool(spin_us=200, wait_all=False)
+    K.set_pool(spin_us=50, wait_all=False)
 
 
 @pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)

@@ -76,7 +76,7 @@ struct Runtime {
   std::unique_ptr<ThreadPool> pool;
   int want_threads = 0;  // <= 0: physical cores
   bool pin = false;
-  int spin_us = 200;
+  int spin_us = 50;  // bridges the phases of one call; longer spins steal the cores the engine's host work needs next
   bool wait_all = false;  // the pool's old contract (every worker joins every phase): for comparison only
   int chunks_per_thread = 4;  // work claimed dynamically in this many chunks per thread (robust to a busy core)
   Path forced = Path::kAuto;
@@ -86,7 +86,7 @@ struct Runtime {
   Runtime() {
     want_threads = EnvInt("FIDDLER_KERNEL_THREADS", 0);
     pin = EnvInt("FIDDLER_KERNEL_PIN", 0) != 0;
-    spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 200);
+    spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 50);
     wait_all = EnvInt("FIDDLER_KERNEL_POOL_WAIT_ALL", 0) != 0;
     chunks_per_thread = EnvInt("FIDDLER_KERNEL_CHUNKS", 4);
     if (chunks_per_thread < 1) chunks_per_thread = 1;

@@ -83,7 +83,7 @@ def get_num_threads() -> int:
 
 
 def set_pool(spin_us: int | None = None, wait_all: bool | None = None) -> None:
-    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 200 µs) and, for
+    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 50 µs) and, for
     comparison only, its old contract where every worker must join every phase (FIDDLER_KERNEL_POOL_WAIT_ALL=1;
     by default whoever is awake runs the phase's slots). None leaves a knob as it is; the pool is rebuilt."""
     if spin_us is not None and spin_us < 0:
