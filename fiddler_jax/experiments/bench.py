@@ -142,10 +142,13 @@ def release_engines() -> None:
     gc.collect()
 
 
-def set_kernel(path: str) -> None:
+def set_kernel(path: str, spin_us: int = 50) -> None:
     from fiddler_jax import kernels
 
     kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
+    if spin_us < 0:
+        raise InvalidInputError(f"kernel.spin_us must be >= 0, got {spin_us}")
+    kernels.set_pool(spin_us=spin_us)
 
 
 def run_once(engine, ids: np.ndarray, scenario, kv_slots: int | None = None) -> dict:
@@ -230,7 +233,7 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
     else:
         from fiddler_jax.runtime.generate import cache_length
 
-        set_kernel(cfg.kernel.path)
+        set_kernel(cfg.kernel.path, cfg.kernel.spin_us)
         engine, tokenizer = build_engine(cfg)
         ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
                          cfg.seed)

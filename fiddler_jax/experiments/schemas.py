@@ -49,6 +49,7 @@ class ScenarioSchema:
 @dataclass
 class KernelSchema:
     path: str = "auto"  # auto | avx512_bf16 | amx | avx2 | generic | xla
+    spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
 
 
 @dataclass
