@@ -16,6 +16,7 @@ pairs, as ``lax.bitcast_convert_type`` packs them and numpy views them back).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ def ships_activations(shape: tuple[int, ...], dtype) -> bool:
     """Whether a step's MoE input of this shape and dtype rides along with the routing (decode and beams), so the
     CPU lane need not fetch it apart: small enough, and whole int32 words per row."""
     itemsize = np.dtype(dtype).itemsize
-    n, hidden = int(np.prod(shape[:-1])), shape[-1]
+    n, hidden = math.prod(shape[:-1]), shape[-1]  # math.prod: this runs every layer step (np.prod costs 7 us)
     return n * hidden * itemsize <= SMALL_STEP_BYTES and itemsize in (2, 4) and (hidden * itemsize) % 4 == 0
 
 
