@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import os
 import time
 
-import fiddler_jax as fj  # first: raises the pinned host memory cap before JAX starts
+import fiddler_jax  # noqa: F401  (first: raises the pinned host memory cap before JAX starts)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fiddler_jax import kernels as K
+from fiddler_jax.experiments.bench import random_model_config
 from fiddler_jax.runtime import engine as E
 
 TIMES: dict[str, float] = collections.defaultdict(float)
@@ -212,11 +214,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)  # smaller: a quick run on the CPU
     ap.add_argument("--ffn", type=int, default=14336)
     args = ap.parse_args()
-    geometry = dict(model_type="mixtral", vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.ffn,
-                    num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
-                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
-                    sliding_window=None, tie_word_embeddings=False)
-    config = fj.MixtralConfig.from_hf_dict(geometry, source="probe")
+    # Mixtral-8x7B's geometry (conf/model/mixtral_8x7b_random.yaml) with fewer layers
+    config = dataclasses.replace(random_model_config(), num_hidden_layers=args.layers, hidden_size=args.hidden,
+                                 intermediate_size=args.ffn)
     t = time.perf_counter()
     engine = E.Engine.from_random(config, gpu_budget="40GiB", resident_experts=args.resident,
                                   planner=args.planner, latency=args.latency, max_context=256, progress=False)
