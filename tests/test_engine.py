@@ -71,6 +71,11 @@ def test_bfloat16_hybrid_with_the_cpu_kernel_on_the_bundled_model():
                                   fj.generate(reference, ids, 16, eos_token_id=[]))
     summary = engine.trace_summary()
     assert summary["experts_per_lane"]["cpu"] > 0 and 0 < summary["gpu_hit_rate"] < 1
+    # FIDDLER_CPU_LANE=thread: the kernel starts on the lane's thread before the GPU calls; same bits
+    engine.cpu_lane_thread = True
+    engine.trace.clear()
+    np.testing.assert_array_equal(engine.logits(ids), out)
+    assert engine.trace_summary()["experts_per_lane"]["cpu"] > 0
 
 
 def test_plans_never_recompile(checkpoint):

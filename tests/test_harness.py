@@ -114,6 +114,8 @@ def test_bad_input_messages(tmp_path):
     empty.write_text("  \n")
     with pytest.raises(InvalidInputError, match="is empty"):
         bench.prompt_text(str(empty))
+    with pytest.raises(InvalidInputError, match=r"kernel.spin_us must be >= 0, got -1"):
+        bench.set_kernel("auto", -1)
     r = cli("bench", "model=mixtral_8x7b", f"model.path={tmp_path}", *COMMON, cwd=tmp_path)
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
     r = cli("bench", "model=mixtral_8x7b", *COMMON, cwd=tmp_path)

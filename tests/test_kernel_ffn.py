@@ -217,6 +217,29 @@ def test_pool_with_sleeping_and_oversubscribed_workers_gives_the_same_bits():
         K.set_pool(spin_us=-1)
 
 
+def test_expert_tables_made_once_give_the_same_bits_and_refuse_a_mismatch():
+    """``ExpertTables`` (the engine's CPU lane makes one per layer) computes what the per-call lists compute, and
+    its misuse gets a KernelError naming the problem."""
+    rng = np.random.default_rng(5)
+    T, E, hidden, ffn = 9, 4, 64, 96
+    xg = rand_bf16(rng, (T, hidden))
+    sw1, sw3, sw2 = _stacked(rng, E, hidden, ffn)
+    tok, exp, wts = _routing(rng, T, E)
+    lists = [list(w) for w in (sw1, sw3, sw2)]
+    want = K.grouped_expert_ffn_numpy(xg, tok, exp, wts, *lists, np.zeros((T, hidden), np.float32))
+    tables = K.ExpertTables(*lists, hidden=hidden)
+    for _ in range(2):  # reusable
+        got = K.grouped_expert_ffn_numpy(xg, tok, exp, wts, tables, None, None, np.zeros((T, hidden), np.float32))
+        assert np.array_equal(got, want)
+    with pytest.raises(K.KernelError, match="made for hidden size 64"):
+        K.grouped_expert_ffn_numpy(rand_bf16(rng, (T, 32)), tok, exp, wts, tables, None, None,
+                                   np.zeros((T, 32), np.float32))
+    with pytest.raises(K.KernelError, match="entries; they must be equal"):
+        K.ExpertTables(lists[0], lists[1][:2], lists[2], hidden=hidden)
+    with pytest.raises(K.KernelError, match=r"w2\[1\] must be a numpy bfloat16 array of shape \(64, 96\)"):
+        K.ExpertTables(lists[0], lists[1], [lists[2][0], lists[2][1].T.copy()] + lists[2][2:], hidden=hidden)
+
+
 def test_empty_and_degenerate_shapes():
     rng = np.random.default_rng(1)
     x, w1, w3, w2 = expert_inputs(rng, 0, 16, 8)
