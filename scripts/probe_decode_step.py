@@ -8,8 +8,10 @@ layer: about 1.5 offloaded experts per layer step, as at 24 GiB), then in one pr
 1. decodes with host timers around each part of the step -- the attention segment's dispatch, the routing sync
    (``jax.device_get``), the planner, the GPU mix's dispatch, the CPU lane, the rest of ``_hybrid_moe``, and
    what is left per step outside it (embedding, head, sampling, the loop) -- for variants of the kernel's thread
-   pool and of the CPU lane, in interleaved rounds: ``inline`` (the default: the main thread queues the GPU
-   calls, then runs the kernel; the pool's slots are claimed by whoever is awake), ``thread`` (the kernel
+   pool and of the CPU lane, in interleaved rounds: ``default`` (the engine's defaults: the resident experts'
+   mix queued before the routing sync, the main thread then runs the kernel; pool spin 50 us), ``late_mix``
+   (the mix queued after the plan, the order before session 7), ``inline`` (as before session 6: spin 200 us;
+   the pool's slots are claimed by whoever is awake), ``thread`` (the kernel
    starts on the lane's worker thread before the GPU calls are queued), ``wait_all`` (the pool's old contract:
    every worker joins every phase), ``spin 1 ms`` (workers stay awake between layer steps), ``15 threads`` (a
    core left to Python and XLA); it checks that every variant generates the same tokens;
@@ -115,6 +117,9 @@ def dispatch_micro(engine, repeat=50) -> dict:
 
 
 POOLS = {
+    # the engine's defaults since session 7: pool spin 50 us, CPU lane inline, resident mix queued before the sync
+    "default": dict(threads=0, spin_us=50, wait_all=False, thread=False),
+    "late_mix": dict(threads=0, spin_us=50, wait_all=False, thread=False, late_mix=True),  # the order before
     "inline": dict(threads=0, spin_us=200, wait_all=False, thread=False),
     "thread": dict(threads=0, spin_us=200, wait_all=False, thread=True),
     "inline+wait_all": dict(threads=0, spin_us=200, wait_all=True, thread=False),
@@ -134,6 +139,7 @@ def use_pool(name: str, engine=None) -> None:
     K.set_pool(spin_us=p["spin_us"], wait_all=p["wait_all"])
     if engine is not None:
         engine.cpu_lane_thread = p["thread"]
+        engine.early_resident_mix = not p.get("late_mix", False)
 
 
 def decode(engine, prompt, tokens) -> dict:
@@ -147,9 +153,13 @@ def decode(engine, prompt, tokens) -> dict:
     per_step = {k: v / steps * 1e3 for k, v in TIMES.items()}
     # the trace's plan span is the routing sync (waiting for the attention segment, one transfer) + the planner
     per_step["sync"] = sum(r.busy_s("plan") for r in engine.trace.steps) / steps * 1e3 - per_step["planner"]
-    inner = sum(per_step.get(k, 0.0) for k in ("sync", "planner", "gpu mix dispatch", "cpu lane"))
+    # the GPU mix is dispatched inside _hybrid_moe (late) or before it, in the layer loop (early, the default)
+    mix_inside = 0.0 if engine.early_resident_mix else per_step.get("gpu mix dispatch", 0.0)
+    mix_outside = per_step.get("gpu mix dispatch", 0.0) - mix_inside
+    inner = sum(per_step.get(k, 0.0) for k in ("sync", "planner", "cpu lane")) + mix_inside
     per_step["rest of _hybrid_moe"] = per_step["_hybrid_moe"] - inner
-    per_step["outside the step"] = wall / steps * 1e3 - per_step["_hybrid_moe"] - per_step["attention dispatch"]
+    per_step["outside the step"] = (wall / steps * 1e3 - per_step["_hybrid_moe"] - per_step["attention dispatch"]
+                                    - mix_outside)
     cpu_experts = engine.trace.summary()["experts_per_lane"]["cpu"]
     return {"ids": np.asarray(ids).tolist(), "decode_tokens_per_s": stats.decode_tokens_per_s, "wall_s": wall, "steps": steps,
             "ms_per_step": wall / steps * 1e3, "cpu_experts_per_step": cpu_experts / steps, "per_step_ms": per_step}
@@ -223,7 +233,7 @@ def main() -> None:
     print(f"engine built in {time.perf_counter() - t:.0f} s: {engine.placement.memory}", flush=True)
     instrument(engine)
     prompt = np.arange(1, 17, dtype=np.int32)[None]
-    use_pool("inline", engine)
+    use_pool("default", engine)
     decode(engine, prompt, 8)  # compile
     rounds = collections.defaultdict(list)
     pools = args.pools.split(",")
@@ -237,7 +247,7 @@ def main() -> None:
     for name in pools:
         use_pool(name)
         kernel[name] = kernel_alone(engine)
-    use_pool("inline", engine)
+    use_pool("default", engine)
     same = len({json.dumps(r["ids"]) for runs in rounds.values() for r in runs}) == 1
     print("every variant generated the same tokens:", same, flush=True)
     sync = sync_transfer(engine)

@@ -73,6 +73,12 @@ def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
         assert result["engine"]["trace_summary"]["planned_steps"] > 0  # the engine really offloaded experts
         limits = result["limits"]  # 8 of 32 experts resident: every decode token needs offloaded experts
         assert limits["offloaded_experts_per_token"] > 0 and limits["two_lane_decode_tokens_per_s"] > 0
+        # the limit comes from the lanes' ceilings measured in the run, not from the latency model
+        ceil = limits["ceilings_GBps"]
+        assert ceil["host_read"] > 0 and ceil["pinned_h2d"] > 0 and limits["cpu_lane_read_GBps"] > 0
+        assert limits["two_lane_decode_tokens_per_s"] == pytest.approx(
+            (ceil["host_read"] + ceil["pinned_h2d"]) * 1e9
+            / (limits["offloaded_experts_per_token"] * limits["expert_bytes"]))
     r = cli("report", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| planner |" in r.stdout and "cpu_only" in r.stdout

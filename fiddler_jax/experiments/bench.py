@@ -191,13 +191,20 @@ def routing_counts(engine) -> list[list[int]] | None:
     return counts.tolist()
 
 
-def decode_limit(engine) -> dict | None:
-    """The two-lane decode limit the latency model allows for the routing seen in the trace's decode steps.
+def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
+    """The two-lane decode limit for the routing seen in the trace's decode steps.
 
     A decode token needs, per layer, its top-k experts; those not resident (placement, not a planner's cache) must
-    be read by the CPU lane (``cpu(1)`` s each) or copied over PCIe (``transfer_s`` each). With both lanes busy
-    all the time and everything else free, one token takes ``offloaded / (1/cpu(1) + 1/transfer_s)`` seconds:
-    the rate no planner can beat on this placement. None when the trace holds no single-token step."""
+    be read by the CPU lane or copied over PCIe. With both lanes reading offloaded weights all the time and every
+    other cost free, one token takes ``offloaded bytes / (host read + pinned H2D bandwidth)``: the rate no planner
+    can beat on this placement. ``bandwidth``: the lanes' ceilings measured in this process
+    (:func:`ceilings.engine_lane_bandwidths`, bytes/s); the latency model's version (``cpu(1)`` and
+    ``transfer_s``, calibrated on another day) is kept beside it. The CPU lane's achieved read rate (expert bytes
+    it ran over its busy seconds, decode steps only) says how close the kernel came to its ceiling. None when the
+    trace holds no single-token step."""
+    from fiddler_jax.runtime.placement import expert_bytes
+    from fiddler_jax.runtime.planners import Lane
+
     k = engine.config.num_experts_per_tok
     steps = [s for s in engine.trace.steps if int(s.counts.sum()) == k]
     if not steps:
@@ -206,10 +213,26 @@ def decode_limit(engine) -> dict | None:
     offloaded = sum(int(((s.counts > 0) & ~resident[s.layer]).sum()) for s in steps)
     tokens = len(steps) / engine.config.num_hidden_layers
     per_token = offloaded / tokens
+    expert = expert_bytes(engine.config, np.dtype(engine.model.dtype).itemsize)
+    cpu_experts = sum(int(((s.counts > 0) & (s.lanes == Lane.CPU)).sum()) for s in steps if "cpu" in s.spans)
+    cpu_busy = sum(s.busy_s("cpu") for s in steps if "cpu" in s.spans)
     lanes_per_s = 1.0 / engine.latency.cpu(1) + 1.0 / engine.latency.transfer_s
-    return {"offloaded_experts_per_token": per_token,
-            "two_lane_decode_tokens_per_s": lanes_per_s / per_token if per_token else None,
-            "source": "latency model (cpu(1) and transfer_s) and the routing of the last timed run"}
+    out = {"offloaded_experts_per_token": per_token, "expert_bytes": expert,
+           "cpu_lane_read_GBps": cpu_experts * expert / cpu_busy / 1e9 if cpu_busy else None,
+           "latency_model_two_lane_decode_tokens_per_s": lanes_per_s / per_token if per_token else None}
+    if bandwidth:
+        lanes = bandwidth["host_read"] + bandwidth["pinned_h2d"]
+        out.update({"two_lane_decode_tokens_per_s": lanes / (per_token * expert) if per_token else None,
+                    "cpu_lane_only_decode_tokens_per_s":
+                        bandwidth["host_read"] / (per_token * expert) if per_token else None,
+                    "ceilings_GBps": {"host_read": bandwidth["host_read"] / 1e9,
+                                      "pinned_h2d": bandwidth["pinned_h2d"] / 1e9},
+                    "source": "host read and pinned H2D measured in this process on the engine's offloaded "
+                              "experts, and the routing of the last timed run"})
+    else:
+        out.update({"two_lane_decode_tokens_per_s": out["latency_model_two_lane_decode_tokens_per_s"],
+                    "source": "latency model (cpu(1) and transfer_s) and the routing of the last timed run"})
+    return out
 
 
 def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict:
@@ -231,6 +254,7 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
         release_engines()
         metrics, extra = run_hf_accelerate(cfg)
     else:
+        from fiddler_jax.experiments.ceilings import engine_lane_bandwidths
         from fiddler_jax.runtime.generate import cache_length
 
         set_kernel(cfg.kernel.path, cfg.kernel.spin_us)
@@ -253,7 +277,7 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
                             "resident_experts": engine.placement.resident_count,
                             "pinned_host_bytes": engine.host.nbytes, "trace_summary": engine.trace_summary(),
                             "routing_counts": routing_counts(engine)},
-                 "limits": decode_limit(engine) if s.name == "decode" else None,
+                 "limits": decode_limit(engine, engine_lane_bandwidths(engine)) if s.name == "decode" else None,
                  "latency_model": engine.latency.to_dict()}
     if cfg.baseline is None:
         from fiddler_jax.runtime.gpu_memory import usage

@@ -82,6 +82,40 @@ def hbm_read_bandwidth(nbytes: int, reps: int = 10) -> float:
     return x.nbytes / seconds
 
 
+def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int = 5) -> dict:
+    """The two lanes' ceilings measured on a built engine's own offloaded experts, in the caller's process (the
+    host's memory bandwidth moves between machine leases, so a limit is only comparable with a run measured
+    beside it). Bytes/s:
+      * ``host_read``: the kernel pool's read probe over up to ``experts`` offloaded experts (spread over the
+        layers, so far beyond any last-level cache), the weights the CPU lane reads, where it reads them;
+      * ``pinned_h2d``: eager copies of up to ``copies`` of them into GPU memory, one at a time, as the PCIe
+        lane makes them (one expert's bytes at a time: placement reserved the staging slots for them).
+    Empty when the engine offloads nothing."""
+    import jax
+
+    from fiddler_jax import kernels
+    from fiddler_jax.runtime.host_experts import WEIGHTS
+
+    held = np.argwhere(engine.host.held)
+    if not len(held):
+        return {}
+    picked = held[np.linspace(0, len(held) - 1, min(experts, len(held))).round().astype(int)]
+    views = [table[int(e)] for l, e in picked for table in engine.host.tables(int(l))]
+    host_read = kernels.read_bandwidth(views, reps)
+    moved = [engine.host.arrays(int(l), int(e)) for l, e in picked[:copies]]
+    device = next(iter(moved[0]["w1"].devices()))
+    target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+
+    def copy_all():
+        for pinned in moved:
+            jax.block_until_ready({w: jax.device_put(pinned[w], target) for w in WEIGHTS})
+
+    seconds = _median_time(copy_all, reps)
+    nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
+    return {"host_read": host_read, "pinned_h2d": nbytes / seconds, "host_read_experts": len(picked),
+            "h2d_experts": len(moved)}
+
+
 def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging_slots: int = 2) -> dict:
     """The limits of the module docstring for one GPU budget (bf16 weights)."""
     from fiddler_jax.runtime.placement import expert_bytes, non_expert_bytes, place

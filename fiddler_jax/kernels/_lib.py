@@ -3,6 +3,8 @@ direct (non-XLA) entry points on numpy buffers."""
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from typing import Any
 
 import jax
@@ -89,6 +91,29 @@ def set_pool(spin_us: int | None = None, wait_all: bool | None = None) -> None:
     if spin_us is not None and spin_us < 0:
         raise ValueError(f"spin_us must be >= 0, got {spin_us}")
     _lib.fj_set_pool(-1 if spin_us is None else int(spin_us), -1 if wait_all is None else int(bool(wait_all)))
+
+
+def read_bandwidth(buffers, reps: int = 5) -> float:
+    """Bytes/s at which the kernel's thread pool reads ``buffers`` (C-contiguous numpy arrays, read in turn, each
+    split over the pool's threads as 8 sequential streams per thread, as the kernels read weight rows): the CPU
+    lane's read ceiling. Median of ``reps`` passes over all buffers after one warm-up pass."""
+    if not buffers or not all(isinstance(b, np.ndarray) and b.flags.c_contiguous for b in buffers):
+        raise KernelError("read_bandwidth needs a non-empty list of C-contiguous numpy arrays")
+    if reps < 1:
+        raise KernelError(f"reps must be >= 1, got {reps}")
+    total = sum(b.nbytes for b in buffers)
+
+    def one_pass():
+        for b in buffers:
+            _lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes)
+
+    one_pass()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    return total / statistics.median(times)
 
 
 def set_amx_min_tokens(n: int) -> None:

@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 import fiddler_jax.kernels as K
-from fiddler_jax.kernels._lib import _ffi, _lib
 from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
 from fiddler_jax.provenance import cpu_model, git_dirty, git_sha, versions
 
@@ -57,14 +56,7 @@ def timeit(fn, min_reps=3, max_reps=20, budget_s=1.0, warmup=1) -> tuple[float, 
 
 def read_bandwidth(buffers, reps=7) -> float:
     """GiB/s of a multi-threaded read of the given buffers (the kernel's pool, one slice per thread)."""
-    total = sum(b.nbytes for b in buffers)
-
-    def read():
-        for b in buffers:
-            _lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes)
-
-    t, _ = timeit(read, min_reps=reps, max_reps=reps, warmup=2)
-    return total / t / GIB
+    return K.read_bandwidth(list(buffers), reps) / GIB
 
 
 def main(argv=None) -> dict:

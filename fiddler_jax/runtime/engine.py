@@ -7,8 +7,9 @@ each forward step:
   1. a jitted segment runs attention, the post-attention norm and the router, and counts the tokens sent to
      each expert -- and the tokens the next layer's router would send to each of its experts from this hidden
      state (the prediction prefetching acts on);
-  2. the counts and the routing come to the host (the one sync of the step: one transfer, packed by
-     :mod:`routing_sync`) and the planner (pure Python,
+  2. the resident experts' mix is queued at once (it needs the routing, not a plan, so its dispatch overlaps
+     the segment's run on the GPU instead of following the sync); the counts and the routing come to the host
+     (the one sync of the step: one transfer, packed by :mod:`routing_sync`) and the planner (pure Python,
      outside jit) gives each active expert a lane: GPU (resident, cached, or prefetched during the previous
      step), CPU or TRANSFER;
   3. the lanes run. CPU: a worker thread fetches the activations and runs the C++ kernel (bfloat16; float32
@@ -289,6 +290,9 @@ class Engine:
         self._cpu_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-cpu-lane")
         self.cpu_backend = cpu_backend
         self.cpu_lane_thread = os.environ.get("FIDDLER_CPU_LANE", "inline") == "thread"
+        # Queue the resident experts' mix before the step's sync (measurement knob: False queues it after the
+        # plan, as before session 7; scripts/probe_decode_step.py compares the two).
+        self.early_resident_mix = True
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -380,11 +384,19 @@ class Engine:
         return getattr(self.planner, "prefetch", 0)
 
     # -- the step loop ---------------------------------------------------------------------------------------
-    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, sync, predicts: bool) -> tuple[jax.Array, np.ndarray]:
+    def _resident_mix(self, layer: int, moe_in, routing: Routing) -> jax.Array:
+        """The resident experts' share of the layer's MoE output (queued, not waited for)."""
+        if self.placement.resident[layer].any():
+            return _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
+        return self._zeros(moe_in.shape)
+
+    def _hybrid_moe(self, layer: int, moe_in, routing: Routing, sync, predicts: bool,
+                    resident: tuple[float, jax.Array] | None = None) -> tuple[jax.Array, np.ndarray]:
         """Steps 2-3 of the module docstring for one layer: plan, then run the GPU, PCIe and CPU lanes, and start
         copying the next layer's predicted experts when this step leaves the PCIe lane idle. ``sync``: the step's
-        packed routing (:mod:`routing_sync`; with the next layer's predicted counts when ``predicts``). Returns the
-        GPU lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
+        packed routing (:mod:`routing_sync`; with the next layer's predicted counts when ``predicts``);
+        ``resident``: (queued at, the resident mix) when the caller queued it before the sync, else None. Returns
+        the GPU lanes' sum (on the device) and the CPU lane's (float32 numpy; the next jitted step takes it as an
         argument, which moves it in the jit's own C++ path)."""
         clock = self.trace.now
         t_plan = clock()
@@ -414,10 +426,7 @@ class Engine:
             # queued, at the cost of two thread hand-offs.
             if plan.concurrent and (len(plan.transfer_order) or self.cache_slots or self.cpu_lane_thread):
                 cpu_job = self._cpu_lane.submit(job)
-        t_gpu = clock()
-        gpu_out = self._zeros(moe_in.shape)
-        if self.placement.resident[layer].any():
-            gpu_out = _stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
+        t_gpu, gpu_out = resident if resident is not None else (clock(), self._resident_mix(layer, moe_in, routing))
         for e in np.flatnonzero(plan.staged):  # prefetched copies: the mix waits for them on the device
             gpu_out = gpu_out + _expert_mix(moe_in, routing, np.int32(e), **self._pool.arrays(layer, int(e)),
                                             num_experts=E)
@@ -542,7 +551,10 @@ class Engine:
                 pending = (x,)
             else:
                 h, moe_in, routing, sync, kv = attention_and_router(part.leaves, pending, kv, start, lookahead[layer])
-                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, sync, lookahead[layer] is not None)
+                resident = (self.trace.now(), self._resident_mix(layer, moe_in, routing)) \
+                    if self.early_resident_mix else None
+                pending = (h,) + self._hybrid_moe(layer, moe_in, routing, sync, lookahead[layer] is not None,
+                                                  resident)
             new_cache.append(kv)
         head_leaves = None if self._head_part is None else self._head_part.leaves
         logits = self._head(self._embed_part.leaves, self._norm_part.leaves, head_leaves, pending,
