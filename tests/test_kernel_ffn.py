@@ -279,3 +279,15 @@ def test_amx_variants_identical(n, hidden, ffn):
     assert rel_err(ys[1], expert_ref(x, w1, w3, w2)) <= 1e-2
     for y in ys[1:]:
         assert np.array_equal(ys[0], y)
+
+
+def test_read_bandwidth_reads_every_buffer_and_refuses_bad_input():
+    """The CPU lane's read ceiling (``kernels.read_bandwidth``): a positive rate over any C-contiguous buffers,
+    including odd sizes the 8-stream split leaves a tail of; a KernelError for what it cannot read."""
+    buffers = [np.ones(1 << 20, np.uint8), np.ones(12345, np.uint16), rand_bf16(np.random.default_rng(0), (7, 33))]
+    assert K.read_bandwidth(buffers, reps=2) > 0
+    for bad in ([], [np.ones((8, 8))[:, ::2]], ["not an array"]):
+        with pytest.raises(K.KernelError, match="C-contiguous"):
+            K.read_bandwidth(bad)
+    with pytest.raises(K.KernelError, match="reps"):
+        K.read_bandwidth(buffers, reps=0)

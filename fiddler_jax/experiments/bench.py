@@ -191,6 +191,9 @@ def routing_counts(engine) -> list[list[int]] | None:
     return counts.tolist()
 
 
+RATE_KEYS = ("host_read", "pinned_h2d")  # engine_lane_bandwidths' keys that are bytes/s
+
+
 def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     """The two-lane decode limit for the routing seen in the trace's decode steps.
 
@@ -225,8 +228,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
         out.update({"two_lane_decode_tokens_per_s": lanes / (per_token * expert) if per_token else None,
                     "cpu_lane_only_decode_tokens_per_s":
                         bandwidth["host_read"] / (per_token * expert) if per_token else None,
-                    "ceilings_GBps": {"host_read": bandwidth["host_read"] / 1e9,
-                                      "pinned_h2d": bandwidth["pinned_h2d"] / 1e9},
+                    "ceilings_GBps": {k: v / 1e9 for k, v in bandwidth.items() if k.startswith(RATE_KEYS)},
                     "source": "host read and pinned H2D measured in this process on the engine's offloaded "
                               "experts, and the routing of the last timed run"})
     else:

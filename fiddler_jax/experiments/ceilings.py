@@ -2,8 +2,10 @@
 side in one run, and the speed limits they imply for Mixtral-8x7B (bf16) at each GPU budget.
 
 Measured (median of ``--reps``):
-  * host read: every core sums its own slice of one ``--host-gib`` array (numpy reductions release the GIL),
-    STREAM-like: the rate the CPU lane can read expert weights at;
+  * host read: the faster of two readers of one ``--host-gib`` array: the CPU kernel's thread pool (8
+    sequential streams per thread, as the kernel reads weight rows; the kernel reached 0.96 of it at n=1 on the
+    H100 machine) and every core summing its slice with numpy (STREAM-like; the only reader of sessions 3-6,
+    which the kernel beat by 20-50% there). Both are recorded: the rate the CPU lane can read weights at;
   * pinned H2D: a jitted copy of a ``--h2d-gib`` pinned-host array into device memory, the PCIe lane's path;
   * GPU HBM read: a jitted sum over a ``--hbm-gib`` device array.
 Limits, per budget (placement as the engine places it for a decode of 128 + 128 tokens; routing uniform, which
@@ -37,17 +39,24 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(sample(fn, budget_s=0.0, min_reps=reps, max_reps=reps))
 
 
-def host_read_bandwidth(nbytes: int, threads: int | None = None, reps: int = 5) -> float:
-    """Bytes/s that ``threads`` (default: this process's CPUs) read together, each summing its own slice."""
-    threads = threads or len(os.sched_getaffinity(0))
-    data = np.ones(nbytes // 8, np.int64)
-    slices = np.array_split(data, threads)
+def host_read_bandwidths(buffers: list[np.ndarray], reps: int = 5) -> dict[str, float]:
+    """Bytes/s of two readers over the same C-contiguous ``buffers``: ``kernel``, the CPU kernel's thread pool
+    (``kernels.read_bandwidth``: 8 sequential streams per thread, as the kernel reads weight rows), and
+    ``numpy``, one thread per CPU of this process each summing its slice of every buffer (numpy releases the
+    GIL). ``host_read`` is the faster: the best rate anything here reads host memory at."""
+    from fiddler_jax import kernels
+
+    threads = len(os.sched_getaffinity(0))
+    words = [b.reshape(-1).view(np.uint8)[: b.nbytes // 8 * 8].view(np.uint64) for b in buffers]
+    slices = [part for w in words for part in np.array_split(w, threads)]
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         def read():
             list(pool.map(np.sum, slices))
 
-        seconds = _median_time(read, reps)
-    return data.nbytes / seconds
+        numpy_rate = sum(w.nbytes for w in words) / _median_time(read, reps)
+    kernel_rate = kernels.read_bandwidth(buffers, reps)
+    return {"host_read": max(kernel_rate, numpy_rate), "host_read_kernel": kernel_rate,
+            "host_read_numpy": numpy_rate}
 
 
 def pinned_h2d_bandwidth(nbytes: int, reps: int = 5) -> float:
@@ -86,14 +95,13 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
     """The two lanes' ceilings measured on a built engine's own offloaded experts, in the caller's process (the
     host's memory bandwidth moves between machine leases, so a limit is only comparable with a run measured
     beside it). Bytes/s:
-      * ``host_read``: the kernel pool's read probe over up to ``experts`` offloaded experts (spread over the
+      * ``host_read``: :func:`host_read_bandwidths` over up to ``experts`` offloaded experts (spread over the
         layers, so far beyond any last-level cache), the weights the CPU lane reads, where it reads them;
       * ``pinned_h2d``: eager copies of up to ``copies`` of them into GPU memory, one at a time, as the PCIe
         lane makes them (one expert's bytes at a time: placement reserved the staging slots for them).
     Empty when the engine offloads nothing."""
     import jax
 
-    from fiddler_jax import kernels
     from fiddler_jax.runtime.host_experts import WEIGHTS
 
     held = np.argwhere(engine.host.held)
@@ -101,7 +109,7 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
         return {}
     picked = held[np.linspace(0, len(held) - 1, min(experts, len(held))).round().astype(int)]
     views = [table[int(e)] for l, e in picked for table in engine.host.tables(int(l))]
-    host_read = kernels.read_bandwidth(views, reps)
+    host = host_read_bandwidths(views, reps)
     moved = [engine.host.arrays(int(l), int(e)) for l, e in picked[:copies]]
     device = next(iter(moved[0]["w1"].devices()))
     target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
@@ -112,8 +120,7 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
 
     seconds = _median_time(copy_all, reps)
     nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
-    return {"host_read": host_read, "pinned_h2d": nbytes / seconds, "host_read_experts": len(picked),
-            "h2d_experts": len(moved)}
+    return {**host, "pinned_h2d": nbytes / seconds, "host_read_experts": len(picked), "h2d_experts": len(moved)}
 
 
 def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging_slots: int = 2) -> dict:
@@ -142,7 +149,8 @@ def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging
 def table(result: dict) -> str:
     bw = result["bandwidth_GBps"]
     lines = [f"ceilings on {result['hardware'].get('cpu')} + {result['hardware'].get('gpu')}",
-             f"  host read {bw['host_read']:.1f} GB/s ({result['threads']} threads), pinned H2D "
+             f"  host read {bw['host_read']:.1f} GB/s (kernel pool {bw.get('host_read_kernel', float('nan')):.1f}, "
+             f"numpy with {result['threads']} threads {bw.get('host_read_numpy', float('nan')):.1f}), pinned H2D "
              f"{bw['pinned_h2d']:.1f} GB/s, GPU HBM read {bw['hbm_read']:.1f} GB/s", "",
              f"{'budget':>8s}{'resident':>10s}{'offl./tok':>11s}{'2-lane tok/s':>14s}{'CPU-only tok/s':>16s}"
              f"{'PCIe prefill s':>16s}{'HBM roofline':>14s}"]
@@ -159,7 +167,7 @@ def run(budgets: list[str], host_gib: float, h2d_gib: float, hbm_gib: float, rep
     from fiddler_jax.provenance import provenance
 
     threads = len(os.sched_getaffinity(0))
-    bandwidth = {"host_read": host_read_bandwidth(int(host_gib * GIB), threads, reps),
+    bandwidth = {**host_read_bandwidths([np.ones(int(host_gib * GIB), np.uint8)], reps),
                  "pinned_h2d": pinned_h2d_bandwidth(int(h2d_gib * GIB), reps),
                  "hbm_read": hbm_read_bandwidth(int(hbm_gib * GIB), 2 * reps)}
     cfg = random_model_config()
