@@ -79,6 +79,9 @@ def test_ceiling_limits_follow_from_the_bandwidths():
     assert lim["cpu_lane_only_decode_tokens_per_s"] == pytest.approx(100e9 / (per_token * expert))
     assert lim["pcie_prefill_limit_s"] == pytest.approx(lim["offloaded_bytes"] / 50e9)
     assert 100 < lim["hbm_roofline_tokens_per_s"] < 130  # ~26 GB read per token at 3 TB/s
+    assert lim["two_lanes_together_decode_tokens_per_s"] is None  # not measured
+    both = ceilings.limits(cfg, "24GiB", {**bw, "host_read_with_h2d": 80e9, "pinned_h2d_with_read": 40e9})
+    assert both["two_lanes_together_decode_tokens_per_s"] == pytest.approx(120e9 / (per_token * expert))
     whole = ceilings.limits(cfg, "1024GiB", bw)
     assert whole["offloaded_experts"] == 0 and whole["two_lane_decode_tokens_per_s"] is None
     with pytest.raises(InvalidInputError, match="not a size"):

@@ -76,12 +76,14 @@ def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
         # the limit comes from the lanes' ceilings measured in the run, not from the latency model
         ceil = limits["ceilings_GBps"]
         assert ceil["host_read"] > 0 and ceil["pinned_h2d"] > 0 and limits["cpu_lane_read_GBps"] > 0
+        assert ceil["host_read_with_h2d"] > 0 and ceil["pinned_h2d_with_read"] > 0
+        assert ceil["host_read"] == max(ceil["host_read_kernel"], ceil["host_read_numpy"])
         assert limits["two_lane_decode_tokens_per_s"] == pytest.approx(
             (ceil["host_read"] + ceil["pinned_h2d"]) * 1e9
             / (limits["offloaded_experts_per_token"] * limits["expert_bytes"]))
     r = cli("report", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "| planner |" in r.stdout and "cpu_only" in r.stdout
+    assert "| planner |" in r.stdout and "cpu_only" in r.stdout and "| / limit |" in r.stdout
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [row["planner"] for row in rows] == ["fiddler", "cpu_only"]
     assert float(rows[0]["tokens_per_s_median"]) > 0

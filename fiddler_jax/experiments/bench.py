@@ -200,7 +200,8 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     A decode token needs, per layer, its top-k experts; those not resident (placement, not a planner's cache) must
     be read by the CPU lane or copied over PCIe. With both lanes reading offloaded weights all the time and every
     other cost free, one token takes ``offloaded bytes / (host read + pinned H2D bandwidth)``: the rate no planner
-    can beat on this placement. ``bandwidth``: the lanes' ceilings measured in this process
+    can beat on this placement. The same with the two rates measured while both lanes run (they share the host's
+    DRAM) is ``two_lanes_together_decode_tokens_per_s``. ``bandwidth``: the lanes' ceilings measured in this process
     (:func:`ceilings.engine_lane_bandwidths`, bytes/s); the latency model's version (``cpu(1)`` and
     ``transfer_s``, calibrated on another day) is kept beside it. The CPU lane's achieved read rate (expert bytes
     it ran over its busy seconds, decode steps only) says how close the kernel came to its ceiling. None when the
@@ -225,7 +226,9 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
            "latency_model_two_lane_decode_tokens_per_s": lanes_per_s / per_token if per_token else None}
     if bandwidth:
         lanes = bandwidth["host_read"] + bandwidth["pinned_h2d"]
+        together = bandwidth["host_read_with_h2d"] + bandwidth["pinned_h2d_with_read"]
         out.update({"two_lane_decode_tokens_per_s": lanes / (per_token * expert) if per_token else None,
+                    "two_lanes_together_decode_tokens_per_s": together / (per_token * expert) if per_token else None,
                     "cpu_lane_only_decode_tokens_per_s":
                         bandwidth["host_read"] / (per_token * expert) if per_token else None,
                     "ceilings_GBps": {k: v / 1e9 for k, v in bandwidth.items() if k.startswith(RATE_KEYS)},

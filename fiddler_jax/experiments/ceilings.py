@@ -7,12 +7,16 @@ Measured (median of ``--reps``):
     H100 machine) and every core summing its slice with numpy (STREAM-like; the only reader of sessions 3-6,
     which the kernel beat by 20-50% there). Both are recorded: the rate the CPU lane can read weights at;
   * pinned H2D: a jitted copy of a ``--h2d-gib`` pinned-host array into device memory, the PCIe lane's path;
+  * both lanes at once: the host read while eager copies of the pinned array run back to back;
   * GPU HBM read: a jitted sum over a ``--hbm-gib`` device array.
 Limits, per budget (placement as the engine places it for a decode of 128 + 128 tokens; routing uniform, which
 is what random weights give without router bias — runs record their measured routing too):
   * offloaded experts per decode token: Σ over layers of top_k × (offloaded experts of the layer) / E;
   * two-lane decode limit: (host read + pinned H2D bandwidth) / (offloaded expert bytes per token) — the CPU lane
-    and the PCIe lane both reading offloaded weights all the time, every other cost free;
+    and the PCIe lane both reading offloaded weights all the time, every other cost free, each at its rate
+    alone (the issue's definition);
+  * two lanes together: the same with the rates measured while both run (``lanes_together``): the DMA and the
+    kernel read the same DRAM, so this is the limit a machine whose lanes share memory bandwidth can reach;
   * PCIe prefill limit: (all offloaded expert bytes) / pinned H2D bandwidth — a long prompt touches every expert
     and the fastest way to run them all is to copy each once;
   * HBM roofline (all resident): HBM read bandwidth / (bytes a decode token reads: top-k experts per layer,
@@ -26,6 +30,9 @@ import concurrent.futures
 import json
 import os
 import statistics
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -59,6 +66,46 @@ def host_read_bandwidths(buffers: list[np.ndarray], reps: int = 5) -> dict[str, 
             "host_read_numpy": numpy_rate}
 
 
+def lanes_together(buffers: list[np.ndarray], copy_one: Callable[[], int], reps: int = 5) -> dict[str, float]:
+    """Both lanes at once, as a decode step that prefetches runs them: a thread makes PCIe copies back to back
+    (``copy_one`` copies and waits, returning the bytes moved) while the kernel pool reads ``buffers``
+    (``kernels.read_bandwidth``, ``reps`` passes). The host's DRAM feeds both, so each runs slower than alone
+    (on the H100 machine the kernel lost 18% beside copies). Bytes/s:
+      * ``host_read_with_h2d``: the kernel pool's read rate while the copies ran;
+      * ``pinned_h2d_with_read``: the copies' rate over the copies that ended while the reads ran (from the
+        first one's end to the last one's, so partial copies at the edges do not count); the median copy rate
+        of the window when fewer than two copies ended in it.
+    Their sum, over offloaded bytes per token, is the decode limit of two lanes that share memory bandwidth."""
+    from fiddler_jax import kernels
+
+    stop, ends = threading.Event(), []  # (perf_counter at the copy's end, bytes, seconds)
+
+    def copier():
+        while not stop.is_set():
+            t = time.perf_counter()
+            n = copy_one()
+            ends.append((time.perf_counter(), n, time.perf_counter() - t))
+
+    thread = threading.Thread(target=copier, name="ceilings-pcie", daemon=True)
+    thread.start()
+    try:
+        deadline = time.perf_counter() + 60.0
+        while not ends and thread.is_alive() and time.perf_counter() < deadline:  # the first copy has landed
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        read = kernels.read_bandwidth(buffers, reps)
+        t1 = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+    inside = [e for e in ends if t0 < e[0] <= t1]
+    if len(inside) >= 2:
+        copy_rate = sum(n for _, n, _ in inside[1:]) / (inside[-1][0] - inside[0][0])
+    else:
+        copy_rate = statistics.median(n / s for _, n, s in (inside or ends[-1:]))
+    return {"host_read_with_h2d": read, "pinned_h2d_with_read": copy_rate}
+
+
 def pinned_h2d_bandwidth(nbytes: int, reps: int = 5) -> float:
     """Bytes/s of a jitted copy from a pinned-host array into device memory of the first device."""
     import jax
@@ -74,6 +121,23 @@ def pinned_h2d_bandwidth(nbytes: int, reps: int = 5) -> float:
 
     seconds = _median_time(run, reps)
     return src.nbytes / seconds
+
+
+def pinned_copier(nbytes: int) -> Callable[[], int]:
+    """A callable that copies one ``nbytes`` pinned-host array into device memory (eager ``device_put``, as the
+    PCIe lane copies), waits for it, and returns the bytes moved."""
+    import jax
+
+    dev = jax.devices()[0]
+    src = jax.device_put(np.ones(nbytes // 2, np.uint16),
+                         jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    target = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+
+    def copy_one() -> int:
+        jax.device_put(src, target).block_until_ready()
+        return src.nbytes
+
+    return copy_one
 
 
 def hbm_read_bandwidth(nbytes: int, reps: int = 10) -> float:
@@ -98,7 +162,8 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
       * ``host_read``: :func:`host_read_bandwidths` over up to ``experts`` offloaded experts (spread over the
         layers, so far beyond any last-level cache), the weights the CPU lane reads, where it reads them;
       * ``pinned_h2d``: eager copies of up to ``copies`` of them into GPU memory, one at a time, as the PCIe
-        lane makes them (one expert's bytes at a time: placement reserved the staging slots for them).
+        lane makes them (one expert's bytes at a time: placement reserved the staging slots for them);
+      * ``host_read_with_h2d`` and ``pinned_h2d_with_read``: both at once (:func:`lanes_together`).
     Empty when the engine offloads nothing."""
     import jax
 
@@ -114,13 +179,20 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
     device = next(iter(moved[0]["w1"].devices()))
     target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
 
+    def copy_one(pinned) -> int:
+        jax.block_until_ready({w: jax.device_put(pinned[w], target) for w in WEIGHTS})
+        return sum(a.nbytes for a in pinned.values())
+
     def copy_all():
         for pinned in moved:
-            jax.block_until_ready({w: jax.device_put(pinned[w], target) for w in WEIGHTS})
+            copy_one(pinned)
 
     seconds = _median_time(copy_all, reps)
     nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
-    return {**host, "pinned_h2d": nbytes / seconds, "host_read_experts": len(picked), "h2d_experts": len(moved)}
+    turn = iter(range(1 << 62))
+    together = lanes_together(views, lambda: copy_one(moved[next(turn) % len(moved)]), reps)
+    return {**host, "pinned_h2d": nbytes / seconds, **together, "host_read_experts": len(picked),
+            "h2d_experts": len(moved)}
 
 
 def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging_slots: int = 2) -> dict:
@@ -135,12 +207,15 @@ def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging
     embed_table = cfg.vocab_size * cfg.hidden_size * 2
     token_bytes = non_expert_bytes(cfg, 2) - embed_table + cfg.num_hidden_layers * k * expert  # one embed row
     host, h2d, hbm = bandwidth["host_read"], bandwidth["pinned_h2d"], bandwidth["hbm_read"]
+    together = bandwidth.get("host_read_with_h2d", 0.0) + bandwidth.get("pinned_h2d_with_read", 0.0)
     return {
         "budget": budget, "resident_experts": plan.resident_count,
         "offloaded_experts": int(offloaded.sum()), "offloaded_bytes": int(offloaded.sum()) * expert,
         "offloaded_experts_per_token": per_token,
         "two_lane_decode_tokens_per_s": (host + h2d) / (per_token * expert) if per_token else None,
         "cpu_lane_only_decode_tokens_per_s": host / (per_token * expert) if per_token else None,
+        "two_lanes_together_decode_tokens_per_s": together / (per_token * expert) if per_token and together
+        else None,
         "pcie_prefill_limit_s": int(offloaded.sum()) * expert / h2d,
         "hbm_roofline_tokens_per_s": hbm / token_bytes,
     }
@@ -152,13 +227,14 @@ def table(result: dict) -> str:
              f"  host read {bw['host_read']:.1f} GB/s (kernel pool {bw.get('host_read_kernel', float('nan')):.1f}, "
              f"numpy with {result['threads']} threads {bw.get('host_read_numpy', float('nan')):.1f}), pinned H2D "
              f"{bw['pinned_h2d']:.1f} GB/s, GPU HBM read {bw['hbm_read']:.1f} GB/s", "",
-             f"{'budget':>8s}{'resident':>10s}{'offl./tok':>11s}{'2-lane tok/s':>14s}{'CPU-only tok/s':>16s}"
-             f"{'PCIe prefill s':>16s}{'HBM roofline':>14s}"]
+             f"{'budget':>8s}{'resident':>10s}{'offl./tok':>11s}{'2-lane tok/s':>14s}{'together tok/s':>16s}"
+             f"{'CPU-only tok/s':>16s}{'PCIe prefill s':>16s}{'HBM roofline':>14s}"]
     for lim in result["limits"]:
         two, cpu = lim["two_lane_decode_tokens_per_s"], lim["cpu_lane_only_decode_tokens_per_s"]
+        both = lim.get("two_lanes_together_decode_tokens_per_s")
         lines.append(f"{lim['budget']:>8s}{lim['resident_experts']:>10d}{lim['offloaded_experts_per_token']:>11.2f}"
-                     f"{two or float('inf'):>14.2f}{cpu or float('inf'):>16.2f}{lim['pcie_prefill_limit_s']:>16.2f}"
-                     f"{lim['hbm_roofline_tokens_per_s']:>14.1f}")
+                     f"{two or float('inf'):>14.2f}{both or float('inf'):>16.2f}{cpu or float('inf'):>16.2f}"
+                     f"{lim['pcie_prefill_limit_s']:>16.2f}{lim['hbm_roofline_tokens_per_s']:>14.1f}")
     return "\n".join(lines)
 
 
@@ -167,9 +243,11 @@ def run(budgets: list[str], host_gib: float, h2d_gib: float, hbm_gib: float, rep
     from fiddler_jax.provenance import provenance
 
     threads = len(os.sched_getaffinity(0))
-    bandwidth = {**host_read_bandwidths([np.ones(int(host_gib * GIB), np.uint8)], reps),
+    host_buffer = np.ones(int(host_gib * GIB), np.uint8)
+    bandwidth = {**host_read_bandwidths([host_buffer], reps),
                  "pinned_h2d": pinned_h2d_bandwidth(int(h2d_gib * GIB), reps),
                  "hbm_read": hbm_read_bandwidth(int(hbm_gib * GIB), 2 * reps)}
+    bandwidth.update(lanes_together([host_buffer], pinned_copier(int(h2d_gib * GIB)), reps))
     cfg = random_model_config()
     return {"bandwidth_GBps": {k: v / 1e9 for k, v in bandwidth.items()}, "threads": threads,
             "sizes_GiB": {"host": host_gib, "h2d": h2d_gib, "hbm": hbm_gib}, "model": "mixtral_8x7b (bf16)",

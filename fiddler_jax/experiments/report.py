@@ -60,6 +60,7 @@ def rows_of(results: list[tuple[str, dict]], folder: str) -> tuple[list[dict], l
                 row[f"{m}_{s}"] = stats.get(s, "")
         limits = r.get("limits") or {}
         row["two_lane_limit_tokens_per_s"] = limits.get("two_lane_decode_tokens_per_s") or ""
+        row["together_limit_tokens_per_s"] = limits.get("two_lanes_together_decode_tokens_per_s") or ""
         row["host_read_GBps"] = (limits.get("ceilings_GBps") or {}).get("host_read") or ""
         row["cpu_lane_read_GBps"] = limits.get("cpu_lane_read_GBps") or ""
         row["peak_gpu_bytes"] = r.get("peak_gpu_bytes") or ""
@@ -70,24 +71,27 @@ def rows_of(results: list[tuple[str, dict]], folder: str) -> tuple[list[dict], l
 
 
 def markdown(rows: list[dict], axes: list[str], metrics: list[str]) -> str:
-    """The medians, one row per run; decode runs with a two-lane limit also get the limit and tokens/s over it
-    (steady-state decode tokens/s where measured, else tokens/s)."""
+    """The medians, one row per run; decode runs with a two-lane limit also get the limits (lanes alone and
+    together) and tokens/s over each (steady-state decode tokens/s where measured, else tokens/s), and the host
+    read ceiling beside the CPU lane's achieved read rate."""
     shown = [m for m in KEY_METRICS if m in metrics] + [m for m in metrics if m not in KEY_METRICS
                                                         and m != "new_tokens"]
     with_limit = any(row["two_lane_limit_tokens_per_s"] != "" for row in rows)
     cols = (axes or ["label"]) + [f"{m} (median)" for m in shown]
-    cols += ["two-lane limit", "/ limit", "host read GB/s", "CPU lane GB/s"] if with_limit else []
+    cols += ["two-lane limit", "/ limit", "lanes-together limit", "/ together", "host read GB/s",
+             "CPU lane GB/s"] if with_limit else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = [str(row[a]) for a in axes] if axes else [row["label"]]
         cells += [f"{row[f'{m}_median']:.4g}" if row[f"{m}_median"] != "" else "" for m in shown]
         if with_limit:
-            limit = row["two_lane_limit_tokens_per_s"]
             rate = next((row.get(f"{m}_median") for m in ("decode_tokens_per_s", "tokens_per_s")
                          if row.get(f"{m}_median", "") != ""), "")
-            cells += [f"{limit:.3g}" if limit != "" else "",
-                      f"{rate / limit:.2f}" if limit != "" and rate != "" else "",
-                      *(f"{row[k]:.1f}" if row[k] != "" else "" for k in ("host_read_GBps", "cpu_lane_read_GBps"))]
+            for key in ("two_lane_limit_tokens_per_s", "together_limit_tokens_per_s"):
+                limit = row[key]
+                cells += [f"{limit:.3g}" if limit != "" else "",
+                          f"{rate / limit:.2f}" if limit != "" and rate != "" else ""]
+            cells += [f"{row[k]:.1f}" if row[k] != "" else "" for k in ("host_read_GBps", "cpu_lane_read_GBps")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
