@@ -50,6 +50,7 @@ class ScenarioSchema:
 class KernelSchema:
     path: str = "auto"  # auto | avx512_bf16 | amx | avx2 | generic | xla
     spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
+    pinned_output: bool = True  # large CPU-lane outputs reach the GPU from pinned buffers (runtime/host_output)
 
 
 @dataclass
