@@ -11,7 +11,8 @@ layer: about 1.5 offloaded experts per layer step, as at 24 GiB), then in one pr
    pool and of the CPU lane, in interleaved rounds: ``default`` (the engine's defaults: the resident experts'
    mix queued before the routing sync, the main thread then runs the kernel; pool spin 50 us), ``late_mix``
    (the mix queued after the plan, the order before session 7), ``pinned_out`` (the CPU lane's output through
-   a pinned buffer and one DMA, as prefill's large outputs go, instead of numpy), ``inline`` (as before session 6: spin 200 us;
+   a pinned buffer and one DMA, as prefill's large outputs go, instead of numpy), ``inline`` (as before
+   session 6: spin 200 us;
    the pool's slots are claimed by whoever is awake), ``thread`` (the kernel
    starts on the lane's worker thread before the GPU calls are queued), ``wait_all`` (the pool's old contract:
    every worker joins every phase), ``spin 1 ms`` (workers stay awake between layer steps), ``15 threads`` (a
@@ -45,7 +46,7 @@ import numpy as np
 from fiddler_jax import kernels as K
 from fiddler_jax.experiments.bench import random_model_config
 from fiddler_jax.runtime import engine as E
-from fiddler_jax.runtime.host_output import PinnedOutputs
+from fiddler_jax.runtime.pinned_activations import PinnedActivations
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 CALLS: dict[str, int] = collections.defaultdict(int)
@@ -144,9 +145,9 @@ def use_pool(name: str, engine=None) -> None:
     if engine is not None:
         engine.cpu_lane_thread = p["thread"]
         engine.early_resident_mix = not p.get("late_mix", False)
-        engine.set_pinned_outputs(True)
+        engine.set_pinned_activations(True)
         if p.get("pinned_out"):
-            engine.cpu_outputs = PinnedOutputs(jax.devices()[0], min_bytes=0)
+            engine.pinned = PinnedActivations(jax.devices()[0], min_bytes=0)
 
 
 def decode(engine, prompt, tokens) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ import fiddler_jax as fj
 from fiddler_jax.assets import default_model_path
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.runtime import engine as E
-from fiddler_jax.runtime.host_output import PinnedOutputs
+from fiddler_jax.runtime.pinned_activations import PinnedActivations
 from fiddler_jax.runtime.planners import Lane, PlannerError
 from tests.conftest import GEOMETRIES, make_hf_model, token_ids
 
@@ -83,11 +84,11 @@ def test_bfloat16_hybrid_with_the_cpu_kernel_on_the_bundled_model():
     np.testing.assert_array_equal(engine.logits(ids), out)
     # every CPU output through the pinned buffers (on a GPU only prefill's large ones): same bits, buffers reused
     engine.early_resident_mix = True
-    engine.cpu_outputs = PinnedOutputs(jax.devices()[0], min_bytes=0)
+    engine.pinned = PinnedActivations(jax.devices()[0], min_bytes=0)
     np.testing.assert_array_equal(engine.logits(ids), out)
     np.testing.assert_array_equal(engine.generate(ids, 16, eos_token_id=[]),
                                   fj.generate(reference, ids, 16, eos_token_id=[]))
-    assert 0 < engine.cpu_outputs.nbytes <= 2 * 2 * ids.shape[1] * engine.config.hidden_size * 4  # 2 shapes x 2
+    assert 0 < engine.pinned.nbytes <= 2 * 2 * ids.shape[1] * engine.config.hidden_size * 4  # 2 shapes x 2
 
 
 def test_plans_never_recompile(checkpoint):
@@ -379,20 +380,25 @@ def test_staging_pool_holds_at_most_its_slots_and_knows_when_copies_landed(check
     assert pool.free() == 1 and len(pool) == 0
 
 
-def test_pinned_outputs_choose_by_size_reuse_a_ring_and_refuse_depth_one():
-    """host_output.PinnedOutputs: outputs from ``min_bytes`` take the pinned path (None: none do); buffers are
-    reused round the ring, and what was written moves to the device unchanged."""
+def test_pinned_activations_choose_by_size_reuse_a_ring_and_refuse_depth_one():
+    """pinned_activations.PinnedActivations: activations from ``min_bytes`` take the pinned path (None: none do);
+    a fetched input equals the device array; output buffers are reused round the ring, and what was written
+    moves to the device unchanged."""
     dev = jax.devices()[0]
-    assert not PinnedOutputs(dev, None).wants((4096, 4096))
-    outputs = PinnedOutputs(dev, min_bytes=2048)
-    assert not outputs.wants((1, 128)) and outputs.wants((4, 128))  # 512 B, 2 KiB of float32
+    assert not PinnedActivations(dev, None).wants((4096, 4096))
+    pinned = PinnedActivations(dev, min_bytes=2048)
+    assert not pinned.wants((1, 128)) and pinned.wants((4, 128)) and not pinned.wants((4, 128), itemsize=2)
+    x = jax.random.normal(jax.random.key(0), (8, 128), jnp.bfloat16)  # 2 KiB: fetched through pinned memory
+    np.testing.assert_array_equal(pinned.fetch(x), np.asarray(x))
+    host = np.ones((8, 128), np.float32)
+    assert pinned.fetch(host) is host
     taken = []
     for i in range(5):
-        buffer = outputs.take((4, 128))
+        buffer = pinned.take((4, 128))
         buffer.view[...] = i
-        np.testing.assert_array_equal(np.asarray(outputs.to_device(buffer)), np.full((4, 128), i, np.float32))
+        np.testing.assert_array_equal(np.asarray(pinned.to_device(buffer)), np.full((4, 128), i, np.float32))
         taken.append(buffer)
     assert taken[0] is taken[2] is taken[4] and taken[1] is taken[3] and taken[0] is not taken[1]
-    assert outputs.nbytes == 2 * 4 * 128 * 4
+    assert pinned.nbytes == 2 * 4 * 128 * 4
     with pytest.raises(InvalidInputError, match="depth >= 2"):
-        PinnedOutputs(dev, 0, depth=1)
+        PinnedActivations(dev, 0, depth=1)

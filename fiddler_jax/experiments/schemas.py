@@ -50,7 +50,8 @@ class ScenarioSchema:
 class KernelSchema:
     path: str = "auto"  # auto | avx512_bf16 | amx | avx2 | generic | xla
     spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
-    pinned_output: bool = True  # large CPU-lane outputs reach the GPU from pinned buffers (runtime/host_output)
+    pinned_activations: bool = True  # large CPU-lane activations cross PCIe through pinned memory
+    #                                  (runtime/pinned_activations; false: the pageable numpy path, an ablation)
 
 
 @dataclass

@@ -55,7 +55,7 @@ from fiddler_jax.runtime.generate import (
 from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
 from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot, size_pinned_pool
-from fiddler_jax.runtime.host_output import PinnedOutputs
+from fiddler_jax.runtime.pinned_activations import PinnedActivations
 from fiddler_jax.runtime.staging import StagingPool
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
@@ -197,7 +197,7 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
     weights run through the C++ kernel (all experts of the call at once, over all cores, reading the weights
     where they are; ``prepared``: the same tables as ``kernels.ExpertTables`` made once, which skips the per-call
     checks); float32 weights (parity runs) through numpy in float32. ``out``: where to write the result (every
-    row is written; a pinned buffer of :mod:`host_output`), else a new array."""
+    row is written; a pinned buffer of :mod:`pinned_activations`), else a new array."""
     kernel = prepared is not None or (len(token) > 0 and tables[0][int(expert[0])].dtype != np.float32)
     if out is None:
         out = np.zeros(moe_in.shape, np.float32)
@@ -223,7 +223,7 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
 
 
 CPU_BACKENDS = ("kernel", "xla")
-PINNED_OUTPUT_MIN_BYTES = 1 << 20  # CPU-lane outputs from this size take the pinned path (host_output)
+PINNED_MIN_BYTES = 1 << 20  # CPU-lane activations from this size take the pinned path (pinned_activations)
 PLAN_MEMO_TOKENS = 64  # plans of steps with at most this many routed tokens are remembered (Engine._plan)
 PLAN_MEMO_SIZE = 1 << 14
 
@@ -300,7 +300,7 @@ class Engine:
         # Queue the resident experts' mix before the step's sync (measurement knob: False queues it after the
         # plan, as before session 7; scripts/probe_decode_step.py compares the two).
         self.early_resident_mix = True
-        self.set_pinned_outputs(True)
+        self.set_pinned_activations(True)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -386,13 +386,13 @@ class Engine:
         other.planner, other.cpu_backend, other.trace, other._plans = bound, cpu_backend, Trace(), {}
         return other
 
-    def set_pinned_outputs(self, on: bool) -> None:
-        """Whether the CPU lane's large outputs go to the GPU from pinned buffers the kernel writes into
-        (:mod:`host_output`; on a GPU from ``PINNED_OUTPUT_MIN_BYTES``, i.e. prefill; on a CPU-only JAX never:
-        there is no host-to-device copy to save) or as numpy (``on=False``, the path before session 7: an
-        ablation)."""
+    def set_pinned_activations(self, on: bool) -> None:
+        """Whether the CPU lane's large activations cross PCIe through pinned memory -- the input by one DMA into
+        pinned memory, the output from pinned buffers the kernel writes into (:mod:`pinned_activations`; on a
+        GPU from ``PINNED_MIN_BYTES``, i.e. prefill; on a CPU-only JAX never: there is no PCIe copy to save) --
+        or as numpy through pageable memory (``on=False``, the path before session 7: an ablation)."""
         gpu = self._device.platform == "gpu"
-        self.cpu_outputs = PinnedOutputs(self._device, PINNED_OUTPUT_MIN_BYTES if on and gpu else None)
+        self.pinned = PinnedActivations(self._device, PINNED_MIN_BYTES if on and gpu else None)
 
     @property
     def planner_prefetch(self) -> int:
@@ -414,7 +414,7 @@ class Engine:
         ``resident``: (queued at, the resident mix) when the caller queued it before the sync, else None. Returns
         the GPU lanes' sum (on the device) and the CPU lane's (float32: numpy, which the next jitted step takes as
         an argument and moves in the jit's own C++ path; or, for large outputs, a device array copied from a
-        pinned buffer, :mod:`host_output`)."""
+        pinned buffer, :mod:`pinned_activations`)."""
         clock = self.trace.now
         t_plan = clock()
         # The step's one sync, one transfer: the routing, the predicted counts, and for small steps (decode,
@@ -466,7 +466,7 @@ class Engine:
             if self.cache_slots:
                 jax.block_until_ready(self._cache[layer])
             spans["pcie"] = (spans["pcie"][0], clock())
-        cpu_out = self._zeros(moe_in.shape, host=not self._pinned_output(layer, moe_in.shape))
+        cpu_out = self._zeros(moe_in.shape, host=not self._pinned_path(layer, moe_in.shape))
         if job is not None and cpu_job is None and plan.concurrent:
             cpu_out, spans["cpu"] = job()  # inline: the GPU span below then ends when the main thread looks
         gpu_out.block_until_ready()
@@ -515,28 +515,28 @@ class Engine:
                                                     layer=layer, **staged)
         return plan
 
-    def _pinned_output(self, layer: int, shape) -> bool:
+    def _pinned_path(self, layer: int, shape) -> bool:
         """Whether this layer step's CPU output goes through a pinned buffer: the kernel writes it (bfloat16
-        experts, ``kernel`` backend) and it is large enough (``cpu_outputs.wants``)."""
-        return (self.cpu_backend == "kernel" and self.cpu_outputs.wants(shape)
+        experts, ``kernel`` backend) and it is large enough (``pinned.wants``)."""
+        return (self.cpu_backend == "kernel" and self.pinned.wants(shape)
                 and self.host.kernel_tables(layer) is not None)
 
     def _run_cpu_lane(self, layer: int, moe_in, token, expert, weight):
         """The CPU lane of one layer step (runs in the lane's worker thread): activations to the host (unless the
-        step's sync brought them), the kernel over the pinned expert views. Returns the float32 output (numpy,
-        or for large outputs a device array already on its way from a pinned buffer) and the lane's (start,
-        end)."""
+        step's sync brought them; large ones through pinned memory), the kernel over the pinned expert views.
+        Returns the float32 output (numpy, or for large outputs a device array already on its way from a pinned
+        buffer) and the lane's (start, end)."""
         start = self.trace.now()
+        x = self.pinned.fetch(moe_in)
         if self.cpu_backend == "xla":
-            out = xla_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer))
-        elif self._pinned_output(layer, moe_in.shape):
-            buffer = self.cpu_outputs.take(moe_in.shape)
-            cpu_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer),
-                           self.host.kernel_tables(layer), out=buffer.view)
-            out = self.cpu_outputs.to_device(buffer)
+            out = xla_expert_mix(x, token, expert, weight, self.host.tables(layer))
+        elif self._pinned_path(layer, moe_in.shape):
+            buffer = self.pinned.take(moe_in.shape)
+            cpu_expert_mix(x, token, expert, weight, self.host.tables(layer), self.host.kernel_tables(layer),
+                           out=buffer.view)
+            out = self.pinned.to_device(buffer)
         else:
-            out = cpu_expert_mix(np.asarray(moe_in), token, expert, weight, self.host.tables(layer),
-                                 self.host.kernel_tables(layer))
+            out = cpu_expert_mix(x, token, expert, weight, self.host.tables(layer), self.host.kernel_tables(layer))
         return out, (start, self.trace.now())
 
     def _cache_state(self, layer: int) -> P.CacheState | None:
