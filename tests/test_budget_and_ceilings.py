@@ -3,6 +3,7 @@ bandwidths, and bench sweeps reuse one engine with short warm-ups that compile t
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -141,3 +142,20 @@ def test_kv_slots_share_compiled_shapes_and_are_checked():
     with pytest.raises(InvalidInputError, match="kv_slots=16 must hold"):
         engine.generate(prompt, 40, eos_token_id=[], kv_slots=16)
     bench.release_engines()
+
+
+def test_lanes_together_measures_both_lanes_and_raises_a_copy_error():
+    buffers = [np.ones(1 << 22, np.uint8)]
+
+    def copy_one():
+        time.sleep(0.002)
+        return 1 << 20
+
+    both = ceilings.lanes_together(buffers, copy_one, reps=3)
+    assert both["host_read_with_h2d"] > 0 and 0 < both["pinned_h2d_with_read"] <= (1 << 20) / 0.002
+
+    def broken():
+        raise RuntimeError("copy failed")
+
+    with pytest.raises(RuntimeError, match="copy failed"):
+        ceilings.lanes_together(buffers, broken, reps=1)

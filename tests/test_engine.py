@@ -400,5 +400,11 @@ def test_pinned_activations_choose_by_size_reuse_a_ring_and_refuse_depth_one():
         taken.append(buffer)
     assert taken[0] is taken[2] is taken[4] and taken[1] is taken[3] and taken[0] is not taken[1]
     assert pinned.nbytes == 2 * 4 * 128 * 4
+    pinned.take((8, 128))  # a second shape: two rings
+    assert pinned.nbytes == (2 * 4 + 8) * 128 * 4
+    pinned.take((16, 128))  # a third: the least recently used ring, (4, 128), is dropped
+    assert pinned.nbytes == (8 + 16) * 128 * 4
+    pinned.settle()
+    assert all(b.copy is None for ring in pinned._rings.values() for b in ring)
     with pytest.raises(InvalidInputError, match="depth >= 2"):
         PinnedActivations(dev, 0, depth=1)

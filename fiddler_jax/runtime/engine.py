@@ -588,6 +588,7 @@ class Engine:
         head_leaves = None if self._head_part is None else self._head_part.leaves
         logits = self._head(self._embed_part.leaves, self._norm_part.leaves, head_leaves, pending,
                             last_only=last_only)
+        self.pinned.settle()  # the CPU lane's output copies have landed; hold no GPU memory for them between passes
         return logits, tuple(new_cache)
 
     def jitted_functions(self) -> dict:

@@ -12,13 +12,15 @@ rate (~54 GB/s on the H100 machine):
     and ``to_device`` starts one eager ``device_put`` of it on XLA's host-to-device stream. The next jitted call
     waits for that copy on the device.
 
-``PinnedActivations`` keeps a ring of ``depth`` output buffers per shape. A buffer is written again only after
-the copy made from it has landed (its device array is ready). Each layer step's sync also waits for the jitted
-call that read the previous step's output, so the copy from ``depth - 1`` steps ago has been consumed too.
+``PinnedActivations`` keeps a ring of ``depth`` output buffers per shape, for at most ``max_shapes`` shapes. A
+buffer is written again only after the copy made from it has landed (its device array is ready); a device copy
+is fresh GPU memory, so depth 2 only lets one step's copy overlap the next step's kernel. The engine lets go of
+the copies at the end of each forward pass (``settle``), so they never hold GPU memory between passes.
 Activations smaller than ``min_bytes`` (decode) keep the numpy path; ``min_bytes=None`` turns the path off.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 
 import jax
@@ -42,11 +44,18 @@ class _Buffer:
         self.view = np.frombuffer(raw, np.float32).reshape(shape)
         self.copy: jax.Array | None = None
 
+    def settle(self) -> None:
+        """Wait for the last copy made from this buffer to land, and let go of it (its GPU memory is the next
+        jitted call's to free, not ours to hold)."""
+        if self.copy is not None:
+            self.copy.block_until_ready()
+            self.copy = None
+
 
 class PinnedActivations:
     """Pinned fetches of large CPU-lane inputs and rings of pinned output buffers per shape (module docstring)."""
 
-    def __init__(self, device: jax.Device, min_bytes: int | None, depth: int = 2):
+    def __init__(self, device: jax.Device, min_bytes: int | None, depth: int = 2, max_shapes: int = 2):
         if depth < 2:
             raise InvalidInputError(f"PinnedActivations needs depth >= 2 (a buffer must outlive the step that reads "
                                     f"it), got {depth}")
@@ -55,7 +64,10 @@ class PinnedActivations:
         self.device, self.min_bytes, self.depth = device, min_bytes, depth
         self._pinned = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED)
         self._target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
-        self._rings: dict[tuple[int, ...], list[_Buffer]] = {}
+        # The rings by shape, least recently used first; at most ``max_shapes`` (the pinned pool has ~2 GiB of
+        # slack beyond the experts, and a run over many prompt lengths would otherwise keep a ring for each).
+        self.max_shapes = max_shapes
+        self._rings: collections.OrderedDict[tuple[int, ...], list[_Buffer]] = collections.OrderedDict()
         self._next: dict[tuple[int, ...], int] = {}
 
     def wants(self, shape: tuple[int, ...], itemsize: int = 4) -> bool:
@@ -70,17 +82,30 @@ class PinnedActivations:
         return np.asarray(x)
 
     def take(self, shape: tuple[int, ...]) -> _Buffer:
-        """The next output buffer of the ring for ``shape``, free to be written: its last copy has landed."""
+        """The next output buffer of the ring for ``shape``, free to be written: its last copy has landed. A new
+        shape beyond ``max_shapes`` drops the least recently used ring (after its copies have landed)."""
         shape = tuple(int(d) for d in shape)
-        ring = self._rings.setdefault(shape, [])
-        i = self._next.get(shape, 0)
-        self._next[shape] = (i + 1) % self.depth
+        if shape not in self._rings:
+            while len(self._rings) >= self.max_shapes:
+                old, ring = self._rings.popitem(last=False)
+                for buffer in ring:
+                    buffer.settle()
+                self._next.pop(old, None)
+            self._rings[shape] = []
+        self._rings.move_to_end(shape)
+        ring, i = self._rings[shape], self._next.get(shape, 0)
         if i == len(ring):
-            ring.append(_Buffer(shape, self.device))
+            ring.append(_Buffer(shape, self.device))  # may raise (pinned pool full): the ring stays consistent
+        self._next[shape] = (i + 1) % self.depth
         buffer = ring[i]
-        if buffer.copy is not None:
-            buffer.copy.block_until_ready()
+        buffer.settle()
         return buffer
+
+    def settle(self) -> None:
+        """Wait for every copy still in flight from the buffers and let go of them (the end of a forward pass)."""
+        for ring in self._rings.values():
+            for buffer in ring:
+                buffer.settle()
 
     def to_device(self, buffer: _Buffer) -> jax.Array:
         """Start the DMA of a written buffer into a fresh device array (returned; the copy is remembered so the
