@@ -206,6 +206,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     ``transfer_s``, calibrated on another day) is kept beside it. The CPU lane's achieved read rate (expert bytes
     it ran over its busy seconds, decode steps only) says how close the kernel came to its ceiling. None when the
     trace holds no single-token step."""
+    from fiddler_jax.experiments.ceilings import decode_limits
     from fiddler_jax.runtime.placement import expert_bytes
     from fiddler_jax.runtime.planners import Lane
 
@@ -224,23 +225,18 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     out = {"offloaded_experts_per_token": per_token, "expert_bytes": expert,
            "cpu_lane_read_GBps": cpu_experts * expert / cpu_busy / 1e9 if cpu_busy else None,
            "latency_model_two_lane_decode_tokens_per_s": lanes_per_s / per_token if per_token else None}
+    if bandwidth:
+        measured = decode_limits(bandwidth, per_token, expert)
+        out["cpu_lane_only_decode_tokens_per_s"] = measured["cpu_lane_only_decode_tokens_per_s"]
+        out["ceilings_GBps"] = {k: v / 1e9 for k, v in bandwidth.items() if k.startswith(RATE_KEYS)}
     if bandwidth and "pinned_h2d" in bandwidth:
-        lanes = bandwidth["host_read"] + bandwidth["pinned_h2d"]
-        together = bandwidth["host_read_with_h2d"] + bandwidth["pinned_h2d_with_read"]
-        out.update({"two_lane_decode_tokens_per_s": lanes / (per_token * expert) if per_token else None,
-                    "two_lanes_together_decode_tokens_per_s": together / (per_token * expert) if per_token else None,
-                    "cpu_lane_only_decode_tokens_per_s":
-                        bandwidth["host_read"] / (per_token * expert) if per_token else None,
-                    "ceilings_GBps": {k: v / 1e9 for k, v in bandwidth.items() if k.startswith(RATE_KEYS)},
-                    "source": "host read and pinned H2D measured in this process on the engine's offloaded "
-                              "experts, and the routing of the last timed run"})
+        for key in ("two_lane_decode_tokens_per_s", "two_lanes_together_decode_tokens_per_s"):
+            out[key] = measured[key]
+        out["source"] = ("host read and pinned H2D measured in this process on the engine's offloaded experts, and "
+                         "the routing of the last timed run")
     else:  # no copies measured (an engine without staging slots): the latency model's limit
         out.update({"two_lane_decode_tokens_per_s": out["latency_model_two_lane_decode_tokens_per_s"],
                     "source": "latency model (cpu(1) and transfer_s) and the routing of the last timed run"})
-        if bandwidth:
-            out.update({"cpu_lane_only_decode_tokens_per_s":
-                        bandwidth["host_read"] / (per_token * expert) if per_token else None,
-                        "ceilings_GBps": {k: v / 1e9 for k, v in bandwidth.items() if k.startswith(RATE_KEYS)}})
     return out
 
 

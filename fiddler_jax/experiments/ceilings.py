@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import statistics
@@ -199,10 +200,25 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
 
     seconds = _median_time(copy_all, reps)
     nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
-    turn = iter(range(1 << 62))
-    together = lanes_together(views, lambda: copy_one(moved[next(turn) % len(moved)]), reps)
+    turns = itertools.cycle(moved)
+    together = lanes_together(views, lambda: copy_one(next(turns)), reps)
     return {**host, "pinned_h2d": nbytes / seconds, **together, "host_read_experts": len(picked),
             "h2d_experts": len(moved)}
+
+
+def decode_limits(bandwidth: dict, per_token: float, expert: int) -> dict:
+    """Decode tokens/s that bandwidths (bytes/s) allow when a token needs ``per_token`` offloaded experts of
+    ``expert`` bytes: both lanes at their rates alone (needs ``pinned_h2d``), the CPU lane alone, and both lanes
+    at the rates measured together (needs :func:`lanes_together`'s keys). None where a rate was not measured
+    or nothing is offloaded."""
+    def rate(bytes_per_s: float) -> float | None:
+        return bytes_per_s / (per_token * expert) if per_token and bytes_per_s else None
+
+    host, h2d = bandwidth.get("host_read", 0.0), bandwidth.get("pinned_h2d")
+    together = bandwidth.get("host_read_with_h2d", 0.0) + bandwidth.get("pinned_h2d_with_read", 0.0)
+    return {"two_lane_decode_tokens_per_s": None if h2d is None else rate(host + h2d),
+            "cpu_lane_only_decode_tokens_per_s": rate(host),
+            "two_lanes_together_decode_tokens_per_s": rate(together)}
 
 
 def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging_slots: int = 2) -> dict:
@@ -216,16 +232,11 @@ def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging
     expert = expert_bytes(cfg, 2)
     embed_table = cfg.vocab_size * cfg.hidden_size * 2
     token_bytes = non_expert_bytes(cfg, 2) - embed_table + cfg.num_hidden_layers * k * expert  # one embed row
-    host, h2d, hbm = bandwidth["host_read"], bandwidth["pinned_h2d"], bandwidth["hbm_read"]
-    together = bandwidth.get("host_read_with_h2d", 0.0) + bandwidth.get("pinned_h2d_with_read", 0.0)
+    h2d, hbm = bandwidth["pinned_h2d"], bandwidth["hbm_read"]
     return {
         "budget": budget, "resident_experts": plan.resident_count,
         "offloaded_experts": int(offloaded.sum()), "offloaded_bytes": int(offloaded.sum()) * expert,
-        "offloaded_experts_per_token": per_token,
-        "two_lane_decode_tokens_per_s": (host + h2d) / (per_token * expert) if per_token else None,
-        "cpu_lane_only_decode_tokens_per_s": host / (per_token * expert) if per_token else None,
-        "two_lanes_together_decode_tokens_per_s": together / (per_token * expert) if per_token and together
-        else None,
+        "offloaded_experts_per_token": per_token, **decode_limits(bandwidth, per_token, expert),
         "pcie_prefill_limit_s": int(offloaded.sum()) * expert / h2d,
         "hbm_roofline_tokens_per_s": hbm / token_bytes,
     }

@@ -3,8 +3,6 @@ direct (non-XLA) entry points on numpy buffers."""
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from typing import Any
 
 import jax
@@ -101,19 +99,14 @@ def read_bandwidth(buffers, reps: int = 5) -> float:
         raise KernelError("read_bandwidth needs a non-empty list of C-contiguous numpy arrays")
     if reps < 1:
         raise KernelError(f"reps must be >= 1, got {reps}")
-    total = sum(b.nbytes for b in buffers)
+    from fiddler_jax.kernels.bench import timeit  # the kernel benchmarks' timing loop
 
     def one_pass():
         for b in buffers:
             _lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes)
 
-    one_pass()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - t0)
-    return total / statistics.median(times)
+    seconds, _ = timeit(one_pass, min_reps=reps, max_reps=reps, warmup=1)
+    return sum(b.nbytes for b in buffers) / seconds
 
 
 def set_amx_min_tokens(n: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import math
 
 import jax
 import numpy as np
@@ -39,7 +40,7 @@ class _Buffer:
         sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED)
         self.owner = jax.device_put(np.zeros(shape, np.float32), sharding)
         self.owner.block_until_ready()
-        nbytes = int(np.prod(shape)) * 4
+        nbytes = math.prod(shape) * 4
         raw = (ctypes.c_char * nbytes).from_address(self.owner.unsafe_buffer_pointer())
         self.view = np.frombuffer(raw, np.float32).reshape(shape)
         self.copy: jax.Array | None = None
@@ -72,7 +73,7 @@ class PinnedActivations:
 
     def wants(self, shape: tuple[int, ...], itemsize: int = 4) -> bool:
         """Whether an activation of ``shape`` (float32 unless ``itemsize`` says otherwise) takes the pinned path."""
-        return self.min_bytes is not None and int(np.prod(shape)) * itemsize >= self.min_bytes
+        return self.min_bytes is not None and math.prod(shape) * itemsize >= self.min_bytes
 
     def fetch(self, x) -> np.ndarray:
         """``x`` on the host as numpy: a device array that ``wants`` the pinned path through one DMA into pinned
