@@ -265,6 +265,7 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
         set_kernel(cfg.kernel.path, cfg.kernel.spin_us)
         engine, tokenizer = build_engine(cfg)
         engine.set_pinned_activations(cfg.kernel.pinned_activations)
+        engine.streamed_cpu_lane = cfg.kernel.streamed_lane
         ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
                          cfg.seed)
         warm = s if cfg.warmup_tokens is None else OmegaConf.merge(

@@ -52,6 +52,8 @@ class KernelSchema:
     spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
     pinned_activations: bool = True  # large CPU-lane activations cross PCIe through pinned memory
     #                                  (runtime/pinned_activations; false: the pageable numpy path, an ablation)
+    streamed_lane: bool = True  # steps whose plan no routing can change skip the host sync (runtime/streamed_steps;
+    #                             false: every step syncs and plans, an ablation)
 
 
 @dataclass

@@ -24,6 +24,8 @@ typedef struct XLA_FFI_Error XLA_FFI_Error;
 typedef struct XLA_FFI_CallFrame XLA_FFI_CallFrame;
 XLA_FFI_Error* FiddlerExpertFfn(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FiddlerGroupedExpertFfn(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedLaneCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedLaneCuda(XLA_FFI_CallFrame* call_frame);
 
 int fj_cpu_feature_bits(void);
 int fj_physical_cores(void);
@@ -52,6 +54,16 @@ int fj_grouped_expert_ffn_tables(const uint16_t* x, int64_t T, int64_t hidden, i
                                  const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
                                  int64_t A, const uint64_t* w1, const uint64_t* w3, const uint64_t* w2, void* y,
                                  int out_f32, char* err, int err_len);
+int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const uint64_t* w1, const uint64_t* w3,
+                                  const uint64_t* w2);
+void fj_streamed_lane_unregister(int64_t id);
+int fj_streamed_lane_error(char* err, int err_len);
+typedef struct FjStreamedRecord {
+  int64_t tables, tokens, assignments, start_ns, end_ns;
+  uint16_t counts[64];
+} FjStreamedRecord;
+int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped);
+int64_t fj_monotonic_ns(void);
 """
 
 
@@ -70,7 +82,7 @@ ffibuilder.set_source(
     sources=[_relative(p) for p in sorted(glob.glob(os.path.join(_SRC, "*.cc")))],
     include_dirs=[jax.ffi.include_dir(), _relative(_SRC)],
     extra_compile_args=["-std=c++17", "-O3", "-fno-strict-aliasing", "-fvisibility=hidden", "-pthread"],
-    extra_link_args=["-pthread"],
+    extra_link_args=["-pthread", "-ldl"],
     language="c++",
 )
 

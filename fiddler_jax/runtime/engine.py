@@ -37,6 +37,7 @@ import copy
 import functools
 import inspect
 import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,7 @@ from fiddler_jax.runtime.calibrate import geometry_of, load_calibrated
 from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot, size_pinned_pool
 from fiddler_jax.runtime.pinned_activations import PinnedActivations
 from fiddler_jax.runtime.staging import StagingPool
+from fiddler_jax.runtime.streamed_steps import all_cpu_for_any_routing
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.profiling import RoutingProfile
@@ -147,6 +149,13 @@ def _model_ends(embed_key, norm_key, head_key):
         return _Split.merge(head_key, head_leaves)(x, out_dtype=jnp.float32)
 
     return embed, head
+
+
+def streamed_cpu_mix(moe_in, experts, weights, *, tables: int):
+    """``kernels.streamed_lane.streamed_cpu_mix`` (imported when first used, like the rest of the kernel)."""
+    from fiddler_jax.kernels.streamed_lane import streamed_cpu_mix as call
+
+    return call(moe_in, experts, weights, tables=tables)
 
 
 @jax.jit
@@ -262,7 +271,7 @@ class Engine:
         self.planner = planner
         self.latency = latency
         self.host = host
-        self.trace = Trace()
+        self._trace = Trace()
         self._device = jax.devices()[0]
         self._embed_part, self._norm_part = _Split(model.embed_tokens), _Split(model.norm)
         self._head_part = None if model.lm_head is None else _Split(model.lm_head)
@@ -301,6 +310,12 @@ class Engine:
         # plan, as before session 7; scripts/probe_decode_step.py compares the two).
         self.early_resident_mix = True
         self.set_pinned_activations(True)
+        # Steps whose plan no routing can change run with no host sync (streamed_steps; the CPU lane as a custom
+        # call the stream runs, kernels.streamed_lane). False: every step syncs and plans (an ablation).
+        self.streamed_cpu_lane = True
+        self._streamed_ids: dict[int, int] = {}  # layer -> registered tables id (shared with with_planner)
+        self._streamable: dict[tuple[int, int], bool] = {}  # (layer, tokens) -> the step takes the streamed lane
+        self._streamed_layer: dict[int, int] = {}  # tables id -> layer
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -383,7 +398,8 @@ class Engine:
                 f"planner {planner!r} needs {staging_slots} staging and {getattr(bound, 'cache_slots', 0)} cache "
                 f"slots, but this engine placed {self.staging_slots} and {self.cache_slots}; build a new engine")
         other = copy.copy(self)
-        other.planner, other.cpu_backend, other.trace, other._plans = bound, cpu_backend, Trace(), {}
+        other.planner, other.cpu_backend, other._trace, other._plans = bound, cpu_backend, Trace(), {}
+        other._streamable = {}
         return other
 
     def set_pinned_activations(self, on: bool) -> None:
@@ -415,7 +431,7 @@ class Engine:
         the GPU lanes' sum (on the device) and the CPU lane's (float32: numpy, which the next jitted step takes as
         an argument and moves in the jit's own C++ path; or, for large outputs, a device array copied from a
         pinned buffer, :mod:`pinned_activations`)."""
-        clock = self.trace.now
+        clock = self._trace.now
         t_plan = clock()
         # The step's one sync, one transfer: the routing, the predicted counts, and for small steps (decode,
         # beams) the activations too, which the CPU lane then need not fetch on its own.
@@ -474,7 +490,7 @@ class Engine:
         self._pool.release(layer)  # the GPU work reading this layer's copies is done
         if job is not None and "cpu" not in spans:
             cpu_out, spans["cpu"] = cpu_job.result() if cpu_job is not None else job()
-        self.trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans, staged, plan.staged))
+        self._trace.add(StepRecord(layer, counts, lanes, plan.predicted_s, spans, staged, plan.staged))
         return gpu_out, cpu_out
 
     def _copy_lane(self, layer: int, moe_in, routing, order: np.ndarray, gpu_out):
@@ -526,7 +542,7 @@ class Engine:
         step's sync brought them; large ones through pinned memory), the kernel over the pinned expert views.
         Returns the float32 output (numpy, or for large outputs a device array already on its way from a pinned
         buffer) and the lane's (start, end)."""
-        start = self.trace.now()
+        start = self._trace.now()
         x = self.pinned.fetch(moe_in)
         if self.cpu_backend == "xla":
             out = xla_expert_mix(x, token, expert, weight, self.host.tables(layer))
@@ -537,7 +553,7 @@ class Engine:
             out = self.pinned.to_device(buffer)
         else:
             out = cpu_expert_mix(x, token, expert, weight, self.host.tables(layer), self.host.kernel_tables(layer))
-        return out, (start, self.trace.now())
+        return out, (start, self._trace.now())
 
     def _cache_state(self, layer: int) -> P.CacheState | None:
         return self.planner.caches.get(layer, P.CacheState.empty(self.cache_slots)) if self.cache_slots else None
@@ -555,7 +571,7 @@ class Engine:
         after = self.planner.caches[layer]
         into_cache = [(after.experts.index(e), e) for e in plan.transfer_order.tolist() if e in after.experts]
         if into_cache:
-            t_copy = self.trace.now()
+            t_copy = self._trace.now()
             placed = np.full(len(plan.lanes), -1, np.int32)
             for slot, e in into_cache:
                 self._cache[layer] = copy_into_slot(self._cache[layer], slot, self.host.arrays(layer, e))
@@ -570,17 +586,24 @@ class Engine:
         ``last_only``), and the updated KV cache."""
         start = jnp.int32(start)
         self._pool.clear()  # copies left by a forward pass that raised
+        self._collect_streamed()  # a streamed step's error surfaces here at the latest, its record joins the trace
         pending = (self._embed(self._embed_part.leaves, self._on_device(tokens)),)
         lookahead = self._lookahead if self.planner_prefetch else [None] * len(self._layers)
+        rows = int(np.prod(np.shape(tokens)))
         new_cache = []
         for layer, (part, (fused_layer, attention_and_router), kv) in enumerate(zip(self._layers, self._steps,
                                                                                      cache)):
             if self.placement.layer_all_resident(layer):
                 x, kv = fused_layer(part.leaves, pending, kv, start)
                 pending = (x,)
+            elif (streamed := self._streamed_id(layer, rows)) is not None:
+                # no sync: the stream runs attention, the resident mix and the CPU lane in order (streamed_steps)
+                h, moe_in, routing, _, kv = attention_and_router(part.leaves, pending, kv, start, lookahead[layer])
+                pending = (h, self._resident_mix(layer, moe_in, routing),
+                           streamed_cpu_mix(moe_in, routing.experts, routing.weights, tables=streamed))
             else:
                 h, moe_in, routing, sync, kv = attention_and_router(part.leaves, pending, kv, start, lookahead[layer])
-                resident = (self.trace.now(), self._resident_mix(layer, moe_in, routing)) \
+                resident = (self._trace.now(), self._resident_mix(layer, moe_in, routing)) \
                     if self.early_resident_mix else None
                 pending = (h,) + self._hybrid_moe(layer, moe_in, routing, sync, lookahead[layer] is not None,
                                                   resident)
@@ -590,6 +613,60 @@ class Engine:
                             last_only=last_only)
         self.pinned.settle()  # the CPU lane's output copies have landed; hold no GPU memory for them between passes
         return logits, tuple(new_cache)
+
+    def _streamed_id(self, layer: int, rows: int) -> int | None:
+        """The registered tables id when this layer step of ``rows`` tokens takes the streamed CPU lane: the
+        C++ kernel on bfloat16 host experts, no dynamic cache, and a plan no routing can change
+        (``streamed_steps.all_cpu_for_any_routing``, asked once per (layer, rows)); else None."""
+        key = (layer, rows)
+        ok = self._streamable.get(key)
+        if ok is None:
+            resident = self.placement.resident[layer]
+            ok = self._streamable[key] = (
+                self.cpu_backend == "kernel" and not self.cache_slots and self._device.platform in ("cpu", "gpu")
+                and self.host.kernel_tables(layer) is not None
+                and all_cpu_for_any_routing(lambda counts: self._plan(counts, layer), resident, rows,
+                                            self.config.num_experts_per_tok))
+        if not (ok and self.streamed_cpu_lane):
+            return None
+        if layer not in self._streamed_ids:
+            from fiddler_jax.kernels import streamed_lane
+
+            if not self._streamed_ids:  # registrations live as long as the host experts (shared by with_planner)
+                weakref.finalize(self.host, streamed_lane.unregister_layers, self._streamed_layer)
+            tid = self._streamed_ids[layer] = streamed_lane.register_layer(self.host.kernel_tables(layer),
+                                                                           self._device)
+            self._streamed_layer[tid] = layer
+        return self._streamed_ids[layer]
+
+    def _collect_streamed(self) -> None:
+        """Raise the first error of a streamed CPU-lane call, and add a trace record for each streamed call that
+        has run (its counts, the plan's lanes and the CPU lane's span as the host function saw it)."""
+        if not self._streamed_ids:
+            return
+        from fiddler_jax.kernels import streamed_lane
+
+        streamed_lane.raise_pending_error()
+        while True:
+            records, _ = streamed_lane.drain_records(256)
+            E = self.config.num_local_experts
+            for r in records:
+                layer = self._streamed_layer.get(r["tables"])
+                if layer is None:
+                    continue
+                counts = r["counts"][:E].astype(np.int32)
+                plan = self._plan(counts, layer)
+                t0 = self._trace.t0
+                self._trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s,
+                                           {"cpu": (r["start"] - t0, r["end"] - t0)}))
+            if len(records) < 256:
+                return
+
+    @property
+    def trace(self) -> Trace:
+        """The per-layer-step records (:mod:`trace`), with the streamed steps run so far."""
+        self._collect_streamed()
+        return self._trace
 
     def jitted_functions(self) -> dict:
         """The step loop's jitted functions by name, each once (``f._cache_size()`` counts its compiles: tests and

@@ -1,0 +1,163 @@
+"""The streamed CPU lane: the custom call computes the CPU lane's share (host experts only) on whatever device JAX
+runs (on a GPU through the stream's host function), the steps that take it are exactly those whose plan no
+routing can change, and an engine that streams computes what the synced engine computes."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fiddler_jax as fj
+from fiddler_jax.assets import default_model_path
+from fiddler_jax.kernels import ExpertTables, KernelError
+from fiddler_jax.kernels import streamed_lane as S
+from fiddler_jax.runtime import engine as E
+from fiddler_jax.runtime import planners as P
+from fiddler_jax.runtime.latency import LatencyModel
+from fiddler_jax.runtime.streamed_steps import all_cpu_for_any_routing, count_vectors, _number_of_vectors
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _layer(rng, E_, H, F, resident):
+    mats = [[(rng.standard_normal(shape) * scale).astype(BF16) for _ in range(E_)]
+            for shape, scale in (((F, H), 1.0), ((F, H), 1.0), ((H, F), 0.1))]
+    return [[None if resident[e] else m[e] for e in range(E_)] for m in mats]
+
+
+def _reference(x, experts, weights, tables):
+    """float64 numpy: Σ over host-held assignments of weight · FFN(x[token])."""
+    w1s, w3s, w2s = tables
+    out = np.zeros(x.shape, np.float64)
+    for t, j in itertools.product(range(experts.shape[0]), range(experts.shape[1])):
+        e = experts[t, j]
+        if w1s[e] is None:
+            continue
+        xt = x[t].astype(np.float64)
+        gate, up = w1s[e].astype(np.float64) @ xt, w3s[e].astype(np.float64) @ xt
+        out[t] += weights[t, j] * (w2s[e].astype(np.float64) @ (gate / (1 + np.exp(-gate)) * up))
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_streamed_mix_equals_float64_over_the_host_experts_only(tokens):
+    rng = np.random.default_rng(tokens)
+    E_, H, F, k = 8, 64, 96, 2
+    resident = np.zeros(E_, bool)
+    resident[rng.choice(E_, 3, replace=False)] = True
+    tables = _layer(rng, E_, H, F, resident)
+    device = jax.devices()[0]
+    tid = S.register_layer(ExpertTables(*tables, hidden=H), device)
+    try:
+        x = rng.standard_normal((tokens, H)).astype(BF16)
+        experts = np.stack([rng.choice(E_, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+        experts[0] = np.flatnonzero(resident)[:2]  # a token served by the GPU alone: its row must be zero
+        weights = rng.random((tokens, k)).astype(np.float32)
+        put = lambda a: jax.device_put(a, device)  # noqa: E731
+        for _ in range(3):  # the GPU path reuses its staging slots
+            out = np.asarray(S.streamed_cpu_mix(put(x), put(experts), put(weights), tables=tid))
+            ref = _reference(x, experts, weights, tables)
+            assert np.all(out[0] == 0)
+            assert np.linalg.norm(out - ref) <= 1e-2 * np.linalg.norm(ref)
+        records, _ = S.drain_records()
+        mine = [r for r in records if r["tables"] == tid]
+        assert len(mine) == 3 and all(r["end"] >= r["start"] for r in mine)
+        held = ~resident[experts]
+        assert mine[-1]["assignments"] == int(held.sum())
+        np.testing.assert_array_equal(mine[-1]["counts"][:E_], np.bincount(experts.reshape(-1), minlength=E_))
+    finally:
+        S.unregister_layers([tid])
+
+
+def test_streamed_mix_refuses_bad_input():
+    rng = np.random.default_rng(0)
+    tables = _layer(rng, 4, 32, 48, np.array([True, False, False, False]))
+    device = jax.devices()[0]
+    tid = S.register_layer(ExpertTables(*tables, hidden=32), device)
+    x = jax.device_put(rng.standard_normal((2, 32)).astype(BF16), device)
+    weights = jnp.ones((2, 2), jnp.float32)
+    try:
+        with pytest.raises(KernelError, match="bfloat16"):
+            S.streamed_cpu_mix(x.astype(jnp.float32), jnp.zeros((2, 2), jnp.int32), weights, tables=tid)
+        with pytest.raises(KernelError, match="tokens"):
+            S.streamed_cpu_mix(x, jnp.zeros((3, 2), jnp.int32), jnp.ones((3, 2)), tables=tid)
+        with pytest.raises(Exception, match="no layer tables registered"):
+            S.streamed_cpu_mix(x, jnp.zeros((2, 2), jnp.int32), weights, tables=tid + 1000).block_until_ready()
+        with pytest.raises(Exception, match="hidden size"):
+            S.streamed_cpu_mix(jnp.zeros((2, 16), jnp.bfloat16), jnp.zeros((2, 2), jnp.int32), weights,
+                               tables=tid).block_until_ready()
+        bad = jnp.asarray([[0, 7], [1, 2]], jnp.int32)  # expert 7 of 4: on a GPU the host function finds it
+        try:
+            out = np.asarray(S.streamed_cpu_mix(x, bad, weights, tables=tid))
+        except Exception as e:  # the CPU platform fails the call itself
+            assert "out of range" in str(e)
+        else:
+            assert not out.any()  # the host function wrote zeros and kept the error
+            with pytest.raises(KernelError, match="out of range"):
+                S.raise_pending_error()
+        S.raise_pending_error()  # reported once
+    finally:
+        S.unregister_layers([tid])
+
+
+@pytest.mark.parametrize("experts,tokens,k", [(8, 1, 2), (8, 2, 2), (4, 3, 2), (6, 2, 3)])
+def test_count_vectors_are_every_routing_and_nothing_else(experts, tokens, k):
+    seen = {tuple(c) for c in count_vectors(experts, tokens, k)}
+    assert len(seen) == _number_of_vectors(experts, tokens * k, tokens)
+    reachable = set()
+    for picks in itertools.product(itertools.combinations(range(experts), k), repeat=tokens):
+        reachable.add(tuple(np.bincount(np.concatenate(picks), minlength=experts)))
+    assert seen == reachable
+    if (experts, tokens, k) == (8, 1, 2):
+        assert len(seen) == 28
+
+
+def test_only_plans_no_routing_can_change_are_streamed():
+    latency = LatencyModel.from_design_numbers()  # one copy 6.4 ms, one CPU expert 3.5 ms
+    resident = np.array([True, False, False, False, False, False, False, False])
+
+    def plan_of(name, **params):
+        planner = P.get_planner(name, **params)
+        return lambda counts: planner(counts, resident, latency)
+
+    assert all_cpu_for_any_routing(plan_of("cpu_only"), resident, 1, 2)
+    assert all_cpu_for_any_routing(plan_of("cpu_only"), resident, 2, 2)
+    assert not all_cpu_for_any_routing(plan_of("cpu_only"), resident, 16, 2)  # too many vectors to examine
+    assert not all_cpu_for_any_routing(plan_of("fiddler"), resident, 1, 2)  # sequential: the paper's execution
+    assert not all_cpu_for_any_routing(plan_of("transfer"), resident, 1, 2)
+    # two offloaded experts: 7.0 ms on the CPU against 3.5 ms beside a 6.4 ms copy -> the overlap planner copies
+    assert not all_cpu_for_any_routing(plan_of("fiddler_overlap"), resident, 1, 2)
+    slow_copies = dataclasses.replace(latency, transfer_s=0.1)
+    planner = P.get_planner("fiddler_overlap")
+    assert all_cpu_for_any_routing(lambda c: planner(c, resident, slow_copies), resident, 1, 2)
+
+
+def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
+    """bfloat16 bundled model, cpu_only: decode steps (one token) take the streamed lane; the logits and the
+    greedy continuation are those of every step synced, and the trace still records each step's CPU lane."""
+    path = default_model_path()
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=8,
+                                      dtype="bfloat16", progress=False)
+    ids = np.asarray(fj.load_tokenizer(path)("def fibonacci(n):\n    if n < 2:")["input_ids"])[None]
+    streamed = engine.generate(ids, 12, eos_token_id=[])
+    layers = engine.config.num_hidden_layers
+    assert all(engine._streamable[(layer, 1)] for layer in range(layers)
+               if not engine.placement.layer_all_resident(layer))
+    steps = engine.trace.steps
+    decode_steps = [s for s in steps if int(s.counts.sum()) == engine.config.num_experts_per_tok]
+    assert len(decode_steps) == 11 * sum(not engine.placement.layer_all_resident(n) for n in range(layers))
+    assert all("cpu" in s.spans and s.busy_s("cpu") >= 0 for s in decode_steps)
+    assert all(set(s.lanes[(s.counts > 0) & ~engine.placement.resident[s.layer]].tolist()) <= {P.Lane.CPU}
+               for s in decode_steps)
+    one = ids[:, :1]
+    logits_streamed = engine.logits(one)
+    engine.streamed_cpu_lane = False
+    engine.trace.clear()
+    np.testing.assert_array_equal(engine.generate(ids, 12, eos_token_id=[]), streamed)
+    np.testing.assert_array_equal(engine.logits(one), logits_streamed)
+    assert all(len(s.spans) > 1 for s in engine.trace.steps)  # synced steps: plan, gpu and cpu spans
