@@ -1,8 +1,11 @@
-"""Draw docs/benchmarks_decode.png from docs/results: decode tokens/s per planner at each measured budget, with
-the two-lane decode limit drawn in -- from the latency model and the routing of the same runs (decode_summary.json)
-and from the ceilings run (host read + pinned H2D, ceilings_h100.json; 24 and 48 GiB)."""
+"""Draw docs/benchmarks_decode.png from session 8's decode results (docs/results/session8/decode_*_streamed): decode
+tokens/s per planner at each budget, with the two decode limits each fiddler_overlap result measured in its own
+process drawn in (two-lane: host read + pinned H2D alone; lanes together: both measured while the other runs).
+hf_accelerate is session 5's run at 24 GiB (another lease)."""
+import glob
 import json
 import os
+import statistics
 
 import matplotlib
 
@@ -10,25 +13,45 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
-ceil = json.load(open(os.path.join(ROOT, "results", "ceilings_h100.json")))
-decode = json.load(open(os.path.join(ROOT, "results", "decode_summary.json")))
-run = decode["session5"]
-budgets = sorted(int(b) for b in run["latency_model_two_lane_limit"])
-fig, ax = plt.subplots(figsize=(7, 4.2))
-ax.plot(budgets, [run["latency_model_two_lane_limit"][str(b)] for b in budgets], "k--", marker="o",
-        label="two-lane limit (latency model, same runs)")
-probe = [l for l in ceil["limits"] if l["budget"] in ("24GiB", "48GiB")]
-ax.plot([int(l["budget"].rstrip("GiB")) for l in probe], [l["two_lane_decode_tokens_per_s"] for l in probe], ":",
-        color="gray", marker="o", label="two-lane limit (ceilings: host read + pinned H2D)")
-colors = {"fiddler_overlap": "C0", "fiddler_overlap_prefetch1": "C3", "fiddler": "C1", "cpu_only": "C2"}
-for i, (planner, by_budget) in enumerate(run["tokens_per_s"].items()):
-    xs = [int(b) + 0.9 * (i - 1.5) for b in by_budget]
-    ax.scatter(xs, list(by_budget.values()), s=40, zorder=3, color=colors[planner],
-               label=planner.replace("_prefetch1", " + prefetch=1"))
-ax.scatter([24 - 2.5], [run["hf_accelerate_24GiB_other_lease"]], marker="x", color="k", zorder=3,
-           label="hf_accelerate (another lease)")
+RUNS = {24: "decode_24g_streamed", 48: "decode_48g_streamed", 77: "decode_77g_streamed"}
+HF_ACCELERATE_24G = 0.084  # docs/results/session5/hf_accelerate_24g (another lease)
+
+
+def label(result: dict) -> str:
+    cfg = result["config"]
+    name = cfg["planner"]["name"]
+    return name if cfg["kernel"].get("streamed_lane", True) else name + " (synced, no streamed lane)"
+
+
+points: dict[str, dict[int, list[float]]] = {}
+limits: dict[str, dict[int, list[float]]] = {"two-lane limit (alone)": {}, "lanes-together limit": {}}
+for budget, folder in RUNS.items():
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "session8", folder, "*", "result.json"))):
+        result = json.load(open(path))
+        tps = result["metrics"]["decode_tokens_per_s"]["median"]
+        points.setdefault(label(result), {}).setdefault(budget, []).append(tps)
+        lim = result.get("limits") or {}
+        if label(result) == "fiddler_overlap":
+            limits["two-lane limit (alone)"].setdefault(budget, []).append(lim["two_lane_decode_tokens_per_s"])
+            limits["lanes-together limit"].setdefault(budget, []).append(
+                lim["two_lanes_together_decode_tokens_per_s"])
+
+budgets = sorted(RUNS)
+fig, ax = plt.subplots(figsize=(7.5, 4.4))
+for (name, by_budget), style in zip(limits.items(), ("--", ":")):
+    xs = sorted(by_budget)
+    ax.plot(xs, [statistics.median(by_budget[b]) for b in xs], style, color="k" if "alone" in name else "gray",
+            marker="o", label=name + ", same runs")
+colors = {"fiddler_overlap": "C0", "fiddler_overlap (synced, no streamed lane)": "C3", "fiddler": "C1",
+          "cpu_only": "C2"}
+for i, (name, by_budget) in enumerate(points.items()):
+    for b, values in by_budget.items():
+        ax.scatter([b + 0.9 * (i - 1.5)] * len(values), values, s=36, zorder=3, color=colors.get(name, "C4"),
+                   label=name if b == min(by_budget) else None)
+ax.scatter([24 - 2.5], [HF_ACCELERATE_24G], marker="x", color="k", zorder=3, label="hf_accelerate (session 5)")
 ax.set(xlabel="GPU budget (GiB)", ylabel="decode tokens/s", yscale="log", xticks=budgets,
-       title="Mixtral-8x7B (random bf16, uniform routing), H100 + 16-core Xeon")
+       title="Mixtral-8x7B (random bf16, uniform routing), H100 + 16-core Xeon, session 8")
 ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(os.path.join(ROOT, "benchmarks_decode.png"), dpi=110)
+print("wrote", os.path.join(ROOT, "benchmarks_decode.png"))

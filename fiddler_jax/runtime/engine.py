@@ -24,7 +24,11 @@ each forward step:
      With a sequential plan (``fiddler``, the paper's execution) each lane waits for the one before: GPU, PCIe,
      CPU. Plans of small steps are remembered per (layer, counts), so decode rarely runs the planner's search;
   4. the contributions are summed on the GPU with the residual.
-A layer whose experts are all resident runs as one jitted call with no host round trip. Every step is
+A layer whose experts are all resident runs as one jitted call with no host round trip. A layer step whose plan
+no routing can change (:mod:`streamed_steps`: one-token decode under ``fiddler_overlap`` or ``cpu_only`` on the
+H100 machine -- every offloaded expert goes to the CPU) skips steps 2-3's sync and planner: the resident mix and
+the CPU lane (a custom call the device's stream runs by itself, ``kernels.streamed_lane``) are queued like any
+device work, so the host queues whole tokens ahead; ``streamed_cpu_lane = False`` syncs every step (ablation). Every step is
 recorded in ``engine.trace`` (counts, plan, lane spans from queueing to completion;
 ``engine.trace.save("trace.json")`` writes a Perfetto timeline).
 
