@@ -78,6 +78,10 @@ def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
         assert ceil["host_read"] > 0 and ceil["pinned_h2d"] > 0 and limits["cpu_lane_read_GBps"] > 0
         assert ceil["host_read_with_h2d"] > 0 and ceil["pinned_h2d_with_read"] > 0
         assert ceil["host_read"] == max(ceil["host_read_kernel"], ceil["host_read_numpy"])
+        # rates only: the counts of experts read and copied stand apart (they were once listed as GB/s)
+        assert set(ceil) == {"host_read", "host_read_kernel", "host_read_numpy", "pinned_h2d", "host_read_with_h2d",
+                             "pinned_h2d_with_read"}
+        assert limits["ceilings_experts"]["experts_read"] >= 1 and limits["ceilings_experts"]["experts_copied"] >= 1
         assert limits["two_lane_decode_tokens_per_s"] == pytest.approx(
             (ceil["host_read"] + ceil["pinned_h2d"]) * 1e9
             / (limits["offloaded_experts_per_token"] * limits["expert_bytes"]))

@@ -5,42 +5,16 @@
 
 #include "capi.h"
 #include "expert_ffn.h"
+#include "ffi_checks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-const char* DtypeName(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::F64: return "float64";
-    case ffi::DataType::S32: return "int32";
-    case ffi::DataType::S64: return "int64";
-    case ffi::DataType::U16: return "uint16";
-    case ffi::DataType::PRED: return "bool";
-    default: return "an unsupported dtype";
-  }
-}
-
-std::string Shape(const ffi::AnyBuffer& b) {
-  std::string s = "(";
-  auto d = b.dimensions();
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + (d.size() == 1 ? ",)" : ")");
-}
-
-// Checks dtype and rank of one argument; returns an error message or "".
-std::string Check(const char* op, const char* name, const ffi::AnyBuffer& b, ffi::DataType want,
-                  size_t rank) {
-  if (b.element_type() != want)
-    return std::string(op) + ": " + name + " must be " + DtypeName(want) + ", got " + DtypeName(b.element_type());
-  if (b.dimensions().size() != rank)
-    return std::string(op) + ": " + name + " must have rank " + std::to_string(rank) + ", got shape " + Shape(b);
-  return "";
-}
+using fiddler::Check;
+using fiddler::DtypeName;
+using fiddler::Shape;
 
 std::string CheckOut(const char* op, const ffi::AnyBuffer& b) {
   if (b.element_type() != ffi::DataType::BF16 && b.element_type() != ffi::DataType::F32)

@@ -29,6 +29,7 @@
 
 #include "capi.h"
 #include "expert_ffn.h"
+#include "ffi_checks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -73,16 +74,12 @@ int64_t NowNs() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
-// Steps 1-2 of the file comment. Returns nullptr or an error message (static or thread-local storage).
-const char* RunLane(int64_t id, const uint16_t* x, int64_t T, int64_t k, const int32_t* experts,
-                    const float* weights, float* out) {
+// Steps 1-2 of the file comment for the layer registered under `id`. Returns nullptr or an error message
+// (thread-local storage).
+const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, int64_t T, int64_t k,
+                    const int32_t* experts, const float* weights, float* out) {
   static thread_local std::string msg;
   int64_t start = NowNs();
-  auto tables = FindTables(id);
-  if (!tables) {
-    msg = "streamed_cpu_mix: no layer tables registered under id " + std::to_string(id);
-    return msg.c_str();
-  }
   FjStreamedRecord rec{};
   rec.tables = id;
   rec.tokens = T;
@@ -124,32 +121,38 @@ const char* RunLane(int64_t id, const uint16_t* x, int64_t T, int64_t k, const i
   return err;
 }
 
-// Checks the call's buffers against the registered layer; returns an error message or "".
+// Checks the call's buffers against the layer registered under `id`: sets `tables` to it and returns "", or
+// returns an error message.
 std::string CheckCall(const ffi::AnyBuffer& x, const ffi::AnyBuffer& experts, const ffi::AnyBuffer& weights,
-                      const ffi::AnyBuffer& out, int64_t id) {
+                      const ffi::AnyBuffer& out, int64_t id, std::shared_ptr<const LayerTables>& tables) {
   const char* op = "streamed_cpu_mix";
-  auto tables = FindTables(id);
+  tables = FindTables(id);
   if (!tables) return std::string(op) + ": no layer tables registered under id " + std::to_string(id);
+  std::string e;
+  if (!(e = fiddler::Check(op, "x", x, ffi::DataType::BF16, 2)).empty()) return e;
+  if (!(e = fiddler::Check(op, "experts", experts, ffi::DataType::S32, 2)).empty()) return e;
+  if (!(e = fiddler::Check(op, "weights", weights, ffi::DataType::F32, 2)).empty()) return e;
+  if (!(e = fiddler::Check(op, "output", out, ffi::DataType::F32, 2)).empty()) return e;
   auto xd = x.dimensions(), ed = experts.dimensions(), wd = weights.dimensions(), od = out.dimensions();
-  if (x.element_type() != ffi::DataType::BF16 || xd.size() != 2)
-    return std::string(op) + ": x must be a rank-2 bfloat16 array [tokens, hidden]";
   if (xd[1] != tables->hidden)
     return std::string(op) + ": x has hidden size " + std::to_string(xd[1]) + ", the layer's experts " +
            std::to_string(tables->hidden);
-  if (experts.element_type() != ffi::DataType::S32 || ed.size() != 2 || ed[0] != xd[0])
-    return std::string(op) + ": experts must be int32 [tokens, k] with the tokens of x";
-  if (weights.element_type() != ffi::DataType::F32 || wd.size() != 2 || wd[0] != ed[0] || wd[1] != ed[1])
-    return std::string(op) + ": weights must be float32 with the shape of experts";
-  if (out.element_type() != ffi::DataType::F32 || od.size() != 2 || od[0] != xd[0] || od[1] != xd[1])
-    return std::string(op) + ": the output must be float32 with the shape of x";
+  if (ed[0] != xd[0])
+    return std::string(op) + ": experts has shape " + fiddler::Shape(experts) + " but x has " + fiddler::Shape(x);
+  if (wd[0] != ed[0] || wd[1] != ed[1])
+    return std::string(op) + ": weights has shape " + fiddler::Shape(weights) + ", expected " +
+           fiddler::Shape(experts) + " like experts";
+  if (od[0] != xd[0] || od[1] != xd[1])
+    return std::string(op) + ": output has shape " + fiddler::Shape(out) + ", expected " + fiddler::Shape(x);
   return "";
 }
 
 ffi::Error CpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer weights,
                    ffi::Result<ffi::AnyBuffer> out, int64_t tables) {
-  std::string bad = CheckCall(x, experts, weights, *out, tables);
+  std::shared_ptr<const LayerTables> layer;
+  std::string bad = CheckCall(x, experts, weights, *out, tables, layer);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
-  const char* err = RunLane(tables, static_cast<const uint16_t*>(x.untyped_data()), x.dimensions()[0],
+  const char* err = RunLane(tables, layer.get(), static_cast<const uint16_t*>(x.untyped_data()), x.dimensions()[0],
                             experts.dimensions()[1], static_cast<const int32_t*>(experts.untyped_data()),
                             static_cast<const float*>(weights.untyped_data()),
                             static_cast<float*>(out->untyped_data()));
@@ -219,6 +222,7 @@ struct Slot {
   size_t capacity = 0;
   std::vector<char*> retired;
   int64_t tables = 0, T = 0, k = 0, hidden = 0;
+  std::shared_ptr<const LayerTables> layer;  // held until the host function has run
   size_t off_experts = 0, off_weights = 0, off_out = 0;
   std::atomic<int64_t> issued{0}, done{0};
 };
@@ -232,7 +236,7 @@ size_t Align(size_t n) { return (n + 63) / 64 * 64; }
 
 void HostFunction(void* arg) {
   Slot* s = static_cast<Slot*>(arg);
-  const char* err = RunLane(s->tables, reinterpret_cast<const uint16_t*>(s->host), s->T, s->k,
+  const char* err = RunLane(s->tables, s->layer.get(), reinterpret_cast<const uint16_t*>(s->host), s->T, s->k,
                             reinterpret_cast<const int32_t*>(s->host + s->off_experts),
                             reinterpret_cast<const float*>(s->host + s->off_weights),
                             reinterpret_cast<float*>(s->host + s->off_out));
@@ -240,12 +244,14 @@ void HostFunction(void* arg) {
     SetError(err);
     std::memset(s->host + s->off_out, 0, sizeof(float) * s->T * s->hidden);
   }
+  s->layer.reset();
   s->done.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
 }
 
 ffi::Error CudaImpl(CUstream stream, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer weights,
                     ffi::Result<ffi::AnyBuffer> out, int64_t tables) {
-  std::string bad = CheckCall(x, experts, weights, *out, tables);
+  std::shared_ptr<const LayerTables> layer;
+  std::string bad = CheckCall(x, experts, weights, *out, tables, layer);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   const Driver& cu = GetDriver();
   if (!cu.missing.empty()) return ffi::Error::Internal("streamed_cpu_mix: " + cu.missing);
@@ -283,7 +289,7 @@ ffi::Error CudaImpl(CUstream stream, ffi::AnyBuffer x, ffi::AnyBuffer experts, f
     if (s.host) s.retired.push_back(s.host);
     s.host = static_cast<char*>(p), s.capacity = grow;
   }
-  s.tables = tables, s.T = T, s.k = k, s.hidden = H;
+  s.tables = tables, s.T = T, s.k = k, s.hidden = H, s.layer = std::move(layer);
   CUresult r;
   if ((r = cu.memcpy_dtoh(s.host, reinterpret_cast<CUdeviceptr>(x.untyped_data()), x_bytes, stream)))
     return fail("cuMemcpyDtoHAsync", r);

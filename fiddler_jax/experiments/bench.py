@@ -191,7 +191,7 @@ def routing_counts(engine) -> list[list[int]] | None:
     return counts.tolist()
 
 
-RATE_KEYS = ("host_read", "pinned_h2d")  # engine_lane_bandwidths' keys that are bytes/s
+RATE_KEYS = ("host_read", "pinned_h2d")  # engine_lane_bandwidths' keys that are bytes/s (the rest: expert counts)
 
 
 def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
@@ -228,9 +228,8 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     if bandwidth:
         measured = decode_limits(bandwidth, per_token, expert)
         out["cpu_lane_only_decode_tokens_per_s"] = measured["cpu_lane_only_decode_tokens_per_s"]
-        out["ceilings_GBps"] = {k: v / 1e9 for k, v in bandwidth.items()
-                                if k.startswith(RATE_KEYS) and not k.endswith("_experts")}  # not the counts
-        out["ceilings_experts"] = {k: v for k, v in bandwidth.items() if k.endswith("_experts")}
+        out["ceilings_GBps"] = {k: v / 1e9 for k, v in bandwidth.items() if k.startswith(RATE_KEYS)}
+        out["ceilings_experts"] = {k: v for k, v in bandwidth.items() if not k.startswith(RATE_KEYS)}
     if bandwidth and "pinned_h2d" in bandwidth:
         for key in ("two_lane_decode_tokens_per_s", "two_lanes_together_decode_tokens_per_s"):
             out[key] = measured[key]

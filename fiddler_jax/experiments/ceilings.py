@@ -185,7 +185,7 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
     views = [table[int(e)] for l, e in picked for table in engine.host.tables(int(l))]
     host = host_read_bandwidths(views, reps)
     if engine.staging_slots < 1:
-        return {**host, "host_read_experts": len(picked)}
+        return {**host, "experts_read": len(picked)}
     moved = [engine.host.arrays(int(l), int(e)) for l, e in picked[:copies]]
     device = next(iter(moved[0]["w1"].devices()))
     target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
@@ -202,8 +202,8 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
     nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
     turns = itertools.cycle(moved)
     together = lanes_together(views, lambda: copy_one(next(turns)), reps)
-    return {**host, "pinned_h2d": nbytes / seconds, **together, "host_read_experts": len(picked),
-            "h2d_experts": len(moved)}
+    return {**host, "pinned_h2d": nbytes / seconds, **together, "experts_read": len(picked),
+            "experts_copied": len(moved)}
 
 
 def decode_limits(bandwidth: dict, per_token: float, expert: int) -> dict:

@@ -40,6 +40,7 @@ import concurrent.futures
 import copy
 import functools
 import inspect
+import math
 import os
 import weakref
 
@@ -319,7 +320,6 @@ class Engine:
         self.streamed_cpu_lane = True
         self._streamed_ids: dict[int, int] = {}  # layer -> registered tables id (shared with with_planner)
         self._streamable: dict[tuple[int, int], bool] = {}  # (layer, tokens) -> the step takes the streamed lane
-        self._streamed_layer: dict[int, int] = {}  # tables id -> layer
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, gpu_budget: int | str = "24GiB",
@@ -593,7 +593,7 @@ class Engine:
         self._collect_streamed()  # a streamed step's error surfaces here at the latest, its record joins the trace
         pending = (self._embed(self._embed_part.leaves, self._on_device(tokens)),)
         lookahead = self._lookahead if self.planner_prefetch else [None] * len(self._layers)
-        rows = int(np.prod(np.shape(tokens)))
+        rows = math.prod(np.shape(tokens))
         new_cache = []
         for layer, (part, (fused_layer, attention_and_router), kv) in enumerate(zip(self._layers, self._steps,
                                                                                      cache)):
@@ -637,10 +637,8 @@ class Engine:
             from fiddler_jax.kernels import streamed_lane
 
             if not self._streamed_ids:  # registrations live as long as the host experts (shared by with_planner)
-                weakref.finalize(self.host, streamed_lane.unregister_layers, self._streamed_layer)
-            tid = self._streamed_ids[layer] = streamed_lane.register_layer(self.host.kernel_tables(layer),
-                                                                           self._device)
-            self._streamed_layer[tid] = layer
+                weakref.finalize(self.host, streamed_lane.unregister_layers, self._streamed_ids.values())
+            self._streamed_ids[layer] = streamed_lane.register_layer(self.host.kernel_tables(layer), self._device)
         return self._streamed_ids[layer]
 
     def _collect_streamed(self) -> None:
@@ -651,16 +649,16 @@ class Engine:
         from fiddler_jax.kernels import streamed_lane
 
         streamed_lane.raise_pending_error()
+        layer_of = {tid: layer for layer, tid in self._streamed_ids.items()}
+        E, t0 = self.config.num_local_experts, self._trace.t0
         while True:
             records, _ = streamed_lane.drain_records(256)
-            E = self.config.num_local_experts
             for r in records:
-                layer = self._streamed_layer.get(r["tables"])
+                layer = layer_of.get(r["tables"])
                 if layer is None:
                     continue
                 counts = r["counts"][:E].astype(np.int32)
                 plan = self._plan(counts, layer)
-                t0 = self._trace.t0
                 self._trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s,
                                            {"cpu": (r["start"] - t0, r["end"] - t0)}))
             if len(records) < 256:
