@@ -14,7 +14,9 @@ from fiddler_jax.assets import default_model_path
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.runtime import engine as E
 from fiddler_jax.runtime.pinned_activations import PinnedActivations
-from fiddler_jax.runtime.planners import Lane, PlannerError
+from fiddler_jax.runtime.latency import LatencyModel
+from fiddler_jax.runtime.options import EngineOptions
+from fiddler_jax.runtime.planning import Lane, PlannerError
 from tests.conftest import GEOMETRIES, make_hf_model, token_ids
 
 
@@ -74,21 +76,16 @@ def test_bfloat16_hybrid_with_the_cpu_kernel_on_the_bundled_model():
                                   fj.generate(reference, ids, 16, eos_token_id=[]))
     summary = engine.trace_summary()
     assert summary["experts_per_lane"]["cpu"] > 0 and 0 < summary["gpu_hit_rate"] < 1
-    # FIDDLER_CPU_LANE=thread: the kernel starts on the lane's thread before the GPU calls; same bits
-    engine.cpu_lane_thread = True
-    engine.trace.clear()
-    np.testing.assert_array_equal(engine.logits(ids), out)
-    assert engine.trace_summary()["experts_per_lane"]["cpu"] > 0
-    # the resident mix queued after the plan (the order before session 7) instead of before the sync: same bits
-    engine.cpu_lane_thread, engine.early_resident_mix = False, False
-    np.testing.assert_array_equal(engine.logits(ids), out)
+    # cpu_lane_thread: the kernel starts on the lane's thread before the GPU calls; same bits
+    threaded = engine.with_planner("fiddler_overlap", options=EngineOptions(cpu_lane_thread=True))
+    np.testing.assert_array_equal(threaded.logits(ids), out)
+    assert threaded.trace_summary()["experts_per_lane"]["cpu"] > 0
     # every CPU output through the pinned buffers (on a GPU only prefill's large ones): same bits, buffers reused
-    engine.early_resident_mix = True
-    engine.pinned = PinnedActivations(jax.devices()[0], min_bytes=0)
+    pinned = engine.executor.cpu.pinned = PinnedActivations(jax.devices()[0], min_bytes=0)
     np.testing.assert_array_equal(engine.logits(ids), out)
     np.testing.assert_array_equal(engine.generate(ids, 16, eos_token_id=[]),
                                   fj.generate(reference, ids, 16, eos_token_id=[]))
-    assert 0 < engine.pinned.nbytes <= 2 * 2 * ids.shape[1] * engine.config.hidden_size * 4  # 2 shapes x 2
+    assert 0 < pinned.nbytes <= 2 * 2 * ids.shape[1] * engine.config.hidden_size * 4  # 2 shapes x 2
 
 
 def test_plans_never_recompile(checkpoint):
@@ -196,7 +193,7 @@ def test_bad_configurations(checkpoint):
     with pytest.raises(InvalidInputError, match="below the minimum"):
         E.Engine.from_pretrained(path, gpu_budget="1KiB", progress=False)
     with pytest.raises(InvalidInputError, match="unknown cpu_backend 'numba'; valid: kernel, xla"):
-        E.Engine.from_pretrained(path, cpu_backend="numba", progress=False)
+        E.Engine.from_pretrained(path, options=EngineOptions(cpu_backend="numba"), progress=False)
     with pytest.raises(PlannerError, match="cache_slots must be at least 1"):
         E.Engine.from_pretrained(path, planner="lru", cache_slots=-1, progress=False)
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="gpu_only", resident_experts=1,
@@ -284,11 +281,11 @@ def test_with_planner_shares_weights_and_buffers_across_sweeps(checkpoint):
         out = engine.logits(ids)
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), planner
         assert engine.trace.steps and not base.trace.steps  # each engine keeps its own trace
-    assert base.with_planner("transfer", cpu_backend="xla").cpu_backend == "xla"
+    assert base.with_planner("transfer", options=EngineOptions(cpu_backend="xla")).options.cpu_backend == "xla"
     with pytest.raises(InvalidInputError, match="build a new engine"):
         base.with_planner("lru", cache_slots=1)
     with pytest.raises(InvalidInputError, match="cpu_backend"):
-        base.with_planner("transfer", cpu_backend="gpu")
+        base.with_planner("transfer", options=EngineOptions(cpu_backend="gpu"))
 
 
 @pytest.mark.parametrize("cache_slots", [0, 1])
@@ -304,9 +301,7 @@ def test_plans_of_small_steps_are_remembered_unless_a_cache_makes_the_planner_st
         calls.append((layer, counts.tobytes()))
         return planner(counts, resident, latency, layer=layer)
 
-    engine.planner = counting
-    if cache_slots:
-        counting.caches = planner.caches
+    engine.planner = engine.memo.planner = counting
     engine.generate(token_ids(97, (1, 6), seed=5), 30, eos_token_id=[])
     steps = [(s.layer, s.counts.tobytes()) for s in engine.trace.steps]
     if cache_slots:
@@ -319,17 +314,20 @@ def test_plans_of_small_steps_are_remembered_unless_a_cache_makes_the_planner_st
 
 
 @pytest.mark.parametrize("max_transfers", [0, 2])
-def test_prefetched_copies_equal_the_all_resident_model_and_stay_within_the_slots(checkpoint, max_transfers):
+def test_prefetched_copies_equal_the_all_resident_model_and_stay_within_the_slots(checkpoint, max_transfers,
+                                                                                    tmp_path):
     """With prefetch, layer 0 starts copying layer 1's predicted experts; layer 1 runs those on the GPU from the
     copies. Outputs still equal the all-resident model, the copies never outnumber the staging slots, the trace
     counts the copies, and changing staged sets never compile again."""
     path, reference = checkpoint
-    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=1,
-                                      dtype="float32", prefetch=2, max_transfers=max_transfers, progress=False)
     # copies as fast as on this machine (the design latency model's 6.4 ms copy never pays for the tiny model)
-    engine.latency = dataclasses.replace(engine.latency, transfer_s=1e-5)
-    engine._pool.transfer_s = engine.latency.transfer_s
-    pool, copy, held = engine._pool, engine._pool.copy, []
+    fast_copies = tmp_path / "latency.json"
+    dataclasses.replace(LatencyModel.from_design_numbers(), transfer_s=1e-5).save(fast_copies)
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=1,
+                                      dtype="float32", prefetch=2, max_transfers=max_transfers,
+                                      latency=fast_copies, progress=False)
+    pool = engine.resources.staging
+    copy, held = pool.copy, []
 
     def counting_copy(layer, expert, **kw):
         staged = copy(layer, expert, **kw)
@@ -360,7 +358,7 @@ def test_staging_pool_holds_at_most_its_slots_and_knows_when_copies_landed(check
     import jax
 
     from fiddler_jax.errors import FiddlerError
-    from fiddler_jax.runtime.staging import StagingPool
+    from fiddler_jax.runtime.lanes.pcie import StagingPool
 
     path, _ = checkpoint
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=1,

@@ -161,7 +161,7 @@ def test_latency_and_planners_import_without_jax():
         "sys.modules['jax'] = None\n"
         f"pkg = types.ModuleType('fiddler_jax'); pkg.__path__ = [{os.path.join(root, 'fiddler_jax')!r}]\n"
         "sys.modules['fiddler_jax'] = pkg\n"
-        "from fiddler_jax.runtime import latency, planners\n"
+        "from fiddler_jax.runtime import latency, planning as planners\n"
         "import numpy as np\n"
         "plan = planners.get_planner('fiddler_overlap')(np.array([1, 0, 300]), np.zeros(3, bool),"
         " latency.LatencyModel.from_design_numbers())\n"

@@ -97,7 +97,7 @@ def test_planning_modules_import_without_jax():
     import subprocess
     import sys
 
-    code = ("import sys; import fiddler_jax.runtime.placement, fiddler_jax.runtime.planners, "
+    code = ("import sys; import fiddler_jax.runtime.placement, fiddler_jax.runtime.planning, "
             "fiddler_jax.runtime.latency; print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

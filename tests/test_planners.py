@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments.common import CONF_DIR as _CONF_ROOT
+from fiddler_jax.experiments.schemas import PlannerConfig, planner_from_config
 from fiddler_jax.runtime.latency import LatencyModel, PiecewiseLinear
-from fiddler_jax.runtime.planners import (
-    PLANNER_NAMES, POLICIES, CachedPlanner, CacheState, Lane, Plan, PlannerConfig, PlannerError, get_planner,
-    plan_cpu_only, plan_fiddler, plan_fiddler_overlap, plan_gpu_only, plan_prefetch, plan_transfer,
-    planner_from_config,
+from fiddler_jax.runtime.planning import (
+    PLANNER_NAMES, POLICIES, CacheState, CacheStates, Lane, Plan, PlannerError, get_planner, plan_cpu_only,
+    plan_fiddler, plan_fiddler_overlap, plan_gpu_only, plan_prefetch, plan_transfer,
 )
 
 LAT = LatencyModel.from_design_numbers()
 MS = 1e-3
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "planner")
+CONF_DIR = os.path.join(_CONF_ROOT, "planner")
 
 
 def none_resident(e=8):
@@ -335,14 +336,15 @@ def decode_step(*experts, e=8):
 
 def test_lru_hit_miss_sequence():
     lru = get_planner("lru", cache_slots=2)
+    cache = CacheStates(lru.cache_slots)
     resident = none_resident()
     resident[7] = True
     log = []
     for experts in [(0, 1), (0, 2), (1, 2), (2, 7), (3, 4), (3, 7)]:
-        plan = lru(decode_step(*experts), resident, LAT)
+        plan = cache.plan(lru, decode_step(*experts), resident, LAT)
         hits = [e for e in experts if plan.cached[e]]
         misses = plan.experts(Lane.TRANSFER).tolist()
-        log.append((hits, misses, sorted(e for e in lru.caches[0].experts if e >= 0)))
+        log.append((hits, misses, sorted(e for e in cache.layers[0].experts if e >= 0)))
     assert log == [
         ([], [0, 1], [0, 1]),  # cold: both copied; 0 inserted before 1
         ([0], [2], [0, 2]),  # 0 hits; 1 is least recently used and evicted
@@ -366,21 +368,25 @@ def test_cache_state_rules():
 
 def test_cache_is_per_layer_and_resets():
     lru = get_planner("lru", cache_slots=1)
-    lru(decode_step(0), none_resident(), LAT, layer=0)
-    plan = lru(decode_step(0), none_resident(), LAT, layer=1)
+    cache = CacheStates(lru.cache_slots)
+    cache.plan(lru, decode_step(0), none_resident(), LAT, layer=0)
+    plan = cache.plan(lru, decode_step(0), none_resident(), LAT, layer=1)
     assert plan.lanes[0] == Lane.TRANSFER  # layer 1 has its own cache
-    assert lru(decode_step(0), none_resident(), LAT, layer=0).cached[0]
-    lru.reset()
+    assert cache.plan(lru, decode_step(0), none_resident(), LAT, layer=0).cached[0]
+    cache.reset()
+    assert cache.plan(lru, decode_step(0), none_resident(), LAT, layer=0).lanes[0] == Lane.TRANSFER
+    # the planner itself holds no state: the same call gives the same plan
     assert lru(decode_step(0), none_resident(), LAT, layer=0).lanes[0] == Lane.TRANSFER
 
 
 def test_cache_under_fiddler_overlap():
     planner = get_planner("fiddler_overlap", cache_slots=2)
-    assert isinstance(planner, CachedPlanner) and planner.name == "fiddler_overlap+cache"
-    first = planner(decode_step(0, 1), none_resident(), LAT)
+    assert planner.cache_slots == 2 and planner.name == "fiddler_overlap+cache"
+    cache = CacheStates(planner.cache_slots)
+    first = cache.plan(planner, decode_step(0, 1), none_resident(), LAT)
     copied = first.experts(Lane.TRANSFER).tolist()
     assert len(copied) == 1 and first.planner == "fiddler_overlap+cache"
-    second = planner(decode_step(0, 1), none_resident(), LAT)
+    second = cache.plan(planner, decode_step(0, 1), none_resident(), LAT)
     assert second.lanes[copied[0]] == Lane.GPU and second.cached[copied[0]]
     assert second.predicted_s < first.predicted_s
 

@@ -17,9 +17,10 @@ from fiddler_jax.assets import default_model_path
 from fiddler_jax.kernels import ExpertTables, KernelError
 from fiddler_jax.kernels import streamed_lane as S
 from fiddler_jax.runtime import engine as E
-from fiddler_jax.runtime import planners as P
+from fiddler_jax.runtime import planning as P
 from fiddler_jax.runtime.latency import LatencyModel
-from fiddler_jax.runtime.streamed_steps import all_cpu_for_any_routing, count_vectors, _number_of_vectors
+from fiddler_jax.runtime.options import EngineOptions
+from fiddler_jax.runtime.planning.streamed_steps import all_cpu_for_any_routing, count_vectors, _number_of_vectors
 
 BF16 = ml_dtypes.bfloat16
 
@@ -146,7 +147,7 @@ def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
     ids = np.asarray(fj.load_tokenizer(path)("def fibonacci(n):\n    if n < 2:")["input_ids"])[None]
     streamed = engine.generate(ids, 12, eos_token_id=[])
     layers = engine.config.num_hidden_layers
-    assert all(engine._streamable[(layer, 1)] for layer in range(layers)
+    assert all(engine.streamed.qualifies[(layer, 1)] for layer in range(layers)
                if not engine.placement.layer_all_resident(layer))
     steps = engine.trace.steps
     decode_steps = [s for s in steps if int(s.counts.sum()) == engine.config.num_experts_per_tok]
@@ -156,8 +157,7 @@ def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
                for s in decode_steps)
     one = ids[:, :1]
     logits_streamed = engine.logits(one)
-    engine.streamed_cpu_lane = False
-    engine.trace.clear()
+    engine = engine.with_planner("cpu_only", options=EngineOptions(streamed_cpu_lane=False))
     np.testing.assert_array_equal(engine.generate(ids, 12, eos_token_id=[]), streamed)
     np.testing.assert_array_equal(engine.logits(one), logits_streamed)
     assert all(len(s.spans) > 1 for s in engine.trace.steps)  # synced steps: plan, gpu and cpu spans

@@ -1,34 +1,37 @@
 """Measure this machine's lanes for one expert geometry and fit the latency model the planners decide with.
 
-Each lane is timed through the engine's own code path (``runtime/engine.py``), so predictions match execution:
-  cpu(n)      ``cpu_expert_mix`` on n tokens all routed to one expert (the C++ grouped kernel for bfloat16,
-              numpy for float32) over the pinned host views, rotating over ``experts`` experts so the weights
-              come from DRAM
-  gpu(n)      ``_stack_mix`` over a 1-row expert stack on the default device with n tokens routed (top-1) to it;
-              a sample is ``experts`` calls dispatched back to back (one per stack, as the engine queues them)
-              then ``block_until_ready``, divided by the number of calls: the time an expert occupies the GPU.
+Each lane is timed through the engine's own code path, so predictions match execution:
+  cpu(n)      ``lanes.cpu.cpu_expert_mix`` on n tokens all routed to one expert (the C++ grouped kernel for
+              bfloat16, numpy for float32) over the pinned host views, rotating over ``experts`` experts so the
+              weights come from DRAM
+  gpu(n)      ``segments.stack_mix`` over a 1-row expert stack on the default device with n tokens routed
+              (top-1) to it; a sample is ``experts`` calls dispatched back to back (one per stack, as the engine
+              queues them) then ``block_until_ready``, divided by the number of calls: the time an expert
+              occupies the GPU.
               Compilation is excluded (one warm-up call per n).
   transfer_s  one expert's three matrices from pinned host memory into GPU arrays as the engine's PCIe lane
-              copies them (``staging.StagingPool``: an eager copy), then block
+              copies them (``lanes.pcie.StagingPool``: an eager copy), then block
   sync_s      a tiny jitted op on the device plus ``np.asarray`` of its small result (the routing counts'
               round trip of a planned layer step)
 Every (lane, n) row: one warm-up, then repetitions until ``min_reps`` and the row's share of ``budget_s`` are
-both met (at most ``max_reps``). ``PiecewiseLinear.fit`` takes the medians and makes the curves non-decreasing.
-Weights are random (built from bits: no model is loaded), the shapes are all that matter.
+both met (at most ``max_reps``; :func:`fiddler_jax.timing.sample`). ``PiecewiseLinear.fit`` takes the medians
+and makes the curves non-decreasing.
+Weights are random (:mod:`fiddler_jax.random_bits`: no model is loaded), the shapes are all that matter.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.provenance import cpu_model
+from fiddler_jax.random_bits import random_bf16, random_bf16_on_device
 from fiddler_jax.runtime.latency import Geometry, LatencyModel, Machine, PiecewiseLinear
+from fiddler_jax.timing import sample as _sample
 
 DTYPES = ("bfloat16", "float32")
 DEFAULT_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -84,32 +87,20 @@ def check_args(hidden, ffn, dtype, ns, experts, budget_s) -> tuple[Geometry, tup
 
 def sample(fn: Callable[[], object], budget_s: float, min_reps: int = MIN_REPS,
            max_reps: int = MAX_REPS) -> list[float]:
-    """Seconds of each call of ``fn`` after one warm-up: at least ``min_reps``, more while the budget lasts."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    """Seconds of each call of ``fn`` after one warm-up: at least ``min_reps``, more while the budget lasts
+    (:func:`fiddler_jax.timing.sample` with calibration's repetition limits)."""
+    return _sample(fn, budget_s, min_reps, max_reps)
 
 
 def host_weights(geometry: Geometry, experts: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random host expert stacks {w1, w3: [E, ffn, hidden], w2: [E, hidden, ffn]} in the geometry's dtype.
-    bfloat16 from random bits (finite values of about ±[0.004, 0.016), like kernels/bench.py), fast at GB size."""
-    import ml_dtypes
-
+    bfloat16 from random bits (``random_bits.random_bf16``: finite, |w| in [2^-7, 2^-6)), fast at GB size."""
     rng = np.random.default_rng(seed)
     h, f = geometry.hidden, geometry.ffn
     shapes = {"w1": (experts, f, h), "w3": (experts, f, h), "w2": (experts, h, f)}
     if geometry.dtype == "float32":
         return {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in shapes.items()}
-    out = {}
-    for k, s in shapes.items():
-        bits = rng.integers(0, 1 << 16, size=s, dtype=np.uint16)
-        out[k] = ((bits & np.uint16(0x807F)) | np.uint16(0x3C00)).view(ml_dtypes.bfloat16)
-    return out
+    return {k: random_bf16(rng, s) for k, s in shapes.items()}
 
 
 def np_dtype(dtype: str) -> np.dtype:
@@ -135,7 +126,7 @@ def pinned_experts(geometry: Geometry, experts: int, seed: int = 0):
 def measure_cpu(geometry: Geometry, ns: Sequence[int], host, row_budget_s: float,
                 progress: Callable[[str], None] | None = None) -> tuple[list[int], list[float]]:
     """``cpu_expert_mix`` with n tokens on one expert, the expert rotating over the pinned host experts."""
-    from fiddler_jax.runtime.engine import cpu_expert_mix
+    from fiddler_jax.runtime.lanes.cpu import cpu_expert_mix
 
     experts = host.held.shape[1]
     tables = host.tables(0)
@@ -166,8 +157,7 @@ def device_weights(geometry: Geometry, experts: int, seed: int = 0):
         def one(k, shape):
             if geometry.dtype == "float32":
                 return jax.random.normal(k, shape, jnp.float32) * 0.02
-            bits = jax.random.bits(k, shape, jnp.uint16)
-            return jax.lax.bitcast_convert_type((bits & 0x807F) | 0x3C00, jnp.bfloat16)
+            return random_bf16_on_device(k, shape)
 
         k1, k3, k2 = jax.random.split(key, 3)
         return one(k1, (1, f, h)), one(k3, (1, f, h)), one(k2, (1, h, f))
@@ -177,12 +167,12 @@ def device_weights(geometry: Geometry, experts: int, seed: int = 0):
 
 def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_s: float,
                 progress: Callable[[str], None] | None = None) -> tuple[list[int], list[float]]:
-    """``_stack_mix`` on a 1-row stack: ``experts`` calls back to back, block, divide (module docstring)."""
+    """``stack_mix`` on a 1-row stack: ``experts`` calls back to back, block, divide (module docstring)."""
     import jax
     import jax.numpy as jnp
 
     from fiddler_jax.models.moe import Routing
-    from fiddler_jax.runtime.engine import _stack_mix
+    from fiddler_jax.runtime.segments import stack_mix
 
     stacks = device_weights(geometry, experts)
     slot_of = jnp.zeros(1, jnp.int32)
@@ -192,7 +182,7 @@ def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_
         routing = Routing(jnp.ones((n, 1), jnp.float32), jnp.zeros((n, 1), jnp.int32))
 
         def run():
-            outs = [_stack_mix(x, routing, slot_of, *w) for w in stacks]
+            outs = [stack_mix(x, routing, slot_of, *w) for w in stacks]
             jax.block_until_ready(outs)
 
         times = [t / experts for t in sample(run, row_budget_s)]
@@ -205,10 +195,10 @@ def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_
 def measure_transfer(geometry: Geometry, host, row_budget_s: float,
                      progress: Callable[[str], None] | None = None) -> list[float]:
     """One expert from pinned host memory into GPU arrays exactly as the engine's PCIe lane copies it
-    (``staging.StagingPool.copy``, one slot), then block and free it."""
+    (``lanes.pcie.StagingPool.copy``, one slot), then block and free it."""
     import jax
 
-    from fiddler_jax.runtime.staging import StagingPool
+    from fiddler_jax.runtime.lanes.pcie import StagingPool
 
     experts = host.held.shape[1]
     pool = StagingPool(host, jax.devices()[0], 1, 0.0)
@@ -244,7 +234,8 @@ def _report(progress, lane: str, n: int | None, times: list[float]) -> None:
 
 
 def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] = DEFAULT_NS, experts: int = 4,
-              budget_s: float = DEFAULT_BUDGET_S, progress: bool = True) -> tuple[LatencyModel, Measurements]:
+              budget_s: float = DEFAULT_BUDGET_S,
+              progress: bool | Callable[[str], None] = True) -> tuple[LatencyModel, Measurements]:
     """Measure the four lanes on this machine for one expert of (hidden, ffn, dtype) and fit the latency model.
 
     ``ns`` are the token counts timed (the curves' knots), ``experts`` the number of distinct random experts the
@@ -254,7 +245,7 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
     geometry, ns = check_args(hidden, ffn, dtype, ns, experts, budget_s)
     import jax
 
-    say = (lambda line: print(line, flush=True)) if progress else None
+    say = progress if callable(progress) else (lambda line: print(line, flush=True)) if progress else None
     row_budget = budget_s / (2 * len(ns) + 2)
     machine = machine_identity()
     if say:

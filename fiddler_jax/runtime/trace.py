@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from fiddler_jax.runtime.planners import Lane
+from fiddler_jax.runtime.planning.plan import Lane
 
 LANES = ("plan", "pcie", "cpu", "gpu")
 

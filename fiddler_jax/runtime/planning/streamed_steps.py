@@ -17,7 +17,7 @@ from functools import cache
 
 import numpy as np
 
-from fiddler_jax.runtime.planners import Lane, Plan
+from fiddler_jax.runtime.planning.plan import Lane, Plan
 
 DEFAULT_LIMIT = 512  # count vectors examined per (layer, tokens) at most
 

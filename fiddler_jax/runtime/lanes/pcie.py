@@ -1,18 +1,21 @@
-"""The PCIe lane's copies: offloaded experts moved from pinned host memory into fresh GPU arrays, beside compute.
+"""The PCIe lane: offloaded experts copied from pinned host memory into fresh GPU arrays, beside compute.
 
 A copy is an eager ``jax.device_put`` of an expert's three pinned arrays into device memory. XLA runs it on its
 host-to-device stream, not on the stream it computes on, so a copy never delays the layer steps queued after it
-(``scripts/probe_copy_stream.py`` on the H100: a 9.5 ms computation took 10.0 ms with a 6.9 ms expert copy
-dispatched before it, and 15.6 ms behind the jitted copy the engine used before). A jit that reads the copy waits
-for it on the device, not on the host.
+(on the H100 machine a 9.5 ms computation took 10.0 ms with a 6.9 ms expert copy dispatched before it, and
+15.6 ms behind a jitted copy). A jit that reads the copy waits for it on the device, not on the host.
 
 ``StagingPool`` holds the copies by (layer, expert), at most ``slots`` at once: placement reserved that many
-experts' bytes for them, and the engine frees a copy only after the GPU work reading it is done (so the memory is
-free again when the next copy is made). It estimates when each copy lands: the lane copies one expert after
+experts' bytes for them, and a copy is freed only after the GPU work reading it is done (so the memory is free
+again when the next copy is made). It estimates when each copy lands: the lane copies one expert after
 another, each in the latency model's ``transfer_s``, so copy i lands at max(issued_i, landed_{i-1}) + transfer_s,
 and a copy whose arrays are ready has landed. Copies made ahead of their layer step (prefetches) are dispatched
 from the lane's own thread: the dispatch holds the calling thread for about 0.5 ms (three arrays), which would
 otherwise delay the step's CPU lane.
+
+``PcieLane`` runs a plan's copies over the pool: in the plan's order, each mixed on the GPU once it lands; when
+every slot is held, the next copy waits until the GPU has finished with the oldest copy of the step (double
+buffering with two slots).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import jax
 import numpy as np
 
 from fiddler_jax.errors import FiddlerError
+from fiddler_jax.runtime.planning import PlannerError
+from fiddler_jax.runtime.segments import expert_mix
 from fiddler_jax.runtime.host_experts import HostExperts, WEIGHTS
 
 
@@ -123,3 +128,37 @@ class StagingPool:
     def wait(self, layer: int) -> None:
         """Block until every copy of ``layer`` has landed."""
         jax.block_until_ready([c.resolve() for (l, _), c in self._copies.items() if l == layer])
+
+
+class PcieLane:
+    """A plan's copies over the staging pool (module docstring)."""
+
+    def __init__(self, pool: StagingPool, num_experts: int):
+        self.pool, self.num_experts = pool, num_experts
+
+    def copy_and_mix(self, layer: int, moe_in, routing, order: np.ndarray, gpu_out):
+        """Copy the experts of ``order`` one after another, adding each one's share to ``gpu_out`` once it has
+        landed; returns the GPU sum."""
+        mine: list[tuple[int, jax.Array]] = []  # (expert, GPU sum after its mix)
+        for e in order.tolist():
+            if self.pool.free() < 1:
+                if not mine:
+                    raise PlannerError(f"layer {layer}: the plan copies experts but prefetched copies hold all "
+                                       f"{self.pool.slots} staging slots; this is an engine bug")
+                oldest, done = mine.pop(0)
+                done.block_until_ready()
+                self.pool.release(layer, oldest)
+            self.pool.copy(layer, e)
+            gpu_out = gpu_out + self.mix(layer, e, moe_in, routing)
+            mine.append((e, gpu_out))
+        return gpu_out
+
+    def mix(self, layer: int, expert: int, moe_in, routing):
+        """One staged copy's share of the layer's MoE output (the mix waits for the copy on the device)."""
+        return expert_mix(moe_in, routing, np.int32(expert), **self.pool.arrays(layer, int(expert)),
+                          num_experts=self.num_experts)
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start copying ``experts`` of ``layer`` ahead of its step, from the lane's thread."""
+        for e in experts:
+            self.pool.copy(layer, int(e), ahead=True)

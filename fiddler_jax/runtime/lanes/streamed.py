@@ -1,0 +1,93 @@
+"""The streamed CPU lane: layer steps whose plan no routing can change run with no host sync.
+
+Which steps qualify is pure planning (:mod:`fiddler_jax.runtime.planning.streamed_steps`, asked once per (layer,
+tokens)): the C++ kernel on bfloat16 host experts, no dynamic cache, and every count vector's plan puts every
+active offloaded expert on the CPU. Such a step queues the resident mix and the CPU lane as a custom call the
+device's stream runs by itself (:mod:`fiddler_jax.kernels.streamed_lane`), so the host queues whole tokens ahead.
+
+The lane registers each layer's host experts with the kernel library once (the registrations live as long as
+the host experts and are shared by every engine over them) and turns the calls' records into trace records
+(:meth:`StreamedLane.drain`): the counts, the plan's lanes and the CPU span as the host function saw it. A host
+function's error is raised at the next drain.
+"""
+from __future__ import annotations
+
+import weakref
+
+import jax
+import numpy as np
+
+from fiddler_jax.runtime.host_experts import HostExperts
+from fiddler_jax.runtime.planning.streamed_steps import all_cpu_for_any_routing
+from fiddler_jax.runtime.trace import StepRecord, Trace
+
+
+class StreamedRegistrations:
+    """Layer -> registered tables id for one set of host experts; unregistered when the host experts are freed."""
+
+    def __init__(self, host: HostExperts, device: jax.Device):
+        self.host, self.device = host, device
+        self.ids: dict[int, int] = {}
+
+    def id_of(self, layer: int) -> int:
+        if layer not in self.ids:
+            from fiddler_jax.kernels import streamed_lane
+
+            if not self.ids:
+                weakref.finalize(self.host, streamed_lane.unregister_layers, self.ids.values())
+            self.ids[layer] = streamed_lane.register_layer(self.host.kernel_tables(layer), self.device)
+        return self.ids[layer]
+
+
+class StreamedLane:
+    """Qualification per (layer, tokens), the custom call, and the drain of its records (module docstring).
+    ``plan_for(counts, layer)``: the engine's (memoised) planner; ``enabled``: False turns the lane off (every
+    step syncs and plans, the ablation)."""
+
+    def __init__(self, registrations: StreamedRegistrations, resident: np.ndarray, top_k: int, plan_for,
+                 enabled: bool, eligible: bool):
+        self.registrations, self.resident, self.top_k = registrations, resident, top_k
+        self.plan_for, self.enabled, self.eligible = plan_for, enabled, eligible
+        self.qualifies: dict[tuple[int, int], bool] = {}  # (layer, tokens) -> the step takes the streamed lane
+
+    def tables_id(self, layer: int, rows: int) -> int | None:
+        """The registered tables id when this layer step of ``rows`` tokens takes the streamed lane, else None."""
+        key = (layer, rows)
+        ok = self.qualifies.get(key)
+        if ok is None:
+            ok = self.qualifies[key] = (
+                self.eligible and self.registrations.host.kernel_tables(layer) is not None
+                and all_cpu_for_any_routing(lambda counts: self.plan_for(counts, layer), self.resident[layer], rows,
+                                            self.top_k))
+        if not (ok and self.enabled):
+            return None
+        return self.registrations.id_of(layer)
+
+    @staticmethod
+    def mix(moe_in, routing, tables: int):
+        """The step's CPU share as queued device work."""
+        from fiddler_jax.kernels.streamed_lane import streamed_cpu_mix
+
+        return streamed_cpu_mix(moe_in, routing.experts, routing.weights, tables=tables)
+
+    def drain(self, trace: Trace, num_experts: int) -> None:
+        """Raise the first error of a streamed call, and add a trace record for each streamed call that has run."""
+        ids = self.registrations.ids
+        if not ids:
+            return
+        from fiddler_jax.kernels import streamed_lane
+
+        streamed_lane.raise_pending_error()
+        layer_of = {tid: layer for layer, tid in ids.items()}
+        while True:
+            records, _ = streamed_lane.drain_records(256)
+            for r in records:
+                layer = layer_of.get(r["tables"])
+                if layer is None:
+                    continue
+                counts = r["counts"][:num_experts].astype(np.int32)
+                plan = self.plan_for(counts, layer)
+                trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s,
+                                     {"cpu": (r["start"] - trace.t0, r["end"] - trace.t0)}))
+            if len(records) < 256:
+                return

@@ -1,0 +1,157 @@
+"""The jitted pieces of a forward pass, each compiled once per layer structure and never again for a new plan.
+
+Parameters travel as a :class:`Split`'s flat list of arrays (``leaves``); the pieces are:
+  * ``embed`` and ``head`` (final norm + LM head, or the tied embedding; ``last_only``: the last position's
+    logits, what generation's steps need);
+  * ``fused_layer``: a layer whose experts are all on the GPU, attention and MoE in one call;
+  * ``attention_and_router``: attention, the post-attention norm, the router, the per-expert counts and the
+    step's sync vector (:mod:`routing_sync`: the counts, the routing, the counts the next layer's router would
+    give this hidden state -- what prefetch acts on -- and for small steps the MoE input);
+  * ``stack_mix``: the MoE share of the experts in a stack of GPU weights (the resident experts, or the dynamic
+    cache's buffers), a slot map saying which expert sits in which row (-1: not in the stack);
+  * ``expert_mix``: one copied expert's share (its three arrays as the PCIe lane made them).
+A layer's input arrives as a pending residual, ``(x,)`` or ``(h, gpu_out, cpu_out)`` of a hybrid MoE step; its
+sum is taken at the start of the next jitted piece (one dispatch fewer per layer than a separate add).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fiddler_jax.models.moe import route, sparse_expert_mix
+from fiddler_jax.runtime import routing_sync
+
+
+class Split:
+    """A module split once into its graph and a flat list of its arrays. The hot path passes ``leaves`` (a list,
+    flattened by JAX's C++ pytree code) to functions jitted once per ``key``, instead of an NNX ``State`` (whose
+    Python flattening sorts and hashes every key) and a static graphdef (hashed again by every call): on the tiny
+    model that halved the host time of a layer step."""
+
+    def __init__(self, module):
+        graphdef, state = nnx.split(module)
+        self.leaves, treedef = jax.tree.flatten(state)
+        self.key = (graphdef, treedef)
+
+    @staticmethod
+    def merge(key, leaves):
+        graphdef, treedef = key
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def residual(pending):
+    """The layer input from a pending residual (module docstring)."""
+    if len(pending) == 1:
+        return pending[0]
+    h, gpu_out, cpu_out = pending
+    return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
+
+
+@functools.cache
+def layer_steps(key, router_key):
+    """``(fused_layer, attention_and_router)`` of one layer structure (all of Mixtral's layers share one, so one
+    compile each); ``router_key``: the (post-attention norm, gate) structure of the layer the step looks ahead
+    to."""
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def fused_layer(leaves, pending, kv, start):
+        x = residual(pending)
+        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+        x, kv, _ = Split.merge(key, leaves)(x, kv, positions, start)
+        return x, kv
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def attention_and_router(leaves, pending, kv, start, lookahead):
+        """Residual after attention, the normed MoE input [N, hidden], the routing, the sync vector and the KV
+        cache; ``lookahead``: the next layer's norm and gate leaves, None when the engine does not prefetch."""
+        layer = Split.merge(key, leaves)
+        x = residual(pending)
+        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+        h, kv = layer.attention_block(x, kv, positions, start)
+        moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+        moe = layer.block_sparse_moe
+        routing = route(moe.gate(moe_in), moe.top_k)
+        counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
+        predicted = None
+        if lookahead is not None:
+            next_norm, next_gate = (Split.merge(k, part) for k, part in zip(router_key, lookahead))
+            guess = route(next_gate(next_norm(h).reshape(-1, h.shape[-1])), moe.top_k)
+            predicted = jnp.bincount(guess.experts.reshape(-1), length=moe.num_experts)
+        return h, moe_in, routing, routing_sync.pack(counts, routing.experts, routing.weights, predicted, moe_in), kv
+
+    return fused_layer, attention_and_router
+
+
+@functools.cache
+def model_ends(embed_key, norm_key, head_key):
+    """``(embed, head)``; ``head_key`` None: the LM head is tied to the embedding."""
+
+    @jax.jit
+    def embed(leaves, tokens):
+        return Split.merge(embed_key, leaves)(tokens)
+
+    @functools.partial(jax.jit, static_argnames="last_only")
+    def head(embed_leaves, norm_leaves, head_leaves, pending, last_only=False):
+        """Logits [B, T, V] float32, or [B, V] of the last position only."""
+        x = residual(pending)
+        if last_only:
+            x = x[:, -1]
+        x = Split.merge(norm_key, norm_leaves)(x)
+        if head_key is None:
+            return Split.merge(embed_key, embed_leaves).attend(x)
+        return Split.merge(head_key, head_leaves)(x, out_dtype=jnp.float32)
+
+    return embed, head
+
+
+@jax.jit
+def stack_mix(moe_in, routing, slot_of, w1, w3, w2):
+    return sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
+
+
+@functools.partial(jax.jit, static_argnames="num_experts")
+def expert_mix(moe_in, routing, expert, w1, w3, w2, *, num_experts):
+    slot_of = jnp.where(jnp.arange(num_experts) == expert, 0, -1).astype(jnp.int32)
+    return sparse_expert_mix(moe_in, routing, w1[None], w3[None], w2[None], slot_of)
+
+
+class ModelSegments:
+    """A model's parameters split for the jitted pieces, and the pieces for each layer."""
+
+    def __init__(self, model):
+        self.embed_part, self.norm_part = Split(model.embed_tokens), Split(model.norm)
+        self.head_part = None if model.lm_head is None else Split(model.lm_head)
+        self._embed, self._head = model_ends(self.embed_part.key, self.norm_part.key,
+                                             None if self.head_part is None else self.head_part.key)
+        self.layers = [Split(layer) for layer in model.layers]
+        routers = [(Split(l.post_attention_layernorm), Split(l.block_sparse_moe.gate)) for l in model.layers]
+        # each layer step looks ahead to the next layer's router (the last layer to its own: never prefetched)
+        self.lookahead = [tuple(p.leaves for p in routers[min(n + 1, len(routers) - 1)])
+                          for n in range(len(routers))]
+        self.steps = [layer_steps(part.key, tuple(p.key for p in routers[n]))
+                      for n, part in enumerate(self.layers)]
+
+    def embed(self, tokens):
+        return self._embed(self.embed_part.leaves, tokens)
+
+    def head(self, pending, last_only: bool):
+        head_leaves = None if self.head_part is None else self.head_part.leaves
+        return self._head(self.embed_part.leaves, self.norm_part.leaves, head_leaves, pending, last_only=last_only)
+
+    def fused_layer(self, layer: int, pending, kv, start):
+        return self.steps[layer][0](self.layers[layer].leaves, pending, kv, start)
+
+    def attention_and_router(self, layer: int, pending, kv, start, lookahead: bool):
+        return self.steps[layer][1](self.layers[layer].leaves, pending, kv, start,
+                                    self.lookahead[layer] if lookahead else None)
+
+    def jitted(self) -> dict:
+        """The jitted pieces by name, each once (``f._cache_size()`` counts its compiles)."""
+        found = {"embed": self._embed, "head": self._head, "stack_mix": stack_mix, "expert_mix": expert_mix}
+        for n, steps in enumerate(dict.fromkeys(self.steps)):  # distinct layer structures, in layer order
+            suffix = "" if n == 0 else f"_{n}"
+            found["fused_layer" + suffix], found["attention_and_router" + suffix] = steps
+        return found

@@ -1,0 +1,86 @@
+"""One forward pass of the hybrid engine: embed -> per layer one of three steps -> head. It owns the residual.
+
+For each layer:
+  * fused: every expert of the layer is resident -- attention and MoE in one jitted call, no host round trip;
+  * streamed: the step's plan is known before its routing (:mod:`fiddler_jax.runtime.lanes.streamed`) --
+    attention, the resident mix and the CPU lane are queued as device work, no sync;
+  * synced: attention and the router run (:mod:`fiddler_jax.runtime.segments`), the resident experts' mix is
+    queued at once (it needs the routing, not a plan, so its dispatch overlaps the segment's run), the step's
+    one sync brings the counts and the routing to the host (:mod:`fiddler_jax.runtime.routing_sync`), the plan
+    comes from the memo (:class:`~fiddler_jax.runtime.planning.PlanMemo`) or from behind the dynamic cache, the
+    executor runs it over the lanes (:mod:`fiddler_jax.runtime.executor`) and the step's record joins the trace.
+The lanes' outputs join the residual at the start of the next jitted call.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fiddler_jax.runtime import routing_sync
+from fiddler_jax.runtime.executor import Executor
+from fiddler_jax.runtime.lanes.streamed import StreamedLane
+from fiddler_jax.runtime.planning import Plan
+from fiddler_jax.runtime.segments import ModelSegments
+from fiddler_jax.runtime.trace import StepRecord, Trace
+
+
+class StepLoop:
+    """The forward pass over an engine's segments and lanes (module docstring). ``plan``: ``plan(counts, layer,
+    staged_s=None) -> Plan`` (the memo, or the dynamic cache's planning)."""
+
+    def __init__(self, config, segments: ModelSegments, resident: np.ndarray, device: jax.Device,
+                 executor: Executor, streamed: StreamedLane, plan, trace: Trace):
+        self.config, self.segments, self.resident, self.device = config, segments, resident, device
+        self.executor, self.streamed, self.plan, self.trace = executor, streamed, plan, trace
+        self.all_resident = [bool(row.all()) for row in resident]
+
+    def forward(self, tokens, cache, start: int, *, last_only: bool = False):
+        """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.. ([B, V] of the last position with
+        ``last_only``), and the updated KV cache."""
+        start = jnp.int32(start)
+        self.executor.pcie.pool.clear()  # copies left by a forward pass that raised
+        self.drain()  # a streamed step's error surfaces here at the latest
+        pending = (self.segments.embed(jax.device_put(tokens, self.device)),)
+        prefetching = self.executor.prefetch > 0
+        rows = math.prod(np.shape(tokens))
+        new_cache = []
+        for layer, kv in enumerate(cache):
+            if self.all_resident[layer]:
+                x, kv = self.segments.fused_layer(layer, pending, kv, start)
+                pending = (x,)
+            elif (tables := self.streamed.tables_id(layer, rows)) is not None:
+                h, moe_in, routing, _, kv = self.segments.attention_and_router(layer, pending, kv, start, prefetching)
+                pending = (h, self.executor.gpu.resident_mix(layer, moe_in, routing),
+                           self.streamed.mix(moe_in, routing, tables))
+            else:
+                h, moe_in, routing, sync, kv = self.segments.attention_and_router(layer, pending, kv, start,
+                                                                                  prefetching)
+                pending = (h,) + self._synced_moe(layer, moe_in, routing, sync, prefetching)
+            new_cache.append(kv)
+        logits = self.segments.head(pending, last_only)
+        self.executor.cpu.settle()  # the CPU lane's output copies have landed; no GPU memory held between passes
+        return logits, tuple(new_cache)
+
+    def _synced_moe(self, layer: int, moe_in, routing, sync, predicts: bool):
+        clock = self.trace.now
+        resident = (clock(), self.executor.gpu.resident_mix(layer, moe_in, routing))
+        t_plan = clock()
+        step = routing_sync.unpack(np.asarray(sync), num_experts=self.config.num_local_experts,
+                                   top_k=self.config.num_experts_per_tok, moe_in_shape=moe_in.shape,
+                                   moe_in_dtype=moe_in.dtype, predicted=predicts)
+        E = len(step.counts)
+        pool = self.executor.pcie.pool
+        staged = pool.staged(layer, E)
+        plan: Plan = self.plan(step.counts, layer, pool.left_s(layer, E) if staged.any() else None)
+        spans = {"plan": (t_plan, clock())}
+        next_offloads = layer + 1 < len(self.all_resident) and not self.all_resident[layer + 1]
+        gpu_out, cpu_out = self.executor.run(layer, plan, step, moe_in, routing, resident, spans, next_offloads)
+        self.trace.add(StepRecord(layer, step.counts, plan.lanes, plan.predicted_s, spans, staged, plan.staged))
+        return gpu_out, cpu_out
+
+    def drain(self) -> None:
+        """Bring the streamed steps that have run into the trace (and raise a streamed call's error)."""
+        self.streamed.drain(self.trace, self.config.num_local_experts)
