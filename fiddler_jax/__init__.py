@@ -6,9 +6,9 @@ Public API (stable names):
   generate(model, input_ids, max_new_tokens, do_sample=False, seed=0, *, num_beams=1, length_penalty=1.0,
            early_stopping=False, temperature=1.0, top_p=1.0) -> np.ndarray                [B, T + new]
   save_pretrained(model, path)                                     HF folder that transformers loads
-  Engine.from_pretrained(path, gpu_budget=..., planner=...)        the hybrid CPU-GPU engine
+  Engine.from_pretrained(path, gpu_budget=..., planner=..., options=EngineOptions(...))   the hybrid engine
 
-The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax.runtime.planners``,
+The names are imported lazily (PEP 562), so the pure-Python parts (``fiddler_jax.runtime.planning``,
 ``placement``, ``latency``) and the kernels import without loading flax or the model code.
 
 Importing the package raises JAX's pinned host memory cap (``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB``, 64 GiB by
@@ -53,6 +53,7 @@ _LAZY = {
     "generate_with_stats": "fiddler_jax.runtime.generate",
     "logits": "fiddler_jax.runtime.generate",
     "Engine": "fiddler_jax.runtime.engine",
+    "EngineOptions": "fiddler_jax.runtime.options",
 }
 _SUBPACKAGES = ("analysis", "assets", "experiments", "kernels", "models", "runtime", "training")
 __all__ = ["CheckpointError", "FiddlerError", "InvalidInputError", "ModelConfigError", *_LAZY]

@@ -15,7 +15,6 @@ The runtime later splits step 3 between GPU-resident experts and offloaded ones;
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import jax
@@ -83,7 +82,8 @@ def grouped_expert_ffn(x_sorted: jax.Array, sizes: jax.Array, w1: jax.Array, w3:
 
 def gathered_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array, w3: jax.Array,
                         w2: jax.Array) -> jax.Array:
-    """Row m of ``x_rows`` [M, hidden] through expert ``expert_ids[m]``, by gathering those experts' weights.
+    """Row m of ``x_rows`` [M, hidden] through expert ``expert_ids[m]``, by gathering those experts' weights (the
+    reference form the tests compare :func:`rowwise_expert_ffn` with; the engine uses the rowwise form).
     Reads M experts instead of all E, which is what few-token steps (decode) want. Returns float32 [M, hidden]."""
     prec = matmul_precision(w1.dtype)
     gate = jnp.einsum("mh,mfh->mf", x_rows, w1[expert_ids], precision=prec, preferred_element_type=jnp.float32)
@@ -111,18 +111,6 @@ def rowwise_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array, 
         act = (jax.nn.silu(matvec(pick(w1), x)) * matvec(pick(w3), x)).astype(w2.dtype)
         rows.append(matvec(pick(w2), act))
     return jnp.stack(rows)
-
-
-# How few-row steps read their experts: "rowwise" (in place, the default) or "gather" (index the stack; the
-# ablation). FIDDLER_DECODE_EXPERTS, read when a function is traced.
-DECODE_FORMS = {"rowwise": rowwise_expert_ffn, "gather": gathered_expert_ffn}
-
-
-def decode_form():
-    name = os.environ.get("FIDDLER_DECODE_EXPERTS", "rowwise")
-    if name not in DECODE_FORMS:
-        raise ValueError(f"FIDDLER_DECODE_EXPERTS={name!r}; valid: {', '.join(DECODE_FORMS)}")
-    return DECODE_FORMS[name]
 
 
 def dense_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
@@ -166,7 +154,7 @@ def sparse_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.
     x_sorted = flat[groups.order // top_k]
     slot_sorted = slots.reshape(-1)[groups.order]
     if x_sorted.shape[0] <= num_slots:  # few assignments (decode): touch only the chosen rows
-        y_sorted = decode_form()(x_sorted, jnp.minimum(slot_sorted, num_slots - 1), w1, w3, w2)
+        y_sorted = rowwise_expert_ffn(x_sorted, jnp.minimum(slot_sorted, num_slots - 1), w1, w3, w2)
     else:
         y_sorted = grouped_expert_ffn(x_sorted, groups.sizes[:num_slots], w1, w3, w2)
     y_sorted = jnp.where((slot_sorted < num_slots)[:, None], y_sorted, 0.0)

@@ -300,5 +300,5 @@ def load_calibrated(geometry: Geometry, root: str | os.PathLike | None = None) -
         raise LatencyModelError(
             f"no latency model calibrated on this machine ({machine.cpu} + {machine.gpu}) for {geometry}: expected "
             f"{path}. Create it (about a minute) with `fiddler-jax calibrate model.path=<the model folder> "
-            f"model.dtype={geometry.dtype}`, or pass latency=None (the DESIGN.md numbers) or latency=<a JSON file>")
+            f"model.dtype={geometry.dtype}`, or pass latency=None (the H100 machine's design numbers) or latency=<a JSON file>")
     return LatencyModel.load(path, expect_machine=machine, expect_geometry=geometry)

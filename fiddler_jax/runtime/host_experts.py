@@ -4,8 +4,8 @@ Every offloaded (layer, expert) is three JAX arrays (w1, w3, w2) in the ``pinned
 device (on a CPU-only JAX, of the CPU device: the same code runs in CI):
   * the PCIe lane copies them into GPU arrays with an eager ``device_put`` (:mod:`staging`): a DMA from pinned
     memory on XLA's host-to-device stream, beside compute — 6.9 ms for a Mixtral-8x7B expert (352 MB) on the
-    H100 machine, against 59 ms for an eager ``device_put`` of pageable numpy (scripts/probe_pinned_lane.py,
-    scripts/probe_copy_stream.py). The dynamic cache's jitted :func:`copy_into_slot` is as fast but runs on the
+    H100 machine, against 59 ms for an eager ``device_put`` of pageable numpy (measured: docs/notes/engine_lanes.md).
+    The dynamic cache's jitted :func:`copy_into_slot` is as fast but runs on the
     compute stream, in front of the computations queued after it;
   * the CPU lane reads the very same bytes: ``np.asarray`` of a pinned_host array is a zero-copy view (checked
     for every array at load; the kernel takes per-expert weight tables, so no stack is ever built).
@@ -28,10 +28,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fiddler_jax.errors import FiddlerError
+from fiddler_jax.memory_kinds import DEVICE, PINNED_HOST
 from fiddler_jax.units import format_bytes
 
 WEIGHTS = ("w1", "w3", "w2")
-PINNED = "pinned_host"
 HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 
 
@@ -86,10 +86,10 @@ class HostExperts:
         ``source(l, e)`` → {"w1", "w3", "w2"} numpy arrays."""
         device = device or jax.devices()[0]
         kinds = {m.kind for m in device.addressable_memories()}
-        if PINNED not in kinds:
+        if PINNED_HOST not in kinds:
             raise FiddlerError(f"device {device} has no pinned_host memory (it has {sorted(kinds)}); the engine "
                                "needs it to hold offloaded experts")
-        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED)
+        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED_HOST)
         keys = [(int(l), int(e)) for l, e in zip(*np.nonzero(offloaded))]
         arrays: dict[tuple[int, int], dict[str, jax.Array]] = {}
         pinned_bytes = 0
@@ -155,5 +155,5 @@ def copy_into_slot(buffers: dict[str, jax.Array], slot: int, weights: dict[str, 
     {"w1": [S, ffn, hidden], ...} (donated; the updated buffers are returned). One expert per call keeps a
     single compiled signature whatever the plan. The call returns when the copy is queued, not when it ends:
     block on the result to wait for it."""
-    target = jax.sharding.SingleDeviceSharding(next(iter(buffers["w1"].devices())), memory_kind="device")
+    target = jax.sharding.SingleDeviceSharding(next(iter(buffers["w1"].devices())), memory_kind=DEVICE)
     return _copy_jit(buffers, np.int32(slot), weights, target=target)

@@ -1,6 +1,6 @@
 """The latency model the planners decide with: how long one expert takes on each lane, fitted from measurements.
 
-Four numbers per machine and model geometry (DESIGN.md §1: "the latency model is measured on the machine"):
+Four numbers per machine and model geometry, measured on the machine the engine runs on:
   cpu(n)      one expert FFN with n tokens on the CPU lane (our kernel)          piecewise linear in n
   gpu(n)      one expert FFN with n tokens on the GPU                            piecewise linear in n
   transfer_s  copying one expert's weights host -> GPU (pinned, one staging slot)  constant
@@ -120,8 +120,8 @@ class Geometry:
 
 
 MIXTRAL_8X7B_BF16 = Geometry(hidden=4096, ffn=14336, dtype="bfloat16")
-DESIGN_MACHINE = Machine(cpu="Intel(R) Xeon(R) Processor, 16 cores (DESIGN.md §3 preset, not measured here)",
-                         gpu="NVIDIA H100 80GB HBM3 (DESIGN.md §3 preset, not measured here)")
+DESIGN_MACHINE = Machine(cpu="Intel(R) Xeon(R) Processor, 16 cores (design numbers, not measured here)",
+                         gpu="NVIDIA H100 80GB HBM3 (design numbers, not measured here)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,7 @@ class LatencyModel:
 
     @classmethod
     def from_design_numbers(cls) -> LatencyModel:
-        """The H100 machine's numbers from DESIGN.md §3 for one Mixtral-8x7B bf16 expert, for tests and planning
+        """The H100 machine's design numbers (measured there on 2026-11-22) for one Mixtral-8x7B bf16 expert, for tests and planning
         before calibration. CPU: 3.5 ms at n=1 (a good kernel at the streaming bar), 8 ms at n=64, 59 ms at
         n=512; GPU: 0.15 ms up to n=128, 0.29 ms at n=512; copy 6.4 ms; layer-step sync 0.3 ms. Used for a
         smaller model it makes the decisions Mixtral would get on that machine (nothing is rescaled)."""

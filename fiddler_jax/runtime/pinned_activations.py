@@ -3,8 +3,8 @@
 A layer step's CPU lane reads the MoE input, bfloat16 [tokens, hidden], from the GPU, and hands back a float32
 [tokens, hidden] output: 16 KB in decode, 32 MB in and 64 MB out in a 4096-token prefill of Mixtral-8x7B.
 Fetched with ``np.asarray`` and handed back as numpy, both cross PCIe through pageable memory (a host copy
-through a staging buffer each way), once per layer. That is about 3 GB per 4096-token prefill. Session 6
-measured TTFT 0.36 s above the traced layer steps there. Through pinned memory, each is one DMA at the pinned
+through a staging buffer each way), once per layer. That is about 3 GB per 4096-token prefill, and on the H100
+machine it added 0.36 s to the time to first token above the traced layer steps. Through pinned memory, each is one DMA at the pinned
 rate (~54 GB/s on the H100 machine):
   * in: ``fetch`` copies the input with ``jax.device_put`` into ``pinned_host`` memory, and ``np.asarray`` of
     that is a zero-copy view;
@@ -28,8 +28,8 @@ import jax
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.memory_kinds import DEVICE, PINNED_HOST
 
-PINNED = "pinned_host"
 
 
 class _Buffer:
@@ -37,7 +37,7 @@ class _Buffer:
     copy last made from it (None before the first)."""
 
     def __init__(self, shape: tuple[int, ...], device: jax.Device):
-        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED)
+        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED_HOST)
         self.owner = jax.device_put(np.zeros(shape, np.float32), sharding)
         self.owner.block_until_ready()
         nbytes = math.prod(shape) * 4
@@ -60,11 +60,11 @@ class PinnedActivations:
         if depth < 2:
             raise InvalidInputError(f"PinnedActivations needs depth >= 2 (a buffer must outlive the step that reads "
                                     f"it), got {depth}")
-        if PINNED not in {m.kind for m in device.addressable_memories()}:
+        if PINNED_HOST not in {m.kind for m in device.addressable_memories()}:
             min_bytes = None  # nothing to pin into: every activation keeps the numpy path
         self.device, self.min_bytes, self.depth = device, min_bytes, depth
-        self._pinned = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED)
-        self._target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+        self._pinned = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED_HOST)
+        self._target = jax.sharding.SingleDeviceSharding(device, memory_kind=DEVICE)
         # The rings by shape, least recently used first; at most ``max_shapes`` (the pinned pool has ~2 GiB of
         # slack beyond the experts, and a run over many prompt lengths would otherwise keep a ring for each).
         self.max_shapes = max_shapes

@@ -6,7 +6,7 @@ itself -- is packed on the GPU into one int32 vector (``pack``, inside the jitte
 apart on the host without copies (``unpack``: numpy views of that vector). One transfer instead of five: on the
 H100 machine ``jax.device_get`` of the five arrays of a decode step took 0.055 ms against 0.017 ms for one array
 of the same bytes even when all were ready, and in the decode loop the per-array host work (``copy_to_host_async``
-and ``_value`` per array) was about 0.4 ms of a 6.5 ms layer step (``scripts/probe_decode_step.py``).
+and ``_value`` per array) was about 0.4 ms of a 6.5 ms layer step.
 
 Layout (int32 words): counts [E] | experts [N·k] | weights [N·k] (float32 bits) | predicted [E] (only when
 predicted) | moe_in [N·hidden] bits (only when shipped: at most ``SMALL_STEP_BYTES`` and a whole number of

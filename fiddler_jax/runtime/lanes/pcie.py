@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from fiddler_jax.errors import FiddlerError
+from fiddler_jax.memory_kinds import DEVICE
 from fiddler_jax.runtime.planning import PlannerError
 from fiddler_jax.runtime.segments import expert_mix
 from fiddler_jax.runtime.host_experts import HostExperts, WEIGHTS
@@ -61,7 +62,7 @@ class StagingPool:
 
     def __init__(self, host: HostExperts, device: jax.Device, slots: int, transfer_s: float):
         self.host, self.slots, self.transfer_s = host, int(slots), float(transfer_s)
-        self._target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+        self._target = jax.sharding.SingleDeviceSharding(device, memory_kind=DEVICE)
         self._copies: dict[tuple[int, int], StagedCopy] = {}
         self._lane_free_at = 0.0
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fiddler-pcie-lane")
