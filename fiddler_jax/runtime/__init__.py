@@ -1,1 +1,3 @@
-"""Execution of the model: generation now; placement, planners, lanes and the hybrid engine later."""
+"""Running the model: plain generation (``generate``, ``beam_search``), and the hybrid engine -- its facade
+(``engine``), options, resources, jitted segments, step loop, executor, lanes and planning, with placement,
+profiling, the latency model and its calibration, and the trace."""

@@ -136,22 +136,23 @@ class Engine:
                placement="popularity", resident_experts=None, staging_slots=DEFAULT_STAGING_SLOTS, cache_slots=0,
                dtype="bfloat16", profile=None, latency=None, max_batch=1, max_context=None, seed=0, progress=True,
                options=None, planner_params=None) -> Engine:
-        """Planner, options, latency model and placement (all checked before anything is loaded); then
-        ``load(resident) -> (model, offloaded-expert source)`` and the pinning of the offloaded experts."""
+        """Planner, options, placement, the pinned pool's size, and the latency model (all before anything is
+        loaded); then ``load(resident) -> (model, offloaded-expert source)`` and the pinning of the offloaded
+        experts."""
         options = options or EngineOptions()
         if not isinstance(options, EngineOptions):
             raise InvalidInputError(f"options must be an EngineOptions; got {type(options).__name__}")
         bound = bind_planner(planner, planner_params, staging_slots, cache_slots)
-        lat = resolve_latency(latency, geometry_of(cfg, dtype), progress=progress)
         counts = RoutingProfile.load(profile).counts if profile is not None else None
         itemsize = resolve_dtype(dtype).itemsize
-        plan = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
-                     resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
-                     staging_slots=staging_slots, cache_slots=bound.cache_slots, seed=seed)
-        size_pinned_pool(int((~plan.resident).sum()) * plan.memory.expert)  # before JAX starts, if it has not
-        model, source = load(plan.resident)
-        host = HostExperts.pin(source, ~plan.resident, progress=progress)
-        resources = EngineResources.build(model, host, plan, staging_slots=staging_slots,
+        placed = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
+                       resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
+                       staging_slots=staging_slots, cache_slots=bound.cache_slots, seed=seed)
+        size_pinned_pool(int((~placed.resident).sum()) * placed.memory.expert)  # before JAX starts, if it has not
+        lat = resolve_latency(latency, geometry_of(cfg, dtype), progress=progress)  # "auto" may calibrate: JAX starts
+        model, source = load(placed.resident)
+        host = HostExperts.pin(source, ~placed.resident, progress=progress)
+        resources = EngineResources.build(model, host, placed, staging_slots=staging_slots,
                                           cache_slots=bound.cache_slots, transfer_s=lat.transfer_s)
         return cls(resources, bound, lat, options)
 
