@@ -62,6 +62,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True)
     ap.add_argument("--budget", default="24GiB")
+    ap.add_argument("--latency", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      "fiddler_jax", "runtime", "latency_h100.json"),
+                    help="latency model file both engines plan with (default: the H100 machine's, as the tables)")
     ap.add_argument("--planners", default="fiddler_overlap,fiddler")
     ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the geometry's 32)")
     ap.add_argument("--resident", type=int, default=None, help="resident experts (default: fill the budget)")
@@ -89,6 +92,7 @@ def main(argv=None) -> dict:
     planners = args.planners.split(",")
     tic = time.perf_counter()
     built = Engine.from_random(config, gpu_budget=args.budget, planner=planners[0], resident_experts=args.resident,
+                               latency=args.latency,
                                max_context=cache_length(args.prompt_tokens, args.new_tokens, config))
     build_s = time.perf_counter() - tic
     print(f"built in {build_s:.0f} s: {built.placement.memory}", flush=True)

@@ -1,8 +1,8 @@
 """The ``fiddler-jax`` command: ``fiddler-jax <subcommand> [hydra overrides...]``.
 
-Most subcommands are Hydra apps in :mod:`fiddler_jax.experiments` with their config in ``conf/<name>.yaml``
-(``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved config); ``bench-kernel``,
-``bench-jobs`` and ``report`` take plain arguments (``--help`` lists them).
+Most subcommands are Hydra apps in :mod:`fiddler_jax.experiments` with their config in
+``fiddler_jax/conf/<name>.yaml`` (``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved
+config); ``bench-kernel``, ``bench-jobs`` and ``report`` take plain arguments (``--help`` lists them).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The research harness: every config in conf/ composes against its schema, a tiny sweep on the bundled model
+"""The research harness: every config in fiddler_jax/conf composes against its schema, a tiny sweep on the bundled model
 writes complete result files that `report` turns into a table, and bad input fails with one clear message."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments import bench, report
+from fiddler_jax.experiments import bench, build, report
 from fiddler_jax.experiments.common import CONF_DIR
 from tests.test_cli import cli
 
@@ -127,7 +127,7 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(InvalidInputError, match="is empty"):
         bench.prompt_text(str(empty))
     with pytest.raises(InvalidInputError, match=r"kernel.spin_us must be >= 0, got -1"):
-        bench.set_kernel("auto", -1)
+        build.set_kernel("auto", -1)
     r = cli("bench", "model=mixtral_8x7b", f"model.path={tmp_path}", *COMMON, cwd=tmp_path)
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
     r = cli("bench", "model=mixtral_8x7b", *COMMON, cwd=tmp_path)

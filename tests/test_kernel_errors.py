@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import fiddler_jax.kernels as K
-from fiddler_jax.kernels._testing import BF16, expert_inputs, rand_bf16
+from fiddler_jax.kernels._testing import BF16, expert_inputs
+from fiddler_jax.random_bits import random_bf16
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,10 +24,10 @@ def _good(rng, n=3, hidden=24, ffn=40):
 
 
 def _grouped(rng, T=4, E=3, hidden=24, ffn=40):
-    x = rand_bf16(rng, (T, hidden))
-    w1 = rand_bf16(rng, (E, ffn, hidden), 0.2)
-    w3 = rand_bf16(rng, (E, ffn, hidden), 0.2)
-    w2 = rand_bf16(rng, (E, hidden, ffn), 0.2)
+    x = random_bf16(rng, (T, hidden), std=1.0)
+    w1 = random_bf16(rng, (E, ffn, hidden), std=0.2)
+    w3 = random_bf16(rng, (E, ffn, hidden), std=0.2)
+    w2 = random_bf16(rng, (E, hidden, ffn), std=0.2)
     tok = np.array([0, 1, 2, 3, 0], np.int32)
     exp = np.array([0, 1, 2, 0, 2], np.int32)
     wts = np.array([0.5, 0.5, 1.0, 0.25, 0.1], np.float32)

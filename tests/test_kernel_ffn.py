@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fiddler_jax.kernels as K
-from fiddler_jax.kernels._testing import BF16, expert_inputs, expert_ref, grouped_ref, rel_err, rand_bf16
+from fiddler_jax.kernels._testing import BF16, expert_inputs, expert_ref, grouped_ref, rel_err
+from fiddler_jax.random_bits import random_bf16
 
 SUPPORTED = K.cpu_features()["supported_paths"]
 ALL_PATHS = ["generic", "avx2", "avx512_bf16", "amx"]
@@ -80,9 +81,9 @@ def _routing(rng, T, E, top_k=2, skip=()):
 
 
 def _stacked(rng, E, hidden, ffn):
-    w1 = rand_bf16(rng, (E, ffn, hidden), hidden ** -0.5)
-    w3 = rand_bf16(rng, (E, ffn, hidden), hidden ** -0.5)
-    w2 = rand_bf16(rng, (E, hidden, ffn), ffn ** -0.5)
+    w1 = random_bf16(rng, (E, ffn, hidden), std=hidden ** -0.5)
+    w3 = random_bf16(rng, (E, ffn, hidden), std=hidden ** -0.5)
+    w2 = random_bf16(rng, (E, hidden, ffn), std=ffn ** -0.5)
     return w1, w3, w2
 
 
@@ -90,7 +91,7 @@ def _stacked(rng, E, hidden, ffn):
 @pytest.mark.parametrize("T,E,hidden,ffn", [(9, 4, 72, 100), (1, 8, 64, 96), (40, 3, 33, 50)])
 def test_grouped_equals_sum_of_singles(path, T, E, hidden, ffn):
     rng = np.random.default_rng([T, E, hidden, ffn])
-    x = rand_bf16(rng, (T, hidden))
+    x = random_bf16(rng, (T, hidden), std=1.0)
     w1, w3, w2 = _stacked(rng, E, hidden, ffn)
     tok, exp, wts = _routing(rng, T, E, skip={T // 2} if T > 2 else ())
     out = np.full((T, hidden), np.nan, np.float32)
@@ -122,7 +123,7 @@ def test_grouped_mixed_batch_sizes():
     """Experts with very different token counts in one call (auto may pick different paths per expert)."""
     rng = np.random.default_rng(5)
     T, E, hidden, ffn = 80, 3, 64, 72
-    x = rand_bf16(rng, (T, hidden))
+    x = random_bf16(rng, (T, hidden), std=1.0)
     w1, w3, w2 = _stacked(rng, E, hidden, ffn)
     tok = np.concatenate([np.arange(T), [3], np.arange(0, T, 7)]).astype(np.int32)
     exp = np.concatenate([np.zeros(T), [1], np.full(len(range(0, T, 7)), 2)]).astype(np.int32)
@@ -138,7 +139,7 @@ def test_grouped_per_expert_tables_equal_stacks(path):
     stack; an unused expert may be absent (None), a used one may not."""
     rng = np.random.default_rng(11)
     T, E, hidden, ffn = 12, 5, 72, 100
-    x = rand_bf16(rng, (T, hidden))
+    x = random_bf16(rng, (T, hidden), std=1.0)
     w1, w3, w2 = _stacked(rng, E, hidden, ffn)
     tok, exp, wts = _routing(rng, T, E)
     keep = exp != 2
@@ -168,7 +169,7 @@ def test_thread_count_does_not_change_results(path):
     rng = np.random.default_rng(3)
     x, w1, w3, w2 = expert_inputs(rng, 37, 130, 270)
     T, E = 21, 5
-    xg = rand_bf16(rng, (T, 130))
+    xg = random_bf16(rng, (T, 130), std=1.0)
     sw1, sw3, sw2 = _stacked(rng, E, 130, 270)
     tok, exp, wts = _routing(rng, T, E)
     results = []
@@ -191,7 +192,7 @@ def test_pool_with_sleeping_and_oversubscribed_workers_gives_the_same_bits():
 
     rng = np.random.default_rng(4)
     T, E, hidden, ffn = 19, 4, 64, 200
-    xg = rand_bf16(rng, (T, hidden))
+    xg = random_bf16(rng, (T, hidden), std=1.0)
     sw1, sw3, sw2 = _stacked(rng, E, hidden, ffn)
     tok, exp, wts = _routing(rng, T, E)
     K.set_num_threads(1)
@@ -222,7 +223,7 @@ def test_expert_tables_made_once_give_the_same_bits_and_refuse_a_mismatch():
     its misuse gets a KernelError naming the problem."""
     rng = np.random.default_rng(5)
     T, E, hidden, ffn = 9, 4, 64, 96
-    xg = rand_bf16(rng, (T, hidden))
+    xg = random_bf16(rng, (T, hidden), std=1.0)
     sw1, sw3, sw2 = _stacked(rng, E, hidden, ffn)
     tok, exp, wts = _routing(rng, T, E)
     lists = [list(w) for w in (sw1, sw3, sw2)]
@@ -232,7 +233,7 @@ def test_expert_tables_made_once_give_the_same_bits_and_refuse_a_mismatch():
         got = K.grouped_expert_ffn_numpy(xg, tok, exp, wts, tables, None, None, np.zeros((T, hidden), np.float32))
         assert np.array_equal(got, want)
     with pytest.raises(K.KernelError, match="made for hidden size 64"):
-        K.grouped_expert_ffn_numpy(rand_bf16(rng, (T, 32)), tok, exp, wts, tables, None, None,
+        K.grouped_expert_ffn_numpy(random_bf16(rng, (T, 32), std=1.0), tok, exp, wts, tables, None, None,
                                    np.zeros((T, 32), np.float32))
     with pytest.raises(K.KernelError, match="entries; they must be equal"):
         K.ExpertTables(lists[0], lists[1][:2], lists[2], hidden=hidden)
@@ -245,7 +246,7 @@ def test_empty_and_degenerate_shapes():
     x, w1, w3, w2 = expert_inputs(rng, 0, 16, 8)
     assert K.expert_ffn(x, w1, w3, w2).shape == (0, 16)
     # ffn == 0: the FFN is identically zero
-    x = rand_bf16(rng, (3, 16))
+    x = random_bf16(rng, (3, 16), std=1.0)
     y = K.expert_ffn_numpy(x, np.zeros((0, 16), BF16), np.zeros((0, 16), BF16), np.zeros((16, 0), BF16),
                            np.full((3, 16), np.nan, np.float32))
     assert np.all(y == 0)
@@ -284,7 +285,8 @@ def test_amx_variants_identical(n, hidden, ffn):
 def test_read_bandwidth_reads_every_buffer_and_refuses_bad_input():
     """The CPU lane's read ceiling (``kernels.read_bandwidth``): a positive rate over any C-contiguous buffers,
     including odd sizes the 8-stream split leaves a tail of; a KernelError for what it cannot read."""
-    buffers = [np.ones(1 << 20, np.uint8), np.ones(12345, np.uint16), rand_bf16(np.random.default_rng(0), (7, 33))]
+    buffers = [np.ones(1 << 20, np.uint8), np.ones(12345, np.uint16),
+               random_bf16(np.random.default_rng(0), (7, 33), std=1.0)]
     assert K.read_bandwidth(buffers, reps=2) > 0
     for bad in ([], [np.ones((8, 8))[:, ::2]], ["not an array"]):
         with pytest.raises(K.KernelError, match="C-contiguous"):

@@ -83,7 +83,8 @@ def _has_tokenizer(path: str) -> bool:
 def run_hf_accelerate(cfg) -> tuple[dict, dict]:
     """The scenario through transformers + accelerate at the same budget: (metrics, extra result fields)."""
     torch = _require()
-    from fiddler_jax.experiments.bench import gpu_budget, prompt_ids, prompt_text, summarize
+    from fiddler_jax.experiments.build import gpu_budget
+    from fiddler_jax.experiments.workload import prompt_ids, prompt_text, summarize
 
     budget = parse_bytes(gpu_budget(cfg.hardware))
     model, tokenizer = _hf_model(cfg, torch, budget)

@@ -1,18 +1,16 @@
 """``fiddler-jax bench``: one scenario through the engine (or a peer baseline), warm-up excluded, ``repeats``
 timed runs reported as median and spread; ``result.json`` in Hydra's output folder holds the metrics, the
 resolved config, the overrides, provenance (git SHA and dirty flag, versions, CPU model and flags, GPU) and the
-latency model the planner used. Config: ``conf/bench.yaml`` and its groups (schemas in ``schemas.py``).
+latency model the planner used. Config: ``fiddler_jax/conf/bench.yaml`` and its groups (schemas in
+``schemas.py``); the engine is built by :func:`fiddler_jax.experiments.build.build_engine`.
 
 Scenarios: ``decode`` (time to first token, steady-state and end-to-end tokens/s), ``prefill`` (TTFT of a long
-prompt), ``beam`` (tokens/s counting every beam, end-to-end latency). Prompts are cut from a text file
-(``prompts_file``; default: the held-out files of the tiny model's corpus, i.e. this Python's standard
-library), repeated if short; a model without a tokenizer gets seeded random token ids.
+prompt), ``beam`` (tokens/s counting every beam, end-to-end latency). Prompts: :mod:`.workload`.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 import hydra
@@ -22,133 +20,14 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.units import parse_bytes
 from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors, planner_kwargs, resolve_model_path
+from fiddler_jax.experiments.build import build_engine, gpu_budget, release_engines
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.workload import prompt_ids, prompt_text, summarize
+from fiddler_jax.units import parse_bytes
 
 SCENARIOS = ("decode", "prefill", "beam")
 BASELINES = ("hf_accelerate",)
-
-
-def prompt_text(prompts_file: str | None) -> str:
-    """The text prompts are cut from: ``prompts_file``, or the tiny model's held-out corpus files."""
-    if prompts_file is not None:
-        path = os.path.expanduser(prompts_file)
-        if not os.path.isfile(path):
-            raise InvalidInputError(f"prompts_file {path} does not exist")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if not text.strip():
-            raise InvalidInputError(f"prompts_file {path} is empty; give a text file with prompts")
-        return text
-    from fiddler_jax.training.corpus import find_corpus
-
-    corpus = find_corpus()
-    return "\n".join(corpus.read(rel) for rel in corpus.heldout[:8])
-
-
-def prompt_ids(tokenizer, text: str, length: int, vocab_size: int, seed: int) -> np.ndarray:
-    """[1, length] token ids: the start of ``text`` (repeated when short), or seeded random ids."""
-    if tokenizer is None:
-        return np.random.default_rng(seed).integers(0, vocab_size, size=(1, length))
-    ids = np.asarray(tokenizer(text[: 16 * length + 1024])["input_ids"])
-    if ids.size == 0:
-        raise InvalidInputError("the prompt text tokenizes to nothing")
-    return np.resize(ids, length)[None]
-
-
-def gpu_budget(hardware) -> str | int:
-    """``hardware.gpu_budget``, or for ``auto`` 95% of what XLA may allocate on the GPU (no limit on a CPU)."""
-    if hardware.gpu_budget is not None:
-        return hardware.gpu_budget
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    return int(limit * 0.95) if limit else "1024TiB"
-
-
-def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
-    """The ``MixtralConfig`` of a random model's geometry (default: ``conf/model/mixtral_8x7b_random.yaml``)."""
-    from fiddler_jax.models.config import MixtralConfig
-
-    if geometry is None:
-        geometry = OmegaConf.load(os.path.join(CONF_DIR, "model", "mixtral_8x7b_random.yaml")).geometry
-    return MixtralConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(geometry)},
-                                      source=f"model={name}")
-
-
-# The engine last built in this process, by the part of the config that fixes its weights, placement and GPU
-# buffers: a sweep over planners or kernels reuses it (``Engine.with_planner``) instead of building Mixtral again.
-_LAST_ENGINE: dict = {}
-
-
-def _engine_key(cfg, context: int, pk: dict) -> str:
-    parts = {"model": cfg.model, "placement": cfg.placement, "budget": gpu_budget(cfg.hardware),
-             "rows": kv_rows(cfg), "context": context, "latency": cfg.latency,
-             "slots": (pk["staging_slots"], pk["cache_slots"])}
-    return json.dumps(OmegaConf.to_container(OmegaConf.create(parts), resolve=True), sort_keys=True, default=str)
-
-
-def kv_rows(cfg) -> int:
-    """The KV reserve in sequences: ``max_batch``, or the scenario's beam width."""
-    rows = cfg.max_batch or cfg.scenario.num_beams
-    if rows < cfg.scenario.num_beams:
-        raise InvalidInputError(f"max_batch={rows} is below scenario.num_beams={cfg.scenario.num_beams}; the "
-                                "KV reserve must hold every beam")
-    return rows
-
-
-def build_engine(cfg):
-    """The engine the config describes (our planners, placement, kernel, budget), and the tokenizer or None."""
-    from fiddler_jax.runtime.engine import Engine
-    from fiddler_jax.runtime.generate import CACHE_BUCKET
-
-    m, pl = cfg.model, cfg.placement
-    need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
-    context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
-    cpu_backend = "xla" if cfg.kernel.path == "xla" else "kernel"
-    pk = planner_kwargs(cfg.planner)
-    key = _engine_key(cfg, context, pk)
-    if key in _LAST_ENGINE:
-        engine, tokenizer = _LAST_ENGINE[key]
-        return engine.with_planner(cpu_backend=cpu_backend, **pk), tokenizer
-    release_engines()
-    kwargs = dict(gpu_budget=gpu_budget(cfg.hardware), placement=pl.policy, resident_experts=pl.resident_experts,
-                  dtype=m.dtype, profile=pl.profile, latency=cfg.latency, max_batch=kv_rows(cfg),
-                  max_context=context, seed=pl.seed, cpu_backend=cpu_backend, **pk)
-    if m.random:
-        if not m.geometry:
-            raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
-        config = random_model_config(m.geometry, m.name)
-        built = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
-    else:
-        if m.path is None and m.name != "tiny":
-            raise InvalidInputError(f"model={m.name} needs its checkpoint folder: add model.path=<HF Mixtral folder> "
-                                    "(or use model=mixtral_8x7b_random on a machine without it)")
-        path = resolve_model_path(m.path)
-        import fiddler_jax as fj
-
-        built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
-    _LAST_ENGINE[key] = built
-    return built
-
-
-def release_engines() -> None:
-    """Drop the engine kept for reuse (its GPU buffers and pinned experts are freed)."""
-    import gc
-
-    _LAST_ENGINE.clear()
-    gc.collect()
-
-
-def set_kernel(path: str, spin_us: int = 50) -> None:
-    from fiddler_jax import kernels
-
-    kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
-    if spin_us < 0:
-        raise InvalidInputError(f"kernel.spin_us must be >= 0, got {spin_us}")
-    kernels.set_pool(spin_us=spin_us)
 
 
 def run_once(engine, ids: np.ndarray, scenario, kv_slots: int | None = None) -> dict:
@@ -170,15 +49,6 @@ def run_once(engine, ids: np.ndarray, scenario, kv_slots: int | None = None) -> 
         if stats.new_tokens > 2:
             metrics["decode_tokens_per_s"] = stats.decode_tokens_per_s
     return metrics
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Median and spread (min, max) of every metric over the timed runs."""
-    out = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-    return out
 
 
 def routing_counts(engine) -> list[list[int]] | None:
@@ -208,7 +78,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     trace holds no single-token step."""
     from fiddler_jax.experiments.ceilings import decode_limits
     from fiddler_jax.runtime.placement import expert_bytes
-    from fiddler_jax.runtime.planners import Lane
+    from fiddler_jax.runtime.planning import Lane
 
     k = engine.config.num_experts_per_tok
     steps = [s for s in engine.trace.steps if int(s.counts.sum()) == k]
@@ -263,10 +133,7 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
         from fiddler_jax.experiments.ceilings import engine_lane_bandwidths
         from fiddler_jax.runtime.generate import cache_length
 
-        set_kernel(cfg.kernel.path, cfg.kernel.spin_us)
         engine, tokenizer = build_engine(cfg)
-        engine.set_pinned_activations(cfg.kernel.pinned_activations)
-        engine.streamed_cpu_lane = cfg.kernel.streamed_lane
         ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
                          cfg.seed)
         warm = s if cfg.warmup_tokens is None else OmegaConf.merge(

@@ -2,10 +2,11 @@
 agree (model, placement, budget, KV reserve, latency model, slots) build Mixtral-8x7B once instead of once per
 command (about 3 minutes each on the H100 machine, most of it pinning 70 GB of experts).
 
-Each job is ``fiddler-jax bench <common overrides> <job overrides>``, composed from ``conf/`` exactly as the
-command line would be; its ``result.json`` goes to ``DIR/NN_<label>/`` with its overrides recorded, and a failed
-job leaves an ``error.txt`` there instead of stopping the rest. At the end ``fiddler-jax report DIR`` runs over
-all of them. The jobs file::
+Each job is ``fiddler-jax bench <common overrides> <job overrides>``, composed from ``fiddler_jax/conf``
+exactly as the command line would be; its ``result.json`` goes to ``DIR/NN_<label>/`` with its overrides
+recorded, and a failed job leaves an ``error.txt`` there instead of stopping the rest. At the end
+``fiddler-jax report DIR`` runs over all of them (``benchmarks/jobs/`` holds the jobs files of the published
+runs). The jobs file::
 
     common: [model=mixtral_8x7b_random, hardware=rtx6000_24g, latency=fiddler_jax/runtime/latency_h100.json]
     jobs:

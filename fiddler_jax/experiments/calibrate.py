@@ -12,20 +12,23 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
-from fiddler_jax.experiments.generate import ModelConfig
+from fiddler_jax.experiments.build import checkpoint_path
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.schemas import ModelSchema
 from fiddler_jax.runtime.calibrate import DEFAULT_BUDGET_S, DEFAULT_NS
 
 
 @dataclass
 class GeometryOverride:
+    """Overrides of the expert geometry (``runtime.latency.Geometry``) that the model's config.json gives."""
+
     hidden: int | None = None  # expert hidden size; null = the model's hidden_size
     ffn: int | None = None  # expert FFN size; null = the model's intermediate_size
 
 
 @dataclass
 class CalibrateConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="bfloat16"))
+    model: ModelSchema = field(default_factory=lambda: ModelSchema(dtype="bfloat16"))
     geometry: GeometryOverride = field(default_factory=GeometryOverride)
     ns: list[int] = field(default_factory=lambda: list(DEFAULT_NS))
     experts: int = 4
@@ -44,7 +47,7 @@ def resolve_geometry(cfg) -> tuple[int, int, str]:
         return hidden, ffn, "geometry overrides"
     from fiddler_jax.models.config import MixtralConfig
 
-    path = resolve_model_path(cfg.model.path)
+    path = checkpoint_path(cfg.model)
     config = MixtralConfig.from_pretrained(path)
     return (config.hidden_size if hidden is None else hidden, config.intermediate_size if ffn is None else ffn,
             f"{path}/config.json" + (" with geometry overrides" if (hidden, ffn) != (None, None) else ""))

@@ -4,8 +4,8 @@ side in one run, and the speed limits they imply for Mixtral-8x7B (bf16) at each
 Measured (median of ``--reps``):
   * host read: the faster of two readers of one ``--host-gib`` array: the CPU kernel's thread pool (8
     sequential streams per thread, as the kernel reads weight rows; the kernel reached 0.96 of it at n=1 on the
-    H100 machine) and every core summing its slice with numpy (STREAM-like; the only reader of sessions 3-6,
-    which the kernel beat by 20-50% there). Both are recorded: the rate the CPU lane can read weights at;
+    H100 machine) and every core summing its slice with numpy (STREAM-like, which the kernel pool beats by
+    20-50% on the H100 machine). Both are recorded: the rate the CPU lane can read weights at;
   * pinned H2D: a jitted copy of a ``--h2d-gib`` pinned-host array into device memory, the PCIe lane's path;
   * both lanes at once: the host read while eager copies of the pinned array run back to back;
   * GPU HBM read: a jitted sum over a ``--hbm-gib`` device array.
@@ -37,14 +37,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fiddler_jax.memory_kinds import DEVICE, PINNED_HOST
+from fiddler_jax.timing import median_of
+
 GIB = 1 << 30
-
-
-def _median_time(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up call (page faults, compilation)."""
-    from fiddler_jax.runtime.calibrate import sample
-
-    return statistics.median(sample(fn, budget_s=0.0, min_reps=reps, max_reps=reps))
 
 
 def host_read_bandwidths(buffers: list[np.ndarray], reps: int = 5) -> dict[str, float]:
@@ -61,7 +57,7 @@ def host_read_bandwidths(buffers: list[np.ndarray], reps: int = 5) -> dict[str, 
         def read():
             list(pool.map(np.sum, slices))
 
-        numpy_rate = sum(w.nbytes for w in words) / _median_time(read, reps)
+        numpy_rate = sum(w.nbytes for w in words) / median_of(read, reps)
     kernel_rate = kernels.read_bandwidth(buffers, reps)
     return {"host_read": max(kernel_rate, numpy_rate), "host_read_kernel": kernel_rate,
             "host_read_numpy": numpy_rate}
@@ -119,15 +115,15 @@ def pinned_h2d_bandwidth(nbytes: int, reps: int = 5) -> float:
     import jax
 
     dev = jax.devices()[0]
-    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-    device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind=PINNED_HOST)
+    device = jax.sharding.SingleDeviceSharding(dev, memory_kind=DEVICE)
     src = jax.device_put(np.ones(nbytes // 2, np.uint16), pinned)
     copy = jax.jit(lambda a: a, out_shardings=device)
 
     def run():
         copy(src).block_until_ready()
 
-    seconds = _median_time(run, reps)
+    seconds = median_of(run, reps)
     return src.nbytes / seconds
 
 
@@ -138,8 +134,8 @@ def pinned_copier(nbytes: int) -> Callable[[], int]:
 
     dev = jax.devices()[0]
     src = jax.device_put(np.ones(nbytes // 2, np.uint16),
-                         jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
-    target = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+                         jax.sharding.SingleDeviceSharding(dev, memory_kind=PINNED_HOST))
+    target = jax.sharding.SingleDeviceSharding(dev, memory_kind=DEVICE)
 
     def copy_one() -> int:
         jax.device_put(src, target).block_until_ready()
@@ -159,7 +155,7 @@ def hbm_read_bandwidth(nbytes: int, reps: int = 10) -> float:
     def run():
         total(x).block_until_ready()
 
-    seconds = _median_time(run, reps)
+    seconds = median_of(run, reps)
     return x.nbytes / seconds
 
 
@@ -188,7 +184,7 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
         return {**host, "experts_read": len(picked)}
     moved = [engine.host.arrays(int(l), int(e)) for l, e in picked[:copies]]
     device = next(iter(moved[0]["w1"].devices()))
-    target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    target = jax.sharding.SingleDeviceSharding(device, memory_kind=DEVICE)
 
     def copy_one(pinned) -> int:
         jax.block_until_ready({w: jax.device_put(pinned[w], target) for w in WEIGHTS})
@@ -198,7 +194,7 @@ def engine_lane_bandwidths(engine, experts: int = 8, copies: int = 3, reps: int 
         for pinned in moved:
             copy_one(pinned)
 
-    seconds = _median_time(copy_all, reps)
+    seconds = median_of(copy_all, reps)
     nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
     turns = itertools.cycle(moved)
     together = lanes_together(views, lambda: copy_one(next(turns)), reps)
@@ -260,7 +256,7 @@ def table(result: dict) -> str:
 
 
 def run(budgets: list[str], host_gib: float, h2d_gib: float, hbm_gib: float, reps: int) -> dict:
-    from fiddler_jax.experiments.bench import random_model_config
+    from fiddler_jax.experiments.build import random_model_config
     from fiddler_jax.provenance import provenance
 
     threads = len(os.sched_getaffinity(0))

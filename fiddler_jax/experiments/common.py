@@ -1,4 +1,5 @@
-"""Shared pieces of the Hydra apps: where ``conf/`` is, and turning our errors into one clear line."""
+"""Shared pieces of the Hydra apps: where the configs are (``fiddler_jax/conf``, shipped inside the package so a
+wheel install works), and turning our errors into one clear line."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ from fiddler_jax.errors import FiddlerError
 # Hydra's job logging puts the root logger at INFO; JAX's backend probing is noise at that level.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "conf"))
+CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))  # fiddler_jax/conf (package data)
 
 
 def clear_errors(task):
@@ -41,13 +42,3 @@ def resolve_model_path(path: str | None) -> str:
                               "model.path=<HF Mixtral folder> (or create one with `fiddler-jax init-random`)")
     return str(default)
 
-
-def planner_kwargs(planner) -> dict:
-    """The ``conf/planner/`` group as ``Engine.from_pretrained``/``from_random`` keyword arguments (unset
-    options keep the engine's defaults)."""
-    from fiddler_jax.runtime.planners import DEFAULT_STAGING_SLOTS
-
-    extra = {k: planner[k] for k in ("max_transfers", "concurrent", "exact_limit", "prefetch")
-             if planner.get(k) is not None}
-    return dict(planner=planner.name, staging_slots=planner.staging_slots or DEFAULT_STAGING_SLOTS,
-                cache_slots=planner.cache_slots or 0, **extra)

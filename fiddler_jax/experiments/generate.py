@@ -1,4 +1,9 @@
-"""``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s."""
+"""``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s.
+
+The ``model``, ``placement``, ``planner`` and ``kernel`` groups are the benchmark's (:mod:`.schemas`); the
+``engine:`` block turns the hybrid engine on (a GPU budget, a resident-expert count, or a random model) and sizes
+it, and the engine is built by :func:`fiddler_jax.experiments.build.build_engine`. Without it the plain model
+runs, every weight on the default device."""
 from __future__ import annotations
 
 import functools
@@ -10,32 +15,29 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors, planner_kwargs, resolve_model_path
-from fiddler_jax.runtime.planners import PlannerConfig
+from fiddler_jax.experiments.build import build_engine, checkpoint_path
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.schemas import KernelSchema, ModelSchema, PlacementSchema, PlannerConfig
 
 
 @dataclass
-class ModelConfig:
-    path: str | None = None  # HF folder; null = the bundled tiny model
-    dtype: str = "float32"
+class EngineSchema:
+    """``generate``'s ``engine:`` block: whether the hybrid engine runs, and its size."""
 
-
-@dataclass
-class EngineConfig:
-    gpu_budget: str | None = None  # null = the whole model on the GPU, no planning; e.g. "24GiB"
-    placement: str = "popularity"  # popularity | first | random
-    resident_experts: int | None = None  # ablation: fix the number of GPU-resident experts
-    profile: str | None = None  # routing profile from `fiddler-jax profile` (placement=popularity)
-    latency: str | None = None  # latency model file from calibration; null = the design-note numbers
+    gpu_budget: str | None = None  # null = no budget (the plain model unless resident_experts is set); e.g. "24GiB"
+    resident_experts: int | None = None  # shorthand for placement.resident_experts (generate.yaml links them)
+    latency: str | None = None  # latency model file from calibration, or auto; null = the design-note numbers
     max_batch: int = 1  # KV reserve rows (beam search needs num_beams)
     trace: str | None = None  # write the per-layer Perfetto timeline here
 
 
 @dataclass
 class GenerateConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    placement: PlacementSchema = field(default_factory=PlacementSchema)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    kernel: KernelSchema = field(default_factory=KernelSchema)
+    engine: EngineSchema = field(default_factory=EngineSchema)
     prompt: str | None = None  # text, through the folder's tokenizer
     prompt_ids: list[int] | None = None  # or token ids
     max_new_tokens: int = 64
@@ -60,17 +62,23 @@ def main(cfg) -> None:
     import fiddler_jax as fj
     from fiddler_jax.runtime.generate import GenerationStats
 
-    path = resolve_model_path(cfg.model.path)
-    engine = build_engine(path, cfg)
-    model = fj.load_pretrained(path, dtype=cfg.model.dtype) if engine is None else engine.model
-    tokenizer = fj.load_tokenizer(path)
+    if hybrid(cfg):
+        engine, tokenizer = build_engine(cfg)
+        model, source = engine.model, cfg.model.path or f"model={cfg.model.name}"
+    else:
+        if cfg.engine.trace:
+            raise InvalidInputError("engine.trace needs the hybrid engine: set engine.gpu_budget (e.g. 24GiB) or "
+                                    "engine.resident_experts")
+        engine = None
+        source = checkpoint_path(cfg.model)
+        model, tokenizer = fj.load_pretrained(source, dtype=cfg.model.dtype), fj.load_tokenizer(source)
     if cfg.prompt is not None and cfg.prompt_ids is not None:
         raise InvalidInputError("give either prompt=<text> or prompt_ids=[...], not both")
     if cfg.prompt_ids is not None:
         ids = np.asarray(OmegaConf.to_container(cfg.prompt_ids), dtype=np.int64)[None, :]
     else:
         if tokenizer is None:
-            raise InvalidInputError(f"{path} has no tokenizer files, so a text prompt cannot be encoded; pass "
+            raise InvalidInputError(f"{source} has no tokenizer files, so a text prompt cannot be encoded; pass "
                                     "prompt_ids=[1,2,3] instead")
         ids = np.asarray(tokenizer(cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT)["input_ids"])[None, :]
     kwargs = dict(do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -107,20 +115,11 @@ def main(cfg) -> None:
             print(f"wrote the per-layer timeline to {cfg.engine.trace} (open it in ui.perfetto.dev)")
 
 
-def build_engine(path: str, cfg):
-    """The hybrid engine when a GPU budget or a resident-expert count is set, else None (plain model)."""
-    e = cfg.engine
-    if e.gpu_budget is None and e.resident_experts is None:
-        if e.trace:
-            raise InvalidInputError("engine.trace needs the hybrid engine: set engine.gpu_budget (e.g. 24GiB) or "
-                                    "engine.resident_experts")
-        return None
-    from fiddler_jax.runtime.engine import Engine
-
-    return Engine.from_pretrained(
-        path, gpu_budget=e.gpu_budget or "1TiB", placement=e.placement, resident_experts=e.resident_experts,
-        dtype=cfg.model.dtype, profile=e.profile, latency=e.latency, max_batch=max(e.max_batch, cfg.num_beams),
-        **planner_kwargs(cfg.planner))
+def hybrid(cfg) -> bool:
+    """Whether the config asks for the hybrid engine: a GPU budget, a resident-expert count, or a random model
+    (which exists only inside an engine)."""
+    return (cfg.engine.gpu_budget is not None or cfg.placement.resident_experts is not None
+            or bool(cfg.model.random))
 
 
 def model_device(model) -> str:

@@ -10,21 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.common import CONF_DIR, clear_errors
-
-
-@dataclass
-class Geometry:
-    vocab_size: int = 512
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    max_position_embeddings: int = 2048
-    sliding_window: int | None = None
-    tie_word_embeddings: bool = False
+from fiddler_jax.experiments.schemas import ModelShape
 
 
 @dataclass
@@ -33,7 +19,7 @@ class InitRandomConfig:
     seed: int = 0
     dtype: str = "float32"
     overwrite: bool = False
-    geometry: Geometry = field(default_factory=Geometry)
+    geometry: ModelShape = field(default_factory=lambda: ModelShape(vocab_size=512))
 
 
 ConfigStore.instance().store(name="init_random_schema", node=InitRandomConfig)

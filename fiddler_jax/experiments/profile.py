@@ -10,13 +10,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors, resolve_model_path
-from fiddler_jax.experiments.generate import ModelConfig
+from fiddler_jax.experiments.build import checkpoint_path
+from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.schemas import ModelSchema
 
 
 @dataclass
 class ProfileConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSchema = field(default_factory=ModelSchema)
     data: str | None = None  # a text file, or a folder of .py/.txt files; null = held-out stdlib files
     seq_len: int = 256
     batch_size: int = 8
@@ -69,7 +70,7 @@ def main(cfg) -> None:
 
     if cfg.seq_len < 1 or cfg.batch_size < 1 or cfg.max_tokens < cfg.seq_len:
         raise InvalidInputError("seq_len and batch_size must be ≥ 1 and max_tokens ≥ seq_len")
-    path = resolve_model_path(cfg.model.path)
+    path = checkpoint_path(cfg.model)
     model = fj.load_pretrained(path, dtype=cfg.model.dtype)
     tokenizer = fj.load_tokenizer(path)
     if tokenizer is None:

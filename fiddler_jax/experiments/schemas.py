@@ -1,14 +1,18 @@
-"""Typed schemas of the benchmark harness's config groups (``conf/bench.yaml`` and its groups). Hydra merges
-every group file into these dataclasses, so a misspelt key or a wrong type fails at composition with Hydra's
-own message, and an unknown group option lists the valid ones."""
+"""Typed schemas of the commands' config groups (``fiddler_jax/conf``). Hydra merges every group file into these
+dataclasses, so a misspelt key or a wrong type fails at composition with Hydra's own message, and an unknown
+group option lists the valid ones.
+
+The ``model``, ``placement``, ``planner`` and ``kernel`` groups have one schema each, shared by ``generate`` and
+``bench`` (and the engine they describe is built in one place, :func:`fiddler_jax.experiments.build.build_engine`);
+``hardware`` and ``scenario`` are the benchmark's. :class:`ModelShape` is the size of a model made from scratch
+(``init-random``, ``train-tiny``)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-
-from fiddler_jax.runtime.planners import PlannerConfig
 
 
 @dataclass
@@ -31,6 +35,29 @@ class PlacementSchema:
 
 
 @dataclass
+class PlannerConfig:
+    """The ``planner`` group (one flat schema; ``None`` = the planner's default)."""
+
+    name: str = "fiddler_overlap"
+    staging_slots: Optional[int] = None
+    max_transfers: Optional[int] = None
+    cache_slots: Optional[int] = None
+    concurrent: Optional[bool] = None
+    exact_limit: Optional[int] = None
+    prefetch: Optional[int] = None
+
+
+@dataclass
+class KernelSchema:
+    path: str = "auto"  # auto | avx512_bf16 | amx | avx2 | generic | xla
+    spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
+    pinned_activations: bool = True  # large CPU-lane activations cross PCIe through pinned memory
+    #                                  (EngineOptions.pinned_activations; false: pageable numpy, an ablation)
+    streamed_lane: bool = True  # steps whose plan no routing can change skip the host sync
+    #                             (EngineOptions.streamed_cpu_lane; false: every step syncs and plans, an ablation)
+
+
+@dataclass
 class HardwareSchema:
     name: str = "auto"
     gpu_budget: Optional[str] = None  # null = what this machine's GPU can hold
@@ -47,13 +74,24 @@ class ScenarioSchema:
 
 
 @dataclass
-class KernelSchema:
-    path: str = "auto"  # auto | avx512_bf16 | amx | avx2 | generic | xla
-    spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
-    pinned_activations: bool = True  # large CPU-lane activations cross PCIe through pinned memory
-    #                                  (runtime/pinned_activations; false: the pageable numpy path, an ablation)
-    streamed_lane: bool = True  # steps whose plan no routing can change skip the host sync (runtime/streamed_steps;
-    #                             false: every step syncs and plans, an ablation)
+class ModelShape:
+    """A Mixtral's size as ``config.json`` keys, for a model made from scratch. null leaves a key to config.json's
+    default (``head_dim`` = hidden_size / heads, ``rope_theta`` = 1e6) or, for ``vocab_size`` in train-tiny, to
+    the tokenizer's (``train.vocab_size``)."""
+
+    vocab_size: Optional[int] = None
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 2048
+    rope_theta: Optional[float] = None
+    sliding_window: Optional[int] = None
+    tie_word_embeddings: bool = False
 
 
 @dataclass
@@ -77,3 +115,31 @@ class BenchConfig:
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+def _planner_options(planner) -> dict:
+    """The planner group's options that are set (not None), without its name."""
+    items = dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
+    return {k: v for k, v in items.items() if k != "name" and v is not None}
+
+
+def planner_kwargs(planner) -> dict:
+    """The ``planner`` group as the engine's keyword arguments (``Engine.from_pretrained``, ``from_random``,
+    ``with_planner``): the name, the GPU buffers it needs (staging slots: the group's or the default; dynamic-cache
+    slots: the group's or none) and the options it sets (unset options keep the planner's defaults)."""
+    from fiddler_jax.runtime.planning import DEFAULT_STAGING_SLOTS
+
+    options = _planner_options(planner)
+    options.pop("staging_slots", None)
+    options.pop("cache_slots", None)
+    return dict(planner=planner.name, staging_slots=planner.staging_slots or DEFAULT_STAGING_SLOTS,
+                cache_slots=planner.cache_slots or 0, **options)
+
+
+def planner_from_config(planner):
+    """The planner the group describes (``runtime.planning.get_planner``), without an engine: a
+    ``PlannerConfig`` or any mapping with its keys (e.g. a Hydra DictConfig)."""
+    from fiddler_jax.runtime.planning import get_planner
+
+    name = planner.name if dataclasses.is_dataclass(planner) else dict(planner)["name"]
+    return get_planner(name, **_planner_options(planner))

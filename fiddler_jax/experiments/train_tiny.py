@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.schemas import ModelShape
 
 
 @dataclass
@@ -32,24 +33,10 @@ class DataConfig:
 
 
 @dataclass
-class Geometry:
-    hidden_size: int = 256
-    intermediate_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    sliding_window: int | None = None
-    tie_word_embeddings: bool = True
-
-
-@dataclass
 class TrainConfig:
-    geometry: Geometry = field(default_factory=Geometry)
+    # the model's size (vocab_size stays null: the vocabulary is the tokenizer's, train.vocab_size)
+    geometry: ModelShape = field(default_factory=lambda: ModelShape(
+        hidden_size=256, intermediate_size=256, head_dim=32, rope_theta=10000.0, tie_word_embeddings=True))
     vocab_size: int = 4096  # byte-level BPE vocabulary (≥ 259: 256 bytes + 3 special tokens)
     steps: int = 4000
     batch_size: int = 32
@@ -107,6 +94,9 @@ def check_config(cfg) -> str:
                  "eval_batch_size", "log_every"):
         if getattr(t, name) <= 0:
             raise InvalidInputError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.geometry.vocab_size is not None:
+        raise InvalidInputError(f"train.geometry.vocab_size={t.geometry.vocab_size} is not used: the vocabulary is "
+                                "the trained tokenizer's; set train.vocab_size instead")
     if t.seq_len > t.geometry.max_position_embeddings:
         raise InvalidInputError(f"train.seq_len ({t.seq_len}) exceeds geometry.max_position_embeddings "
                                 f"({t.geometry.max_position_embeddings})")

@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from fiddler_jax.errors import FiddlerError
+from fiddler_jax.timing import median_of
 
 try:
     from fiddler_jax.kernels._fiddler_ffi import ffi as _ffi, lib as _lib
@@ -99,14 +100,11 @@ def read_bandwidth(buffers, reps: int = 5) -> float:
         raise KernelError("read_bandwidth needs a non-empty list of C-contiguous numpy arrays")
     if reps < 1:
         raise KernelError(f"reps must be >= 1, got {reps}")
-    from fiddler_jax.kernels.bench import timeit  # the kernel benchmarks' timing loop
-
     def one_pass():
         for b in buffers:
             _lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes)
 
-    seconds, _ = timeit(one_pass, min_reps=reps, max_reps=reps, warmup=1)
-    return sum(b.nbytes for b in buffers) / seconds
+    return sum(b.nbytes for b in buffers) / median_of(one_pass, reps)
 
 
 def set_amx_min_tokens(n: int) -> None:

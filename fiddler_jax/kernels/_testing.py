@@ -1,22 +1,20 @@
-"""Shared helpers for the kernel tests and benchmark: random bf16 inputs and the float64 numpy reference."""
+"""Shared helpers for the kernel tests and benchmark: random bf16 expert inputs and the float64 numpy reference."""
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
 
+from fiddler_jax.random_bits import random_bf16
+
 BF16 = ml_dtypes.bfloat16
-
-
-def rand_bf16(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(BF16)
 
 
 def expert_inputs(rng: np.random.Generator, n: int, hidden: int, ffn: int):
     """x, w1, w3, w2 with scales that keep activations O(1) (like a trained FFN)."""
-    x = rand_bf16(rng, (n, hidden))
-    w1 = rand_bf16(rng, (ffn, hidden), hidden ** -0.5)
-    w3 = rand_bf16(rng, (ffn, hidden), hidden ** -0.5)
-    w2 = rand_bf16(rng, (hidden, ffn), ffn ** -0.5)
+    x = random_bf16(rng, (n, hidden), std=1.0)
+    w1 = random_bf16(rng, (ffn, hidden), std=hidden ** -0.5)
+    w3 = random_bf16(rng, (ffn, hidden), std=hidden ** -0.5)
+    w2 = random_bf16(rng, (hidden, ffn), std=ffn ** -0.5)
     return x, w1, w3, w2
 
 

@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import numpy as np
 
 import fiddler_jax.kernels as K
 from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
 from fiddler_jax.provenance import cpu_model, git_dirty, git_sha, versions
+from fiddler_jax.random_bits import random_bf16
+from fiddler_jax.timing import median_time
 
 GIB = 1024 ** 3
 # The AMX defaults (xla_ffi/kernel_amx.cc), restored after each sweep entry.
@@ -35,23 +36,10 @@ DEFAULT_AMX_SWEEP = [
 ]
 
 
-def rand_bf16(rng, shape) -> np.ndarray:
-    """Random finite bf16 values in about ±[0.004, 0.016): built from bits, fast for GB-sized weights."""
-    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-    bits = (bits & np.uint16(0x807F)) | np.uint16(0x3C00)
-    return bits.view(BF16)
-
-
-def timeit(fn, min_reps=3, max_reps=20, budget_s=1.0, warmup=1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def timed(fn, budget_s: float = 1.0, min_reps: int = 3, max_reps: int = 20) -> float:
+    """Median seconds of ``fn`` (:func:`fiddler_jax.timing.median_time`, one warm-up) with this benchmark's
+    repetition limits."""
+    return median_time(fn, budget_s, min_reps, max_reps)
 
 
 def read_bandwidth(buffers, reps=7) -> float:
@@ -87,7 +75,7 @@ def main(argv=None) -> dict:
     H, F = a.hidden, a.ffn
     rng = np.random.default_rng(0)
     E = max(a.experts, 6)
-    sw = [rand_bf16(rng, (E, F, H)), rand_bf16(rng, (E, F, H)), rand_bf16(rng, (E, H, F))]
+    sw = [random_bf16(rng, (E, F, H)), random_bf16(rng, (E, F, H)), random_bf16(rng, (E, H, F))]
     experts = [(sw[0][e], sw[1][e], sw[2][e]) for e in range(E)]
     w1, w3, w2 = experts[0]
     wbytes = w1.nbytes + w3.nbytes + w2.nbytes
@@ -119,19 +107,19 @@ def main(argv=None) -> dict:
               f"{r['weight_GBps']:6.1f} GB/s  {r['TFLOPs']:6.2f} TFLOP/s", flush=True)
         return r
 
-    xs = {n: rand_bf16(rng, (n, H)) for n in ns}
+    xs = {n: random_bf16(rng, (n, H)) for n in ns}
     outs = {n: np.empty((n, H), BF16) for n in ns}
     for path in paths:
         K.set_kernel_path(path)
         for n in ns:
-            t, _ = timeit(lambda: run_single(n), budget_s=a.budget)
+            t = timed(lambda: run_single(n), budget_s=a.budget)
             row("expert", path, n, t)
     K.set_kernel_path("auto")
     for n in ns:
-        t, _ = timeit(lambda: run_single(n), budget_s=a.budget)
+        t = timed(lambda: run_single(n), budget_s=a.budget)
         row("expert", "auto:" + K.path_for_tokens(n), n, t)
     n1 = ns[0]
-    t, _ = timeit(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
+    t = timed(lambda: K.expert_ffn_numpy(xs[n1], w1, w3, w2, outs[n1]), budget_s=a.budget)
     row("warm", "auto:" + K.path_for_tokens(n1), n1, t)  # one expert re-read: partly LLC-resident
 
     # Correctness at full size: each path against the float64 reference (outputs poisoned with NaN first).
@@ -139,7 +127,7 @@ def main(argv=None) -> dict:
     for path in paths + ["auto"]:
         K.set_kernel_path(path)
         for n in (1, 17) if path != "auto" else (300,):
-            xc = rand_bf16(rng, (n, H))
+            xc = random_bf16(rng, (n, H))
             y = K.expert_ffn_numpy(xc, w1, w3, w2, np.full((n, H), np.nan, np.float32))
             checks.append({"path": K.path_for_tokens(n), "n": n, "rel_err": rel_err(y, expert_ref(xc, w1, w3, w2))})
     K.set_kernel_path("auto")
@@ -156,7 +144,7 @@ def main(argv=None) -> dict:
     f_ffi = jax.jit(K.expert_ffn)
     for n in [n for n in ns if n in (1, 16, 256)]:
         jx = jax.device_put(xs[n], cpu)
-        t, _ = timeit(lambda: f_ffi(jx, *jws[next_index()]).block_until_ready(), budget_s=a.budget)
+        t = timed(lambda: f_ffi(jx, *jws[next_index()]).block_until_ready(), budget_s=a.budget)
         row("jit-ffi", "auto", n, t)
     if not a.no_xla:
         def xla_ffn(x, w1, w3, w2):
@@ -167,7 +155,7 @@ def main(argv=None) -> dict:
         f_xla = jax.jit(xla_ffn)
         for n in [n for n in ns if n in (1, 16)]:
             jx = jax.device_put(xs[n], cpu)
-            t, _ = timeit(lambda: f_xla(jx, *jw).block_until_ready(), min_reps=2, max_reps=3, budget_s=a.budget)
+            t = timed(lambda: f_xla(jx, *jw).block_until_ready(), min_reps=2, max_reps=3, budget_s=a.budget)
             row("xla-dot", "xla", n, t)
     del jw, jws
     if not a.no_torch:
@@ -184,7 +172,7 @@ def main(argv=None) -> dict:
                 for n in ns:
                     tx = torch.from_numpy(xs[n].view(np.int16)).view(torch.bfloat16)
                     fn = lambda: torch_ffn(tx)  # noqa: E731
-                    t, _ = timeit(fn, budget_s=a.budget)
+                    t = timed(fn, budget_s=a.budget)
                     row("torch", f"torch{torch.get_num_threads()}t", n, t)
                 # Interleaved: the host's speed drifts by 10-50% between rows measured a minute apart, so the
                 # ratio that counts is taken from alternating short rounds of ours (auto) and torch.
@@ -194,8 +182,8 @@ def main(argv=None) -> dict:
                     tx = torch.from_numpy(xs[n].view(np.int16)).view(torch.bfloat16)
                     ours, theirs = [], []
                     for _ in range(a.rounds):
-                        ours.append(timeit(lambda: run_single(n), min_reps=3, budget_s=0.25)[0])
-                        theirs.append(timeit(lambda: torch_ffn(tx), min_reps=3, budget_s=0.25)[0])
+                        ours.append(timed(lambda: run_single(n), budget_s=0.25))
+                        theirs.append(timed(lambda: torch_ffn(tx), budget_s=0.25))
                     ratios = sorted(t / o for o, t in zip(ours, theirs))
                     r = {"n": n, "ours_ms": statistics.median(ours) * 1e3, "torch_ms": statistics.median(theirs) * 1e3,
                          "torch_over_ours_median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
@@ -208,27 +196,27 @@ def main(argv=None) -> dict:
 
     # Grouped, decode-like: 3 tokens x top-2 over the E stacked experts = 6 distinct experts, 1 token each.
     T = 3
-    xg = rand_bf16(rng, (T, H))
+    xg = random_bf16(rng, (T, H))
     tok = np.array([0, 0, 1, 1, 2, 2], np.int32)
     exp = np.array([0, 1, 2, 3, 4, 5], np.int32)
     wts = np.full(6, 0.5, np.float32)
     og = np.empty((T, H), BF16)
-    t, _ = timeit(lambda: K.grouped_expert_ffn_numpy(xg, tok, exp, wts, *sw, og), budget_s=a.budget)
+    t = timed(lambda: K.grouped_expert_ffn_numpy(xg, tok, exp, wts, *sw, og), budget_s=a.budget)
     row("grouped", "auto:6x1", 1, t, nbytes=6 * wbytes)
     # the same six experts one after another (what the grouped op replaces)
     xs1 = [xg[i:i + 1] for i in tok]
     o1 = np.empty((1, H), BF16)
-    t, _ = timeit(lambda: [K.expert_ffn_numpy(xs1[a], sw[0][e], sw[1][e], sw[2][e], o1) for a, e in enumerate(exp)],
+    t = timed(lambda: [K.expert_ffn_numpy(xs1[a], sw[0][e], sw[1][e], sw[2][e], o1) for a, e in enumerate(exp)],
                   budget_s=a.budget)
     row("6-single", "auto:6x1", 1, t, nbytes=6 * wbytes)
     if not a.quick:  # prefill-like: 256 tokens top-2 over 8 experts (~64 tokens each)
         Tp = 256
-        xp = rand_bf16(rng, (Tp, H))
+        xp = random_bf16(rng, (Tp, H))
         tokp = np.repeat(np.arange(Tp, dtype=np.int32), 2)
         expp = np.stack([np.arange(Tp) % E, (np.arange(Tp) * 3 + 1) % E], 1).reshape(-1).astype(np.int32)
         wtsp = np.full(2 * Tp, 0.5, np.float32)
         op = np.empty((Tp, H), BF16)
-        t, _ = timeit(lambda: K.grouped_expert_ffn_numpy(xp, tokp, expp, wtsp, *sw, op), budget_s=a.budget)
+        t = timed(lambda: K.grouped_expert_ffn_numpy(xp, tokp, expp, wtsp, *sw, op), budget_s=a.budget)
         row("grouped", "auto:256x2", 2 * Tp // E, t, nbytes=E * wbytes, flops_per_token=6 * H * F * E)
 
     if not a.no_sweeps:
@@ -238,13 +226,13 @@ def main(argv=None) -> dict:
             sweep = []
             for pf in (0, 256, 512, 1024, 2048):
                 K.set_tuning(prefetch_bytes=pf)
-                t, _ = timeit(lambda: run_single(n1), budget_s=a.budget)
+                t = timed(lambda: run_single(n1), budget_s=a.budget)
                 sweep.append({"path": p, "n": n1, "prefetch_bytes": pf, "ms": t * 1e3, "ratio_to_bar": t / bar_s})
             K.set_tuning(prefetch_bytes=int(os.environ.get("FIDDLER_KERNEL_PREFETCH", "0")))
             for nt in sorted({feats["physical_cores"], feats["logical_cpus"]}):
                 for pin in (True, False):
                     K.set_num_threads(nt, pin=pin)
-                    t, _ = timeit(lambda: run_single(n1), budget_s=a.budget)
+                    t = timed(lambda: run_single(n1), budget_s=a.budget)
                     sweep.append({"path": p, "n": n1, "threads": nt, "pin": pin, "ms": t * 1e3,
                                   "ratio_to_bar": t / bar_s})
             K.set_num_threads(0)
@@ -261,7 +249,7 @@ def main(argv=None) -> dict:
                 K.set_num_threads(threads, pin=bool(cfg.pop("pin", False)))
                 K.set_tuning(**cfg)
                 for n in [n for n in ns if n >= 8 and (sweep_ns is None or n in sweep_ns)]:
-                    t, _ = timeit(lambda: run_single(n), budget_s=min(a.budget, 0.4))
+                    t = timed(lambda: run_single(n), budget_s=min(a.budget, 0.4))
                     r = {"path": "amx", "n": n, **cfg, "threads": K.get_num_threads(), "ms": t * 1e3,
                          "ratio_to_bar": t / bar_s, "TFLOPs": 6 * H * F * n / t / 1e12}
                     sweep.append(r)
@@ -271,7 +259,8 @@ def main(argv=None) -> dict:
             extra["sweep_amx_variant"] = sweep
         K.set_kernel_path("auto")
 
-    result = {"git_sha": git_sha(), "git_dirty": git_dirty(), "versions": {**versions(), "cpu_model": cpu_model()}, "cpu_features": feats, "hidden": H, "ffn": F,
+    result = {"git_sha": git_sha(), "git_dirty": git_dirty(), "versions": {**versions(), "cpu_model": cpu_model()},
+              "cpu_features": feats, "hidden": H, "ffn": F,
               "expert_bytes": wbytes, "read_bandwidth_GiBps": bw, "streaming_bar_ms": bar_s * 1e3,
               "rows": rows, **extra}
     if a.json:

@@ -4,14 +4,15 @@ For benchmarks on machines without the checkpoint (``model=mixtral_8x7b_random``
 values, nothing written to disk. Every tensor is a pure function of (seed, its name), so expert (l, e) has the
 same weights whether it is resident or offloaded, and budgets compare the same model:
   * experts: normal(0, initializer_range) in float32, or, in bfloat16, random bits with the exponent fixed so
-    |w| ∈ [2^-7, 2^-6) (the same scale, generated at memory speed: 90 GB of Mixtral experts in about a minute);
+    |w| ∈ [2^-7, 2^-6) (the same scale, generated at memory speed: :func:`fiddler_jax.random_bits.random_bf16`);
   * other weights: normal(0, initializer_range); norms: 1.
 ``router_bias`` > 0 skews routing the way trained routers do (speed does not depend on weight values; routing
 does): the embedding's last feature is set to 1 for every token — a constant direction that survives in the
 residual stream, about sqrt(hidden) after the norm — and expert e's router row gets
 ``router_bias · (1 − e/(E−1)) / sqrt(hidden)`` on that feature: a logit boost of about router_bias·(1 − e/(E−1)),
 so low-numbered experts win more often. Compare it with the spread of the random router logits,
-initializer_range·sqrt(hidden) (1.28 for Mixtral-8x7B); the bench records the routing counts it produced. 0 gives the near-uniform routing of random weights.
+initializer_range·sqrt(hidden) (1.28 for Mixtral-8x7B); the bench records the routing counts it produced. 0 gives
+the near-uniform routing of random weights.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from flax import nnx
 from fiddler_jax.models.checkpoint import _params, hf_names, resolve_dtype
 from fiddler_jax.models.config import MixtralConfig
 from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.random_bits import random_bf16
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -40,12 +42,7 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype, seed: int, std: floa
     if name.endswith("norm.weight"):
         return np.ones(shape, dtype)
     if dtype == np.dtype(ml_dtypes.bfloat16) and ".experts." in name:
-        size = int(np.prod(shape))
-        # raw 64-bit draws viewed as 16-bit words, masked in place: about 8x faster than integers(dtype=uint16)
-        bits = rng.bit_generator.random_raw(-(-size // 4)).view(np.uint16)[:size]
-        np.bitwise_and(bits, np.uint16(0x807F), out=bits)
-        np.bitwise_or(bits, np.uint16(0x3C00), out=bits)
-        return bits.view(ml_dtypes.bfloat16).reshape(shape)
+        return random_bf16(rng, shape)
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
 
 

@@ -31,7 +31,7 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.provenance import cpu_model
 from fiddler_jax.random_bits import random_bf16, random_bf16_on_device
 from fiddler_jax.runtime.latency import Geometry, LatencyModel, Machine, PiecewiseLinear
-from fiddler_jax.timing import sample as _sample
+from fiddler_jax.timing import sample
 
 DTYPES = ("bfloat16", "float32")
 DEFAULT_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -85,13 +85,6 @@ def check_args(hidden, ffn, dtype, ns, experts, budget_s) -> tuple[Geometry, tup
     return Geometry(int(hidden), int(ffn), dtype), tuple(sorted({int(n) for n in ns}))
 
 
-def sample(fn: Callable[[], object], budget_s: float, min_reps: int = MIN_REPS,
-           max_reps: int = MAX_REPS) -> list[float]:
-    """Seconds of each call of ``fn`` after one warm-up: at least ``min_reps``, more while the budget lasts
-    (:func:`fiddler_jax.timing.sample` with calibration's repetition limits)."""
-    return _sample(fn, budget_s, min_reps, max_reps)
-
-
 def host_weights(geometry: Geometry, experts: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random host expert stacks {w1, w3: [E, ffn, hidden], w2: [E, hidden, ffn]} in the geometry's dtype.
     bfloat16 from random bits (``random_bits.random_bf16``: finite, |w| in [2^-7, 2^-6)), fast at GB size."""
@@ -138,7 +131,7 @@ def measure_cpu(geometry: Geometry, ns: Sequence[int], host, row_budget_s: float
         weight = np.ones(n, np.float32)
         expert_of = [np.full(n, e, np.int32) for e in range(experts)]
         times = sample(lambda: cpu_expert_mix(x, token, expert_of[next(cycle) % experts], weight, tables),
-                       row_budget_s)
+                       row_budget_s, MIN_REPS, MAX_REPS)
         out_n += [n] * len(times)
         out_s += times
         _report(progress, "cpu", n, times)
@@ -185,7 +178,7 @@ def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_
             outs = [stack_mix(x, routing, slot_of, *w) for w in stacks]
             jax.block_until_ready(outs)
 
-        times = [t / experts for t in sample(run, row_budget_s)]
+        times = [t / experts for t in sample(run, row_budget_s, MIN_REPS, MAX_REPS)]
         out_n += [n] * len(times)
         out_s += times
         _report(progress, "gpu", n, times)
@@ -210,7 +203,7 @@ def measure_transfer(geometry: Geometry, host, row_budget_s: float,
         pool.wait(0)
         pool.release(0)
 
-    times = sample(copy, row_budget_s)
+    times = sample(copy, row_budget_s, MIN_REPS, MAX_REPS)
     _report(progress, "transfer", None, times)
     return times
 

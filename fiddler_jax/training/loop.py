@@ -113,7 +113,8 @@ def run_training(cfg, out: str, command: str, log=print) -> dict:
         "vocab_size": mcfg.vocab_size,
         "parameters": total_params,
         "active_parameters": active_params,
-        "geometry": {k: v for k, v in mcfg.to_hf_dict().items() if k in dict(t.geometry) or k == "rope_theta"},
+        "geometry": {k: v for k, v in mcfg.to_hf_dict().items()
+                     if (k in dict(t.geometry) and k != "vocab_size") or k == "rope_theta"},  # vocab: above
         "train": {k: v for k, v in dict(t).items() if k != "geometry"},
         "data": {"python": m["python"], "corpus_root": m["corpus_root"], "corpus_sha256": m["corpus_sha256"],
                  "include_tests": m["include_tests"], "heldout_fraction": m["heldout_fraction"],

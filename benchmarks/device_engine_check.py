@@ -1,11 +1,14 @@
-"""Device check of the hybrid engine (issue 5): on the GPU machine, a random model with Mixtral-8x7B's expert
-geometry (hidden 4096, ffn 14336, 8 experts top-2, GQA 32/8, vocab 32000; fewer layers) under a budget that
-holds only some of its experts. For each planner: the hybrid logits against the all-resident model, the greedy
-continuation, compile counts over a 100-token run, decode tokens/s and the trace summary (lane overlap).
+"""Device check of the hybrid engine: on the GPU machine, a random checkpoint with Mixtral-8x7B's expert geometry
+(hidden 4096, ffn 14336, 8 experts top-2, GQA 32/8, vocab 32000; fewer layers) written once to ``--dir``, this
+machine's latency model calibrated for it, then for each planner an ``Engine.from_pretrained`` with only
+``--resident`` experts on the GPU: its logits against the all-resident model, the greedy continuation, compile
+counts over a ``--tokens`` run (a plan must never compile again), decode tokens/s and the trace summary (lane
+busy times and overlap).
 
-    python scripts/device_engine_check.py [--layers 4] [--resident 8] [--tokens 100]
+    python benchmarks/device_engine_check.py [--layers 4] [--resident 8] [--tokens 100]
 
-Writes $OUT/engine_check.json (+ a Perfetto trace per planner) and prints a table last.
+Writes $OUT/engine_check.json (+ a Perfetto trace per planner) and prints a table last. On a CPU-only machine
+``--hidden 256 --ffn 512 --vocab 512`` makes a quick run.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from flax import nnx
 
 from fiddler_jax.runtime import engine as E
 from fiddler_jax.runtime.calibrate import calibrate, table
+
 
 def compiles(engine) -> dict[str, int]:
     return {k: f._cache_size() for k, f in engine.jitted_functions().items()}
@@ -110,8 +114,8 @@ def main() -> None:
     with open(os.path.join(out_dir, "engine_check.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
 
-    print(f"\n{args.layers} layers of Mixtral-8x7B experts, {args.resident}/{8 * args.layers} resident, {args.dtype}, prompt "
-          f"{args.prompt}, {args.tokens} new tokens; all-resident {result['all_resident_tokens_per_s']:.1f} tok/s")
+    print(f"\n{args.layers} layers of Mixtral-8x7B experts, {args.resident}/{8 * args.layers} resident, {args.dtype}, "
+          f"prompt {args.prompt}, {args.tokens} new tokens; all-resident {result['all_resident_tokens_per_s']:.1f} tok/s")
     head = (f"{'planner':16s}{'tok/s':>7s}{'rel err med/max':>17s}{'greedy =':>9s}{'flat':>6s}{'hit':>6s}"
             f"{'cpu ms':>8s}{'pcie ms':>8s}{'gpu ms':>8s}{'cpu+pcie':>9s}{'wall s':>8s}")
     print(head)

@@ -1,0 +1,148 @@
+"""The engine a command's config describes, built in one place for ``generate``, ``bench`` and ``bench-jobs``.
+
+The ``model``, ``placement``, ``planner`` and ``kernel`` groups (:mod:`.schemas`) say which weights, which experts
+on the GPU, which planner and how the lanes run (:class:`~fiddler_jax.runtime.options.EngineOptions`); the engine's
+size (GPU budget, latency model, KV reserve) comes from ``generate``'s ``engine:`` block or from the benchmark's
+``hardware`` group, ``latency``, ``max_batch``/``max_context`` and scenario (:func:`engine_size`).
+
+The engine last built in this process is kept by the part of the config that fixes its weights, placement and GPU
+buffers: a sweep over planners or kernels reuses it (``Engine.with_planner``) instead of building Mixtral again.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from omegaconf import OmegaConf
+
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments.common import CONF_DIR, resolve_model_path
+from fiddler_jax.experiments.schemas import planner_kwargs
+
+_LAST_ENGINE: dict = {}
+
+
+def gpu_budget(hardware) -> str | int:
+    """``hardware.gpu_budget``, or for ``auto`` 95% of what XLA may allocate on the GPU (no limit on a CPU)."""
+    if hardware.gpu_budget is not None:
+        return hardware.gpu_budget
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return int(limit * 0.95) if limit else "1024TiB"
+
+
+def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
+    """The ``MixtralConfig`` of a random model's geometry (default: ``conf/model/mixtral_8x7b_random.yaml``)."""
+    from fiddler_jax.models.config import MixtralConfig
+
+    if geometry is None:
+        geometry = OmegaConf.load(os.path.join(CONF_DIR, "model", "mixtral_8x7b_random.yaml")).geometry
+    return MixtralConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(geometry)},
+                                      source=f"model={name}")
+
+
+def checkpoint_path(model) -> str:
+    """The checkpoint folder of the ``model`` group: ``model.path``, or the bundled model for ``model=tiny``."""
+    if model.random:
+        raise InvalidInputError(f"model={model.name} has random weights made in memory and no checkpoint folder; "
+                                "this needs a checkpoint: pass model.path=<HF Mixtral folder>")
+    if model.path is None and model.name != "tiny":
+        raise InvalidInputError(f"model={model.name} needs its checkpoint folder: add model.path=<HF Mixtral folder> "
+                                "(or use model=mixtral_8x7b_random on a machine without it)")
+    return resolve_model_path(model.path)
+
+
+def set_kernel(path: str, spin_us: int = 50) -> None:
+    """Apply the ``kernel`` group's process-wide settings: the CPU kernel's path (``xla`` keeps the kernel on
+    ``auto``: that lane runs XLA's dot instead) and the kernel pool's spin."""
+    from fiddler_jax import kernels
+
+    kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
+    if spin_us < 0:
+        raise InvalidInputError(f"kernel.spin_us must be >= 0, got {spin_us}")
+    kernels.set_pool(spin_us=spin_us)
+
+
+def engine_options(kernel):
+    """The ``kernel`` group as the engine's :class:`EngineOptions`."""
+    from fiddler_jax.runtime.options import EngineOptions
+
+    return EngineOptions(cpu_backend="xla" if kernel.path == "xla" else "kernel",
+                         pinned_activations=bool(kernel.pinned_activations),
+                         streamed_cpu_lane=bool(kernel.streamed_lane))
+
+
+def kv_rows(cfg) -> int:
+    """The benchmark's KV reserve in sequences: ``max_batch``, or the scenario's beam width."""
+    rows = cfg.max_batch or cfg.scenario.num_beams
+    if rows < cfg.scenario.num_beams:
+        raise InvalidInputError(f"max_batch={rows} is below scenario.num_beams={cfg.scenario.num_beams}; the "
+                                "KV reserve must hold every beam")
+    return rows
+
+
+def engine_size(cfg) -> dict:
+    """``gpu_budget``, ``latency``, ``max_batch`` and ``max_context`` of the engine: from ``generate``'s
+    ``engine:`` block (no budget: room for every expert; KV rows for every beam), or from the benchmark's config
+    (``hardware``, ``latency``, :func:`kv_rows`, and ``max_context`` or the cache length ``generate`` will use
+    for the scenario's prompt and output)."""
+    if "engine" in cfg:
+        e = cfg.engine
+        return dict(gpu_budget=e.gpu_budget or "1TiB", latency=e.latency, max_batch=max(e.max_batch, cfg.num_beams),
+                    max_context=None)
+    from fiddler_jax.runtime.generate import CACHE_BUCKET
+
+    need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
+    context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
+    return dict(gpu_budget=gpu_budget(cfg.hardware), latency=cfg.latency, max_batch=kv_rows(cfg),
+                max_context=context)
+
+
+def _engine_key(cfg, size: dict, planner: dict) -> str:
+    parts = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+             "placement": OmegaConf.to_container(cfg.placement, resolve=True), "budget": size["gpu_budget"],
+             "rows": size["max_batch"], "context": size["max_context"], "latency": size["latency"],
+             "slots": (planner["staging_slots"], planner["cache_slots"])}
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def build_engine(cfg):
+    """The engine the config describes (module docstring) and the model's tokenizer (None for random weights or a
+    folder without tokenizer files). Reuses the engine last built in this process when its weights, placement and
+    GPU buffers agree."""
+    from fiddler_jax.runtime.engine import Engine
+
+    set_kernel(cfg.kernel.path, cfg.kernel.spin_us)
+    options = engine_options(cfg.kernel)
+    size = engine_size(cfg)
+    pk = planner_kwargs(cfg.planner)
+    key = _engine_key(cfg, size, pk)
+    if key in _LAST_ENGINE:
+        engine, tokenizer = _LAST_ENGINE[key]
+        return engine.with_planner(options=options, **pk), tokenizer
+    release_engines()
+    m, pl = cfg.model, cfg.placement
+    kwargs = dict(size, placement=pl.policy, resident_experts=pl.resident_experts, dtype=m.dtype,
+                  profile=pl.profile, seed=pl.seed, options=options, **pk)
+    if m.random:
+        if not m.geometry:
+            raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
+        config = random_model_config(m.geometry, m.name)
+        built = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
+    else:
+        import fiddler_jax as fj
+
+        path = checkpoint_path(m)
+        built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
+    _LAST_ENGINE[key] = built
+    return built
+
+
+def release_engines() -> None:
+    """Drop the engine kept for reuse (its GPU buffers and pinned experts are freed)."""
+    import gc
+
+    _LAST_ENGINE.clear()
+    gc.collect()
