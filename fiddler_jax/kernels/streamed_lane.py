@@ -7,7 +7,8 @@ layer does not hold (GPU-resident) are skipped, their share is the GPU's. On the
 on CUDA the call copies its inputs into pinned staging, queues a host function that runs the kernel when the
 stream reaches it, and queues the copy of the output back: the stream orders attention → CPU experts → the
 next layer, and the Python thread queues tokens ahead of it. A host function cannot fail its XLA call: its
-first error is kept and :func:`raise_pending_error` raises it (the engine calls it after every forward pass).
+first error is kept and :func:`raise_pending_error` raises it (the engine's streamed lane calls it when it drains
+the records: at the start of each forward pass and after each logits or generate call).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every engine knob that changes how a layer step runs but not what it computes: the CPU lane's backend and the
-ablations of the lanes' transport. Frozen, filled from the ``kernel`` config group (``conf/kernel/``) by the
+ablations of the lanes' transport. Frozen, filled from the ``kernel`` config group (``fiddler_jax/conf/kernel/``) by the
 commands, or passed to ``Engine.from_pretrained(..., options=EngineOptions(...))``; nothing is read from the
 environment. Every combination gives the same logits (tests assert it); only the time differs."""
 from __future__ import annotations
