@@ -1,4 +1,4 @@
-"""The latency model: piecewise-linear evaluation and fit, the JSON file and its refusals, the DESIGN preset."""
+"""The latency model: piecewise-linear evaluation and fit, the JSON file and its refusals, the design-number preset."""
 from __future__ import annotations
 
 import json

@@ -80,7 +80,7 @@ def test_fiddler_rule_is_strict_at_the_crossover():
     below = plan_fiddler(np.array([crossover - 1]), none_resident(1), LAT)
     at = plan_fiddler(np.array([crossover]), none_resident(1), LAT)
     assert below.lanes[0] == Lane.CPU and at.lanes[0] == Lane.TRANSFER
-    assert 30 < crossover < 60  # DESIGN numbers: copying wins from a few dozen tokens
+    assert 30 < crossover < 60  # the design numbers: copying wins from a few dozen tokens
 
 
 def test_fiddler_keeps_the_largest_savings_when_slots_run_out():
