@@ -196,10 +196,9 @@ def test_bad_configurations(checkpoint):
         E.Engine.from_pretrained(path, options=EngineOptions(cpu_backend="numba"), progress=False)
     with pytest.raises(PlannerError, match="cache_slots must be at least 1"):
         E.Engine.from_pretrained(path, planner="lru", cache_slots=-1, progress=False)
-    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="gpu_only", resident_experts=1,
-                                      dtype="float32", progress=False)
-    with pytest.raises(PlannerError, match="gpu_budget"):
-        engine.logits(token_ids(97, (1, 8)))
+    with pytest.raises(PlannerError, match="gpu_budget"):  # refused at construction, before loading
+        E.Engine.from_pretrained(path, gpu_budget=10**9, planner="gpu_only", resident_experts=1, dtype="float32",
+                                 progress=False)
 
 
 def test_trace_saves_a_perfetto_timeline(checkpoint, tmp_path):

@@ -7,6 +7,11 @@ where the CPU lane reads it in place and the PCIe lane copies it from. The share
 (:mod:`executor`) and the forward pass (:mod:`step_loop`) are built over them for one planner, latency model and
 set of :class:`~fiddler_jax.runtime.options.EngineOptions`. ``logits``, ``generate`` and
 ``generate_with_stats`` have the plain model's contract; every layer step is recorded in ``engine.trace``.
+
+Everything a call needs is checked before the work starts: the planner against the placement (``gpu_only`` with
+offloaded experts), a routing profile against the model's shape, the host memory the offloaded experts need,
+and every call's rows and cache length against the KV reserve placed inside the GPU budget. An engine may be
+shared between threads: its calls run one at a time (a lock shared by every engine over the same resources).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.generate import (
     GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop,
 )
-from fiddler_jax.runtime.host_experts import HostExperts, size_pinned_pool
+from fiddler_jax.runtime.host_experts import HostExperts, check_host_memory, size_pinned_pool
 from fiddler_jax.runtime.lanes.cpu import CpuLane
 from fiddler_jax.runtime.lanes.gpu import GpuLane
 from fiddler_jax.runtime.lanes.pcie import PcieLane
@@ -33,8 +38,11 @@ from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.latency_source import resolve_latency
 from fiddler_jax.runtime.options import EngineOptions
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
-from fiddler_jax.runtime.planning import DEFAULT_STAGING_SLOTS, POLICIES, BoundPlanner, PlanMemo, get_planner
+from fiddler_jax.runtime.planning import (
+    DEFAULT_STAGING_SLOTS, POLICIES, BoundPlanner, PlanMemo, PlannerError, get_planner, plan_gpu_only,
+)
 from fiddler_jax.runtime.profiling import RoutingProfile
+from fiddler_jax.units import format_bytes
 from fiddler_jax.runtime.resources import EngineResources
 from fiddler_jax.runtime.step_loop import StepLoop
 from fiddler_jax.runtime.trace import Trace
@@ -55,6 +63,23 @@ def bind_planner(planner: str, planner_params: dict | None, staging_slots: int, 
     if staging_slots < 1 and policy in COPYING_POLICIES:
         raise InvalidInputError(f"planner {planner!r} copies experts and needs staging_slots ≥ 1")
     return bound
+
+
+def check_planner_fits(planner: BoundPlanner, resident: np.ndarray) -> None:
+    """``gpu_only`` needs every expert resident: refuse it when placement offloads any (before loading)."""
+    if planner.policy is plan_gpu_only and not resident.all():
+        raise PlannerError(f"planner gpu_only: {int((~resident).sum())} of {resident.size} experts are not on the "
+                           f"GPU at this budget; raise gpu_budget until every expert is resident, or choose a hybrid "
+                           f"planner (planner=fiddler_overlap)")
+
+
+def abstract_model(cfg: MixtralConfig):
+    """The model's structure without weights (what a routing profile's fingerprint is taken over)."""
+    from flax import nnx
+
+    from fiddler_jax.models.mixtral import Mixtral
+
+    return nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
 
 
 class Engine:
@@ -106,10 +131,7 @@ class Engine:
         cfg = MixtralConfig.from_pretrained(path)
 
         def load(resident):
-            model, reader = load_split(path, dtype, resident=resident, progress=progress)
-            if profile is not None:
-                RoutingProfile.load(profile, model)  # refuses a profile of another model
-            return model, reader
+            return load_split(path, dtype, resident=resident, progress=progress)
 
         return cls._build(cfg, load, gpu_budget=gpu_budget, planner=planner, placement=placement,
                           resident_experts=resident_experts, staging_slots=staging_slots, cache_slots=cache_slots,
@@ -143,12 +165,17 @@ class Engine:
         if not isinstance(options, EngineOptions):
             raise InvalidInputError(f"options must be an EngineOptions; got {type(options).__name__}")
         bound = bind_planner(planner, planner_params, staging_slots, cache_slots)
-        counts = RoutingProfile.load(profile).counts if profile is not None else None
+        counts = None
+        if profile is not None:  # refuses a profile of another model, before anything is loaded
+            counts = RoutingProfile.load(profile, abstract_model(cfg)).counts
         itemsize = resolve_dtype(dtype).itemsize
         placed = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
                        resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
                        staging_slots=staging_slots, cache_slots=bound.cache_slots, seed=seed)
-        size_pinned_pool(int((~placed.resident).sum()) * placed.memory.expert)  # before JAX starts, if it has not
+        check_planner_fits(bound, placed.resident)
+        offloaded_bytes = int((~placed.resident).sum()) * placed.memory.expert
+        check_host_memory(offloaded_bytes)
+        size_pinned_pool(offloaded_bytes)  # before JAX starts, if it has not
         lat = resolve_latency(latency, geometry_of(cfg, dtype), progress=progress)  # "auto" may calibrate: JAX starts
         model, source = load(placed.resident)
         host = HostExperts.pin(source, ~placed.resident, progress=progress)
@@ -168,6 +195,7 @@ class Engine:
             raise InvalidInputError(
                 f"planner {planner!r} needs {staging_slots} staging and {bound.cache_slots} cache slots, but this "
                 f"engine placed {self.staging_slots} and {self.cache_slots}; build a new engine")
+        check_planner_fits(bound, self.placement.resident)
         return Engine(self.resources, bound, self.latency, options or self.options)
 
     # -- what it is built on -----------------------------------------------------------------------------------
@@ -206,16 +234,19 @@ class Engine:
     def forward(self, tokens, cache, start: int, *, last_only: bool = False):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.. ([B, V] of the last position with
         ``last_only``), and the updated KV cache (:mod:`step_loop`)."""
-        return self.step_loop.forward(tokens, cache, start, last_only=last_only)
+        with self.resources.lock:
+            return self.step_loop.forward(tokens, cache, start, last_only=last_only)
 
     def logits(self, input_ids) -> np.ndarray:
         """Float32 logits [B, T, vocab] of a full forward pass (same contract as ``fiddler_jax.logits``)."""
         import jax.numpy as jnp
 
         ids = check_token_ids(self.model, input_ids)
-        out, _ = self.forward(jnp.asarray(ids), self.model.init_cache(*ids.shape), 0)
-        out = np.asarray(out, np.float32)
-        self.step_loop.drain()
+        self._check_kv_reserve(*ids.shape, "logits")
+        with self.resources.lock:
+            out, _ = self.forward(jnp.asarray(ids), self.model.init_cache(*ids.shape), 0)
+            out = np.asarray(out, np.float32)
+            self.step_loop.drain()
         return out
 
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
@@ -234,11 +265,12 @@ class Engine:
         slots = self._kv_slots(ids.shape[1], max_new_tokens, kv_slots)
         check_kv_reserve(kv_cache_bytes(self.config, self.model.dtype.itemsize, num_beams, slots),
                          self.placement.memory.kv_cache, num_beams, slots)
-        out = beam_search(self._forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
-                          max_new_tokens, num_beams, eos_token_ids=self._eos(eos_token_id),
-                          length_penalty=length_penalty, early_stopping=early_stopping,
-                          pad_token_id=self.config.pad_token_id)
-        self.step_loop.drain()
+        with self.resources.lock:
+            out = beam_search(self._forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
+                              max_new_tokens, num_beams, eos_token_ids=self._eos(eos_token_id),
+                              length_penalty=length_penalty, early_stopping=early_stopping,
+                              pad_token_id=self.config.pad_token_id)
+            self.step_loop.drain()
         return out
 
     def generate_with_stats(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
@@ -252,10 +284,13 @@ class Engine:
         check_sampling(do_sample, temperature, top_p)
         if max_new_tokens == 0:
             return ids, GenerationStats(prompt_tokens=ids.shape[1])
-        cache = self.model.init_cache(ids.shape[0], self._kv_slots(ids.shape[1], max_new_tokens, kv_slots))
-        out = decode_loop(self._forward_last, cache, ids, max_new_tokens, self._eos(eos_token_id),
-                          do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p)
-        self.step_loop.drain()
+        slots = self._kv_slots(ids.shape[1], max_new_tokens, kv_slots)
+        self._check_kv_reserve(ids.shape[0], slots, "generate")
+        with self.resources.lock:
+            out = decode_loop(self._forward_last, self.model.init_cache(ids.shape[0], slots), ids, max_new_tokens,
+                              self._eos(eos_token_id), do_sample=do_sample, seed=seed, temperature=temperature,
+                              top_p=top_p)
+            self.step_loop.drain()
         return out
 
     def trace_summary(self) -> dict:
@@ -270,6 +305,20 @@ class Engine:
             raise InvalidInputError(f"kv_slots={kv_slots} must hold the prompt and the new tokens ({need}) and stay "
                                     f"within max_position_embeddings ({self.config.max_position_embeddings})")
         return int(kv_slots)
+
+    def _check_kv_reserve(self, rows: int, slots: int, call: str) -> None:
+        """Refuse a call whose KV cache (``rows`` sequences × ``slots`` positions) exceeds the reserve placement
+        made inside the GPU budget (``max_batch`` × ``max_context`` positions)."""
+        need = kv_cache_bytes(self.config, self.model.dtype.itemsize, rows, slots)
+        reserved = self.placement.memory.kv_cache
+        if need > reserved:
+            room = reserved // kv_cache_bytes(self.config, self.model.dtype.itemsize, 1, 1)
+            raise InvalidInputError(
+                f"{call}: {rows} sequence(s) × {slots} cache positions need {format_bytes(need)} of KV cache, more "
+                f"than the {format_bytes(reserved)} ({room} positions: max_batch × max_context) this engine "
+                f"reserved inside its GPU budget; build the engine with a larger max_batch or max_context "
+                f"(Engine.from_pretrained(..., max_batch=..., max_context=...)), or pass fewer rows or a shorter "
+                f"prompt + max_new_tokens")
 
     def _forward_last(self, tokens, cache, start):
         return self.forward(tokens, cache, start, last_only=True)

@@ -51,6 +51,24 @@ def check_token_ids(model: Mixtral, input_ids, max_new_tokens: int = 0) -> np.nd
     return ids.astype(np.int32)
 
 
+def eos_token_ids(config, eos_token_id=None) -> tuple[int, ...]:
+    """The end-of-sequence ids a generation stops at: ``eos_token_id`` (an int or a list of ints), or config.json's
+    when None; an empty list never stops early. An id outside the vocabulary can never be generated, so it is
+    refused rather than ignored."""
+    if eos_token_id is None:
+        return config.eos_token_ids
+    ids = np.atleast_1d(np.asarray(eos_token_id, dtype=object)).ravel()
+    bad = [i for i in ids.tolist() if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if bad:
+        raise InvalidInputError(f"eos_token_id must be a token id or a list of token ids, got {eos_token_id!r}")
+    outside = [int(i) for i in ids.tolist() if not 0 <= i < config.vocab_size]
+    if outside:
+        raise InvalidInputError(f"eos_token_id {outside[0]} is outside the vocabulary [0, {config.vocab_size}), so "
+                                "generation could never stop on it; pass an id of this model's tokenizer (or None "
+                                "for config.json's)")
+    return tuple(int(i) for i in ids.tolist())
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _forward(graphdef, state, cache, tokens, start):
     model = nnx.merge(graphdef, state)
@@ -107,7 +125,7 @@ def generate(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = F
     beam_search.check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
     if num_beams > 1:
         ids = check_token_ids(model, input_ids, max_new_tokens)
-        eos = model.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        eos = eos_token_ids(model.config, eos_token_id)
         graphdef, state = nnx.split(model)
         return beam_search.beam_search(
             lambda tokens, cache, start: _forward_last(graphdef, state, cache, tokens, jnp.int32(start)),
@@ -129,7 +147,7 @@ def generate_with_stats(model: Mixtral, input_ids, max_new_tokens: int, do_sampl
     (``eos_token_id``, default from config.json); rows that finish first are padded with their EOS token."""
     ids = check_token_ids(model, input_ids, max_new_tokens)
     check_sampling(do_sample, temperature, top_p)
-    eos = model.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    eos = eos_token_ids(model.config, eos_token_id)
     if max_new_tokens == 0:
         return ids, GenerationStats(prompt_tokens=ids.shape[1])
     graphdef, state = nnx.split(model)

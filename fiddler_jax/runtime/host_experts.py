@@ -56,6 +56,31 @@ class HostMemoryError(FiddlerError, MemoryError):
     """The offloaded experts do not fit in pinned host memory."""
 
 
+def available_host_memory() -> int | None:
+    """Bytes of RAM the kernel says can be allocated without swapping (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(nbytes: int) -> None:
+    """Refuse, before anything is loaded, offloaded experts that need more host memory than is available."""
+    available = available_host_memory()
+    if available is not None and nbytes > available:
+        raise HostMemoryError(
+            f"the offloaded experts need {format_bytes(nbytes)} of pinned host memory, but this machine has "
+            f"{format_bytes(available)} available: raise gpu_budget so fewer experts are offloaded, free host "
+            "memory, or use a machine with more RAM")
+
+
 def _host_view(array: jax.Array) -> np.ndarray:
     """Zero-copy numpy view of a host-memory JAX array (an error if this JAX would copy)."""
     view = np.asarray(array)

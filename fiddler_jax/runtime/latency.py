@@ -187,7 +187,17 @@ class LatencyModel:
         path = os.fspath(path)
         try:
             with open(path) as f:
-                model = cls.from_dict(json.load(f))
+                data = json.load(f)
+            if isinstance(data, Mapping) and "counts" in data and "model_fingerprint" in data:
+                raise LatencyModelError(f"{path} is a routing profile (from `fiddler-jax profile`), not a latency "
+                                        "model: pass it as profile=, and as latency= 'auto' or a file from "
+                                        "`fiddler-jax calibrate`")
+            if not isinstance(data, Mapping) or "cpu" not in data:
+                raise LatencyModelError(f"{path} is not a latency model (a JSON object with the lanes' curves); "
+                                        "pass latency=auto or a file from `fiddler-jax calibrate`")
+            model = cls.from_dict(data)
+        except LatencyModelError:
+            raise
         except FileNotFoundError:
             raise LatencyModelError(f"no latency model at {path}; {RECALIBRATE}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError and InvalidInputError are ValueError

@@ -129,6 +129,14 @@ def placement_order(num_layers: int, num_experts: int, policy: str, profile: np.
     raise InvalidInputError(f"unknown placement {policy!r}; valid: {', '.join(POLICIES)}")
 
 
+def _two_sizes(budget: int, minimum: int) -> str:
+    """"<budget> is below the minimum <minimum>", in bytes as well when the rounded sizes read the same."""
+    a, b = format_bytes(budget), format_bytes(minimum)
+    if a == b:
+        a, b = f"{a} ({budget:,} bytes)", f"{b} ({minimum:,} bytes)"
+    return f"{a} is below the minimum {b}"
+
+
 def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, policy: str = "popularity",
           profile: np.ndarray | None = None, resident_experts: int | None = None, max_batch: int = 1,
           max_context: int | None = None, max_step_tokens: int | None = None, staging_slots: int = 0,
@@ -137,8 +145,11 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
     budget = parse_bytes(gpu_budget)
     context = cfg.max_position_embeddings if max_context is None else max_context
     step_tokens = max_batch * context if max_step_tokens is None else max_step_tokens
-    if min(max_batch, context, step_tokens) < 1 or min(staging_slots, cache_slots) < 0:
-        raise InvalidInputError("max_batch, max_context and max_step_tokens must be ≥ 1 and the slot counts ≥ 0")
+    for name, value, least in (("max_batch", max_batch, 1), ("max_context", context, 1),
+                               ("max_step_tokens", step_tokens, 1), ("staging_slots", staging_slots, 0),
+                               ("cache_slots", cache_slots, 0)):
+        if value < least:
+            raise InvalidInputError(f"{name} must be ≥ {least}; got {value}")
     expert = expert_bytes(cfg, itemsize)
     memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
@@ -147,7 +158,7 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
                         resident_count=0)
     if budget < memory.fixed:
         raise InvalidInputError(
-            f"gpu_budget {format_bytes(budget)} is below the minimum {format_bytes(memory.fixed)} this model "
+            f"gpu_budget {_two_sizes(budget, memory.fixed)} this model "
             f"needs without any resident expert ({memory}); raise gpu_budget, or lower max_context/max_batch or "
             "the slot counts")
     total = cfg.num_hidden_layers * cfg.num_local_experts

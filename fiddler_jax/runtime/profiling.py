@@ -64,6 +64,9 @@ class RoutingProfile:
         try:
             with open(path) as f:
                 d = json.load(f)
+            if not isinstance(d, dict):
+                kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(d), "number")
+                raise ValueError(f"it holds a JSON {kind}, not an object")
             if d.get("format") != FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
             profile = cls(np.asarray(d["counts"], np.int64), int(d["tokens"]), d["model_fingerprint"],

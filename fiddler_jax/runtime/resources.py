@@ -1,11 +1,14 @@
 """What an engine's steps run on, built once and shared by every engine over the same weights
 (``Engine.with_planner``): the device, the model and its jitted segments, the placement, the pinned host experts,
 the PCIe lane's staging pool and the dynamic cache (the GPU memory placement reserved for them), and the host
-experts' registrations with the streamed CPU lane. Engines that share resources run one at a time.
+experts' registrations with the streamed CPU lane, and the lock that runs one forward pass at a time over them:
+every engine over these resources takes it for each call, so threads sharing an engine (or engines made by
+``with_planner``) queue behind each other instead of corrupting the staging pool, the cache or the KV buffers.
 """
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 
@@ -27,6 +30,7 @@ class EngineResources:
     staging: StagingPool  # at most ``staging_slots`` live copies of the PCIe lane
     cache: DynamicCache | None  # ``cache_slots`` buffers per layer, or None
     streamed: StreamedRegistrations
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, compare=False)
 
     @classmethod
     def build(cls, model, host: HostExperts, placement: Placement, *, staging_slots: int, cache_slots: int,
