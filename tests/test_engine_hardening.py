@@ -135,3 +135,19 @@ def test_a_routing_profile_passed_as_latency_says_so(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(LatencyModelError, match="is not a latency model"):
         LatencyModel.load(tmp_path / "list.json")
+
+
+def test_the_readme_engine_example_runs_as_written(tmp_path):
+    """README's engine lines on the bundled model (its profile and calibration arguments left out)."""
+    from fiddler_jax.assets import default_model_path
+
+    path = default_model_path()
+    input_ids = np.asarray(fj.load_tokenizer(path)("def fibonacci(n):")["input_ids"])[None]
+    engine = fj.Engine.from_pretrained(path, gpu_budget="24GiB", planner="fiddler_overlap", dtype="bfloat16",
+                                       progress=False)
+    engine.logits(input_ids)
+    beams = engine.generate(input_ids, 64, num_beams=4)
+    tokens, stats = engine.generate_with_stats(input_ids, 64)
+    assert beams.shape[1] <= input_ids.shape[1] + 64 and tokens.shape == (1, input_ids.shape[1] + 64)
+    engine.trace.save(tmp_path / "trace.json")
+    engine.with_planner("fiddler")
