@@ -2,12 +2,16 @@
 
 Most subcommands are Hydra apps in :mod:`fiddler_jax.experiments` with their config in
 ``fiddler_jax/conf/<name>.yaml`` (``fiddler-jax <subcommand> --help`` shows it, ``--cfg job`` prints the resolved
-config); ``bench-kernel``, ``bench-jobs`` and ``report`` take plain arguments (``--help`` lists them).
+config); ``bench-kernel``, ``bench-jobs`` and ``report`` take plain arguments (``--help`` lists them). A user
+error ends in one ``error: ...`` line (exit status 2), Ctrl-C in one ``interrupted`` line (exit status 130).
+Outputs a command writes without an ``out=`` go to ``./fiddler-jax-outputs/<command>/<date>_<time>/``.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from fiddler_jax.errors import FiddlerError
 
 COMMANDS = {
     "generate": ("fiddler_jax.experiments.generate", "generate text with a Mixtral checkpoint"),
@@ -38,9 +42,16 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"fiddler-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[name][0])
     sys.argv = [f"fiddler-jax {name}", *rest]
-    module.main()
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        module.main()
+    except KeyboardInterrupt:  # Ctrl-C anywhere (loading, compiling, generating): one line, the shell's status
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except FiddlerError as e:  # a command without its own handler (the Hydra apps print these themselves)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

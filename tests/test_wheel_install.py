@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # What the build does not need (and what a copy must not carry: build outputs of the editable install).
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".cache",
-                              ".pytest_cache", "outputs", "multirun", "docs", "notebooks", "benchmarks", "tests",
+                              "fiddler-jax-outputs", ".pytest_cache", "outputs", "multirun", "docs", "notebooks", "benchmarks", "tests",
                               "wheels", ".whl", ".ipynb_checkpoints")
 
 

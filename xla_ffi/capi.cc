@@ -54,16 +54,28 @@ int fj_get_path(void) { return static_cast<int>(fiddler::GetForcedPath()); }
 int fj_path_for_tokens(int64_t n) { return static_cast<int>(fiddler::PathForTokens(n)); }
 void fj_set_amx_min_tokens(int64_t n) { fiddler::SetAmxMinTokens(n); }
 int64_t fj_get_amx_min_tokens(void) { return fiddler::GetAmxMinTokens(); }
-void fj_set_num_threads(int n, int pin) { fiddler::SetNumThreads(n, pin != 0); }
-int fj_get_num_threads(void) { return fiddler::GetNumThreads(); }
-void fj_set_pool(int spin_us, int wait_all) { fiddler::SetPool(spin_us, wait_all); }
+int fj_set_num_threads(int64_t n, int pin, char* err, int err_len) {
+  return Report(fiddler::SetNumThreads(n, pin != 0), err, err_len);
+}
+int fj_max_threads(void) { return fiddler::MaxThreads(); }
+int fj_get_num_threads(char* err, int err_len) {
+  const char* msg = nullptr;
+  const int n = fiddler::GetNumThreads(&msg);
+  if (n < 0) Report(msg ? msg : "the kernel thread pool cannot start", err, err_len);
+  return n;
+}
+int fj_set_pool(int64_t spin_us, int wait_all, char* err, int err_len) {
+  return Report(fiddler::SetPool(spin_us, wait_all), err, err_len);
+}
 void fj_set_prefetch_bytes(int bytes) { fiddler::SetPrefetchBytes(bytes); }
 void fj_set_amx_group_kib(int kib) { fiddler::SetAmxGroupKib(kib); }
 void fj_set_amx_variant(int variant) { fiddler::SetAmxVariant(variant); }
 void fj_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline) {
   fiddler::SetAmxBlocking(kc, mb, pass, prefetch, blocked_from, pipeline);
 }
-uint64_t fj_read_probe(const void* p, int64_t bytes) { return fiddler::ReadProbe(p, bytes); }
+int fj_read_probe(const void* p, int64_t bytes, uint64_t* sum, char* err, int err_len) {
+  return Report(fiddler::ReadProbe(p, bytes, sum), err, err_len);
+}
 
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
                   const uint16_t* w3, const uint16_t* w2, void* y, int out_f32, char* err, int err_len) {

@@ -37,15 +37,19 @@ int fj_get_path(void);
 int fj_path_for_tokens(int64_t n);
 void fj_set_amx_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
-void fj_set_num_threads(int n, int pin); /* n <= 0: physical cores */
-int fj_get_num_threads(void);
-void fj_set_pool(int spin_us, int wait_all); /* < 0: unchanged */
+/* The thread pool: these return 0 on success, else -1 and the message in err (a count above fj_max_threads(), a
+   refused FIDDLER_KERNEL_THREADS, threads that cannot start); fj_get_num_threads returns the size or -1. */
+int fj_set_num_threads(int64_t n, int pin, char* err, int err_len); /* n <= 0: physical cores */
+int fj_max_threads(void);
+int fj_get_num_threads(char* err, int err_len);
+int fj_set_pool(int64_t spin_us, int wait_all, char* err, int err_len); /* < 0: unchanged */
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);
 void fj_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from,
                          int pipeline); /* < 0: unchanged */
-uint64_t fj_read_probe(const void* p, int64_t bytes); /* multi-threaded read of p (bandwidth bar) */
+/* Multi-threaded read of p (the bandwidth bar): 0 and the checksum in *sum, else -1 and the message. */
+int fj_read_probe(const void* p, int64_t bytes, uint64_t* sum, char* err, int err_len);
 
 /* Compute on raw buffers; 0 on success, else -1 and the message in err (NUL-terminated, truncated). */
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,

@@ -2,6 +2,7 @@
 #include "expert_ffn.h"
 
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -9,6 +10,9 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <string>
+#include <system_error>
 #include <vector>
 
 #include "bf16_math.h"
@@ -71,9 +75,38 @@ Path ParsePath(const char* s) {
   return Path::kAuto;
 }
 
+// The AMX/prefetch knobs' ranges, shared by the setters and the environment variables.
+int ClampKc(int kc) { return kc < 0 ? 0 : (kc > 64 ? 64 : kc); }  // 0: auto
+int ClampMb(int mb) { return mb < 16 ? 16 : (mb > 1024 ? 1024 : mb); }
+int ClampPass(int pass) { return pass < 1 ? 1 : (pass > 64 ? 64 : pass); }
+int ClampVariant(int variant) { return variant < 0 || variant > 3 ? 0 : variant; }
+int ClampPrefetchBytes(int bytes) { return bytes < 0 ? 0 : bytes; }
+int ClampGroupKib(int kib) { return kib < 1 ? 1 : kib; }
+
+// The largest thread count the pool accepts: MaxThreads() = max(kMinThreadCap, kThreadsPerCpu x logical CPUs).
+// More is never useful (the pool's slots are one per thread) and a count far beyond it could only fail to start
+// or exhaust the process's threads.
+constexpr int kThreadsPerCpu = 8;
+constexpr int kMinThreadCap = 64;
+constexpr int kMaxSpinUs = 1000000;
+
+// Why a thread count is refused, or "" if it is accepted (n <= 0: one thread per physical core).
+std::string CheckThreadCount(const char* what, long long n) {
+  const int cap = MaxThreads();
+  if (n <= cap) return "";
+  char buf[400];
+  std::snprintf(buf, sizeof(buf),
+                "%s = %lld is more kernel threads than this machine allows (at most %d: %d per logical CPU, at "
+                "least %d, and it has %d logical CPUs); use 1..%d, or 0 for one thread per physical core",
+                what, n, cap, kThreadsPerCpu, kMinThreadCap, GetCpuFeatures().logical_cpus, cap);
+  return buf;
+}
+
 struct Runtime {
   std::mutex mu;
   std::unique_ptr<ThreadPool> pool;
+  std::string config_error;  // a refused FIDDLER_KERNEL_THREADS: every call that needs the pool reports it
+  std::string pool_error;    // why the last pool could not start (EnsurePool's message)
   int want_threads = 0;  // <= 0: physical cores
   bool pin = false;
   int spin_us = 50;  // bridges the phases of one call; longer spins steal the cores the engine's host work needs next
@@ -84,19 +117,21 @@ struct Runtime {
   Workspace ws_index, ws_data;
 
   Runtime() {
-    want_threads = EnvInt("FIDDLER_KERNEL_THREADS", 0);
+    ParseThreadsEnv();
     pin = EnvInt("FIDDLER_KERNEL_PIN", 0) != 0;
     spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 50);
     wait_all = EnvInt("FIDDLER_KERNEL_POOL_WAIT_ALL", 0) != 0;
     chunks_per_thread = EnvInt("FIDDLER_KERNEL_CHUNKS", 4);
     if (chunks_per_thread < 1) chunks_per_thread = 1;
     amx_min_n = EnvInt("FIDDLER_AMX_MIN_N", 8);
-    g_amx_variant = EnvInt("FIDDLER_AMX_VARIANT", 0);
-    g_prefetch_bytes = EnvInt("FIDDLER_KERNEL_PREFETCH", 0);
-    g_amx_group_kib = EnvInt("FIDDLER_AMX_GROUP_KIB", g_amx_group_kib);
-    g_amx_kc = EnvInt("FIDDLER_AMX_KC", g_amx_kc);
-    g_amx_mb = EnvInt("FIDDLER_AMX_MB", g_amx_mb);
-    g_amx_pass = EnvInt("FIDDLER_AMX_PASS", g_amx_pass);
+    if (spin_us < 0) spin_us = 0;
+    if (spin_us > kMaxSpinUs) spin_us = kMaxSpinUs;
+    g_amx_variant = ClampVariant(EnvInt("FIDDLER_AMX_VARIANT", 0));
+    g_prefetch_bytes = ClampPrefetchBytes(EnvInt("FIDDLER_KERNEL_PREFETCH", 0));
+    g_amx_group_kib = ClampGroupKib(EnvInt("FIDDLER_AMX_GROUP_KIB", g_amx_group_kib));
+    g_amx_kc = ClampKc(EnvInt("FIDDLER_AMX_KC", g_amx_kc));
+    g_amx_mb = ClampMb(EnvInt("FIDDLER_AMX_MB", g_amx_mb));
+    g_amx_pass = ClampPass(EnvInt("FIDDLER_AMX_PASS", g_amx_pass));
     g_amx_prefetch = EnvInt("FIDDLER_AMX_PREFETCH", g_amx_prefetch);
     g_amx_blocked_from = EnvInt("FIDDLER_AMX_BLOCKED_FROM", g_amx_blocked_from);
     g_amx_pipeline = EnvInt("FIDDLER_AMX_PIPELINE", g_amx_pipeline);
@@ -109,10 +144,40 @@ struct Runtime {
     forced = p;
   }
 
-  ThreadPool& Pool() {  // call with mu held
-    if (!pool) {
-      const CpuFeatures& f = GetCpuFeatures();
-      int n = want_threads > 0 ? want_threads : f.physical_cores;
+  // FIDDLER_KERNEL_THREADS: unset, empty or <= 0 is one thread per physical core; an integer up to MaxThreads()
+  // is that many; anything else is refused (config_error) until set_num_threads replaces it.
+  void ParseThreadsEnv() {
+    const char* v = std::getenv("FIDDLER_KERNEL_THREADS");
+    if (!v || !*v) return;
+    char* end = nullptr;
+    errno = 0;
+    const long long x = std::strtoll(v, &end, 10);
+    if (!end || *end != '\0' || errno == ERANGE) {
+      char buf[400];
+      std::snprintf(buf, sizeof(buf),
+                    "FIDDLER_KERNEL_THREADS = '%.60s' is not an integer; set it to 1..%d, or unset it (or 0) for "
+                    "one thread per physical core",
+                    v, MaxThreads());
+      config_error = buf;
+      return;
+    }
+    config_error = CheckThreadCount("FIDDLER_KERNEL_THREADS", x);
+    if (config_error.empty()) want_threads = x > 0 ? static_cast<int>(x) : 0;
+  }
+
+  int PlannedThreads() const {
+    const int n = want_threads > 0 ? want_threads : GetCpuFeatures().physical_cores;
+    return n < 1 ? 1 : n;
+  }
+
+  // Starts the pool if there is none (call with mu held). nullptr when the pool runs, else why not (a refused
+  // FIDDLER_KERNEL_THREADS, or a thread that could not start): the message stays valid until the next call.
+  const char* EnsurePool() {
+    if (pool) return nullptr;
+    if (!config_error.empty()) return config_error.c_str();
+    const CpuFeatures& f = GetCpuFeatures();
+    const int n = PlannedThreads();
+    try {
       std::vector<int> cpus;
       if (pin) {
         cpus.resize(f.logical_cpus > 0 ? f.logical_cpus : 1);
@@ -120,8 +185,16 @@ struct Runtime {
         cpus.resize(got > 0 ? got : 0);
       }
       pool.reset(new ThreadPool(n, cpus, spin_us, wait_all));
+      return nullptr;
+    } catch (const std::exception& e) {  // std::system_error from std::thread, std::bad_alloc
+      pool_error = "cannot start " + std::to_string(n) + " kernel threads (" + e.what() +
+                   "); use fewer with FIDDLER_KERNEL_THREADS or fiddler_jax.kernels.set_num_threads";
+    } catch (...) {
+      pool_error = "cannot start " + std::to_string(n) + " kernel threads; use fewer with FIDDLER_KERNEL_THREADS "
+                   "or fiddler_jax.kernels.set_num_threads";
     }
-    return *pool;
+    pool.reset();
+    return pool_error.c_str();
   }
 
   Path Choose(int64_t n) const {
@@ -434,46 +507,92 @@ int64_t GetAmxMinTokens() {
   return rt.amx_min_n;
 }
 
-void SetNumThreads(int n, bool pin) {
+int MaxThreads() {
+  const int logical = GetCpuFeatures().logical_cpus;
+  const int64_t cap = int64_t{kThreadsPerCpu} * (logical > 0 ? logical : 1);
+  return cap < kMinThreadCap ? kMinThreadCap : (cap > (1 << 20) ? (1 << 20) : static_cast<int>(cap));
+}
+
+namespace {
+
+// Replaces the pool by one with the runtime's settings now (call with mu held). On failure the previous settings
+// come back (their pool starts at the next call) and the error names what was asked.
+const char* RebuildPool(Runtime& rt, int old_threads, bool old_pin, int old_spin, bool old_wait_all) {
+  rt.pool.reset();  // join the old workers first: the new ones may need their share of the thread limit
+  const std::string saved_config_error = rt.config_error;
+  rt.config_error.clear();
+  if (const char* e = rt.EnsurePool()) {
+    const char* msg = Errorf("%s", e);
+    rt.want_threads = old_threads;
+    rt.pin = old_pin;
+    rt.spin_us = old_spin;
+    rt.wait_all = old_wait_all;
+    rt.config_error = saved_config_error;
+    return msg;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+const char* SetNumThreads(int64_t n, bool pin) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  rt.want_threads = n;
+  const std::string refused = CheckThreadCount("set_num_threads: n", static_cast<long long>(n));
+  if (!refused.empty()) return Errorf("%s", refused.c_str());
+  const int old_threads = rt.want_threads;
+  const bool old_pin = rt.pin;
+  rt.want_threads = n > 0 ? static_cast<int>(n) : 0;
   rt.pin = pin;
-  rt.pool.reset();
+  return RebuildPool(rt, old_threads, old_pin, rt.spin_us, rt.wait_all);
 }
 
-void SetPool(int spin_us, int wait_all) {
+const char* SetPool(int64_t spin_us, int wait_all) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  if (spin_us >= 0) rt.spin_us = spin_us;
+  if (spin_us > kMaxSpinUs)
+    return Errorf("set_pool: spin_us = %lld is more than the %d microseconds (1 s) allowed; use 0..%d",
+                  static_cast<long long>(spin_us), kMaxSpinUs, kMaxSpinUs);
+  const int old_spin = rt.spin_us;
+  const bool old_wait_all = rt.wait_all;
+  if (spin_us >= 0) rt.spin_us = static_cast<int>(spin_us);
   if (wait_all >= 0) rt.wait_all = wait_all != 0;
-  rt.pool.reset();
+  // A refused FIDDLER_KERNEL_THREADS stays refused: only the spin and the contract change here.
+  if (!rt.config_error.empty()) {
+    rt.pool.reset();
+    return nullptr;
+  }
+  return RebuildPool(rt, rt.want_threads, rt.pin, old_spin, old_wait_all);
 }
 
-int GetNumThreads() {
+int GetNumThreads(const char** err) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  return rt.Pool().size();
+  if (const char* e = rt.EnsurePool()) {
+    if (err) *err = Errorf("%s", e);
+    return -1;
+  }
+  return rt.pool->size();
 }
 
 void SetPrefetchBytes(int bytes) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  g_prefetch_bytes = bytes < 0 ? 0 : bytes;
+  g_prefetch_bytes = ClampPrefetchBytes(bytes);
 }
 
 void SetAmxVariant(int variant) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  g_amx_variant = variant < 0 || variant > 3 ? 0 : variant;
+  g_amx_variant = ClampVariant(variant);
 }
 
 void SetAmxBlocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  if (kc >= 0) g_amx_kc = kc > 64 ? 64 : kc;  // 0: auto
-  if (mb >= 0) g_amx_mb = mb < 16 ? 16 : (mb > 1024 ? 1024 : mb);
-  if (pass >= 0) g_amx_pass = pass < 1 ? 1 : (pass > 64 ? 64 : pass);
+  if (kc >= 0) g_amx_kc = ClampKc(kc);  // 0: auto
+  if (mb >= 0) g_amx_mb = ClampMb(mb);
+  if (pass >= 0) g_amx_pass = ClampPass(pass);
   if (prefetch >= 0) g_amx_prefetch = prefetch != 0;
   if (blocked_from >= 0) g_amx_blocked_from = blocked_from;
   if (pipeline >= 0) g_amx_pipeline = pipeline != 0;
@@ -482,20 +601,22 @@ void SetAmxBlocking(int kc, int mb, int pass, int prefetch, int blocked_from, in
 void SetAmxGroupKib(int kib) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
-  g_amx_group_kib = kib < 1 ? 1 : kib;
+  g_amx_group_kib = ClampGroupKib(kib);
 }
 
-uint64_t ReadProbe(const void* p, int64_t bytes) {
+const char* ReadProbe(const void* p, int64_t bytes, uint64_t* sum) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
+  if (const char* e = rt.EnsurePool()) return Errorf("read_bandwidth: %s", e);
   ProbeCall c;
   c.p = static_cast<const uint64_t*>(p);
   c.words = bytes / 8;
   std::memset(c.sums, 0, sizeof(c.sums));
-  rt.Pool().Run(ProbeRun, &c);
+  rt.pool->Run(ProbeRun, &c);
   uint64_t s = 0;
   for (uint64_t v : c.sums) s += v;
-  return s;
+  if (sum) *sum = s;
+  return nullptr;
 }
 
 const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
@@ -512,6 +633,7 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   if (!x || !w1 || !w3 || !w2 || !y) return Errorf("expert_ffn: null buffer");
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
+  if (const char* e = rt.EnsurePool()) return Errorf("expert_ffn: %s", e);
   const Path path = rt.Choose(n);
   if (!PathSupported(path)) return Errorf("expert_ffn: path %s not supported by this CPU", PathName(path));
   SingleCall c;
@@ -531,7 +653,7 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   c.x_pack = ws;
   c.h_act = ws + xb;
   c.x_act = c.k->direct_x ? static_cast<const void*>(x) : c.x_pack;
-  ThreadPool& pool = rt.Pool();
+  ThreadPool& pool = *rt.pool;
   c.chunk1 = ChunkRows(ffn, c.k->row_granule, pool.size(), rt.chunks_per_thread);
   c.chunk2 = ChunkRows(hidden, c.k->row_granule, pool.size(), rt.chunks_per_thread);
   if (!c.k->direct_x) pool.Run(SinglePack, &c);
@@ -587,6 +709,7 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   }
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
+  if (const char* e = rt.EnsurePool()) return Errorf("%s: %s", op, e);
 
   // Index workspace: expert offsets [E+1], token offsets [T+1], gather [A], tok_list [A], pos [A], seg [E].
   const size_t ib = Align64(sizeof(int32_t) * (E + 1)) + Align64(sizeof(int32_t) * (T + 1)) +
@@ -670,7 +793,7 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   c.A = A;
   c.out = y;
   c.out_f32 = out_f32;
-  ThreadPool& pool = rt.Pool();
+  ThreadPool& pool = *rt.pool;
   pool.Run(GroupedPack, &c);
   PlanChunks(c, 1, pool.size(), rt.chunks_per_thread);
   pool.Run(GroupedPhase1, &c);

@@ -42,16 +42,20 @@ const char* PathName(Path path);
 // Token count from which the automatic choice uses AMX (when present).
 void SetAmxMinTokens(int64_t n);
 int64_t GetAmxMinTokens();
-// Thread count (<= 0: physical cores) and pinning of pool threads to one CPU per physical core.
-void SetNumThreads(int n, bool pin);
-int GetNumThreads();
-// The pool's spin before its workers sleep (microseconds) and, for comparison, its old contract (every worker
-// joins every phase). A value < 0 leaves that knob unchanged; the pool is rebuilt.
-void SetPool(int spin_us, int wait_all);
+// Thread count (<= 0: physical cores) and pinning of pool threads to one CPU per physical core. The pool is
+// rebuilt now: an error (a count above MaxThreads(), or threads that cannot start) keeps the previous settings.
+const char* SetNumThreads(int64_t n, bool pin);
+// The most threads SetNumThreads and FIDDLER_KERNEL_THREADS accept: max(64, 8 x logical CPUs).
+int MaxThreads();
+// The pool's size (starting it if needed), or -1 and *err when it cannot start.
+int GetNumThreads(const char** err);
+// The pool's spin before its workers sleep (microseconds, at most 1 s) and, for comparison, its old contract
+// (every worker joins every phase). A value < 0 leaves that knob unchanged; the pool is rebuilt now.
+const char* SetPool(int64_t spin_us, int wait_all);
 void SetPrefetchBytes(int bytes);
-// Reads `bytes` at p with the kernel's thread pool (each thread a contiguous slice) and returns a checksum:
+// Reads `bytes` at p with the kernel's thread pool (each thread a contiguous slice) and stores a checksum in *sum:
 // the STREAM-like read bandwidth bar the benchmark compares the kernel against.
-uint64_t ReadProbe(const void* p, int64_t bytes);
+const char* ReadProbe(const void* p, int64_t bytes, uint64_t* sum);
 void SetAmxGroupKib(int kib);
 void SetAmxVariant(int variant);  // 0 auto, 1 direct, 2 k-chunked, 3 blocked
 // AMX tuning: the blocked variant's k-blocks per chunk, rows per m-block, token tiles per pass, weight-panel

@@ -32,20 +32,31 @@ inline bool IsOpen(uint64_t job) { return (job & 1) != 0; }
 
 ThreadPool::ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us, bool wait_all)
     : nthreads_(nthreads < 1 ? 1 : nthreads), spin_us_(spin_us < 0 ? 0 : spin_us), wait_all_(wait_all) {
-  workers_.reserve(nthreads_ - 1);
-  for (int tid = 1; tid < nthreads_; ++tid) {
-    int cpu = tid < static_cast<int>(cpu_ids.size()) ? cpu_ids[tid] : -1;
-    workers_.emplace_back([this, cpu] { WorkerLoop(cpu); });
+  // A thread that cannot start (std::system_error: the process or user thread limit, no memory for its stack)
+  // must not leave joinable threads behind (their destructors would call std::terminate): stop and join the ones
+  // started, then let the caller turn the exception into an error return.
+  try {
+    workers_.reserve(nthreads_ - 1);
+    for (int tid = 1; tid < nthreads_; ++tid) {
+      int cpu = tid < static_cast<int>(cpu_ids.size()) ? cpu_ids[tid] : -1;
+      workers_.emplace_back([this, cpu] { WorkerLoop(cpu); });
+    }
+  } catch (...) {
+    StopAndJoin();
+    throw;
   }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { StopAndJoin(); }
+
+void ThreadPool::StopAndJoin() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_.store(true);
   }
   cv_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 // Runs unclaimed slots of the open job until none is left. Called by the caller, and by a worker only after it

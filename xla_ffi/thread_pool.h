@@ -23,7 +23,8 @@ class ThreadPool {
   using Fn = void (*)(void* ctx, int slot, int nslots);
 
   // nthreads >= 1 (the caller counts as one); n slots per Run. pin: bind worker i to cpu_ids[i] when cpu_ids has
-  // that many.
+  // that many. Throws std::system_error (or std::bad_alloc) when a worker cannot start, after joining the workers
+  // it started; the kernel runtime turns that into an error return.
   ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us, bool wait_all = false);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -35,6 +36,7 @@ class ThreadPool {
 
  private:
   void WorkerLoop(int cpu_id);
+  void StopAndJoin();
   void ClaimSlots();
 
   const int nthreads_;

@@ -2,7 +2,8 @@
 
 ``hf_accelerate``: transformers' Mixtral with accelerate's ``device_map="auto"`` and ``max_memory`` = the GPU
 budget (the rest on the CPU): layers that do not fit run from host memory, weights moved per forward — the
-DeepSpeed/accelerate-style offloading the paper compares against. Needs torch with CUDA and accelerate.
+DeepSpeed/accelerate-style offloading the paper compares against. Needs torch with CUDA and accelerate:
+``pip install 'fiddler-jax[baselines]'``.
 """
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.units import format_bytes, parse_bytes
 
 
+INSTALL = "pip install 'fiddler-jax[baselines]'"  # the extra with accelerate (which brings torch)
+
+
 def _require():
-    try:
-        import accelerate  # noqa: F401
-        import torch
-    except ImportError as exc:
-        raise InvalidInputError(f"baseline=hf_accelerate needs torch and accelerate ({exc}); install them or "
-                                "drop the baseline") from None
+    for package in ("torch", "accelerate"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise InvalidInputError(f"baseline=hf_accelerate needs {package}, which is not installed: {INSTALL} "
+                                    "(torch with CUDA), or drop the baseline") from None
+    import torch
+
     if not torch.cuda.is_available():
         raise InvalidInputError("baseline=hf_accelerate needs a CUDA GPU visible to torch; this machine has none")
     return torch

@@ -5,7 +5,9 @@ latency model the planner used. Config: ``fiddler_jax/conf/bench.yaml`` and its 
 ``schemas.py``); the engine is built by :func:`fiddler_jax.experiments.build.build_engine`.
 
 Scenarios: ``decode`` (time to first token, steady-state and end-to-end tokens/s), ``prefill`` (TTFT of a long
-prompt), ``beam`` (tokens/s counting every beam, end-to-end latency). Prompts: :mod:`.workload`.
+prompt), ``beam`` (tokens/s counting every beam, end-to-end latency). Prompts: :mod:`.workload`. Prompt plus
+output must fit the model's positions: checked before any weight loads; a scenario's default prompt that does not
+fit is shortened to fit, with a note (printed and in result.json's ``notes``), one set explicitly is refused.
 """
 from __future__ import annotations
 
@@ -111,6 +113,47 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     return out
 
 
+def model_positions(cfg) -> int:
+    """``max_position_embeddings`` of the configured model (its config.json or random geometry), read without
+    loading any weight."""
+    from fiddler_jax.experiments.build import checkpoint_path, random_model_config
+    from fiddler_jax.models.config import MixtralConfig
+
+    m = cfg.model
+    if m.random:
+        if not m.geometry:
+            raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
+        return random_model_config(m.geometry, m.name).max_position_embeddings
+    return MixtralConfig.from_pretrained(checkpoint_path(m)).max_position_embeddings
+
+
+def fit_scenario(cfg, explicit: list[str] | tuple = ()) -> str | None:
+    """Make the scenario fit the model's positions, before any weight is loaded. A prompt plus output longer than
+    ``max_position_embeddings`` is refused when ``scenario.input_tokens`` was set (an override among
+    ``explicit``); a scenario's default prompt is shortened to fit (``scenario=prefill``'s 2048 tokens plus one
+    on the bundled tiny model's 2048 positions), in ``cfg``, and the note saying so is returned (None when
+    nothing changed)."""
+    s, name = cfg.scenario, cfg.model.name
+    limit, need = model_positions(cfg), s.input_tokens + s.output_tokens
+    if need <= limit:
+        return None
+    set_input = any(o.lstrip("+~").split("=", 1)[0] == "scenario.input_tokens" for o in explicit)
+    if s.output_tokens >= limit:
+        raise InvalidInputError(f"scenario.output_tokens={s.output_tokens} leaves no room for a prompt in "
+                                f"model={name}'s max_position_embeddings ({limit}): lower it below {limit}")
+    if set_input:
+        raise InvalidInputError(f"scenario.input_tokens={s.input_tokens} + scenario.output_tokens={s.output_tokens} "
+                                f"= {need} positions, more than model={name}'s max_position_embeddings ({limit}): "
+                                f"lower scenario.input_tokens to at most {limit - s.output_tokens}, or use a model "
+                                "with a longer context")
+    fitted = limit - s.output_tokens
+    note = (f"scenario {s.name}: input_tokens {s.input_tokens} (the scenario's default) + output_tokens "
+            f"{s.output_tokens} exceed model={name}'s {limit} positions: running {fitted} input tokens (set "
+            "scenario.input_tokens to choose)")
+    s.input_tokens = fitted
+    return note
+
+
 def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict:
     """Run the configured scenario; returns the result dict (also written to ``out_dir/result.json``).
     ``job_overrides``: the overrides to record (default: Hydra's, when run as a Hydra job)."""
@@ -122,6 +165,10 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
     if min(s.input_tokens, s.output_tokens, s.num_beams, cfg.repeats) < 1 or cfg.warmup < 0:
         raise InvalidInputError("scenario.input_tokens, output_tokens, num_beams and repeats must be ≥ 1, "
                                 "warmup ≥ 0")
+    recorded = overrides() if job_overrides is None else list(job_overrides)
+    note = fit_scenario(cfg, recorded)
+    if note:
+        print(f"note: {note}", flush=True)
     if cfg.baseline is not None:
         if cfg.baseline not in BASELINES:
             raise InvalidInputError(f"unknown baseline {cfg.baseline!r}; valid: null, {', '.join(BASELINES)}")
@@ -164,10 +211,11 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
     gpu_memory["budget_bytes"] = parse_bytes(budget)
     peak = gpu_memory.get("peak_bytes_in_use")
     gpu_memory["within_budget"] = None if peak is None else peak <= gpu_memory["budget_bytes"]
-    recorded = overrides() if job_overrides is None else list(job_overrides)
     result = {"metrics": metrics, "peak_gpu_bytes": peak, "gpu_memory": gpu_memory,
               "config": OmegaConf.to_container(cfg, resolve=True), "overrides": recorded, **extra,
               **provenance()}
+    if note:
+        result["notes"] = [note]
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     if cfg.hardware.gpu_budget is not None and cfg.baseline is None:  # a baseline's overrun is recorded only

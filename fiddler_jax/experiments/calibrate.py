@@ -1,6 +1,7 @@
 """``fiddler-jax calibrate``: time this machine's lanes (CPU kernel, GPU expert, host -> GPU copy, layer-step
 sync) for one model geometry, fit the latency model and save it where ``Engine.from_pretrained(latency="auto")``
-looks (``latency.default_path``), with a plot of measurements vs fit in Hydra's output folder."""
+looks (``latency.default_path``) or to ``out=``, with a plot of measurements vs fit and the raw measurements
+(:func:`output_paths` says where)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from fiddler_jax.experiments.build import checkpoint_path
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, write_output
 from fiddler_jax.experiments.schemas import ModelSchema
 from fiddler_jax.runtime.calibrate import DEFAULT_BUDGET_S, DEFAULT_NS
 
@@ -34,7 +35,7 @@ class CalibrateConfig:
     experts: int = 4
     budget_s: float = DEFAULT_BUDGET_S
     out: str | None = None  # latency JSON; null = latency.default_path(machine, geometry)
-    plot: bool = True
+    plot: bool = True  # also the PNG of measurements vs fit (output_paths says where)
 
 
 ConfigStore.instance().store(name="calibrate_schema", node=CalibrateConfig)
@@ -53,27 +54,52 @@ def resolve_geometry(cfg) -> tuple[int, int, str]:
             f"{path}/config.json" + (" with geometry overrides" if (hidden, ffn) != (None, None) else ""))
 
 
+def output_paths(cfg, geometry) -> tuple[str, str, str]:
+    """(latency JSON, measurements JSON, plot PNG), checked writable before any measuring. With ``out=`` the
+    measurements and the plot go beside it (``<out>.measurements.json``, ``<out>.png``); without, the latency model
+    goes to the cache (``latency.default_path``) and the other two to the run folder
+    (``fiddler-jax-outputs/calibrate/<date>_<time>/``)."""
+    from fiddler_jax.runtime.calibrate import machine_identity
+    from fiddler_jax.runtime.latency import default_path
+
+    if cfg.out:
+        out = check_output_path(cfg.out, "the latency model")
+        stem = out[:-5] if out.endswith(".json") else out
+        measurements, png = f"{stem}.measurements.json", f"{stem}.png"
+    else:
+        out = check_output_path(default_path(machine_identity(), geometry), "the latency model")
+        run_dir = HydraConfig.get().runtime.output_dir
+        measurements, png = os.path.join(run_dir, "measurements.json"), os.path.join(run_dir, "latency.png")
+    check_output_path(measurements, "the measurements")
+    if cfg.plot:
+        check_output_path(png, "the plot")
+    return out, measurements, png
+
+
 @hydra.main(config_path=CONF_DIR, config_name="calibrate", version_base="1.3")
 @clear_errors
 def main(cfg) -> None:
     from fiddler_jax.runtime.calibrate import calibrate, check_args, table
-    from fiddler_jax.runtime.latency import default_path, plot
+    from fiddler_jax.runtime.latency import plot
 
     hidden, ffn, source = resolve_geometry(cfg)
     ns = OmegaConf.to_container(cfg.ns)
-    check_args(hidden, ffn, cfg.model.dtype, ns, cfg.experts, cfg.budget_s)  # fail before any setup
+    geometry, _ = check_args(hidden, ffn, cfg.model.dtype, ns, cfg.experts, cfg.budget_s)  # fail before any setup
+    out, measurements_path, png = output_paths(cfg, geometry)
     print(f"expert geometry from {source}")
     model, measurements = calibrate(hidden, ffn, cfg.model.dtype, ns=ns, experts=cfg.experts,
                                     budget_s=cfg.budget_s)
-    out = os.path.expanduser(cfg.out) if cfg.out else default_path(model.machine, model.geometry)
-    model.save(out)
-    run_dir = HydraConfig.get().runtime.output_dir
-    with open(os.path.join(run_dir, "measurements.json"), "w") as f:
-        json.dump({"model": model.to_dict(), "measurements": measurements.to_dict()}, f, indent=1)
+    write_output(out, "the latency model", model.save)
     print(f"wrote {out}")
+
+    def dump(path):
+        with open(path, "w") as f:
+            json.dump({"model": model.to_dict(), "measurements": measurements.to_dict()}, f, indent=1)
+
+    write_output(measurements_path, "the measurements", dump)
+    print(f"wrote {measurements_path}")
     if cfg.plot:
-        png = os.path.join(run_dir, "latency.png")
-        plot(measurements.curves(), png, model)
+        write_output(png, "the plot", lambda path: plot(measurements.curves(), path, model))
         print(f"wrote {png}")
     print(table(model, measurements))
 

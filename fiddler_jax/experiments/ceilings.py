@@ -21,7 +21,8 @@ is what random weights give without router bias — runs record their measured r
     and the fastest way to run them all is to copy each once;
   * HBM roofline (all resident): HBM read bandwidth / (bytes a decode token reads: top-k experts per layer,
     attention, router and LM head weights).
-Prints the table last; ``--out`` writes JSON (bandwidths, limits, provenance).
+Prints a line on stderr as each measurement starts and ends, the table last; ``--out`` writes JSON (bandwidths,
+limits, provenance).
 """
 from __future__ import annotations
 
@@ -255,16 +256,42 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def progress(line: str) -> None:
+    """A progress line on stderr (each measurement takes seconds to a minute; the table comes on stdout)."""
+    import sys
+
+    print(f"ceilings {line}", file=sys.stderr, flush=True)
+
+
 def run(budgets: list[str], host_gib: float, h2d_gib: float, hbm_gib: float, reps: int) -> dict:
     from fiddler_jax.experiments.build import random_model_config
     from fiddler_jax.provenance import provenance
 
     threads = len(os.sched_getaffinity(0))
-    host_buffer = np.ones(int(host_gib * GIB), np.uint8)
-    bandwidth = {**host_read_bandwidths([host_buffer], reps),
-                 "pinned_h2d": pinned_h2d_bandwidth(int(h2d_gib * GIB), reps),
-                 "hbm_read": hbm_read_bandwidth(int(hbm_gib * GIB), 2 * reps)}
-    bandwidth.update(lanes_together([host_buffer], pinned_copier(int(h2d_gib * GIB)), reps))
+    bandwidth: dict[str, float] = {}
+
+    def step(n: int, what: str, measure: Callable[[], dict], shown: str) -> None:
+        progress(f"[{n}/4] {what} ...")
+        tic = time.perf_counter()
+        bandwidth.update(measure())
+        progress(f"[{n}/4] {shown.format(**{k: v / 1e9 for k, v in bandwidth.items()})} "
+                 f"({time.perf_counter() - tic:.1f} s)")
+
+    host_buffer: list[np.ndarray] = []
+
+    def host_read() -> dict:
+        host_buffer.append(np.ones(int(host_gib * GIB), np.uint8))
+        return host_read_bandwidths(host_buffer, reps)
+
+    step(1, f"host read of a {host_gib:g} GiB array: kernel pool and numpy ({threads} threads), {reps} reps",
+         host_read, "host read {host_read:.1f} GB/s (kernel pool {host_read_kernel:.1f}, numpy {host_read_numpy:.1f})")
+    step(2, f"pinned H2D copy of {h2d_gib:g} GiB, {reps} reps",
+         lambda: {"pinned_h2d": pinned_h2d_bandwidth(int(h2d_gib * GIB), reps)}, "pinned H2D {pinned_h2d:.1f} GB/s")
+    step(3, f"GPU HBM read of {hbm_gib:g} GiB, {2 * reps} reps",
+         lambda: {"hbm_read": hbm_read_bandwidth(int(hbm_gib * GIB), 2 * reps)}, "GPU HBM read {hbm_read:.1f} GB/s")
+    step(4, f"both lanes at once: host read while {h2d_gib:g} GiB copies run, {reps} reps",
+         lambda: lanes_together(host_buffer, pinned_copier(int(h2d_gib * GIB)), reps),
+         "both lanes at once: host read {host_read_with_h2d:.1f} GB/s + pinned H2D {pinned_h2d_with_read:.1f} GB/s")
     cfg = random_model_config()
     return {"bandwidth_GBps": {k: v / 1e9 for k, v in bandwidth.items()}, "threads": threads,
             "sizes_GiB": {"host": host_gib, "h2d": h2d_gib, "hbm": hbm_gib}, "model": "mixtral_8x7b (bf16)",

@@ -1,9 +1,11 @@
-"""``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s.
+r"""``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s.
 
 The ``model``, ``placement``, ``planner`` and ``kernel`` groups are the benchmark's (:mod:`.schemas`); the
 ``engine:`` block turns the hybrid engine on (a GPU budget, a resident-expert count, or a random model) and sizes
 it, and the engine is built by :func:`fiddler_jax.experiments.build.build_engine`. Without it the plain model
-runs, every weight on the default device."""
+runs, every weight on the default device, and an option only the engine reads (``planner=``, ``placement.*``,
+``kernel.*``, ``engine.latency`` ...) is refused rather than ignored. A text prompt's ``\n``, ``\t`` and ``\\``
+stand for newline, tab and backslash."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.build import build_engine, checkpoint_path
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, decode_escapes, write_output
 from fiddler_jax.experiments.schemas import KernelSchema, ModelSchema, PlacementSchema, PlannerConfig
 
 
@@ -38,7 +40,7 @@ class GenerateConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     kernel: KernelSchema = field(default_factory=KernelSchema)
     engine: EngineSchema = field(default_factory=EngineSchema)
-    prompt: str | None = None  # text, through the folder's tokenizer
+    prompt: str | None = None  # text, through the folder's tokenizer (\n \t \\ decoded: common.decode_escapes)
     prompt_ids: list[int] | None = None  # or token ids
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -62,25 +64,22 @@ def main(cfg) -> None:
     import fiddler_jax as fj
     from fiddler_jax.runtime.generate import GenerationStats
 
+    trace = check_args(cfg)  # before any model loads
     if hybrid(cfg):
         engine, tokenizer = build_engine(cfg)
         model, source = engine.model, cfg.model.path or f"model={cfg.model.name}"
     else:
-        if cfg.engine.trace:
-            raise InvalidInputError("engine.trace needs the hybrid engine: set engine.gpu_budget (e.g. 24GiB) or "
-                                    "engine.resident_experts")
         engine = None
         source = checkpoint_path(cfg.model)
         model, tokenizer = fj.load_pretrained(source, dtype=cfg.model.dtype), fj.load_tokenizer(source)
-    if cfg.prompt is not None and cfg.prompt_ids is not None:
-        raise InvalidInputError("give either prompt=<text> or prompt_ids=[...], not both")
     if cfg.prompt_ids is not None:
         ids = np.asarray(OmegaConf.to_container(cfg.prompt_ids), dtype=np.int64)[None, :]
     else:
         if tokenizer is None:
             raise InvalidInputError(f"{source} has no tokenizer files, so a text prompt cannot be encoded; pass "
                                     "prompt_ids=[1,2,3] instead")
-        ids = np.asarray(tokenizer(cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT)["input_ids"])[None, :]
+        text = decode_escapes(cfg.prompt) if cfg.prompt is not None else DEFAULT_PROMPT
+        ids = np.asarray(tokenizer(text)["input_ids"])[None, :]
     kwargs = dict(do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
                   num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping)
     if cfg.num_beams > 1:
@@ -110,9 +109,71 @@ def main(cfg) -> None:
         print(f"[engine: {engine.placement.memory}; planner {engine.planner.name}; "
               f"{summary['planned_steps']} planned layer steps, GPU hit rate {summary.get('gpu_hit_rate', 1.0):.0%}, "
               f"experts per lane {summary.get('experts_per_lane', {})}]")
+        if trace:
+            write_output(trace, "engine.trace", engine.trace.save)
+            print(f"wrote the per-layer timeline to {trace} (open it in ui.perfetto.dev)")
+
+
+# Overrides that only the hybrid engine reads: with the plain model they would be ignored.
+ENGINE_ONLY = ("planner", "placement", "kernel", "engine.latency", "engine.max_batch", "engine.trace")
+
+
+def check_args(cfg) -> str | None:
+    """Refuse what cannot be right before any model loads (one clear line each); returns the checked
+    ``engine.trace`` path. An option that only the hybrid engine reads (:data:`ENGINE_ONLY`) is refused while the
+    plain model runs, instead of being ignored."""
+    from fiddler_jax.runtime.beam_search import check_beam_args
+
+    if cfg.prompt is not None and cfg.prompt_ids is not None:
+        raise InvalidInputError("give either prompt=<text> or prompt_ids=[...], not both")
+    check_beam_args(cfg.num_beams, cfg.length_penalty, cfg.early_stopping, cfg.do_sample)
+    if not hybrid(cfg):
         if cfg.engine.trace:
-            engine.trace.save(cfg.engine.trace)
-            print(f"wrote the per-layer timeline to {cfg.engine.trace} (open it in ui.perfetto.dev)")
+            raise InvalidInputError("engine.trace needs the hybrid engine: set engine.gpu_budget (e.g. 24GiB) or "
+                                    "engine.resident_experts")
+        ignored = engine_only_overrides()
+        if ignored:
+            raise InvalidInputError(f"{', '.join(ignored)} only appl{'ies' if len(ignored) == 1 else 'y'} to the "
+                                    "hybrid engine, which is off: set engine.gpu_budget (e.g. engine.gpu_budget=24GiB) "
+                                    "or engine.resident_experts=<n> to turn it on; without either the plain model "
+                                    "runs, every weight on the default device")
+    check_context(cfg)
+    return check_output_path(cfg.engine.trace, "engine.trace") if cfg.engine.trace else None
+
+
+def check_context(cfg) -> None:
+    """``max_new_tokens`` (with ``prompt_ids``' length when given) must fit the model's context: read from the
+    checkpoint's config.json (or the random model's geometry) before any weights load."""
+    from fiddler_jax.experiments.build import random_model_config
+    from fiddler_jax.models.config import MixtralConfig
+
+    if cfg.max_new_tokens < 0:
+        raise InvalidInputError(f"max_new_tokens must be ≥ 0, got {cfg.max_new_tokens}")
+    m = cfg.model
+    config = (random_model_config(m.geometry, m.name) if m.random
+              else MixtralConfig.from_pretrained(checkpoint_path(m)))
+    prompt = len(cfg.prompt_ids) if cfg.prompt_ids is not None else 1
+    if prompt + cfg.max_new_tokens > config.max_position_embeddings:
+        raise InvalidInputError(
+            f"max_new_tokens={cfg.max_new_tokens} after a prompt of {'at least ' if cfg.prompt_ids is None else ''}"
+            f"{prompt} token(s) goes beyond the model's {config.max_position_embeddings} positions "
+            f"(max_position_embeddings); lower max_new_tokens")
+
+
+def engine_only_overrides() -> list[str]:
+    """The command-line overrides that only the hybrid engine reads (group choices and keys), as given."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (a direct call)
+        return []
+    found = []
+    for override in given:
+        key = override.lstrip("+~").split("=", 1)[0].strip()
+        if any(key == k or key.startswith(k + ".") for k in ENGINE_ONLY):
+            found.append(override)
+    return found
 
 
 def hybrid(cfg) -> bool:

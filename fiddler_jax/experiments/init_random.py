@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, write_output
 from fiddler_jax.experiments.schemas import ModelShape
 
 
@@ -33,13 +34,16 @@ def main(cfg) -> None:
     import fiddler_jax as fj
     from fiddler_jax.models.checkpoint import resolve_dtype
 
+    if OmegaConf.is_missing(cfg, "out"):
+        raise InvalidInputError("init-random needs out=<folder>: where to write the model")
     out = os.path.expanduser(cfg.out)
     if os.path.exists(os.path.join(out, "config.json")) and not cfg.overwrite:
         raise InvalidInputError(f"{out} already holds a model; pass overwrite=true to replace it")
+    check_output_path(out, "the model", folder=True)
     g = cfg.geometry
     config = fj.MixtralConfig.from_hf_dict({"model_type": "mixtral", **dict(g)}, source="init-random geometry")
     model = fj.Mixtral(config, dtype=resolve_dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
-    fj.save_pretrained(model, out)
+    write_output(out, "the model", lambda path: fj.save_pretrained(model, path), folder=True)
     print(f"wrote a random Mixtral (seed {cfg.seed}, {g.num_hidden_layers} layers, {g.num_local_experts} experts, "
           f"hidden {g.hidden_size}) to {out}")
 

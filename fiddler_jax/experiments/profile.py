@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.build import checkpoint_path
-from fiddler_jax.experiments.common import CONF_DIR, clear_errors
+from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, write_output
 from fiddler_jax.experiments.schemas import ModelSchema
 
 
@@ -22,7 +22,7 @@ class ProfileConfig:
     seq_len: int = 256
     batch_size: int = 8
     max_tokens: int = 200_000
-    out: str | None = None  # profile file; null = <hydra run dir>/profile.json
+    out: str | None = None  # profile file; null = fiddler-jax-outputs/profile/<date>_<time>/profile.json
 
 
 ConfigStore.instance().store(name="profile_schema", node=ProfileConfig)
@@ -70,6 +70,8 @@ def main(cfg) -> None:
 
     if cfg.seq_len < 1 or cfg.batch_size < 1 or cfg.max_tokens < cfg.seq_len:
         raise InvalidInputError("seq_len and batch_size must be ≥ 1 and max_tokens ≥ seq_len")
+    out = check_output_path(cfg.out or os.path.join(HydraConfig.get().runtime.output_dir, "profile.json"),
+                            "the profile")  # before minutes of profiling
     path = checkpoint_path(cfg.model)
     model = fj.load_pretrained(path, dtype=cfg.model.dtype)
     tokenizer = fj.load_tokenizer(path)
@@ -79,8 +81,7 @@ def main(cfg) -> None:
     windows = token_windows(tokenizer, docs, cfg.seq_len, cfg.max_tokens)
     profile = profile_routing(model, windows, batch_size=cfg.batch_size, source=source,
                               total=len(windows) * cfg.seq_len)
-    out = cfg.out or os.path.join(HydraConfig.get().runtime.output_dir, "profile.json")
-    profile.save(out)
+    write_output(out, "the profile", profile.save)
     shares = profile.shares()
     print(f"profiled {profile.tokens} tokens from {source}")
     for layer, row in enumerate(shares):

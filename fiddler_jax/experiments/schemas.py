@@ -143,3 +143,96 @@ def planner_from_config(planner):
 
     name = planner.name if dataclasses.is_dataclass(planner) else dict(planner)["name"]
     return get_planner(name, **_planner_options(planner))
+
+
+# -- help texts ------------------------------------------------------------------------------------------------
+# `fiddler-jax <command> --help` (experiments.common.render_help) shows every option with what it does: the
+# comment on the key in the command's YAML first, then the comment in the chosen group option's file, then these.
+
+GROUP_HELP = {
+    "model": "which weights (model.path=<HF folder> for a checkpoint of your own)",
+    "placement": "which experts are GPU-resident (the hybrid engine only)",
+    "planner": "how each layer step runs its offloaded experts: CPU lane, copy to the GPU, or both at once "
+               "(the hybrid engine only)",
+    "kernel": "the CPU lane's kernel (the hybrid engine only)",
+    "hardware": "the GPU budget the engine is placed in",
+    "scenario": "what is timed",
+    "train": "the training recipe (geometry and optimisation)",
+    "experiment": "a preset sweep reproducing a figure or an ablation (run with -m)",
+}
+
+OPTION_HELP = {
+    "model.name": "the model option in use (set it with model=<option>)",
+    "model.path": "HF Mixtral folder (config.json + safetensors)",
+    "model.dtype": "weight and compute dtype: float32 | bfloat16",
+    "model.random": "true: seeded random weights made in memory with model.geometry (no checkpoint)",
+    "model.weight_seed": "seed of the random weights (model.random)",
+    "model.router_bias": "random weights: > 0 skews routing towards some experts; 0 = near-uniform routing",
+    "model.geometry": "the random model's config.json keys",
+    "placement.policy": "popularity (most-routed first by placement.profile) | first | random (set it with "
+                        "placement=<option>)",
+    "placement.resident_experts": "the number of GPU-resident experts; null = as many as the GPU budget holds",
+    "placement.profile": "routing profile file from `fiddler-jax profile` (placement=popularity); null = spread "
+                         "order",
+    "placement.seed": "seed of placement=random's shuffle",
+    "planner.name": "the planner in use (set it with planner=<option>)",
+    "planner.staging_slots": "GPU buffers for copied experts; null = 2",
+    "planner.max_transfers": "copies per layer step; null = staging_slots",
+    "planner.cache_slots": "> 0: a dynamic LRU cache of copied experts per layer on top of static placement; null or "
+                           "0 = none",
+    "planner.concurrent": "run the lanes at once (true) or one after another (false); null = the planner's default",
+    "planner.exact_limit": "fiddler_overlap: exhaustive search up to this many candidate experts (2**10 "
+                           "assignments), greedy beyond; null = 10",
+    "planner.prefetch": "next-layer experts copied ahead per layer step; null = 0 (off)",
+    "kernel.path": "the CPU lane: auto | avx512_bf16 | amx | avx2 (our C++ kernel) | xla (XLA's CPU dot); set it "
+                   "with kernel=<option>",
+    "kernel.spin_us": "microseconds the kernel pool's workers spin before they sleep",
+    "kernel.pinned_activations": "large CPU-lane activations cross PCIe through pinned memory (false: pageable "
+                                 "numpy, an ablation)",
+    "kernel.streamed_lane": "decode steps whose plan no routing can change skip the host sync (false: every step "
+                            "syncs and plans, an ablation)",
+    "hardware.name": "the hardware option in use (set it with hardware=<option>)",
+    "hardware.gpu_budget": "GPU memory the engine may use (XLA's allocator is capped at it); null = what this "
+                           "machine's GPU can hold",
+    "scenario.name": "the scenario in use (set it with scenario=<option>)",
+    "scenario.input_tokens": "prompt tokens",
+    "scenario.output_tokens": "new tokens generated",
+    "scenario.num_beams": "beam width (1 = greedy)",
+    "scenario.length_penalty": "beam search: exponent of the length normalisation (transformers' semantics)",
+    "scenario.early_stopping": "beam search: stop when num_beams hypotheses are done (true | false | never)",
+    "train.vocab_size": "byte-level BPE vocabulary size (≥ 259: 256 bytes + 3 special tokens)",
+    "train.steps": "optimiser steps",
+    "train.batch_size": "sequences per step",
+    "train.seq_len": "tokens per sequence",
+    "train.lr": "peak learning rate (AdamW)",
+    "train.warmup_steps": "linear warm-up steps before the cosine decay",
+    "train.final_lr_fraction": "the cosine decay ends at lr × this",
+    "train.weight_decay": "AdamW weight decay",
+    "train.clip_norm": "global gradient-norm clip",
+    "train.aux_loss_coef": "weight of the router's load-balancing loss (mean over layers)",
+    "train.moe_impl": "sparse (the model's ragged_dot forward) | dense (every expert, the same function)",
+    "train.eval_every": "steps between held-out evaluations",
+    "train.eval_tokens": "held-out tokens of each periodic evaluation",
+    "train.final_eval_tokens": "held-out tokens of the final perplexity and routing statistics",
+    "train.eval_batch_size": "sequences per evaluation batch",
+    "train.log_every": "steps between log lines",
+    "train.geometry": "the model's size as config.json keys (vocab_size stays null: it is train.vocab_size)",
+}
+
+# Keys under any `geometry:` (config.json names of a Mixtral's size).
+GEOMETRY_HELP = {
+    "vocab_size": "tokens in the vocabulary",
+    "hidden_size": "model width",
+    "intermediate_size": "expert FFN width",
+    "num_hidden_layers": "decoder layers",
+    "num_attention_heads": "query heads",
+    "num_key_value_heads": "key/value heads (grouped-query attention)",
+    "head_dim": "width of one head; null = hidden_size / num_attention_heads",
+    "num_local_experts": "experts per layer",
+    "num_experts_per_tok": "experts each token is routed to (top-k)",
+    "max_position_embeddings": "longest context (prompt + new tokens)",
+    "rope_theta": "rotary embedding base; null = 1e6",
+    "rms_norm_eps": "RMSNorm epsilon",
+    "sliding_window": "attention window; null = the whole context",
+    "tie_word_embeddings": "share the input embedding with the output layer",
+}

@@ -36,14 +36,15 @@ int fj_get_path(void);
 int fj_path_for_tokens(int64_t n);
 void fj_set_amx_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
-void fj_set_num_threads(int n, int pin);
-int fj_get_num_threads(void);
-void fj_set_pool(int spin_us, int wait_all);
+int fj_set_num_threads(int64_t n, int pin, char* err, int err_len);
+int fj_max_threads(void);
+int fj_get_num_threads(char* err, int err_len);
+int fj_set_pool(int64_t spin_us, int wait_all, char* err, int err_len);
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);
 void fj_set_amx_blocking(int kc, int mb, int pass_, int prefetch, int blocked_from, int pipeline);
-uint64_t fj_read_probe(const void* p, int64_t bytes);
+int fj_read_probe(const void* p, int64_t bytes, uint64_t* sum, char* err, int err_len);
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
                   const uint16_t* w3, const uint16_t* w2, void* y, int out_f32, char* err, int err_len);
 int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,

@@ -73,23 +73,63 @@ def path_for_tokens(n: int) -> str:
     return PATHS[_lib.fj_path_for_tokens(int(n))]
 
 
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+_INT32 = (-(2 ** 31), 2 ** 31 - 1)
+
+
+def _int_arg(name: str, value, lo: int, hi: int, accepted: str) -> int:
+    """``value`` as a Python int if it is an integer (not a bool, float or string) in [lo, hi], else KernelError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise KernelError(f"{name} must be an integer ({accepted}), got {value!r} of type {type(value).__name__}")
+    if not lo <= int(value) <= hi:
+        raise KernelError(f"{name} = {int(value)} is out of range; use {accepted}")
+    return int(value)
+
+
+def _check_rc(rc: int, err) -> None:
+    if rc < 0:
+        raise KernelError(_ffi.string(err).decode())
+
+
+def max_threads() -> int:
+    """The most threads ``set_num_threads`` and FIDDLER_KERNEL_THREADS accept: max(64, 8 x logical CPUs)."""
+    return int(_lib.fj_max_threads())
+
+
 def set_num_threads(n: int = 0, pin: bool = False) -> None:
     """Size the persistent thread pool (n <= 0: one thread per physical core; FIDDLER_KERNEL_THREADS sets the
-    initial value) and optionally pin its workers to one CPU per physical core (FIDDLER_KERNEL_PIN=1)."""
-    _lib.fj_set_num_threads(int(n), int(bool(pin)))
+    initial value) and optionally pin its workers to one CPU per physical core (FIDDLER_KERNEL_PIN=1).
+
+    The pool starts now. A count above :func:`max_threads`, a value that is not an integer, or threads the machine
+    cannot start (a process or user thread limit, no memory for their stacks) raise KernelError and keep the
+    previous settings."""
+    n = _int_arg("set_num_threads: n", n, *_INT64, f"1..{max_threads()}, or 0 for one thread per physical core")
+    err = _ffi.new("char[512]")
+    _check_rc(_lib.fj_set_num_threads(n, int(bool(pin)), err, 512), err)
 
 
 def get_num_threads() -> int:
-    return int(_lib.fj_get_num_threads())
+    """The pool's thread count (the pool starts if it has not). KernelError if FIDDLER_KERNEL_THREADS was refused
+    or the threads cannot start."""
+    err = _ffi.new("char[512]")
+    n = int(_lib.fj_get_num_threads(err, 512))
+    _check_rc(n, err)
+    return n
+
+
+MAX_SPIN_US = 1_000_000
 
 
 def set_pool(spin_us: int | None = None, wait_all: bool | None = None) -> None:
-    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 50 µs) and, for
-    comparison only, its old contract where every worker must join every phase (FIDDLER_KERNEL_POOL_WAIT_ALL=1;
-    by default whoever is awake runs the phase's slots). None leaves a knob as it is; the pool is rebuilt."""
-    if spin_us is not None and spin_us < 0:
-        raise ValueError(f"spin_us must be >= 0, got {spin_us}")
-    _lib.fj_set_pool(-1 if spin_us is None else int(spin_us), -1 if wait_all is None else int(bool(wait_all)))
+    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 50 µs, at most 1 s) and,
+    for comparison only, its old contract where every worker must join every phase
+    (FIDDLER_KERNEL_POOL_WAIT_ALL=1; by default whoever is awake runs the phase's slots). None leaves a knob as it
+    is; the pool is rebuilt now (KernelError if its threads cannot start)."""
+    if spin_us is not None:
+        spin_us = _int_arg("set_pool: spin_us", spin_us, 0, MAX_SPIN_US, f"0..{MAX_SPIN_US} microseconds")
+    err = _ffi.new("char[512]")
+    _check_rc(_lib.fj_set_pool(-1 if spin_us is None else spin_us, -1 if wait_all is None else int(bool(wait_all)),
+                               err, 512), err)
 
 
 def read_bandwidth(buffers, reps: int = 5) -> float:
@@ -100,16 +140,19 @@ def read_bandwidth(buffers, reps: int = 5) -> float:
         raise KernelError("read_bandwidth needs a non-empty list of C-contiguous numpy arrays")
     if reps < 1:
         raise KernelError(f"reps must be >= 1, got {reps}")
+    err = _ffi.new("char[512]")
+    checksum = _ffi.new("uint64_t*")
+
     def one_pass():
         for b in buffers:
-            _lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes)
+            _check_rc(_lib.fj_read_probe(_ffi.cast("void*", b.ctypes.data), b.nbytes, checksum, err, 512), err)
 
     return sum(b.nbytes for b in buffers) / median_of(one_pass, reps)
 
 
 def set_amx_min_tokens(n: int) -> None:
     """Token count from which the automatic choice uses AMX (FIDDLER_AMX_MIN_N)."""
-    _lib.fj_set_amx_min_tokens(int(n))
+    _lib.fj_set_amx_min_tokens(_int_arg("set_amx_min_tokens: n", n, *_INT64, "an integer token count"))
 
 
 def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = None,
@@ -121,17 +164,30 @@ def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = No
     AMX variant (0 auto, 1 direct, 2 k-chunked, 3 blocked; FIDDLER_AMX_VARIANT), and the blocked variant's
     k-blocks per chunk (0 = auto), weight rows per m-block, 16-token tiles per pass, weight-panel prefetch, and the
     token-tile count from which auto uses it, and the software-pipelined 2x2 micro-kernel (FIDDLER_AMX_KC, _MB,
-    _PASS, _PREFETCH, _BLOCKED_FROM, _PIPELINE)."""
-    if amx_variant is not None:
-        _lib.fj_set_amx_variant(int(amx_variant))
-    knobs = (amx_kc, amx_mb, amx_pass, None if amx_prefetch is None else int(bool(amx_prefetch)), amx_blocked_from,
+    _PASS, _PREFETCH, _BLOCKED_FROM, _PIPELINE). The variant must be 0..3 and the others >= 0 (KernelError
+    otherwise, and nothing changes); large values are clamped to what the kernel supports (kc <= 64,
+    16 <= mb <= 1024, 1 <= pass <= 64)."""
+    ranges = {"prefetch_bytes": (0, _INT32[1], "0..2**31-1 bytes"),
+              "amx_group_kib": (0, _INT32[1], "0..2**31-1 KiB"),
+              "amx_variant": (0, 3, "0 auto, 1 direct, 2 k-chunked or 3 blocked"),
+              "amx_kc": (0, _INT32[1], "0 (auto) or more k-blocks"), "amx_mb": (0, _INT32[1], "0 or more rows"),
+              "amx_pass": (0, _INT32[1], "0 or more token tiles"),
+              "amx_blocked_from": (0, _INT32[1], "0 or more token tiles")}
+    ints = {name: None if v is None else _int_arg(f"set_tuning: {name}", v, *ranges[name][:2], ranges[name][2])
+            for name, v in (("prefetch_bytes", prefetch_bytes), ("amx_group_kib", amx_group_kib),
+                            ("amx_variant", amx_variant), ("amx_kc", amx_kc), ("amx_mb", amx_mb),
+                            ("amx_pass", amx_pass), ("amx_blocked_from", amx_blocked_from))}
+    if ints["amx_variant"] is not None:
+        _lib.fj_set_amx_variant(ints["amx_variant"])
+    knobs = (ints["amx_kc"], ints["amx_mb"], ints["amx_pass"],
+             None if amx_prefetch is None else int(bool(amx_prefetch)), ints["amx_blocked_from"],
              None if amx_pipeline is None else int(bool(amx_pipeline)))
     if any(k is not None for k in knobs):
-        _lib.fj_set_amx_blocking(*(-1 if k is None else int(k) for k in knobs))
-    if prefetch_bytes is not None:
-        _lib.fj_set_prefetch_bytes(int(prefetch_bytes))
-    if amx_group_kib is not None:
-        _lib.fj_set_amx_group_kib(int(amx_group_kib))
+        _lib.fj_set_amx_blocking(*(-1 if k is None else k for k in knobs))
+    if ints["prefetch_bytes"] is not None:
+        _lib.fj_set_prefetch_bytes(ints["prefetch_bytes"])
+    if ints["amx_group_kib"] is not None:
+        _lib.fj_set_amx_group_kib(ints["amx_group_kib"])
 
 
 def cpu_features(token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)) -> dict[str, Any]:
@@ -164,12 +220,30 @@ class UnsupportedPathError(KernelError, RuntimeError):
     """A kernel path this CPU cannot run was forced."""
 
 
+_BF16, _F32, _I32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.int32)
+_OUT_DTYPES = (_F32, _BF16)
+
+
+def _describe(a) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{type(a).__name__} of dtype {a.dtype} and shape {a.shape}"
+    dtype = getattr(a, "dtype", None)
+    return f"{type(a).__name__}" + (f" of dtype {dtype}" if dtype is not None else "")
+
+
 def _bf16_buffer(name: str, a: np.ndarray, rank: int) -> np.ndarray:
-    if not isinstance(a, np.ndarray) or a.dtype != ml_dtypes.bfloat16:
-        raise KernelError(f"{name} must be a numpy bfloat16 array, got {getattr(a, 'dtype', type(a))}")
+    if not isinstance(a, np.ndarray) or a.dtype != _BF16:
+        raise KernelError(f"{name} must be a numpy bfloat16 array, got {getattr(a, 'dtype', type(a))}"
+                          + ("" if isinstance(a, np.ndarray) else f" ({_describe(a)})"))
     if a.ndim != rank:
         raise KernelError(f"{name} must have rank {rank}, got shape {a.shape}")
-    return np.ascontiguousarray(a)
+    return _contiguous(a)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when C-contiguous and aligned (the kernel reads it through its address), else a copy."""
+    flags = a.flags
+    return a if flags.c_contiguous and flags.aligned else np.require(a, requirements=["C", "A"])
 
 
 def _ptr(ctype: str, a: np.ndarray):
@@ -177,13 +251,62 @@ def _ptr(ctype: str, a: np.ndarray):
 
 
 def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> None:
-    if out.dtype not in (np.float32, ml_dtypes.bfloat16) or out.shape != shape or not out.flags.c_contiguous:
-        raise KernelError(f"out must be a C-contiguous float32/bfloat16 array of shape {shape}, "
-                          f"got {out.dtype} {out.shape}")
+    """The kernel writes ``out`` in place through its address: anything it could not write correctly (or at all:
+    a read-only np.memmap is mapped without write permission, a write segfaults) is refused here."""
+    if isinstance(out, np.ndarray) and out.shape == shape and out.dtype in _OUT_DTYPES:
+        flags = out.flags
+        if flags.writeable and flags.c_contiguous and flags.aligned:
+            return
+    want = f"a writable, C-contiguous numpy float32 or bfloat16 array of shape {shape}"
+    if not isinstance(out, np.ndarray):
+        raise KernelError(f"out must be {want}, got {_describe(out)}")
+    if out.dtype not in _OUT_DTYPES:
+        raise KernelError(f"out must be {want}, got dtype {out.dtype}")
+    if out.shape != shape:
+        raise KernelError(f"out must be {want}, got shape {out.shape}")
+    if not out.flags.writeable:
+        raise KernelError(f"out must be {want}, got a read-only {type(out).__name__}")
+    if not out.flags.c_contiguous:
+        raise KernelError(f"out must be {want}, got a non-contiguous view with strides {out.strides}")
+    if not out.flags.aligned:
+        raise KernelError(f"out must be {want}, got a misaligned buffer at address {out.ctypes.data:#x}")
+
+
+def _index_buffer(name: str, a, bound: int, what: str) -> np.ndarray:
+    """token_idx / expert_idx as int32. int32 goes as it is (the C++ kernel checks every value against its bound);
+    another integer dtype (int8..int64, uint8..uint64, or a list of ints) is accepted only when every value is in
+    [0, bound) -- checked here, before the narrowing cast, so 2**32 cannot wrap to 0; floats and bools are refused."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+        if a.size == 0 and a.dtype == np.float64:  # an empty list
+            a = a.astype(np.int32)
+    if a.dtype == _I32:
+        return _contiguous(a)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise KernelError(f"{name} must be an integer array (int32, or another integer dtype whose values are in "
+                          f"[0, {what})), got dtype {a.dtype}; cast it with .astype(np.int32) after checking it")
+    bad = np.flatnonzero((a < 0) | (a >= bound))
+    if bad.size:
+        i = int(bad[0])
+        raise KernelError(f"{name}[{i}] = {a.reshape(-1)[i]} is out of range [0, {bound}) ({what}; dtype {a.dtype})")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _weights_buffer(weights) -> np.ndarray:
+    """Routing weights: float32 only (a float16 or bfloat16 weight would have been rounded already, a float64 one
+    would be rounded here); the C++ kernel refuses NaN, inf and negative values."""
+    if not isinstance(weights, np.ndarray) or weights.dtype != _F32:
+        raise KernelError(f"weights must be a numpy float32 array, got {_describe(weights)}; cast it with "
+                          ".astype(np.float32)")
+    return _contiguous(weights)
 
 
 def expert_ffn_numpy(x, w1, w3, w2, out: np.ndarray) -> np.ndarray:
-    """out[:] = expert FFN of x (numpy, bf16), computed in place by the C++ kernel."""
+    """out[:] = expert FFN of x (numpy, bf16), computed in place by the C++ kernel.
+
+    ``out``: a writable, C-contiguous, aligned numpy float32 or bfloat16 array of shape [n, hidden] (anything else,
+    a read-only memmap included, is a KernelError). NaN or inf in x or the weights propagates to the outputs that
+    depend on it; nothing scans for them."""
     x = _bf16_buffer("x", x, 2)
     w1, w3, w2 = (_bf16_buffer(n, a, 2) for n, a in (("w1", w1), ("w3", w3), ("w2", w2)))
     n, hidden = x.shape
@@ -210,6 +333,9 @@ def _expert_table(name: str, experts, shape: tuple[int, int]) -> tuple[np.ndarra
                               f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
         if not w.flags.c_contiguous:
             raise KernelError(f"{name}[{e}] must be C-contiguous (a copy would defeat holding experts once)")
+        if not w.flags.aligned:
+            raise KernelError(f"{name}[{e}] must be aligned to 2 bytes, got address {w.ctypes.data:#x} (a copy "
+                              "would defeat holding experts once)")
         addresses[e] = w.ctypes.data
     return addresses, list(experts)
 
@@ -240,32 +366,40 @@ def grouped_expert_ffn_numpy(hidden, token_idx, expert_idx, weights, w1, w3, w2,
 
     w1, w3 [E, ffn, hidden] and w2 [E, hidden, ffn] are stacks, or sequences of E per-expert matrices
     (None for experts that no assignment uses) — experts held in separate buffers are read where they are — or
-    ``w1`` is an :class:`ExpertTables` of them made once (w3, w2 then None)."""
+    ``w1`` is an :class:`ExpertTables` of them made once (w3, w2 then None).
+
+    token_idx, expert_idx: int32, or another integer dtype (or a list of ints) whose values are all in range --
+    checked before the cast to int32, so 2**32 cannot wrap to 0; floats and bools are refused. weights: a numpy
+    float32 array (float16/bfloat16/float64 are refused, not cast) of finite values >= 0. ``out`` as for
+    :func:`expert_ffn_numpy`. NaN in hidden or the weights propagates; every refusal is a KernelError."""
     x = _bf16_buffer("hidden", hidden, 2)
-    tok = np.ascontiguousarray(token_idx, dtype=np.int32)
-    exp = np.ascontiguousarray(expert_idx, dtype=np.int32)
-    wts = np.ascontiguousarray(weights, dtype=np.float32)
-    if not (tok.ndim == exp.ndim == wts.ndim == 1 and tok.shape == exp.shape == wts.shape):
-        raise KernelError(f"token_idx {tok.shape}, expert_idx {exp.shape}, weights {wts.shape} must be equal 1-D")
     T, hdim = x.shape
-    err = _ffi.new("char[512]")
+    tables = None
     if isinstance(w1, np.ndarray):
         w1, w3, w2 = (_bf16_buffer(n, a, 3) for n, a in (("w1", w1), ("w3", w3), ("w2", w2)))
         E, ffn = w1.shape[:2]
         if w1.shape != (E, ffn, hdim) or w3.shape != w1.shape or w2.shape != (E, hdim, ffn):
             raise KernelError(f"weight shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match hidden "
                               f"{x.shape}")
-        _check_out(out, (T, hdim))
-        rc = _lib.fj_grouped_expert_ffn(
-            _ptr("uint16_t*", x), T, hdim, ffn, E, _ptr("int32_t*", tok), _ptr("int32_t*", exp),
-            _ptr("float*", wts), tok.shape[0], _ptr("uint16_t*", w1), _ptr("uint16_t*", w3), _ptr("uint16_t*", w2),
-            _ptr("void*", out), int(out.dtype == np.float32), err, 512)
     else:
         tables = w1 if isinstance(w1, ExpertTables) else ExpertTables(w1, w3, w2, hidden=hdim)
         if tables.hidden != hdim:
             raise KernelError(f"the expert tables were made for hidden size {tables.hidden}, but hidden has shape "
                               f"{x.shape}")
-        _check_out(out, (T, hdim))
+        E = tables.num_experts
+    tok = _index_buffer("token_idx", token_idx, T, f"{T} tokens")
+    exp = _index_buffer("expert_idx", expert_idx, E, f"{E} experts")
+    wts = _weights_buffer(weights)
+    if not (tok.ndim == exp.ndim == wts.ndim == 1 and tok.shape == exp.shape == wts.shape):
+        raise KernelError(f"token_idx {tok.shape}, expert_idx {exp.shape}, weights {wts.shape} must be equal 1-D")
+    _check_out(out, (T, hdim))
+    err = _ffi.new("char[512]")
+    if tables is None:
+        rc = _lib.fj_grouped_expert_ffn(
+            _ptr("uint16_t*", x), T, hdim, ffn, E, _ptr("int32_t*", tok), _ptr("int32_t*", exp),
+            _ptr("float*", wts), tok.shape[0], _ptr("uint16_t*", w1), _ptr("uint16_t*", w3), _ptr("uint16_t*", w2),
+            _ptr("void*", out), int(out.dtype == np.float32), err, 512)
+    else:
         rc = _lib.fj_grouped_expert_ffn_tables(
             _ptr("uint16_t*", x), T, hdim, tables.ffn, tables.num_experts, _ptr("int32_t*", tok),
             _ptr("int32_t*", exp), _ptr("float*", wts), tok.shape[0], *tables.pointers, _ptr("void*", out),

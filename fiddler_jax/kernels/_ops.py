@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fiddler_jax.kernels._lib import EXPERT_FFN_TARGET, GROUPED_EXPERT_FFN_TARGET
 
@@ -14,6 +15,21 @@ def _check(name: str, a, dtype, rank: int) -> None:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(a.shape)}")
     if a.dtype != dtype:
         raise TypeError(f"{name} must be {jnp.dtype(dtype).name}, got {a.dtype}")
+
+
+def _refuse_narrowing(names, args, wanted) -> None:
+    """Refuse an argument whose dtype ``jnp.asarray`` would change: without x64, JAX turns int64/uint64 into
+    int32/uint32 and float64 into float32 by wrapping or rounding every value, silently (an index of 2**32 would
+    become 0). The C++ handler only sees the result, so this check runs whether or not ``validate`` is set."""
+    for name, a, want in zip(names, args, wanted):
+        dtype = getattr(a, "dtype", None)
+        if dtype is None:
+            continue
+        dtype = np.dtype(dtype)
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+            raise TypeError(f"{name} must be {want}, got {dtype} (JAX without x64 would convert it to "
+                            f"{jax.dtypes.canonicalize_dtype(dtype)}, wrapping or rounding its values); cast it "
+                            f"with .astype(np.{want}) after checking its values fit")
 
 
 def _out_dtype(out_dtype):
@@ -32,6 +48,7 @@ def expert_ffn(x, w1, w3, w2, *, out_dtype=jnp.bfloat16, validate: bool = True) 
     ``jax.default_device``); on a GPU device XLA finds no target. ``validate=False`` skips the Python-side
     checks (the C++ handler checks everything again).
     """
+    _refuse_narrowing(("x", "w1", "w3", "w2"), (x, w1, w3, w2), ("bfloat16",) * 4)
     x, w1, w3, w2 = (jnp.asarray(a) for a in (x, w1, w3, w2))
     out_dt = _out_dtype(out_dtype)
     if validate:
@@ -57,8 +74,14 @@ def grouped_expert_ffn(hidden, token_idx, expert_idx, weights, w1, w3, w2, *, ou
     >= 0); w1, w3: [E, F, H] bf16; w2: [E, H, F] bf16 (the layer's stacked experts). Returns [T, H]:
     ``out[t] = sum_{a: token_idx[a] == t} weights[a] * FFN_{expert_idx[a]}(hidden[t])`` (zero for tokens with
     no assignment). All experts of the call are spread over all cores at once. Index range and weight checks
-    happen in C++ (an out-of-range index raises, naming the argument).
+    happen in C++ (an out-of-range index raises, naming the argument). Indices must be int32 and weights float32:
+    an int64 or float64 array is refused (without x64, JAX would wrap or round it), whatever ``validate`` says.
+    NaN or inf in ``hidden`` or the expert matrices propagates to the outputs it reaches (not checked: that would
+    be a pass over the weights); NaN, inf or negative routing weights are refused.
     """
+    _refuse_narrowing(("hidden", "token_idx", "expert_idx", "weights", "w1", "w3", "w2"),
+                      (hidden, token_idx, expert_idx, weights, w1, w3, w2),
+                      ("bfloat16", "int32", "int32", "float32", "bfloat16", "bfloat16", "bfloat16"))
     args = [jnp.asarray(a) for a in (hidden, token_idx, expert_idx, weights, w1, w3, w2)]
     hidden, token_idx, expert_idx, weights, w1, w3, w2 = args
     out_dt = _out_dtype(out_dtype)

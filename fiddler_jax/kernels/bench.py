@@ -7,7 +7,8 @@ XLA), weight GB/s, TFLOP/s and the ratio to the *streaming bar* -- the time to r
 once at the host read bandwidth measured in the same run with the kernel's own thread pool (ratio 1.0 = as
 fast as memory allows; for large n the op becomes compute-bound and the ratio grows). Alongside: the same op
 through jax.jit (FFI custom call), XLA's own CPU dot, torch (oneDNN) when importable, the grouped op for a
-decode-like call, and a few tuning sweeps. Prints a table last and writes JSON (git SHA, versions, CPU flags).
+decode-like call, and a few tuning sweeps. Prints a line (``-- ...``) before each stage, every row as it is
+measured, the table last, and writes JSON (git SHA, versions, CPU flags). A bad argument is one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import numpy as np
 
 import fiddler_jax.kernels as K
+from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.kernels._testing import BF16, expert_ref, rel_err
 from fiddler_jax.provenance import cpu_model, git_dirty, git_sha, versions
 from fiddler_jax.random_bits import random_bf16
@@ -47,34 +50,121 @@ def read_bandwidth(buffers, reps=7) -> float:
     return K.read_bandwidth(list(buffers), reps) / GIB
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--ffn", type=int, default=14336)
-    ap.add_argument("--ns", default="1,2,4,8,16,32,64,128,256,512")
+class _Parser(argparse.ArgumentParser):
+    """argparse with a bad argument reported as one ``error:`` line (exit status 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be ≥ 1")
+    return value
+
+
+def _token_counts(text: str) -> str:
+    """A comma list of positive token counts, e.g. 1,4,16 (kept as text: the JSON records what was asked)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if not p.isdigit() or int(p) < 1]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of positive token counts (e.g. 1,4,16)")
+    return ",".join(parts)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
+def _json_list(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise argparse.ArgumentTypeError("must be a JSON list of objects, e.g. '[{\"amx_variant\": 1}]'")
+    return text
+
+
+QUICK = dict(ns="1,4,16,64", budget=0.3, experts=6)
+DEFAULTS = dict(ns="1,2,4,8,16,32,64,128,256,512", budget=1.0, experts=8)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's arguments. ``--quick`` sets ``--ns``, ``--budget`` and ``--experts`` to its smaller values
+    only where they are not given: an explicit value wins."""
+    ap = _Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=_positive_int, default=4096, help="expert hidden size (default: Mixtral's 4096)")
+    ap.add_argument("--ffn", type=_positive_int, default=14336, help="expert FFN size (default: Mixtral's 14336)")
+    ap.add_argument("--ns", type=_token_counts, default=None,
+                    help=f"comma list of token counts per expert (default {DEFAULTS['ns']}; --quick: {QUICK['ns']})")
     ap.add_argument("--paths", default="", help="comma list; default: every supported path but generic")
-    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
-    ap.add_argument("--quick", action="store_true", help="fewer n, smaller budget (the 2-core CI machine)")
-    ap.add_argument("--no-xla", action="store_true")
-    ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--no-sweeps", action="store_true")
-    ap.add_argument("--rounds", type=int, default=7, help="alternating ours/torch rounds per n (interleaved ratio)")
-    ap.add_argument("--experts", type=int, default=8,
-                    help="distinct experts the timed calls rotate through, so weights come from DRAM, not LLC")
-    ap.add_argument("--amx-sweep", default="",
+    ap.add_argument("--budget", type=_positive_float, default=None,
+                    help=f"seconds of timing per row (default {DEFAULTS['budget']}; --quick: {QUICK['budget']})")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the 2-core CI machine's run: --ns {QUICK['ns']} --budget {QUICK['budget']} --experts "
+                         f"{QUICK['experts']} where those are not given (an explicit value wins), and no prefill-like "
+                         "grouped row")
+    ap.add_argument("--no-xla", action="store_true", help="skip XLA's own CPU dot")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch (oneDNN)")
+    ap.add_argument("--no-sweeps", action="store_true", help="skip the tuning sweeps")
+    ap.add_argument("--rounds", type=_positive_int, default=7,
+                    help="alternating ours/torch rounds per n (interleaved ratio)")
+    ap.add_argument("--experts", type=_positive_int, default=None,
+                    help="distinct experts the timed calls rotate through, so weights come from DRAM, not LLC "
+                         f"(default {DEFAULTS['experts']}; --quick: {QUICK['experts']})")
+    ap.add_argument("--amx-sweep", type=_json_list, default=None,
                     help="JSON list of set_tuning dicts (plus threads, pin, ns) for the AMX sweep")
-    ap.add_argument("--json", default="kernel_bench.json")
+    ap.add_argument("--json", default="kernel_bench.json", help="write the results here (default %(default)s)")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.ns, a.budget, a.experts = "1,4,16,64", min(a.budget, 0.3), min(a.experts, 6)
+    for key, value in (QUICK if a.quick else DEFAULTS).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.json:  # refuse an unwritable --json now, not after minutes of timing
+        path = os.path.abspath(os.path.expanduser(a.json))
+        parent = os.path.dirname(path)
+        if os.path.isdir(path):
+            ap.error(f"--json {a.json}: {path} is a folder; give a file path")
+        if not os.path.isdir(parent):
+            ap.error(f"--json {a.json}: {parent} " + ("is a file, not a folder" if os.path.exists(parent) else
+                                                      "does not exist"))
+        if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            ap.error(f"--json {a.json}: {path} is not writable (permission denied)")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    start = time.perf_counter()
+
+    def progress(what: str) -> None:  # the run takes minutes at Mixtral size: say what comes next
+        print(f"-- {what} [{time.perf_counter() - start:.0f} s]", flush=True)
+
     ns = [int(s) for s in a.ns.split(",") if s]
     feats = K.cpu_features(ns)
     paths = [p for p in (a.paths.split(",") if a.paths else feats["supported_paths"]) if p]
     if not a.paths:
         paths = [p for p in paths if p != "generic"]
+    unsupported = [p for p in paths if p not in feats["supported_paths"]]
+    if unsupported:
+        raise InvalidInputError(f"--paths {','.join(unsupported)}: not supported on this CPU; it supports "
+                                f"{','.join(feats['supported_paths'])}")
     H, F = a.hidden, a.ffn
     rng = np.random.default_rng(0)
     E = max(a.experts, 6)
+    print(f"bench-kernel: expert {H}x{F} bf16, paths {','.join(paths)}, n {a.ns}, {a.budget:g} s per row"
+          + (" (--quick)" if a.quick else ""), flush=True)
+    progress(f"making {E} random experts ({E * 3 * H * F * 2 / 1e9:.1f} GB) and measuring the read bandwidth")
     sw = [random_bf16(rng, (E, F, H)), random_bf16(rng, (E, F, H)), random_bf16(rng, (E, H, F))]
     experts = [(sw[0][e], sw[1][e], sw[2][e]) for e in range(E)]
     w1, w3, w2 = experts[0]
@@ -109,6 +199,7 @@ def main(argv=None) -> dict:
 
     xs = {n: random_bf16(rng, (n, H)) for n in ns}
     outs = {n: np.empty((n, H), BF16) for n in ns}
+    progress(f"one expert per path: {len(paths) + 1} paths (with auto) x {len(ns)} token counts")
     for path in paths:
         K.set_kernel_path(path)
         for n in ns:
@@ -124,18 +215,22 @@ def main(argv=None) -> dict:
 
     # Correctness at full size: each path against the float64 reference (outputs poisoned with NaN first).
     checks = []
+    progress(f"checking each path against a float64 reference at full size ({2 * len(paths) + 1} runs)")
     for path in paths + ["auto"]:
         K.set_kernel_path(path)
         for n in (1, 17) if path != "auto" else (300,):
             xc = random_bf16(rng, (n, H))
             y = K.expert_ffn_numpy(xc, w1, w3, w2, np.full((n, H), np.nan, np.float32))
             checks.append({"path": K.path_for_tokens(n), "n": n, "rel_err": rel_err(y, expert_ref(xc, w1, w3, w2))})
+            print(f"  check    {checks[-1]['path']:12s} n={n:4d} relative error {checks[-1]['rel_err']:.2e}",
+                  flush=True)
     K.set_kernel_path("auto")
     extra["full_size_checks"] = checks
     print("full-size checks:", json.dumps(checks), flush=True)
     worst = max(c["rel_err"] for c in checks)
 
     # Through XLA: the FFI custom call inside jax.jit on the CPU device (adds dispatch overhead only).
+    progress("the same op through jax.jit (FFI custom call)" + ("" if a.no_xla else ", then XLA's own CPU dot"))
     import jax
     import jax.numpy as jnp
     cpu = jax.devices("cpu")[0]
@@ -160,6 +255,7 @@ def main(argv=None) -> dict:
     del jw, jws
     if not a.no_torch:
         try:
+            progress("torch (oneDNN), then interleaved ours/torch rounds")
             import torch
             torch.set_num_threads(K.get_num_threads())
             tws = [[torch.from_numpy(w.view(np.int16)).view(torch.bfloat16) for w in ex] for ex in experts]
@@ -195,6 +291,7 @@ def main(argv=None) -> dict:
             print("torch not importable: skipped")
 
     # Grouped, decode-like: 3 tokens x top-2 over the E stacked experts = 6 distinct experts, 1 token each.
+    progress("the grouped op (decode-like" + (")" if a.quick else ", then prefill-like)"))
     T = 3
     xg = random_bf16(rng, (T, H))
     tok = np.array([0, 0, 1, 1, 2, 2], np.int32)
@@ -222,12 +319,14 @@ def main(argv=None) -> dict:
     if not a.no_sweeps:
         if "avx512_bf16" in paths or "avx2" in paths:
             p = "avx512_bf16" if "avx512_bf16" in paths else "avx2"
+            progress(f"tuning sweep on {p} at n={n1}: prefetch distance, threads and pinning")
             K.set_kernel_path(p)
             sweep = []
             for pf in (0, 256, 512, 1024, 2048):
                 K.set_tuning(prefetch_bytes=pf)
                 t = timed(lambda: run_single(n1), budget_s=a.budget)
                 sweep.append({"path": p, "n": n1, "prefetch_bytes": pf, "ms": t * 1e3, "ratio_to_bar": t / bar_s})
+                print("  sweep", json.dumps(sweep[-1]), flush=True)
             K.set_tuning(prefetch_bytes=int(os.environ.get("FIDDLER_KERNEL_PREFETCH", "0")))
             for nt in sorted({feats["physical_cores"], feats["logical_cpus"]}):
                 for pin in (True, False):
@@ -235,10 +334,12 @@ def main(argv=None) -> dict:
                     t = timed(lambda: run_single(n1), budget_s=a.budget)
                     sweep.append({"path": p, "n": n1, "threads": nt, "pin": pin, "ms": t * 1e3,
                                   "ratio_to_bar": t / bar_s})
+                    print("  sweep", json.dumps(sweep[-1]), flush=True)
             K.set_num_threads(0)
             extra["sweep_small_n"] = sweep
             print("sweep small n:", json.dumps(sweep), flush=True)
         if "amx" in paths:
+            progress("AMX tuning sweep")
             K.set_kernel_path("amx")
             sweep = []
             configs = json.loads(a.amx_sweep) if a.amx_sweep else DEFAULT_AMX_SWEEP
@@ -264,8 +365,11 @@ def main(argv=None) -> dict:
               "expert_bytes": wbytes, "read_bandwidth_GiBps": bw, "streaming_bar_ms": bar_s * 1e3,
               "rows": rows, **extra}
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+        try:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+        except OSError as e:
+            raise InvalidInputError(f"cannot write --json {a.json}: {e.strerror or e}") from None
     # The table, last.
     print(f"\nexpert {H}x{F} bf16 ({wbytes / 1e6:.0f} MB), {K.get_num_threads()} threads; read bandwidth "
           f"{bw:.1f} GiB/s, streaming bar {bar_s * 1e3:.2f} ms (ratio = time / bar-time for the bytes read)")

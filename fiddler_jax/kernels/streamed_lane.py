@@ -63,19 +63,28 @@ def unregister_layers(ids) -> None:
         _held.pop(int(tid), None)
 
 
-@functools.partial(jax.jit, static_argnames="tables")
 def streamed_cpu_mix(x, experts, weights, *, tables: int) -> jax.Array:
     """The module docstring's call. x: [T, hidden] bfloat16; experts [T, k] int32; weights [T, k] float32
-    (a step's routing); ``tables``: an id from :func:`register_layer`. Shapes are checked again in C++."""
-    if x.dtype != jnp.bfloat16 or x.ndim != 2:
+    (a step's routing); ``tables``: an id from :func:`register_layer`. Shapes are checked again in C++; other
+    dtypes are refused (not cast: an int64 expert index or a float16 weight would be wrapped or rounded)."""
+    for name, a, want in (("x", x, jnp.bfloat16), ("experts", experts, jnp.int32), ("weights", weights, jnp.float32)):
+        dtype = getattr(a, "dtype", None)
+        if dtype is None or np.dtype(dtype) != np.dtype(want):
+            raise KernelError(f"streamed_cpu_mix: {name} must be a {np.dtype(want).name} array, got "
+                              f"{dtype if dtype is not None else type(a).__name__}")
+    return _streamed_cpu_mix(x, experts, weights, tables=tables)
+
+
+@functools.partial(jax.jit, static_argnames="tables")
+def _streamed_cpu_mix(x, experts, weights, *, tables: int) -> jax.Array:
+    if x.ndim != 2:
         raise KernelError(f"streamed_cpu_mix: x must be a bfloat16 [tokens, hidden] array, got {x.dtype} "
                           f"{tuple(x.shape)}")
     if experts.shape != weights.shape or experts.ndim != 2 or experts.shape[0] != x.shape[0]:
         raise KernelError(f"streamed_cpu_mix: experts {tuple(experts.shape)} and weights {tuple(weights.shape)} "
                           f"must both be [tokens, k] with the {x.shape[0]} tokens of x")
     out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    return jax.ffi.ffi_call(STREAMED_LANE_TARGET, out)(x, experts.astype(jnp.int32), weights.astype(jnp.float32),
-                                                       tables=np.int64(tables))
+    return jax.ffi.ffi_call(STREAMED_LANE_TARGET, out)(x, experts, weights, tables=np.int64(tables))
 
 
 def raise_pending_error() -> None:

@@ -27,7 +27,7 @@ from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.generate import (
-    GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop,
+    GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop, eos_token_ids,
 )
 from fiddler_jax.runtime.host_experts import HostExperts, check_host_memory, size_pinned_pool
 from fiddler_jax.runtime.lanes.cpu import CpuLane
@@ -324,4 +324,4 @@ class Engine:
         return self.forward(tokens, cache, start, last_only=True)
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
-        return self.config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        return eos_token_ids(self.config, eos_token_id)
