@@ -348,3 +348,10 @@ def test_calibrate_with_out_writes_beside_it_only(tmp_path):
     assert sorted(os.listdir(tmp_path / "lat")) == ["model.json", "model.measurements.json", "model.png"]
     for name in ("model.json", "model.measurements.json", "model.png"):
         assert f"wrote {tmp_path / 'lat' / name}" in r.stdout
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_before_loading(work):
+    wd, model, _ = work
+    r = cli("generate", f"model.path={model}", "prompt_ids=[1,2,3]", "max_new_tokens=100000", cwd=wd)
+    one_error_line(r, "max_new_tokens=100000 after a prompt of 3 token(s) goes beyond the model's")
+    assert "loading" not in r.stderr  # refused before any weight was read
