@@ -77,3 +77,35 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a GPU (run on the device machine)")
         for item in gpu_tests:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def folder(small_checkpoint, tmp_path):
+    """A private copy of ``small_checkpoint`` (float32, 2 layers, 4 experts, one file), free to damage."""
+    import shutil
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(small_checkpoint[1], dst)
+    return dst
+
+
+@pytest.fixture
+def sharded(small_checkpoint, tmp_path):
+    """The same model saved by fiddler-jax in several shards plus an index, free to damage."""
+    import fiddler_jax as fj
+
+    model = fj.load_pretrained(small_checkpoint[1], progress=False)
+    dst = tmp_path / "sharded"
+    fj.save_pretrained(model, dst, max_shard_size="30KB", progress=False)
+    return dst
+
+
+@pytest.fixture
+def restore_kernel_settings():
+    """Put the kernel's process-wide settings (path, threads, pool) back to their defaults after a test."""
+    yield
+    import fiddler_jax.kernels as K
+
+    K.set_kernel_path("auto")
+    K.set_num_threads(0)
+    K.set_pool(spin_us=50, wait_all=False)

@@ -3,30 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 import fiddler_jax as fj
 from fiddler_jax.errors import CheckpointError, InvalidInputError, ModelConfigError
-
-
-@pytest.fixture
-def folder(small_checkpoint, tmp_path):
-    """A private copy of a good single-file checkpoint, free to damage."""
-    _, path = small_checkpoint
-    dst = tmp_path / "ckpt"
-    shutil.copytree(path, dst)
-    return dst
-
-
-@pytest.fixture
-def sharded(small_checkpoint, tmp_path):
-    model = fj.load_pretrained(small_checkpoint[1], progress=False)
-    dst = tmp_path / "sharded"
-    fj.save_pretrained(model, dst, max_shard_size="30KB", progress=False)
-    return dst
 
 
 def edit_config(folder, **changes):

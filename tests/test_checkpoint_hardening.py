@@ -22,23 +22,6 @@ from fiddler_jax.models.safetensors_io import SafetensorsFile
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
 
-@pytest.fixture
-def folder(small_checkpoint, tmp_path):
-    """A private copy of a good single-file checkpoint (float32, 2 layers, 4 experts), free to damage."""
-    dst = tmp_path / "ckpt"
-    shutil.copytree(small_checkpoint[1], dst)
-    return dst
-
-
-@pytest.fixture
-def sharded(small_checkpoint, tmp_path):
-    """The same model saved by fiddler-jax in several shards plus an index."""
-    model = fj.load_pretrained(small_checkpoint[1], progress=False)
-    dst = tmp_path / "sharded"
-    fj.save_pretrained(model, dst, max_shard_size="30KB", progress=False)
-    return dst
-
-
 def read_index(folder) -> dict:
     return json.loads((folder / INDEX_FILE).read_text())
 

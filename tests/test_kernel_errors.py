@@ -13,25 +13,13 @@ import numpy as np
 import pytest
 
 import fiddler_jax.kernels as K
-from fiddler_jax.kernels._testing import BF16, expert_inputs
-from fiddler_jax.random_bits import random_bf16
+from fiddler_jax.kernels._testing import BF16, expert_inputs, grouped_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _good(rng, n=3, hidden=24, ffn=40):
     return list(expert_inputs(rng, n, hidden, ffn))
-
-
-def _grouped(rng, T=4, E=3, hidden=24, ffn=40):
-    x = random_bf16(rng, (T, hidden), std=1.0)
-    w1 = random_bf16(rng, (E, ffn, hidden), std=0.2)
-    w3 = random_bf16(rng, (E, ffn, hidden), std=0.2)
-    w2 = random_bf16(rng, (E, hidden, ffn), std=0.2)
-    tok = np.array([0, 1, 2, 3, 0], np.int32)
-    exp = np.array([0, 1, 2, 0, 2], np.int32)
-    wts = np.array([0.5, 0.5, 1.0, 0.25, 0.1], np.float32)
-    return [x, tok, exp, wts, w1, w3, w2]
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +73,7 @@ def test_single_bad_input_from_cpp(desc, i, make, text):
 
 @pytest.mark.parametrize("desc,i,make,text", GROUPED_CASES, ids=[c[0] for c in GROUPED_CASES])
 def test_grouped_bad_input_from_cpp(desc, i, make, text):
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     args[i] = make(args)
     with pytest.raises(XLA_ERRORS) as info:
         np.asarray(K.grouped_expert_ffn(*args, validate=False))
@@ -97,7 +85,7 @@ def test_grouped_bad_input_from_cpp(desc, i, make, text):
 
 
 def test_python_validation_names_argument():
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     bad = list(args)
     bad[2] = args[2].astype(np.int64) if False else args[2].astype(np.float32)
     with pytest.raises(TypeError, match="expert_idx"):

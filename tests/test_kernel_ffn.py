@@ -15,6 +15,8 @@ SUPPORTED = K.cpu_features()["supported_paths"]
 ALL_PATHS = ["generic", "avx2", "avx512_bf16", "amx"]
 SHAPES = [(1, 64, 160), (3, 100, 72), (17, 130, 350), (300, 96, 200), (5, 33, 17)]
 
+pytestmark = pytest.mark.usefixtures("restore_kernel_settings")  # the tests change process-wide knobs
+
 
 def _params(paths):
     return [pytest.param(p, marks=pytest.mark.skipif(p != "auto" and p not in SUPPORTED, reason=f"CPU lacks {p}"))
@@ -33,14 +35,6 @@ def path(request):
     K.set_kernel_path(request.param)
     yield request.param
     K.set_kernel_path("auto")
-
-
-@pytest.fixture(autouse=True)
-def _restore():
-    yield
-    K.set_kernel_path("auto")
-    K.set_num_threads(0)
-    K.set_pool(spin_us=50, wait_all=False)
 
 
 @pytest.mark.parametrize("path", _params(ALL_PATHS), indirect=True)

@@ -23,22 +23,16 @@ import numpy as np
 import pytest
 
 import fiddler_jax.kernels as K
-from fiddler_jax.kernels._testing import BF16, expert_inputs, expert_ref, grouped_ref, rel_err
+from fiddler_jax.kernels._testing import BF16, expert_inputs, expert_ref, grouped_inputs, grouped_ref, rel_err
 from fiddler_jax.random_bits import random_bf16
+
+pytestmark = pytest.mark.usefixtures("restore_kernel_settings")  # the tests change process-wide knobs
 
 
 @pytest.fixture(autouse=True)
 def _on_cpu_device():
     with jax.default_device(jax.devices("cpu")[0]):
         yield
-
-
-@pytest.fixture(autouse=True)
-def _restore():
-    yield
-    K.set_kernel_path("auto")
-    K.set_num_threads(0)
-    K.set_pool(spin_us=50, wait_all=False)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -56,17 +50,6 @@ def _lines(proc: subprocess.CompletedProcess) -> list[str]:
     assert proc.returncode == 0, (f"the interpreter ended with code {proc.returncode} (negative: killed by signal "
                                   f"{-proc.returncode})\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
     return proc.stdout.strip().splitlines()
-
-
-def _grouped(rng, T=4, E=3, hidden=24, ffn=40):
-    x = random_bf16(rng, (T, hidden), std=1.0)
-    w1 = random_bf16(rng, (E, ffn, hidden), std=0.2)
-    w3 = random_bf16(rng, (E, ffn, hidden), std=0.2)
-    w2 = random_bf16(rng, (E, hidden, ffn), std=0.2)
-    tok = np.array([0, 1, 2, 3, 0], np.int32)
-    exp = np.array([0, 1, 2, 0, 2], np.int32)
-    wts = np.array([0.5, 0.5, 1.0, 0.25, 0.1], np.float32)
-    return [x, tok, exp, wts, w1, w3, w2]
 
 
 # --------------------------------------------------------------------------------------------- out buffers
@@ -141,7 +124,7 @@ def test_bad_out_buffers_raise_kernel_error(kind):
     with pytest.raises(K.KernelError, match="out must be a writable, C-contiguous numpy float32 or bfloat16") as e:
         K.expert_ffn_numpy(x, w1, w3, w2, out=out)
     assert text in str(e.value) and "\n" not in str(e.value), str(e.value)
-    args = _grouped(np.random.default_rng(1), T=3, hidden=16)
+    args = grouped_inputs(np.random.default_rng(1), T=3, hidden=16)
     with pytest.raises(K.KernelError, match="out must be") as e:
         K.grouped_expert_ffn_numpy(*args, out=out)
     assert text in str(e.value), str(e.value)
@@ -283,7 +266,7 @@ def test_knob_arguments_are_checked(call, text):
         "tok-float32", "exp-float64", "exp-bool"])
 def test_numpy_entry_refuses_indices_it_would_have_cast(arg, value, text):
     """np.ascontiguousarray(..., dtype=int32) turned 2**32 into 0 (a valid index: silently wrong) and 1.5 into 1."""
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     args[arg] = value
     with pytest.raises(K.KernelError) as e:
         K.grouped_expert_ffn_numpy(*args, out=np.zeros((4, 24), np.float32))
@@ -295,7 +278,7 @@ def test_numpy_entry_refuses_indices_it_would_have_cast(arg, value, text):
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int16, np.uint8, "list"])
 def test_numpy_entry_accepts_other_integer_indices_in_range(dtype):
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     want = K.grouped_expert_ffn_numpy(*args, out=np.zeros((4, 24), np.float32))
     for i in (1, 2):
         args[i] = args[i].tolist() if dtype == "list" else args[i].astype(dtype)
@@ -310,7 +293,7 @@ def test_numpy_entry_accepts_other_integer_indices_in_range(dtype):
     ([0.5, 0.5, 1, 0.25, 0.1], "got list"),
 ], ids=["float16", "float64", "bfloat16", "list"])
 def test_numpy_entry_refuses_weights_that_are_not_float32(weights, text):
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     args[3] = weights
     with pytest.raises(K.KernelError, match="weights must be a numpy float32 array") as e:
         K.grouped_expert_ffn_numpy(*args, out=np.zeros((4, 24), np.float32))
@@ -326,7 +309,7 @@ def test_numpy_entry_refuses_weights_that_are_not_float32(weights, text):
 def test_jnp_op_refuses_what_jax_would_narrow(arg, value, text, validate):
     """Without x64, jnp.asarray wraps int64 2**32 to 0 before any check could see it (so validate=False, which
     leaves checks to C++, was blind to it)."""
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     args[arg] = value
     with pytest.raises(TypeError) as e:
         np.asarray(K.grouped_expert_ffn(*args, validate=validate))
@@ -359,7 +342,7 @@ def test_engine_cpu_lane_still_casts_its_own_int64_routing():
     itself (values < 2**31 by construction); that path keeps working."""
     from fiddler_jax.runtime.lanes.cpu import cpu_expert_mix
 
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     x, tok, exp, wts, w1, w3, w2 = args
     tables = (list(w1), list(w3), list(w2))
     got = cpu_expert_mix(x, tok.astype(np.int64), exp.astype(np.int64), wts, tables)
@@ -380,7 +363,7 @@ def test_nan_activations_propagate_to_their_rows_only():
     assert np.isnan(y[1]).all() and not np.isfinite(y[3]).any()
     ref = expert_ref(x, w1, w3, w2)
     assert rel_err(y[[0, 2]], ref[[0, 2]]) < 1e-2
-    args = _grouped(np.random.default_rng(0))
+    args = grouped_inputs(np.random.default_rng(0))
     args[0] = args[0].copy()
     args[0][2, 3] = np.nan
     g = K.grouped_expert_ffn_numpy(*args, out=np.zeros((4, 24), np.float32))

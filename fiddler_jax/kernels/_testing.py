@@ -18,6 +18,19 @@ def expert_inputs(rng: np.random.Generator, n: int, hidden: int, ffn: int):
     return x, w1, w3, w2
 
 
+def grouped_inputs(rng: np.random.Generator, T: int = 4, E: int = 3, hidden: int = 24, ffn: int = 40) -> list:
+    """A small valid ``grouped_expert_ffn`` call: [x, token_idx, expert_idx, weights, w1, w3, w2] (five
+    assignments over tokens 0..3 and experts 0..2), for the tests that damage one argument at a time."""
+    x = random_bf16(rng, (T, hidden), std=1.0)
+    w1 = random_bf16(rng, (E, ffn, hidden), std=0.2)
+    w3 = random_bf16(rng, (E, ffn, hidden), std=0.2)
+    w2 = random_bf16(rng, (E, hidden, ffn), std=0.2)
+    tok = np.array([0, 1, 2, 3, 0], np.int32)
+    exp = np.array([0, 1, 2, 0, 2], np.int32)
+    wts = np.array([0.5, 0.5, 1.0, 0.25, 0.1], np.float32)
+    return [x, tok, exp, wts, w1, w3, w2]
+
+
 def expert_ref(x, w1, w3, w2) -> np.ndarray:
     x, w1, w3, w2 = (np.asarray(a, dtype=np.float64) for a in (x, w1, w3, w2))
     g = x @ w1.T

@@ -39,23 +39,25 @@ from fiddler_jax.runtime.latency_source import resolve_latency
 from fiddler_jax.runtime.options import EngineOptions
 from fiddler_jax.runtime.placement import Placement, kv_cache_bytes, place
 from fiddler_jax.runtime.planning import (
-    DEFAULT_STAGING_SLOTS, POLICIES, BoundPlanner, PlanMemo, PlannerError, get_planner, plan_gpu_only,
+    DEFAULT_STAGING_SLOTS, BoundPlanner, PlanMemo, PlannerError, get_planner, plan_fiddler, plan_fiddler_overlap,
+    plan_gpu_only, plan_transfer,
 )
+from fiddler_jax.runtime.planning.registry import policy_of
 from fiddler_jax.runtime.profiling import RoutingProfile
 from fiddler_jax.units import format_bytes
 from fiddler_jax.runtime.resources import EngineResources
 from fiddler_jax.runtime.step_loop import StepLoop
 from fiddler_jax.runtime.trace import Trace
 
-COPYING_POLICIES = ("fiddler", "fiddler_overlap", "transfer")
+COPYING_POLICIES = (plan_fiddler, plan_fiddler_overlap, plan_transfer)
 
 
 def bind_planner(planner: str, planner_params: dict | None, staging_slots: int, cache_slots: int) -> BoundPlanner:
     """The planner for a name and its parameters (``lru`` is ``transfer`` with a cache); a policy that copies
     gets the ``staging_slots`` placement reserves unless its parameters name them."""
     params = dict(planner_params or {})
-    policy = "transfer" if planner == "lru" else planner
-    if policy in POLICIES and "staging_slots" in inspect.signature(POLICIES[policy]).parameters:
+    policy = policy_of(planner)
+    if "staging_slots" in inspect.signature(policy).parameters:
         params.setdefault("staging_slots", staging_slots)
     if cache_slots:
         params["cache_slots"] = cache_slots

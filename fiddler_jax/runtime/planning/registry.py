@@ -40,19 +40,22 @@ class BoundPlanner:
         return dataclasses.replace(self.policy(counts, np.asarray(resident, bool), latency, **params),
                                    planner=self.name)
 
-    def accepts(self, param: str) -> bool:
-        return param in inspect.signature(self.policy).parameters
+
+
+def policy_of(name: str) -> Callable[..., Plan]:
+    """The policy function a planner name runs (``lru`` runs ``transfer``)."""
+    if name not in PLANNER_NAMES:
+        raise PlannerError(f"unknown planner {name!r}; valid names: {', '.join(PLANNER_NAMES)}")
+    return POLICIES["transfer" if name == "lru" else name]
 
 
 def get_planner(name: str, **params) -> BoundPlanner:
     """The planner called ``name`` with ``params`` bound; ``None`` values mean the default. ``cache_slots`` > 0
     puts any planner behind the dynamic cache (``lru`` defaults to 2 slots)."""
-    if name not in PLANNER_NAMES:
-        raise PlannerError(f"unknown planner {name!r}; valid names: {', '.join(PLANNER_NAMES)}")
+    policy = policy_of(name)
     params = {k: v for k, v in params.items() if v is not None}
     default_cache = DEFAULT_LRU_CACHE_SLOTS if name == "lru" else 0
     cache_slots = int(params.pop("cache_slots", default_cache))
-    policy = POLICIES["transfer" if name == "lru" else name]
     accepted = [p for p, spec in inspect.signature(policy).parameters.items()
                 if spec.kind == spec.KEYWORD_ONLY and p != "staged_s"]
     prefetches = "staged_s" in inspect.signature(policy).parameters
