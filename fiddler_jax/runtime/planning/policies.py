@@ -3,7 +3,8 @@ GPU residency, latency model), outside jit, testable without JAX. Only active (s
 the GPU get a choice; resident active experts are ``GPU``. Costs: :mod:`.cost`.
 
   fiddler          Algorithm 1: TRANSFER iff transfer_s + gpu(s_e) < cpu(s_e), else CPU; beyond
-                   ``max_transfers`` keep the largest savings. Sequential cost (``concurrent=True`` for ablation).
+                   ``max_transfers`` keep the largest savings (ties: earlier in copy order). Sequential cost
+                   (``concurrent=True`` for ablation).
   fiddler_overlap  minimises the concurrent makespan over CPU/TRANSFER assignments with at most ``max_transfers``
                    copies: exhaustively for up to ``exact_limit`` candidates, else over the prefixes of the copy
                    order (largest counts first); Algorithm 1's assignment is always a candidate, so its makespan
@@ -32,11 +33,13 @@ DEFAULT_STAGING_SLOTS = 2
 
 def fiddler_choice(step: StepCosts, cap: int) -> np.ndarray:
     """Algorithm 1's transfers: candidates where copying and computing on the GPU beats the CPU, largest saving
-    first when more want it than ``cap`` allows."""
-    ids = step.candidates[~step.staged[step.candidates]]
+    first when more want it than ``cap`` allows; equal savings go to the earlier candidate in copy order (longest
+    GPU time, larger count, lower id), so that which experts are chosen depends on their counts and ids only
+    through that order (streamed_steps and the memo rely on it)."""
+    ids = step.candidates[~step.staged[step.candidates]]  # copy order
     saving = step.cpu_s[ids] - (step.latency.transfer_s + step.gpu_s[ids])
-    wanted = ids[saving > 0]
-    wanted = wanted[np.lexsort((wanted, -(saving[saving > 0])))][:cap]
+    wants = saving > 0
+    wanted = ids[wants][np.argsort(-saving[wants], kind="stable")][:cap]
     transfer = np.zeros(len(step.counts), bool)
     transfer[wanted] = True
     return transfer
