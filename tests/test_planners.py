@@ -1,4 +1,5 @@
-"""Planners: the paper's rule, the makespan search against brute force, baselines, the LRU cache, bad input."""
+"""Planners: the paper's rule, the makespan search against brute force, baselines, the LRU cache, the plan memo, bad
+input."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ import pytest
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.common import CONF_DIR as _CONF_ROOT
 from fiddler_jax.experiments.schemas import PlannerConfig, planner_from_config
+from fiddler_jax.runtime import planning as P
 from fiddler_jax.runtime.latency import LatencyModel, PiecewiseLinear
 from fiddler_jax.runtime.planning import (
     PLANNER_NAMES, POLICIES, CacheState, CacheStates, Lane, Plan, PlannerError, get_planner, plan_cpu_only,
@@ -389,6 +391,95 @@ def test_cache_under_fiddler_overlap():
     second = cache.plan(planner, decode_step(0, 1), none_resident(), LAT)
     assert second.lanes[copied[0]] == Lane.GPU and second.cached[copied[0]]
     assert second.predicted_s < first.predicted_s
+
+
+# --- the plan memo: canonical steps, plans relabeled back --------------------------------------------------
+
+MEMO_PLANNERS = [("fiddler", {}), ("fiddler", {"max_transfers": 1}), ("fiddler_overlap", {}),
+                 ("fiddler_overlap", {"exact_limit": 3, "max_transfers": 2}), ("fiddler_overlap", {"prefetch": 2}),
+                 ("cpu_only", {}), ("transfer", {}), ("gpu_only", {})]
+
+
+def memo_step(rng, experts, top_k):
+    """A routing's counts (1-8 tokens, top-k) and, for half the steps, landing times of staged copies (some
+    equal, some landed, some none) rounded as the memo rounds them."""
+    tokens = int(rng.integers(1, 9))
+    counts = np.zeros(experts, np.int64)
+    for _ in range(tokens):
+        counts[rng.choice(experts, top_k, replace=False)] += 1
+    if rng.random() < 0.5:
+        return counts, None
+    staged_s = np.full(experts, np.inf)
+    staged_s[rng.choice(experts, 3, replace=False)] = rng.choice([0.0, 1.25 * MS, 1.25 * MS, 4.0 * MS], 3)
+    return counts, np.ceil(staged_s * 4e3) / 4e3
+
+
+@pytest.mark.parametrize("name,params", MEMO_PLANNERS, ids=[f"{n}{p}" for n, p in MEMO_PLANNERS])
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (64, 8), (128, 8)])
+def test_memo_plan_is_the_planners_plan(name, params, experts, top_k):
+    """The memo plans the canonical step and relabels the plan back: the same lanes, copy order and staged and
+    cached experts as the planner called directly (its ties follow orders the canonical labeling keeps), the same
+    predicted time up to the order of float sums."""
+    rng = np.random.default_rng(experts + len(params))
+    latencies = [LAT, dataclasses.replace(LAT, transfer_s=1.0 * MS), dataclasses.replace(LAT, transfer_s=0.1)]
+    planner = get_planner(name, **params)
+    resident = rng.random((4, experts)) < 0.3
+    if name == "gpu_only":
+        resident[:] = True
+    for latency in latencies:
+        memo = P.PlanMemo(planner, resident, latency)
+        for _ in range(40):
+            layer = int(rng.integers(4))
+            counts, staged_s = memo_step(rng, experts, top_k)
+            if not planner.prefetch:
+                staged_s = None
+            got, want = memo(counts, layer, staged_s), planner(counts, resident[layer], latency, staged_s=staged_s)
+            for field in ("counts", "lanes", "transfer_order", "staged", "cached"):
+                np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+            assert got.predicted_s == pytest.approx(want.predicted_s, rel=1e-12)
+            assert got.lane_busy_s == pytest.approx(want.lane_busy_s, rel=1e-12)
+            assert (got.planner, got.concurrent, got.staging_slots) == (want.planner, want.concurrent,
+                                                                          want.staging_slots)
+
+
+def test_memo_hits_for_permuted_counts_and_keeps_landing_times_apart():
+    calls = []
+    planner = get_planner("fiddler_overlap", prefetch=2)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return planner(*args, **kwargs)
+
+    rng = np.random.default_rng(3)
+    resident = np.zeros((2, 128), bool)
+    resident[0, rng.choice(128, 40, replace=False)] = True
+    resident[1, rng.choice(128, 40, replace=False)] = True  # another layer, as many resident experts
+    memo = P.PlanMemo(counted, resident, LAT)
+    on, off = np.flatnonzero(resident[0]), np.flatnonzero(~resident[0])
+    for _ in range(20):  # 3 tokens top-8: 5 on resident experts, counts 3 2 2 1 1 1 1 1 1 1 offloaded
+        counts = np.zeros(128, np.int64)
+        counts[rng.choice(on, 5, replace=False)] = 1
+        counts[rng.choice(off, 10, replace=False)] = [3, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+        plan = memo(counts, 0)
+        np.testing.assert_array_equal(plan.lanes, planner(counts, resident[0], LAT).lanes)
+    assert len(calls) == 1
+    counts = np.zeros(128, np.int64)
+    counts[np.flatnonzero(resident[1])[:5]] = 1
+    counts[np.flatnonzero(~resident[1])[:10]] = [1, 1, 1, 3, 1, 2, 1, 1, 2, 1]
+    memo(counts, 1)
+    assert len(calls) == 1  # the same canonical step
+    a, b = np.flatnonzero(~resident[0])[:2]
+    counts = np.zeros(128, np.int64)
+    counts[[a, b]] = 1
+    staged_s = np.full(128, np.inf)
+    staged_s[a] = 0.0
+    memo(counts, 0, staged_s)
+    staged_s[[a, b]] = [np.inf, 0.0]
+    memo(counts, 0, staged_s)  # the landed copy is the other count-1 expert's: a relabeling of the same step
+    assert len(calls) == 2
+    staged_s[b] = 2.0 * MS
+    plan = memo(counts, 0, staged_s)  # a later landing: another step
+    assert len(calls) == 3 and plan.lanes[b] == planner(counts, resident[0], LAT, staged_s=staged_s).lanes[b]
 
 
 # --- the Plan type, the registry, configs, bad input -------------------------------------------------------
