@@ -75,6 +75,45 @@ def test_streamed_mix_equals_float64_over_the_host_experts_only(tokens):
         S.unregister_layers([tid])
 
 
+def test_a_128_expert_layer_records_every_experts_count():
+    """Fine-grained MoE (128 experts, top-8): the call computes the host experts' share and its record counts
+    the tokens of all 128 experts, the last ones included."""
+    rng = np.random.default_rng(128)
+    E_, H, F, k, tokens = 128, 32, 48, 8, 5
+    resident = np.zeros(E_, bool)
+    resident[rng.choice(E_, 40, replace=False)] = True
+    tables = _layer(rng, E_, H, F, resident)
+    device = jax.devices()[0]
+    tid = S.register_layer(ExpertTables(*tables, hidden=H), device)
+    try:
+        S.drain_records()
+        x = rng.standard_normal((tokens, H)).astype(BF16)
+        experts = np.stack([rng.choice(E_, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+        experts[0, :3] = [127, 100, 64]  # experts beyond the first 64
+        experts[1, :2] = [127, 65]
+        weights = rng.random((tokens, k)).astype(np.float32)
+        put = lambda a: jax.device_put(a, device)  # noqa: E731
+        out = np.asarray(S.streamed_cpu_mix(put(x), put(experts), put(weights), tables=tid))
+        ref = _reference(x, experts, weights, tables)
+        assert np.linalg.norm(out - ref) <= 1e-2 * np.linalg.norm(ref)
+        (record,) = [r for r in S.drain_records()[0] if r["tables"] == tid]
+        np.testing.assert_array_equal(record["counts"], np.bincount(experts.reshape(-1), minlength=E_))
+        assert record["counts"][127] == 2 and record["assignments"] == int((~resident[experts]).sum())
+    finally:
+        S.unregister_layers([tid])
+
+
+def test_layers_beyond_the_records_experts_are_refused_at_registration():
+    assert S.STREAMED_MAX_EXPERTS == 256
+    E_ = S.STREAMED_MAX_EXPERTS + 1
+    w = np.zeros((4, 8), BF16)
+    tables = ExpertTables([w] * E_, [w] * E_, [w.T.copy()] * E_, hidden=8)
+    with pytest.raises(KernelError, match="1 to 256 experts.*has 257"):
+        S.register_layer(tables, jax.devices()[0])
+    tid = S.register_layer(ExpertTables([w] * 256, [w] * 256, [w.T.copy()] * 256, hidden=8), jax.devices()[0])
+    S.unregister_layers([tid])
+
+
 def test_streamed_mix_refuses_bad_input():
     rng = np.random.default_rng(0)
     tables = _layer(rng, 4, 32, 48, np.array([True, False, False, False]))
@@ -128,7 +167,7 @@ def test_only_plans_no_routing_can_change_are_streamed():
 
     assert all_cpu_for_any_routing(plan_of("cpu_only"), resident, 1, 2)
     assert all_cpu_for_any_routing(plan_of("cpu_only"), resident, 2, 2)
-    assert not all_cpu_for_any_routing(plan_of("cpu_only"), resident, 16, 2)  # too many vectors to examine
+    assert not all_cpu_for_any_routing(plan_of("cpu_only"), resident, 16, 2)  # too many classes to examine
     assert not all_cpu_for_any_routing(plan_of("fiddler"), resident, 1, 2)  # sequential: the paper's execution
     assert not all_cpu_for_any_routing(plan_of("transfer"), resident, 1, 2)
     # two offloaded experts: 7.0 ms on the CPU against 3.5 ms beside a 6.4 ms copy -> the overlap planner copies

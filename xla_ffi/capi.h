@@ -65,17 +65,20 @@ int fj_grouped_expert_ffn_tables(const uint16_t* x, int64_t T, int64_t hidden, i
                                  int out_f32, char* err, int err_len);
 
 /* The streamed CPU lane's layers: tables of E addresses (0 for GPU-resident experts); returns the id the custom
-   call names, or -1 when an expert has some but not all of its three matrices. */
+   call names, -1 when an expert has some but not all of its three matrices, -2 when E is not in
+   [1, kFjStreamedMaxExperts]. */
 int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const uint64_t* w1, const uint64_t* w3,
                                   const uint64_t* w2);
 void fj_streamed_lane_unregister(int64_t id);
 /* The first error of a host function since the last call (then cleared): -1 and the message, else 0. */
 int fj_streamed_lane_error(char* err, int err_len);
-/* One record per streamed call (for the engine's trace): moves up to `capacity` of them to out, oldest first. */
-enum { kFjStreamedMaxExperts = 64 };
+/* One record per streamed call (for the engine's trace): moves up to `capacity` of them to out, oldest first.
+   counts[e] for e < experts (the layer's expert count) are the tokens routed to expert e (saturating at 65535);
+   the rest are zero. */
+enum { kFjStreamedMaxExperts = 256 };
 typedef struct FjStreamedRecord {
-  int64_t tables, tokens, assignments, start_ns, end_ns; /* CLOCK_MONOTONIC */
-  uint16_t counts[64];                                    /* tokens routed to each expert (first 64) */
+  int64_t tables, tokens, assignments, experts, start_ns, end_ns; /* CLOCK_MONOTONIC */
+  uint16_t counts[256];                                            /* kFjStreamedMaxExperts */
 } FjStreamedRecord;
 int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped);
 int64_t fj_monotonic_ns(void);

@@ -13,6 +13,10 @@
 // loaded), so this file needs no CUDA headers and the library still loads on machines without a GPU.
 // A host function cannot return an error to XLA: its first error is kept (fj_streamed_lane_error) and its output
 // is zero; the engine checks after each forward pass and raises.
+// Each call leaves a record (fj_streamed_lane_records): its tokens, the assignments the CPU ran, its span and the
+// tokens routed to each of the layer's experts. A layer registers with at most kFjStreamedMaxExperts (256)
+// experts, the size of the C record's counts; the ring keeps each record's counts at the layer's own size, so
+// its memory follows the model (8192 records of a 128-expert layer: under 3 MB).
 #include <dlfcn.h>
 #include <time.h>
 
@@ -21,6 +25,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -55,9 +60,14 @@ std::shared_ptr<const LayerTables> FindTables(int64_t id) {
 }
 
 // -- records (the engine's trace) and the first host-side error ------------------------------------------------
-constexpr int kRecordRing = 8192;
+struct Record {
+  int64_t tables = 0, tokens = 0, assignments = 0, start_ns = 0, end_ns = 0;
+  std::vector<uint16_t> counts;  // one per expert of the layer
+};
+
+constexpr size_t kRecordRing = 8192;
 std::mutex g_records_mu;
-std::vector<FjStreamedRecord> g_records;  // at most kRecordRing, oldest dropped
+std::deque<Record> g_records;  // at most kRecordRing, oldest dropped
 int64_t g_records_dropped = 0;
 
 std::mutex g_error_mu;
@@ -80,9 +90,10 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
                     const int32_t* experts, const float* weights, float* out) {
   static thread_local std::string msg;
   int64_t start = NowNs();
-  FjStreamedRecord rec{};
+  Record rec;
   rec.tables = id;
   rec.tokens = T;
+  rec.counts.assign(tables->E, 0);
   std::vector<int32_t> tok, exp;
   std::vector<float> wts;
   tok.reserve(T * k), exp.reserve(T * k), wts.reserve(T * k);
@@ -94,7 +105,7 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
               std::to_string(tables->E) + ")";
         return msg.c_str();
       }
-      if (e < kFjStreamedMaxExperts) rec.counts[e] += 1;
+      if (rec.counts[e] != UINT16_MAX) rec.counts[e] += 1;
       if (tables->w1[e] == nullptr) continue;  // GPU-resident
       tok.push_back(static_cast<int32_t>(t)), exp.push_back(e), wts.push_back(weights[t * k + j]);
     }
@@ -112,11 +123,11 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
   rec.end_ns = NowNs();
   {
     std::lock_guard<std::mutex> lock(g_records_mu);
-    if (static_cast<int>(g_records.size()) >= kRecordRing) {
-      g_records.erase(g_records.begin());
+    if (g_records.size() >= kRecordRing) {
+      g_records.pop_front();
       ++g_records_dropped;
     }
-    g_records.push_back(rec);
+    g_records.push_back(std::move(rec));
   }
   return err;
 }
@@ -334,6 +345,7 @@ extern "C" {
 
 int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const uint64_t* w1, const uint64_t* w3,
                                   const uint64_t* w2) {
+  if (E < 1 || E > kFjStreamedMaxExperts) return -2;  // the records' counts hold kFjStreamedMaxExperts
   auto t = std::make_shared<LayerTables>();
   t->E = E, t->hidden = hidden, t->ffn = ffn;
   for (int64_t e = 0; e < E; ++e) {
@@ -364,8 +376,16 @@ int fj_streamed_lane_error(char* err, int err_len) {
 int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped) {
   std::lock_guard<std::mutex> lock(g_records_mu);
   int64_t n = std::min<int64_t>(capacity, g_records.size());
-  std::copy(g_records.begin(), g_records.begin() + n, out);
-  g_records.erase(g_records.begin(), g_records.begin() + n);
+  for (int64_t i = 0; i < n; ++i) {
+    const Record& r = g_records.front();
+    FjStreamedRecord& o = out[i];
+    o = FjStreamedRecord{};
+    o.tables = r.tables, o.tokens = r.tokens, o.assignments = r.assignments, o.start_ns = r.start_ns,
+    o.end_ns = r.end_ns;
+    o.experts = static_cast<int64_t>(r.counts.size());
+    std::copy(r.counts.begin(), r.counts.end(), o.counts);
+    g_records.pop_front();
+  }
   *dropped = g_records_dropped;
   g_records_dropped = 0;
   return n;

@@ -60,8 +60,8 @@ int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const 
 void fj_streamed_lane_unregister(int64_t id);
 int fj_streamed_lane_error(char* err, int err_len);
 typedef struct FjStreamedRecord {
-  int64_t tables, tokens, assignments, start_ns, end_ns;
-  uint16_t counts[64];
+  int64_t tables, tokens, assignments, experts, start_ns, end_ns;
+  uint16_t counts[256];
 } FjStreamedRecord;
 int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped);
 int64_t fj_monotonic_ns(void);

@@ -9,6 +9,9 @@ stream reaches it, and queues the copy of the output back: the stream orders att
 next layer, and the Python thread queues tokens ahead of it. A host function cannot fail its XLA call: its
 first error is kept and :func:`raise_pending_error` raises it (the engine's streamed lane calls it when it drains
 the records: at the start of each forward pass and after each logits or generate call).
+
+Each call leaves a record (:func:`drain_records`) with the tokens routed to each of the layer's experts; the C
+record holds ``STREAMED_MAX_EXPERTS`` (256) counts, so a layer with more experts is refused at registration.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ STREAMED_LANE_TARGET = "fiddler_streamed_cpu_mix"
 _registered_platforms: set[str] = set()
 _lock = threading.Lock()
 _held: dict[int, ExpertTables] = {}  # id -> the tables whose addresses C++ holds (kept alive here)
+STREAMED_MAX_EXPERTS = len(_ffi.new("FjStreamedRecord *").counts)  # the C record's counts (256)
 
 
 def _register_target(platform: str) -> None:
@@ -45,10 +49,16 @@ def _register_target(platform: str) -> None:
 def register_layer(tables: ExpertTables, device: jax.Device) -> int:
     """Register one layer's host experts (``tables``; experts it does not hold are GPU-resident) for calls on
     ``device``; returns the id :func:`streamed_cpu_mix` names. The tables stay alive until
-    :func:`unregister_layers`."""
+    :func:`unregister_layers`. A layer of more than ``STREAMED_MAX_EXPERTS`` experts is refused."""
+    if not 1 <= tables.num_experts <= STREAMED_MAX_EXPERTS:
+        raise KernelError(f"register_layer: the streamed CPU lane takes layers of 1 to {STREAMED_MAX_EXPERTS} "
+                          f"experts (its records count tokens per expert); this layer has {tables.num_experts}")
     _register_target(device.platform)
     w1, w3, w2 = tables.pointers
     tid = int(_lib.fj_streamed_lane_register(tables.num_experts, tables.hidden, tables.ffn, w1, w3, w2))
+    if tid == -2:
+        raise KernelError(f"register_layer: the kernel library takes layers of 1 to {STREAMED_MAX_EXPERTS} experts; "
+                          f"this layer has {tables.num_experts}")
     if tid < 0:
         raise KernelError("register_layer: an expert holds some but not all of w1, w3, w2 on the host")
     _held[tid] = tables
@@ -100,14 +110,14 @@ _CLOCK_OFFSET_S = time.perf_counter() - _lib.fj_monotonic_ns() * 1e-9
 
 def drain_records(max_records: int = 8192) -> tuple[list[dict], int]:
     """The calls run since the last drain, oldest first: {"tables", "tokens", "assignments" (those the CPU ran),
-    "counts" (tokens routed to each of the first 64 experts), "start", "end" (``time.perf_counter`` seconds)},
-    and how many older records were dropped (the C++ ring holds 8192)."""
+    "counts" (int64 [E]: tokens routed to each of the layer's E experts, saturating at 65535), "start", "end"
+    (``time.perf_counter`` seconds)}, and how many older records were dropped (the C++ ring holds 8192)."""
     buf = _ffi.new("FjStreamedRecord[]", max_records)
     dropped = _ffi.new("int64_t*")
     n = int(_lib.fj_streamed_lane_records(buf, max_records, dropped))
     out = []
     for r in buf[0:n]:
         out.append({"tables": int(r.tables), "tokens": int(r.tokens), "assignments": int(r.assignments),
-                    "counts": np.frombuffer(_ffi.buffer(r.counts), np.uint16).astype(np.int64),
+                    "counts": np.frombuffer(_ffi.buffer(r.counts), np.uint16)[:int(r.experts)].astype(np.int64),
                     "start": r.start_ns * 1e-9 + _CLOCK_OFFSET_S, "end": r.end_ns * 1e-9 + _CLOCK_OFFSET_S})
     return out, int(dropped[0])

@@ -1,9 +1,11 @@
 """The streamed CPU lane: layer steps whose plan no routing can change run with no host sync.
 
 Which steps qualify is pure planning (:mod:`fiddler_jax.runtime.planning.streamed_steps`, asked once per (layer,
-tokens)): the C++ kernel on bfloat16 host experts, no dynamic cache, and every count vector's plan puts every
-active offloaded expert on the CPU. Such a step queues the resident mix and the CPU lane as a custom call the
-device's stream runs by itself (:mod:`fiddler_jax.kernels.streamed_lane`), so the host queues whole tokens ahead.
+tokens)): the C++ kernel on bfloat16 host experts, no dynamic cache, a layer of at most ``STREAMED_MAX_EXPERTS``
+(256) experts, and every count vector's plan puts every active offloaded expert on the CPU -- decided on one count
+vector per symmetry class, for steps of at most ``DEFAULT_LIMIT`` classes. Such a step queues the resident mix and
+the CPU lane as a custom call the device's stream runs by itself (:mod:`fiddler_jax.kernels.streamed_lane`), so
+the host queues whole tokens ahead.
 
 The lane registers each layer's host experts with the kernel library once (the registrations live as long as
 the host experts and are shared by every engine over them) and turns the calls' records into trace records
@@ -56,12 +58,20 @@ class StreamedLane:
         ok = self.qualifies.get(key)
         if ok is None:
             ok = self.qualifies[key] = (
-                self.eligible and self.registrations.host.kernel_tables(layer) is not None
+                self.eligible and self.fits(layer)
                 and all_cpu_for_any_routing(lambda counts: self.plan_for(counts, layer), self.resident[layer], rows,
                                             self.top_k))
         if not (ok and self.enabled):
             return None
         return self.registrations.id_of(layer)
+
+    def fits(self, layer: int) -> bool:
+        """Whether the layer's host experts can be registered: kernel tables, and no more experts than the
+        records count."""
+        from fiddler_jax.kernels.streamed_lane import STREAMED_MAX_EXPERTS
+
+        tables = self.registrations.host.kernel_tables(layer)
+        return tables is not None and tables.num_experts <= STREAMED_MAX_EXPERTS
 
     @staticmethod
     def mix(moe_in, routing, tables: int):
@@ -85,7 +95,7 @@ class StreamedLane:
                 layer = layer_of.get(r["tables"])
                 if layer is None:
                     continue
-                counts = r["counts"][:num_experts].astype(np.int32)
+                counts = r["counts"][:num_experts].astype(np.int32)  # the layer's experts
                 plan = self.plan_for(counts, layer)
                 trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s,
                                      {"cpu": (r["start"] - trace.t0, r["end"] - trace.t0)}))
