@@ -2,8 +2,10 @@
 
 Given the step's plan, its routing (on the device and, from the step's sync, on the host) and the resident
 experts' mix already queued, the executor runs:
-  * the GPU lane: prefetched copies' mixes, the dynamic cache's hits and inserts, then the PCIe lane's copies
-    in plan order, each mixed once it lands;
+  * the GPU lane: the dynamic cache's hits and inserts, then the PCIe lane's copies in plan order, in batches
+    of the free staging rows, each batch one copy call and one mix call (:mod:`lanes.pcie`); the prefetched
+    copies the plan uses are mixed with the first batch (concurrent plans) or on their own before the copies
+    (sequential plans, or no copies);
   * the CPU lane: the kernel over the step's CPU assignments;
   * when the plan leaves the PCIe lane idle and the planner prefetches, the first copies of the next layer's
     predicted experts (:func:`fiddler_jax.runtime.planning.plan_prefetch`).
@@ -52,16 +54,17 @@ class Executor:
             if plan.concurrent and (len(plan.transfer_order) or self.cache is not None or self.cpu_lane_thread):
                 cpu_job = self.cpu.submit(job)
         t_gpu, gpu_out = resident
-        for e in np.flatnonzero(plan.staged):  # prefetched copies: the mix waits for them on the device
-            gpu_out = gpu_out + self.pcie.mix(layer, int(e), moe_in, routing)
+        staged = np.flatnonzero(plan.staged)  # prefetched copies: their mix waits for them on the device
         order = plan.transfer_order
         if self.cache is not None:
             gpu_out, order = self.cache.run(layer, moe_in, routing, plan, gpu_out, clock, spans)
+        if len(staged) and not (len(order) and plan.concurrent):  # else mixed with the first copied batch
+            gpu_out, staged = self.pcie.mix(layer, staged, moe_in, routing, gpu_out), ()
         if len(order):
             if not plan.concurrent:
                 gpu_out.block_until_ready()  # sequential: the GPU lane ends before the PCIe lane starts
             spans.setdefault("pcie", (clock(),) * 2)
-            gpu_out = self.pcie.copy_and_mix(layer, moe_in, routing, order, gpu_out)
+            gpu_out = self.pcie.copy_and_mix(layer, moe_in, routing, order, gpu_out, staged)
         elif self.prefetch and next_layer_offloads:
             pool = self.pcie.pool
             E = len(plan.lanes)

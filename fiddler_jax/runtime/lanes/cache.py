@@ -1,8 +1,8 @@
 """The dynamic cache lane: ``slots`` GPU expert buffers per layer that keep copied experts for later steps, and
 which expert sits in which slot (its state, :class:`~fiddler_jax.runtime.planning.CacheStates`; the LRU rule is
 :mod:`fiddler_jax.runtime.planning.cache_policy`). It owns both: it plans a step behind the layer's cache, then
-runs the hits from the buffers and writes the copies that the new state keeps into their slots (after the hits
-were queued, so an evicted slot is read before it is overwritten).
+runs the hits from the buffers and writes the copies that the new state keeps into their slots, all of a step's
+in one ``stage_copy`` call (after the hits were queued, so an evicted slot is read before it is overwritten).
 """
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiddler_jax.runtime.host_experts import HostExperts, copy_into_slot
+from fiddler_jax.memory_kinds import DEVICE
+from fiddler_jax.runtime.host_experts import HostExperts
 from fiddler_jax.runtime.latency import LatencyModel
 from fiddler_jax.runtime.planning import CacheStates, Plan
-from fiddler_jax.runtime.segments import stack_mix
+from fiddler_jax.runtime.segments import stack_mix, stage_copy
 
 
 class DynamicCache:
@@ -23,6 +24,7 @@ class DynamicCache:
         self.slots, self.host = int(slots), host
         shapes = {"w1": (slots, ffn, hidden), "w3": (slots, ffn, hidden), "w2": (slots, hidden, ffn)}
         self.buffers = [{k: jnp.zeros(s, dtype) for k, s in shapes.items()} for _ in range(num_layers)]
+        self._target = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=DEVICE)
         self.states = CacheStates(slots)
         self._before: dict[int, tuple[int, ...]] = {}  # layer -> the slots' experts before the step's plan
 
@@ -45,8 +47,11 @@ class DynamicCache:
         if into_cache:
             t_copy = clock()
             placed = np.full(len(plan.lanes), -1, np.int32)
+            slots = np.asarray([slot for slot, _ in into_cache], np.int32)
+            self.buffers[layer], _ = stage_copy(self.buffers[layer], slots,
+                                                tuple(self.host.arrays(layer, e) for _, e in into_cache),
+                                                target=self._target)
             for slot, e in into_cache:
-                self.buffers[layer] = copy_into_slot(self.buffers[layer], slot, self.host.arrays(layer, e))
                 placed[e] = slot
             gpu_out = gpu_out + self._mix(layer, moe_in, routing, placed)
             spans["pcie"] = (t_copy, t_copy)  # the end is set when the copies have landed
