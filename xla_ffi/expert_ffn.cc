@@ -13,6 +13,7 @@
 #include <new>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include "bf16_math.h"
@@ -220,183 +221,16 @@ inline void SplitRows(int64_t R, int64_t granule, int tid, int nthreads, int64_t
   *r1 = b1 * granule < R ? b1 * granule : R;
 }
 
-// Dynamic split: rows [0, R) in chunks of ChunkRows(...) rows (a granule multiple, about R / (nthreads x
-// chunks_per_thread)); each thread claims the next chunk from an atomic counter until none is left. Each row is
-// still computed whole by one thread, so results do not depend on who claimed what; a thread slowed by another
-// process on its core (the engine's Python and XLA threads share the cores) just claims fewer chunks, where a
-// static split would make every thread wait for it.
-inline int64_t ChunkRows(int64_t R, int64_t granule, int nthreads, int chunks_per_thread) {
-  const int64_t want = (R + int64_t{nthreads} * chunks_per_thread - 1) / (int64_t{nthreads} * chunks_per_thread);
-  const int64_t g = granule > 0 ? granule : 1;
-  const int64_t rows = (want + g - 1) / g * g;
-  return rows > 0 ? rows : g;
-}
-
 inline size_t Align64(size_t b) { return (b + 63) & ~size_t{63}; }
 
+// Whether phase 1 reads x rows starting at `rows` in place: the path can (direct_x) and they are 64-byte aligned
+// (the 64-byte activation loads of a misaligned row each span two cache lines: reading misaligned rows in place
+// measured 2-4% slower than packing them into the aligned workspace, at Qwen3's shape, n = 1..4, one thread).
+inline bool ReadInPlace(const PathKernels* k, const uint16_t* rows) {
+  return k->direct_x && (reinterpret_cast<uintptr_t>(rows) & 63) == 0;
+}
+
 bool Overflows(int64_t a, int64_t b) { return a != 0 && b > INT64_MAX / a; }
-
-// ---------------------------------------------------------------------------------------------------------
-// Single expert.
-
-struct SingleCall {
-  const PathKernels* k;
-  const uint16_t* x;
-  int64_t n, hidden, ffn;
-  const uint16_t *w1, *w3, *w2;
-  const void* x_act;
-  void* x_pack;
-  void* h_act;
-  OutView out;
-  int64_t chunk1, chunk2;  // rows per claimed chunk in phase 1 (ffn rows) and phase 2 (hidden rows)
-  std::atomic<int64_t> next1{0}, next2{0};
-};
-
-void SinglePack(void* p, int tid, int nt) {
-  auto* c = static_cast<SingleCall*>(p);
-  int64_t t0, t1;
-  SplitRows(c->n, 1, tid, nt, &t0, &t1);
-  if (t0 < t1 || (tid == nt - 1)) c->k->pack(c->x, c->hidden, nullptr, c->n, t0, t1, c->x_pack);
-}
-
-void SinglePhase1(void* p, int, int) {
-  auto* c = static_cast<SingleCall*>(p);
-  for (int64_t r0 = c->next1.fetch_add(1) * c->chunk1; r0 < c->ffn; r0 = c->next1.fetch_add(1) * c->chunk1) {
-    const int64_t r1 = r0 + c->chunk1 < c->ffn ? r0 + c->chunk1 : c->ffn;
-    c->k->phase1(c->x_act, c->n, c->hidden, c->w1, c->w3, c->ffn, r0, r1, c->h_act);
-  }
-}
-
-void SinglePhase2(void* p, int, int) {
-  auto* c = static_cast<SingleCall*>(p);
-  for (int64_t r0 = c->next2.fetch_add(1) * c->chunk2; r0 < c->hidden; r0 = c->next2.fetch_add(1) * c->chunk2) {
-    const int64_t r1 = r0 + c->chunk2 < c->hidden ? r0 + c->chunk2 : c->hidden;
-    c->k->phase2(c->h_act, c->n, c->ffn, c->w2, c->hidden, r0, r1, c->out);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Grouped: segments are the active experts; rows of all experts form one row space that is split over the
-// threads by estimated cost, so all cores stream disjoint weight rows of all experts at once.
-
-struct Segment {
-  const PathKernels* k;
-  int64_t expert;
-  const uint16_t *w1, *w3, *w2;  // this expert's weights
-  int64_t n;       // tokens routed to it
-  int64_t first;   // position of its first row in the expert-sorted assignment order
-  void* x_act;
-  void* h_act;
-  int64_t cost1, cost2;  // per-row cost estimates for phase 1 / 2
-  int64_t chunk_rows;    // this phase: rows per claimed chunk
-  int64_t chunk_first;   // this phase: global index of the segment's first chunk
-};
-
-struct GroupedCall {
-  const uint16_t* x;
-  int64_t T, hidden, ffn;
-  const float* weights;
-  const int32_t* gather;     // [A] token of each assignment, in expert-sorted order
-  const int32_t* tok_off;    // [T+1]
-  const int32_t* tok_list;   // [A] assignment ids grouped by token, original order inside a token
-  const int32_t* pos;        // [A] sorted position of each assignment
-  Segment* seg;
-  int64_t nseg, A;
-  float* ybuf;               // [A, hidden] fp32, expert-sorted
-  void* out;
-  bool out_f32;
-  int64_t nchunks = 0;       // this phase's chunks over all segments
-  std::atomic<int64_t> next{0};
-};
-
-// Lay out one phase's chunks (ChunkRows): every segment is cut into chunks of about the same cost -- the
-// phase's total cost over nthreads x chunks_per_thread -- so an expert with many tokens gets more, smaller
-// chunks; chunk indices run over the segments in order. Resets the claim counter.
-void PlanChunks(GroupedCall& c, int phase, int nthreads, int chunks_per_thread) {
-  const int64_t rows = phase == 1 ? c.ffn : c.hidden;
-  long double total = 0;
-  for (int64_t s = 0; s < c.nseg; ++s) total += static_cast<long double>(phase == 1 ? c.seg[s].cost1 : c.seg[s].cost2) * rows;
-  const long double per_chunk = total / (static_cast<long double>(nthreads) * chunks_per_thread);
-  int64_t first = 0;
-  for (int64_t s = 0; s < c.nseg; ++s) {
-    Segment& sg = c.seg[s];
-    const int64_t per_row = phase == 1 ? sg.cost1 : sg.cost2;
-    const int64_t g = sg.k->row_granule > 0 ? sg.k->row_granule : 1;
-    int64_t want = per_row > 0 ? static_cast<int64_t>(per_chunk / per_row) : rows;
-    want = (want + g - 1) / g * g;
-    sg.chunk_rows = want < g ? g : (want > rows ? rows : want);
-    sg.chunk_first = first;
-    first += (rows + sg.chunk_rows - 1) / sg.chunk_rows;
-  }
-  c.nchunks = first;
-  c.next.store(0);
-}
-
-// Claims chunks until none is left and runs `fn(segment, r0, r1)` on each.
-template <typename Fn>
-void ClaimChunks(GroupedCall& c, int64_t rows, Fn fn) {
-  int64_t s = 0;
-  for (int64_t i = c.next.fetch_add(1); i < c.nchunks; i = c.next.fetch_add(1)) {
-    while (s + 1 < c.nseg && c.seg[s + 1].chunk_first <= i) ++s;  // claims only grow: scan forward
-    const Segment& sg = c.seg[s];
-    const int64_t r0 = (i - sg.chunk_first) * sg.chunk_rows;
-    const int64_t r1 = r0 + sg.chunk_rows < rows ? r0 + sg.chunk_rows : rows;
-    fn(sg, r0, r1);
-  }
-}
-
-void GroupedPack(void* p, int tid, int nt) {
-  auto* c = static_cast<GroupedCall*>(p);
-  for (int64_t s = 0; s < c->nseg; ++s) {
-    const Segment& sg = c->seg[s];
-    int64_t t0, t1;
-    SplitRows(sg.n, 1, tid, nt, &t0, &t1);
-    if (t0 < t1 || tid == nt - 1) sg.k->pack(c->x, c->hidden, c->gather + sg.first, sg.n, t0, t1, sg.x_act);
-  }
-}
-
-void GroupedPhase1(void* p, int, int) {
-  auto* c = static_cast<GroupedCall*>(p);
-  ClaimChunks(*c, c->ffn, [c](const Segment& sg, int64_t r0, int64_t r1) {
-    sg.k->phase1(sg.x_act, sg.n, c->hidden, sg.w1, sg.w3, c->ffn, r0, r1, sg.h_act);
-  });
-}
-
-void GroupedPhase2(void* p, int, int) {
-  auto* c = static_cast<GroupedCall*>(p);
-  ClaimChunks(*c, c->hidden, [c](const Segment& sg, int64_t r0, int64_t r1) {
-    OutView o{c->ybuf + sg.first * c->hidden, c->hidden, true};
-    sg.k->phase2(sg.h_act, sg.n, c->ffn, sg.w2, c->hidden, r0, r1, o);
-  });
-}
-
-void GroupedCombine(void* p, int tid, int nt) {
-  auto* c = static_cast<GroupedCall*>(p);
-  int64_t c0, c1;
-  SplitRows(c->hidden, 16, tid, nt, &c0, &c1);
-  constexpr int64_t kChunk = 512;
-  float acc[kChunk];
-  for (int64_t t = 0; t < c->T; ++t) {
-    for (int64_t cb = c0; cb < c1; cb += kChunk) {
-      const int64_t ce = cb + kChunk < c1 ? cb + kChunk : c1;
-      const int64_t w = ce - cb;
-      for (int64_t i = 0; i < w; ++i) acc[i] = 0.f;
-      for (int32_t q = c->tok_off[t]; q < c->tok_off[t + 1]; ++q) {
-        const int32_t a = c->tok_list[q];
-        const float wt = c->weights[a];
-        const float* y = c->ybuf + static_cast<int64_t>(c->pos[a]) * c->hidden + cb;
-        for (int64_t i = 0; i < w; ++i) acc[i] += wt * y[i];
-      }
-      if (c->out_f32) {
-        float* o = static_cast<float*>(c->out) + t * c->hidden + cb;
-        for (int64_t i = 0; i < w; ++i) o[i] = acc[i];
-      } else {
-        uint16_t* o = static_cast<uint16_t*>(c->out) + t * c->hidden + cb;
-        for (int64_t i = 0; i < w; ++i) o[i] = F32ToBf16(acc[i]);
-      }
-    }
-  }
-}
 
 int64_t RowCost(Path p, int64_t n) {
   // Relative cost of one weight row: streaming it, plus per-token compute (cheaper per token on AMX).
@@ -404,6 +238,197 @@ int64_t RowCost(Path p, int64_t n) {
     case Path::kAmx: return 64 + 2 * n;
     case Path::kAvx512Bf16: return 64 + 8 * n;
     default: return 64 + 32 * n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A call is one parallel region (one ThreadPool::Run). Its work is one list of tasks in a fixed order:
+//   1. pack units: tokens [t0, t1) of a segment's activations into its packed buffer (none when a path reads
+//      the segment's x rows in place);
+//   2. phase-1 chunks: ffn rows [r0, r1) of a segment (h = silu(x w1^T) * (x w3^T));
+//   3. phase-2 chunks: hidden rows [r0, r1) of a segment (y = h w2^T);
+//   4. combine units (grouped calls): columns [c0, c1) of the output, the weighted sum of each token's
+//      assignments in assignment order;
+// segment by segment inside each stage. Threads claim tasks from one counter (dynamic split: a thread slowed by
+// another process on its core -- the engine's Python and XLA threads share the cores -- just claims fewer). A
+// task waits only for what it reads: a phase-1 chunk for its segment's packing, a phase-2 chunk for its segment's
+// phase-1 chunks (all of h), a combine unit for every phase-2 chunk. Those are earlier tasks, already claimed by
+// threads that are running them, so the waits always end; with several experts a segment's phase 2 finds its h
+// long complete (the other segments' phase-1 chunks came between), so the only waits left are the ones the data
+// imposes (one expert: phase 2 after its last phase-1 chunk; the combine after the last phase-2 chunk). Every
+// output element is computed by one kernel call with a fixed operation order and the combine sums in assignment
+// order, so results do not depend on the thread count or on who claimed what.
+
+// Spins until pred() holds, yielding the core now and then (the thread being waited for may share it).
+template <typename Pred>
+inline void WaitUntil(Pred pred) {
+  uint32_t spins = 0;
+  while (!pred()) {
+    __asm__ volatile("pause" ::: "memory");
+    if (++spins > (1u << 12)) std::this_thread::yield();
+  }
+}
+
+// One expert's share of a call (an active expert of a grouped call, or the single expert).
+struct alignas(64) Segment {
+  const PathKernels* k;
+  const uint16_t *w1, *w3, *w2;  // this expert's weights
+  int64_t n;                     // tokens routed to it
+  int64_t first;                 // grouped: position of its first row in the expert-sorted assignment order
+  const int32_t* idx;            // tokens of x to pack (nullptr: rows 0..n-1)
+  const void* x_act;             // what phase 1 reads: the packed buffer, or x's rows in place
+  void* x_pack;                  // the packed buffer (nullptr: nothing to pack)
+  void* h_act;
+  OutView out;                   // where phase 2 writes
+  int64_t cost1, cost2;          // per-row cost estimates for phase 1 / 2
+  int64_t pack_rows, pack_first, pack_units;  // tokens per pack unit; its first task; how many
+  int64_t rows1, first1, chunks1;             // phase 1: rows per chunk; first task; how many
+  int64_t rows2, first2, chunks2;             // phase 2
+  alignas(64) std::atomic<int64_t> packed{0};  // pack units finished
+  std::atomic<int64_t> done1{0};               // phase-1 chunks finished
+};
+
+struct Call {
+  const uint16_t* x;
+  int64_t hidden, ffn;
+  Segment* seg;
+  int64_t nseg;
+  // Task index boundaries: pack [0, end_pack), phase 1 [end_pack, end1), phase 2 [end1, end2), combine
+  // [end2, ntasks).
+  int64_t end_pack = 0, end1 = 0, end2 = 0, ntasks = 0;
+  int64_t combine_units = 0;
+  // Combine (grouped calls only).
+  int64_t T = 0;
+  const float* weights = nullptr;
+  const int32_t* tok_off = nullptr;   // [T+1]
+  const int32_t* tok_list = nullptr;  // [A] assignment ids grouped by token, original order inside a token
+  const int32_t* pos = nullptr;       // [A] sorted position of each assignment
+  const float* ybuf = nullptr;        // [A, hidden] fp32, expert-sorted (phase 2's output)
+  void* out = nullptr;
+  bool out_f32 = true;
+  alignas(64) std::atomic<int64_t> next{0};   // the next unclaimed task
+  alignas(64) std::atomic<int64_t> done2{0};  // phase-2 chunks finished (all segments)
+};
+
+// Combine units hold about this many output elements (x assignments): a decode step's combine is one unit.
+constexpr int64_t kCombineElems = 32768;
+
+// Lays out the task list: pack units (pack_rows tokens each, about 32768 elements of x), then each phase's
+// chunks -- every segment cut into chunks of about the same cost, the phase's total cost over nthreads x
+// chunks_per_thread, so an expert with many tokens gets more, smaller chunks -- then the combine units.
+void PlanTasks(Call& c, int nthreads, int chunks_per_thread, int64_t combine_elems) {
+  int64_t t = 0;
+  for (int64_t s = 0; s < c.nseg; ++s) {
+    Segment& sg = c.seg[s];
+    sg.pack_first = t;
+    sg.pack_rows = 1;
+    sg.pack_units = 0;
+    if (sg.x_pack) {
+      const int64_t rows = (32768 + c.hidden - 1) / c.hidden;
+      sg.pack_rows = rows < 1 ? 1 : rows;
+      sg.pack_units = (sg.n + sg.pack_rows - 1) / sg.pack_rows;
+    }
+    t += sg.pack_units;
+  }
+  c.end_pack = t;
+  for (int phase = 1; phase <= 2; ++phase) {
+    const int64_t rows = phase == 1 ? c.ffn : c.hidden;
+    long double total = 0;
+    for (int64_t s = 0; s < c.nseg; ++s)
+      total += static_cast<long double>(phase == 1 ? c.seg[s].cost1 : c.seg[s].cost2) * rows;
+    const long double per_chunk = total / (static_cast<long double>(nthreads) * chunks_per_thread);
+    for (int64_t s = 0; s < c.nseg; ++s) {
+      Segment& sg = c.seg[s];
+      const int64_t per_row = phase == 1 ? sg.cost1 : sg.cost2;
+      const int64_t g = sg.k->row_granule > 0 ? sg.k->row_granule : 1;
+      int64_t want = per_row > 0 ? static_cast<int64_t>(per_chunk / per_row) : rows;
+      want = (want + g - 1) / g * g;
+      const int64_t chunk = want < g ? g : (want > rows ? rows : want);
+      const int64_t n = (rows + chunk - 1) / chunk;
+      if (phase == 1) {
+        sg.rows1 = chunk, sg.first1 = t, sg.chunks1 = n;
+      } else {
+        sg.rows2 = chunk, sg.first2 = t, sg.chunks2 = n;
+      }
+      t += n;
+    }
+    (phase == 1 ? c.end1 : c.end2) = t;
+  }
+  c.combine_units = 0;
+  if (c.ybuf) {
+    const int64_t elems = static_cast<int64_t>(c.tok_off[c.T]) * c.hidden;  // assignments x hidden
+    int64_t units = (elems + combine_elems - 1) / combine_elems;
+    units = units < 1 ? 1 : (units > nthreads ? nthreads : units);
+    c.combine_units = units;
+  }
+  c.ntasks = t + c.combine_units;
+  c.next.store(0, std::memory_order_relaxed);
+  c.done2.store(0, std::memory_order_relaxed);
+}
+
+// Columns [c0, c1) of the output: out[t, i] = sum over token t's assignments a (in assignment order) of
+// weights[a] * ybuf[pos[a], i].
+void CombineColumns(const Call& c, int64_t c0, int64_t c1) {
+  constexpr int64_t kChunk = 512;
+  float acc[kChunk];
+  for (int64_t t = 0; t < c.T; ++t) {
+    for (int64_t cb = c0; cb < c1; cb += kChunk) {
+      const int64_t ce = cb + kChunk < c1 ? cb + kChunk : c1;
+      const int64_t w = ce - cb;
+      for (int64_t i = 0; i < w; ++i) acc[i] = 0.f;
+      for (int32_t q = c.tok_off[t]; q < c.tok_off[t + 1]; ++q) {
+        const int32_t a = c.tok_list[q];
+        const float wt = c.weights[a];
+        const float* y = c.ybuf + static_cast<int64_t>(c.pos[a]) * c.hidden + cb;
+        for (int64_t i = 0; i < w; ++i) acc[i] += wt * y[i];
+      }
+      if (c.out_f32) {
+        float* o = static_cast<float*>(c.out) + t * c.hidden + cb;
+        for (int64_t i = 0; i < w; ++i) o[i] = acc[i];
+      } else {
+        uint16_t* o = static_cast<uint16_t*>(c.out) + t * c.hidden + cb;
+        for (int64_t i = 0; i < w; ++i) o[i] = F32ToBf16(acc[i]);
+      }
+    }
+  }
+}
+
+// The pool's slot function: claims tasks until none is left (module comment above).
+void RunTasks(void* p, int, int) {
+  auto* cp = static_cast<Call*>(p);
+  Call& c = *cp;
+  int64_t sp = 0, s1 = 0, s2 = 0;  // segment cursors per stage: this thread's claims only grow
+  for (int64_t i = c.next.fetch_add(1); i < c.ntasks; i = c.next.fetch_add(1)) {
+    if (i < c.end_pack) {
+      while (sp + 1 < c.nseg && c.seg[sp + 1].pack_first <= i) ++sp;
+      Segment& sg = c.seg[sp];
+      const int64_t t0 = (i - sg.pack_first) * sg.pack_rows;
+      const int64_t t1 = t0 + sg.pack_rows < sg.n ? t0 + sg.pack_rows : sg.n;
+      sg.k->pack(c.x, c.hidden, sg.idx, sg.n, t0, t1, sg.x_pack);
+      sg.packed.fetch_add(1, std::memory_order_acq_rel);
+    } else if (i < c.end1) {
+      while (s1 + 1 < c.nseg && c.seg[s1 + 1].first1 <= i) ++s1;
+      Segment& sg = c.seg[s1];
+      if (sg.pack_units) WaitUntil([&] { return sg.packed.load(std::memory_order_acquire) == sg.pack_units; });
+      const int64_t r0 = (i - sg.first1) * sg.rows1;
+      const int64_t r1 = r0 + sg.rows1 < c.ffn ? r0 + sg.rows1 : c.ffn;
+      sg.k->phase1(sg.x_act, sg.n, c.hidden, sg.w1, sg.w3, c.ffn, r0, r1, sg.h_act);
+      sg.done1.fetch_add(1, std::memory_order_acq_rel);
+    } else if (i < c.end2) {
+      while (s2 + 1 < c.nseg && c.seg[s2 + 1].first2 <= i) ++s2;
+      Segment& sg = c.seg[s2];
+      WaitUntil([&] { return sg.done1.load(std::memory_order_acquire) == sg.chunks1; });
+      const int64_t r0 = (i - sg.first2) * sg.rows2;
+      const int64_t r1 = r0 + sg.rows2 < c.hidden ? r0 + sg.rows2 : c.hidden;
+      sg.k->phase2(sg.h_act, sg.n, c.ffn, sg.w2, c.hidden, r0, r1, sg.out);
+      c.done2.fetch_add(1, std::memory_order_acq_rel);
+    } else {
+      const int64_t chunks2 = c.end2 - c.end1;
+      WaitUntil([&] { return c.done2.load(std::memory_order_acquire) == chunks2; });
+      int64_t c0, c1;
+      SplitRows(c.hidden, 16, static_cast<int>(i - c.end2), static_cast<int>(c.combine_units), &c0, &c1);
+      if (c0 < c1) CombineColumns(c, c0, c1);
+    }
   }
 }
 
@@ -636,29 +661,36 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   if (const char* e = rt.EnsurePool()) return Errorf("expert_ffn: %s", e);
   const Path path = rt.Choose(n);
   if (!PathSupported(path)) return Errorf("expert_ffn: path %s not supported by this CPU", PathName(path));
-  SingleCall c;
-  c.k = GetPathKernels(path);
-  c.x = x;
-  c.n = n;
-  c.hidden = hidden;
-  c.ffn = ffn;
-  c.w1 = w1;
-  c.w3 = w3;
-  c.w2 = w2;
-  c.out = OutView{y, hidden, out_f32};
-  const size_t xb = c.k->direct_x ? 0 : Align64(c.k->act_bytes(n, hidden));
-  const size_t hb = Align64(c.k->act_bytes(n, ffn));
+  ThreadPool& pool = *rt.pool;
+  pool.Wake();  // sleeping workers come up while the call is prepared
+  const PathKernels* k = GetPathKernels(path);
+  const bool in_place = ReadInPlace(k, x);
+  const size_t xb = in_place ? 0 : Align64(k->act_bytes(n, hidden));
+  const size_t hb = Align64(k->act_bytes(n, ffn));
   char* ws = static_cast<char*>(rt.ws_data.Get(xb + hb));
   if (!ws) return Errorf("expert_ffn: cannot allocate %zu bytes of workspace", xb + hb);
-  c.x_pack = ws;
-  c.h_act = ws + xb;
-  c.x_act = c.k->direct_x ? static_cast<const void*>(x) : c.x_pack;
-  ThreadPool& pool = *rt.pool;
-  c.chunk1 = ChunkRows(ffn, c.k->row_granule, pool.size(), rt.chunks_per_thread);
-  c.chunk2 = ChunkRows(hidden, c.k->row_granule, pool.size(), rt.chunks_per_thread);
-  if (!c.k->direct_x) pool.Run(SinglePack, &c);
-  pool.Run(SinglePhase1, &c);
-  pool.Run(SinglePhase2, &c);
+  Segment sg;
+  sg.k = k;
+  sg.w1 = w1;
+  sg.w3 = w3;
+  sg.w2 = w2;
+  sg.n = n;
+  sg.first = 0;
+  sg.idx = nullptr;
+  sg.x_pack = in_place ? nullptr : ws;
+  sg.x_act = in_place ? static_cast<const void*>(x) : sg.x_pack;
+  sg.h_act = ws + xb;
+  sg.out = OutView{y, hidden, out_f32};
+  sg.cost1 = 2 * RowCost(path, n);
+  sg.cost2 = RowCost(path, n);
+  Call c;
+  c.x = x;
+  c.hidden = hidden;
+  c.ffn = ffn;
+  c.seg = &sg;
+  c.nseg = 1;
+  PlanTasks(c, pool.size(), rt.chunks_per_thread, kCombineElems);
+  pool.Run(RunTasks, &c);
   return nullptr;
 }
 
@@ -710,6 +742,8 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
   if (const char* e = rt.EnsurePool()) return Errorf("%s: %s", op, e);
+  ThreadPool& pool = *rt.pool;
+  pool.Wake();  // sleeping workers come up while the call is prepared
 
   // Index workspace: expert offsets [E+1], token offsets [T+1], gather [A], tok_list [A], pos [A], seg [E].
   const size_t ib = Align64(sizeof(int32_t) * (E + 1)) + Align64(sizeof(int32_t) * (T + 1)) +
@@ -748,7 +782,8 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   for (int64_t t = T; t > 0; --t) tok_off[t] = tok_off[t - 1];
   tok_off[0] = 0;
 
-  // Segments (active experts) and the data workspace: y rows, then each segment's x and h activations.
+  // Segments (active experts) and the data workspace: y rows, then each segment's packed x (unless the path
+  // reads x in place and the segment's tokens are consecutive, aligned rows of x, as in decode) and h.
   int64_t nseg = 0;
   size_t db = Align64(sizeof(float) * A * hidden);
   for (int64_t e = 0; e < E; ++e) {
@@ -756,50 +791,55 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
     if (cnt == 0) continue;
     const Path path = rt.Choose(cnt);
     if (!PathSupported(path)) return Errorf("%s: path %s not supported by this CPU", op, PathName(path));
-    Segment& s = seg[nseg++];
+    Segment& s = *new (&seg[nseg++]) Segment();
     s.k = GetPathKernels(path);
-    s.expert = e;
     s.w1 = ew.W1(e);
     s.w3 = ew.W3(e);
     s.w2 = ew.W2(e);
     s.n = cnt;
     s.first = exp_off[e];
+    s.idx = gather + s.first;
     s.cost1 = 2 * RowCost(path, cnt);
     s.cost2 = RowCost(path, cnt);
-    db += Align64(s.k->act_bytes(cnt, hidden)) + Align64(s.k->act_bytes(cnt, ffn));
+    const uint16_t* rows = x + static_cast<int64_t>(s.idx[0]) * hidden;
+    bool in_place = ReadInPlace(s.k, rows);
+    for (int64_t t = 1; in_place && t < cnt; ++t) in_place = s.idx[t] == s.idx[0] + t;
+    s.x_act = in_place ? rows : nullptr;
+    s.x_pack = nullptr;
+    if (!in_place) db += Align64(s.k->act_bytes(cnt, hidden));
+    db += Align64(s.k->act_bytes(cnt, ffn));
   }
   char* dw = static_cast<char*>(rt.ws_data.Get(db));
   if (!dw) return Errorf("%s: cannot allocate %zu bytes of workspace", op, db);
-  GroupedCall c;
-  c.ybuf = reinterpret_cast<float*>(dw);
+  float* ybuf = reinterpret_cast<float*>(dw);
   dw += Align64(sizeof(float) * A * hidden);
   for (int64_t s = 0; s < nseg; ++s) {
-    seg[s].x_act = dw;
-    dw += Align64(seg[s].k->act_bytes(seg[s].n, hidden));
-    seg[s].h_act = dw;
-    dw += Align64(seg[s].k->act_bytes(seg[s].n, ffn));
+    Segment& sg = seg[s];
+    if (!sg.x_act) {
+      sg.x_pack = dw;
+      sg.x_act = dw;
+      dw += Align64(sg.k->act_bytes(sg.n, hidden));
+    }
+    sg.h_act = dw;
+    dw += Align64(sg.k->act_bytes(sg.n, ffn));
+    sg.out = OutView{ybuf + sg.first * hidden, hidden, true};
   }
+  Call c;
   c.x = x;
-  c.T = T;
   c.hidden = hidden;
   c.ffn = ffn;
+  c.seg = seg;
+  c.nseg = nseg;
+  c.T = T;
   c.weights = weights;
-  c.gather = gather;
   c.tok_off = tok_off;
   c.tok_list = tok_list;
   c.pos = pos;
-  c.seg = seg;
-  c.nseg = nseg;
-  c.A = A;
+  c.ybuf = ybuf;
   c.out = y;
   c.out_f32 = out_f32;
-  ThreadPool& pool = *rt.pool;
-  pool.Run(GroupedPack, &c);
-  PlanChunks(c, 1, pool.size(), rt.chunks_per_thread);
-  pool.Run(GroupedPhase1, &c);
-  PlanChunks(c, 2, pool.size(), rt.chunks_per_thread);
-  pool.Run(GroupedPhase2, &c);
-  pool.Run(GroupedCombine, &c);
+  PlanTasks(c, pool.size(), rt.chunks_per_thread, kCombineElems);
+  pool.Run(RunTasks, &c);
   return nullptr;
 }
 

@@ -31,17 +31,17 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[r * TB + t] = <w[r], x[t]> over k. The operation order per output is the same for every R and TB.
+// out[r * TB + t] = <w[r], x[t]> over k (pf > 0: each 32-element step also prefetches w[r] + c + pf into L2).
+// The operation order per output is the same for every R and TB.
 template <int R, int TB>
-inline void Dot(const uint16_t* const* w, const float* x, int64_t ldx, int64_t k, float* out) {
+inline void Dot(const uint16_t* const* w, const float* x, int64_t ldx, int64_t k, int64_t pf, float* out) {
   __m256 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
-  const int64_t pf = g_prefetch_bytes / 2;
   int64_t c = 0;
   for (; c + 32 <= k; c += 32) {
     if (pf) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + pf), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + pf), _MM_HINT_T1);
     }
     for (int s = 0; s < 32; s += 8) {
       __m256 xv[TB];

@@ -31,18 +31,18 @@ inline __m512bh AsBf16(__m512i v) {
 #endif
 }
 
-// out[r * TB + t] = <w[r], x[t]> over k; full 32-element steps, then one masked step. The sequence of
+// out[r * TB + t] = <w[r], x[t]> over k; full 32-element steps, then one masked step (pf > 0: each full step
+// also prefetches w[r] + c + pf into L2; row_kernel_phases.inc says why). The sequence of
 // operations on each accumulator is the same for every R and TB, so results do not depend on blocking.
 template <int R, int TB>
-inline void Dot(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k, float* out) {
+inline void Dot(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t pf, float* out) {
   __m512 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  const int64_t pf = g_prefetch_bytes / 2;
   int64_t c = 0;
   for (; c + 32 <= k; c += 32) {
     if (pf) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + pf), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + pf), _MM_HINT_T1);
     }
     __m512bh xv[TB];
     for (int t = 0; t < TB; ++t) xv[t] = AsBf16(_mm512_loadu_si512(x + t * ldx + c));

@@ -55,7 +55,7 @@ namespace avx512 { extern const PathKernels kKernels; }
 namespace amx { extern const PathKernels kKernels; }
 
 // Tunables read by the kernels (set by the runtime; plain globals, read-only during a call).
-extern int g_prefetch_bytes;  // software prefetch distance for weight streams in AVX paths; 0 = off
+extern int g_prefetch_bytes;  // AVX paths: weight rows are prefetched into L2 this many bytes ahead; 0 = off
 extern int g_amx_group_kib;   // AMX direct variant: activation bytes re-read per weight row block
 extern int g_amx_variant;     // AMX: 0 auto, 1 direct (A tiles in place), 2 k-chunked, 3 blocked (kernel_amx.cc)
 extern int g_amx_blocked_from;  // AMX auto: blocked variant from this many 16-token tiles, else direct

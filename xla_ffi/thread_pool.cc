@@ -1,9 +1,13 @@
 #include "thread_pool.h"
 
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <climits>
 
 namespace fiddler {
 namespace {
@@ -28,6 +32,17 @@ inline void SpinUntil(Pred pred) {
 
 inline bool IsOpen(uint64_t job) { return (job & 1) != 0; }
 
+// std::atomic<uint32_t> is a plain 32-bit word (lock-free, same size), which is what the futex calls take.
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
+
+inline void FutexWait(std::atomic<uint32_t>* word, uint32_t expected) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+
+inline void FutexWake(std::atomic<uint32_t>* word, int count) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
+}
+
 }  // namespace
 
 ThreadPool::ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us, bool wait_all)
@@ -50,13 +65,27 @@ ThreadPool::ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_u
 ThreadPool::~ThreadPool() { StopAndJoin(); }
 
 void ThreadPool::StopAndJoin() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_.store(true);
-  }
-  cv_.notify_all();
+  stop_.store(true);
+  WakeSleepers(INT_MAX);
   for (auto& t : workers_) t.join();
   workers_.clear();
+}
+
+// Bumps the futex word (a worker about to sleep that read the old value returns at once) and wakes up to `count`
+// workers sleeping on it.
+void ThreadPool::WakeSleepers(int count) {
+  wake_seq_.fetch_add(1);  // seq_cst
+  FutexWake(&wake_seq_, count);
+}
+
+// Wakes one sleeper, which wakes the rest (pass_on_): the caller makes one cheap syscall and goes on.
+void ThreadPool::WakeOne() {
+  pass_on_.store(true);
+  WakeSleepers(1);
+}
+
+void ThreadPool::Wake() {
+  if (nthreads_ > 1 && sleepers_.load() > 0) WakeOne();
 }
 
 // Runs unclaimed slots of the open job until none is left. Called by the caller, and by a worker only after it
@@ -83,10 +112,7 @@ void ThreadPool::Run(Fn fn, void* ctx) {
   joined_.store(0, std::memory_order_relaxed);
   ++generation_;
   job_.store(2 * generation_ + 1);  // seq_cst: publishes the job; pairs with the sleepers_ increment below
-  if (sleepers_.load() > 0) {
-    std::lock_guard<std::mutex> lock(mu_);
-    cv_.notify_all();
-  }
+  if (sleepers_.load() > 0) WakeOne();
   ClaimSlots();
   SpinUntil([&] { return done_slots_.load(std::memory_order_acquire) == nthreads_; });
   if (wait_all_) SpinUntil([&] { return joined_.load(std::memory_order_acquire) == nthreads_ - 1; });
@@ -107,8 +133,8 @@ void ThreadPool::WorkerLoop(int cpu_id) {
     return stop_.load(std::memory_order_relaxed) || (j != seen && IsOpen(j));
   };
   for (;;) {
-    // Spin for a while, then sleep until a new job opens.
     if (!ready()) {
+      // Spin for a while, then sleep until a wake-up; after one, spin again (a job follows a Wake() shortly).
       const int64_t start = NowUs();
       uint32_t i = 0;
       while (!ready()) {
@@ -116,10 +142,17 @@ void ThreadPool::WorkerLoop(int cpu_id) {
         if ((++i & 255) == 0 && NowUs() - start > spin_us_) break;
       }
       if (!ready()) {
-        std::unique_lock<std::mutex> lock(mu_);
-        sleepers_.fetch_add(1);  // seq_cst, before re-reading job_ under the lock
-        cv_.wait(lock, ready);
+        // No lost wake-up: a waker bumps wake_seq_ after publishing its job (or stop_) and then reads sleepers_
+        // (all seq_cst). Either it sees us counted and wakes a sleeper after the bump -- our wait, on the value
+        // read before it, returns at once or is woken (or the worker it wakes wakes us) -- or we were counted
+        // after its read, and then we see the job (or stop_) below and do not wait.
+        sleepers_.fetch_add(1);
+        const uint32_t w = wake_seq_.load();
+        if (!ready()) FutexWait(&wake_seq_, w);
         sleepers_.fetch_sub(1);
+        // The first worker back from a WakeOne() wakes the others.
+        if (pass_on_.load(std::memory_order_relaxed) && pass_on_.exchange(false)) WakeSleepers(INT_MAX);
+        continue;
       }
     }
     if (stop_.load()) return;

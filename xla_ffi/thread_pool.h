@@ -2,17 +2,18 @@
 // returns when all have finished. The slots are claimed from a counter by whoever is there -- the caller and
 // the workers that are awake -- so a worker that is asleep, or whose core is busy with another process's
 // thread (the engine's Python and XLA threads share the cores), delays nothing: the others run its slots. A
-// worker that wakes late joins the job still open, or none. Workers spin briefly after each job (back-to-back
-// phases of one call see no wake-up latency), then sleep on a condition variable. No allocation per Run.
+// worker that wakes late joins the job still open, or none. Workers spin briefly after each job, then sleep on
+// a futex (Linux): no mutex, so woken workers do not queue behind each other. Run wakes one sleeper and the
+// first worker that wakes wakes the rest, so the caller starts its own share at once. Wake() does the same
+// ahead of a job: a kernel call issues it on entry, so its workers come out of sleep while the caller prepares
+// the call. No allocation per Run.
 //
-// `wait_all` restores the old contract for comparison: Run also waits until every worker has joined the job
-// (so one descheduled worker delays every phase by its wake-up).
+// `wait_all` is the other contract, for comparison: Run also waits until every worker has joined the job (so
+// one descheduled worker delays every job by its wake-up).
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -33,11 +34,15 @@ class ThreadPool {
   int size() const { return nthreads_; }
   // Not reentrant: callers serialise (the kernel runtime holds its mutex around every call).
   void Run(Fn fn, void* ctx);
+  // Starts waking sleeping workers (they spin for the next job, then sleep again); cheap when none sleeps.
+  void Wake();
 
  private:
   void WorkerLoop(int cpu_id);
   void StopAndJoin();
   void ClaimSlots();
+  void WakeSleepers(int count);
+  void WakeOne();
 
   const int nthreads_;
   const int spin_us_;
@@ -47,14 +52,14 @@ class ThreadPool {
   void* ctx_ = nullptr;
   uint64_t generation_ = 0;          // caller-only: jobs run so far
   std::atomic<uint64_t> job_{0};     // 2 * generation + 1 while that job is open, 2 * generation once closed
-  std::atomic<int> next_slot_{0};    // the next unclaimed slot of the open job
-  std::atomic<int> done_slots_{0};   // slots of the open job that have finished
-  std::atomic<int> active_{0};       // workers between their entry check and their exit
-  std::atomic<int> joined_{0};       // workers that joined the open job (wait_all only)
-  std::atomic<int> sleepers_{0};
+  alignas(64) std::atomic<int> next_slot_{0};    // the next unclaimed slot of the open job
+  alignas(64) std::atomic<int> done_slots_{0};   // slots of the open job that have finished
+  alignas(64) std::atomic<int> active_{0};       // workers between their entry check and their exit
+  std::atomic<int> joined_{0};                   // workers that joined the open job (wait_all only)
+  alignas(64) std::atomic<uint32_t> wake_seq_{0};  // the futex word: bumped by every wake
+  std::atomic<int> sleepers_{0};                 // workers in (or about to enter) the futex wait
+  std::atomic<bool> pass_on_{false};             // set by WakeOne: the first worker back wakes the others
   std::atomic<bool> stop_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
 };
 
 }  // namespace fiddler

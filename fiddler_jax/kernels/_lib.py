@@ -247,7 +247,9 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def _ptr(ctype: str, a: np.ndarray):
-    return _ffi.cast(ctype, a.ctypes.data)
+    """``a``'s data address as a ``ctype`` pointer. Through the buffer protocol (about 0.3 µs), not ``a.ctypes``
+    (about 1.5 µs, five times per kernel call); the caller keeps ``a`` alive for the call."""
+    return _ffi.cast(ctype, _ffi.from_buffer(a))
 
 
 def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> None:
