@@ -54,8 +54,8 @@ def main() -> None:
     result = {"args": vars(args), "geometry": geometry, "device": str(jax.devices()[0]), "jax": jax.__version__}
     t = time.perf_counter()
     if not os.path.exists(os.path.join(args.dir, "config.json")):
-        config = fj.MixtralConfig.from_hf_dict(geometry, source="device check")
-        model = fj.Mixtral(config, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0))
+        config = fj.ModelConfig.from_hf_dict(geometry, source="device check")
+        model = fj.MoeForCausalLM(config, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0))
         fj.save_pretrained(model, args.dir)
         del model
         gc.collect()

@@ -1,7 +1,8 @@
 """fiddler-jax: fast Mixture-of-Experts inference on a GPU too small for the model (Fiddler, on JAX/XLA).
 
 Public API (stable names):
-  load_pretrained(path, dtype="float32"|"bfloat16") -> Mixtral   an NNX module with the checkpoint's weights
+  load_pretrained(path, dtype="float32"|"bfloat16") -> MoeForCausalLM   an NNX module with the checkpoint's weights
+                                                (Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE: ``ModelConfig.model_type``)
   logits(model, input_ids) -> np.ndarray                           float32 [B, T, vocab]
   generate(model, input_ids, max_new_tokens, do_sample=False, seed=0, *, num_beams=1, length_penalty=1.0,
            early_stopping=False, temperature=1.0, top_p=1.0) -> np.ndarray                [B, T + new]
@@ -44,7 +45,9 @@ def _raise_pinned_host_cap() -> None:
 _raise_pinned_host_cap()
 
 _LAZY = {
-    "Mixtral": "fiddler_jax.models",
+    "ModelConfig": "fiddler_jax.models",
+    "MoeForCausalLM": "fiddler_jax.models",
+    "Mixtral": "fiddler_jax.models",  # the names of the Mixtral-only releases, for the same classes
     "MixtralConfig": "fiddler_jax.models",
     "load_pretrained": "fiddler_jax.models",
     "load_tokenizer": "fiddler_jax.models",

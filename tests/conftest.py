@@ -1,12 +1,12 @@
-"""Shared fixtures: random-weight transformers Mixtral models saved as HF folders (the reference nobody here
-wrote), in the geometries the parity tests sweep."""
+"""Shared fixtures: random-weight transformers models of every supported family saved as HF folders (the reference
+nobody here wrote), in the geometries the parity tests sweep."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 
-# name -> MixtralConfig overrides; each varies one thing the forward pass must get right.
+# name -> ModelConfig overrides; each varies one thing the forward pass must get right.
 GEOMETRIES = {
     # multi-head attention (GQA ratio 1), tied embeddings, 2 experts, top-1
     "mha_tied_top1": dict(hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=4,
@@ -35,6 +35,67 @@ def make_hf_model(overrides: dict, seed: int = 0):
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     return model
+
+
+# name -> (family, transformers config overrides) of the fine-grained families; each varies what that family
+# adds to Mixtral. Small experts, many of them, top-k > 2, as the real models.
+FAMILY_GEOMETRIES = {
+    # Qwen3-MoE: per-head q/k norm, head_dim != hidden/heads, renormalised top-4 of 8, one dense layer
+    "qwen3_dense_layer": ("qwen3_moe", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                            num_experts=8, num_experts_per_tok=4, norm_topk_prob=True,
+                                            num_hidden_layers=3, mlp_only_layers=[1])),
+    # Qwen3-MoE: no renormalisation, attention biases, every second layer sparse (decoder_sparse_step)
+    "qwen3_bias_step2": ("qwen3_moe", dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                                           num_attention_heads=4, num_key_value_heads=4, num_experts=6,
+                                           num_experts_per_tok=3, norm_topk_prob=False, attention_bias=True,
+                                           num_hidden_layers=4, decoder_sparse_step=2)),
+    # OLMoE: q/k norm over the whole projection, clip_qkv, top-3 of 8 without renormalisation
+    "olmoe_clip": ("olmoe", dict(hidden_size=32, intermediate_size=16, num_attention_heads=4,
+                                 num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, clip_qkv=0.4)),
+    # Qwen2-MoE: a shared expert behind a sigmoid gate, q/k/v biases, a dense first layer
+    "qwen2_shared": ("qwen2_moe", dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                                       shared_expert_intermediate_size=24, num_attention_heads=4,
+                                       num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                                       num_hidden_layers=3, mlp_only_layers=[0])),
+}
+_HF_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"), "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+               "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
+
+
+def make_family_model(family: str, overrides: dict, seed: int = 0):
+    """A random transformers model of ``family``, its norms and biases moved away from 1 and 0 so that a missing
+    or misplaced one shows up."""
+    import torch
+    import transformers
+
+    config_class, model_class = (getattr(transformers, n) for n in _HF_CLASSES[family])
+    torch.manual_seed(seed)
+    base = dict(vocab_size=97, num_hidden_layers=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                rope_theta=10000.0, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = config_class(**(base | overrides))
+    cfg._attn_implementation = "eager"
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILY_GEOMETRIES))
+def family_checkpoint(request, tmp_path_factory):
+    """(name, transformers model, folder saved by transformers per expert in small shards, folder saved with the
+    experts fused in one file)."""
+    family, overrides = FAMILY_GEOMETRIES[request.param]
+    model = make_family_model(family, overrides)
+    sharded = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    fused = tmp_path_factory.mktemp(request.param + "_fused")
+    model.save_pretrained(fused, save_original_format=False)
+    return request.param, model, str(sharded), str(fused)
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:

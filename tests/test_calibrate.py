@@ -87,13 +87,13 @@ def test_cli_writes_a_loadable_json_and_a_plot(tmp_path):
     import jax
 
     from fiddler_jax.assets import default_model_path
-    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.models.config import ModelConfig
 
     run_dir = tmp_path / "run"
     r = cli("ns=[1,4]", "experts=2", "budget_s=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.rstrip().splitlines()[-1].startswith("sync"), r.stdout  # the table comes last
-    config = MixtralConfig.from_pretrained(default_model_path())
+    config = ModelConfig.from_pretrained(default_model_path())
     geometry = Geometry(config.hidden_size, config.intermediate_size, "bfloat16")
     machine = machine_identity(jax.devices("cpu")[0])
     path = default_path(machine, geometry, root=tmp_path / "fiddler-jax" / "latency")

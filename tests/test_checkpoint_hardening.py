@@ -16,7 +16,7 @@ import pytest
 import fiddler_jax as fj
 from fiddler_jax.errors import CheckpointError, InvalidInputError, ModelConfigError
 from fiddler_jax.models.checkpoint import INDEX_FILE, _write_safetensors, load_split, resolve_dtype
-from fiddler_jax.models.config import MixtralConfig
+from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.models.safetensors_io import SafetensorsFile
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -334,10 +334,10 @@ def test_plain_model_still_runs_float16(small_checkpoint):
 
 
 def test_valid_configs_still_parse(small_checkpoint):
-    cfg = MixtralConfig.from_pretrained(small_checkpoint[1])
+    cfg = ModelConfig.from_pretrained(small_checkpoint[1])
     d = cfg.to_hf_dict()
-    assert MixtralConfig.from_hf_dict(d) == cfg
+    assert ModelConfig.from_hf_dict(d) == cfg
     d |= {"tie_word_embeddings": None, "eos_token_id": [2, 3], "pad_token_id": None, "rope_theta": 500000}
     d.pop("rope_parameters")
-    cfg2 = MixtralConfig.from_hf_dict(d)
+    cfg2 = ModelConfig.from_hf_dict(d)
     assert cfg2.eos_token_ids == (2, 3) and cfg2.rope_theta == 5e5 and not cfg2.tie_word_embeddings

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fiddler_jax.errors import ModelConfigError
-from fiddler_jax.models import MixtralConfig
+from fiddler_jax.models import ModelConfig
 from fiddler_jax.runtime import sampling
 
 HUB_MIXTRAL_8X7B = {  # config.json of mistralai/Mixtral-8x7B-v0.1 (transformers-4 layout)
@@ -22,7 +22,7 @@ HUB_MIXTRAL_8X7B = {  # config.json of mistralai/Mixtral-8x7B-v0.1 (transformers
 
 
 def test_hub_mixtral_config():
-    c = MixtralConfig.from_hf_dict(HUB_MIXTRAL_8X7B)
+    c = ModelConfig.from_hf_dict(HUB_MIXTRAL_8X7B)
     assert (c.head_dim, c.num_key_value_heads, c.rope_theta, c.sliding_window) == (128, 8, 1e6, None)
     assert c.eos_token_ids == (2,)
 
@@ -30,15 +30,15 @@ def test_hub_mixtral_config():
 def test_transformers5_rope_parameters_and_round_trip():
     d = dict(HUB_MIXTRAL_8X7B, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     d.pop("rope_theta")
-    c = MixtralConfig.from_hf_dict(d)
+    c = ModelConfig.from_hf_dict(d)
     assert c.rope_theta == 5e5
-    assert MixtralConfig.from_hf_dict(c.to_hf_dict()) == c
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
 
 
 def test_unsupported_rope_scaling():
     d = dict(HUB_MIXTRAL_8X7B, rope_parameters={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ModelConfigError, match="rope_type 'yarn'"):
-        MixtralConfig.from_hf_dict(d)
+        ModelConfig.from_hf_dict(d)
 
 
 def test_top_p_keeps_the_nucleus():

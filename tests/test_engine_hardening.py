@@ -111,9 +111,9 @@ def test_offloaded_experts_beyond_the_host_memory_are_refused_before_loading(che
 
 
 def test_placement_errors_say_which_value_and_why():
-    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.models.config import ModelConfig
 
-    cfg = MixtralConfig.from_hf_dict({"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128,
+    cfg = ModelConfig.from_hf_dict({"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128,
                                       "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                       "vocab_size": 97, "max_position_embeddings": 128, "num_local_experts": 4,
                                       "num_experts_per_tok": 2})

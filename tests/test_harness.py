@@ -141,10 +141,10 @@ def test_random_model_is_the_same_model_at_every_budget_and_router_bias_skews_ro
     one model; router_bias moves tokens to the low-numbered experts."""
     import numpy as np
 
-    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.models.config import ModelConfig
     from fiddler_jax.runtime.engine import Engine
 
-    cfg = MixtralConfig.from_hf_dict(dict(model_type="mixtral", vocab_size=256, hidden_size=256,
+    cfg = ModelConfig.from_hf_dict(dict(model_type="mixtral", vocab_size=256, hidden_size=256,
                                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                                           max_position_embeddings=512), source="test")

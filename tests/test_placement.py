@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.models import MixtralConfig
+from fiddler_jax.models import ModelConfig
 from fiddler_jax.runtime import placement as P
+from tests.conftest import FAMILY_GEOMETRIES
 from tests.test_config_and_sampling import HUB_MIXTRAL_8X7B
 
-MIXTRAL = MixtralConfig.from_hf_dict(HUB_MIXTRAL_8X7B)
-TINY = MixtralConfig.from_hf_dict(dict(HUB_MIXTRAL_8X7B, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+MIXTRAL = ModelConfig.from_hf_dict(HUB_MIXTRAL_8X7B)
+TINY = ModelConfig.from_hf_dict(dict(HUB_MIXTRAL_8X7B, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                        vocab_size=100, max_position_embeddings=64))
 
@@ -101,3 +102,24 @@ def test_planning_modules_import_without_jax():
             "fiddler_jax.runtime.latency; print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_GEOMETRIES))
+def test_non_expert_bytes_are_every_parameter_but_the_routed_experts(name):
+    """The accounting equals the model's own parameters (attention biases, q/k norms, shared experts, dense
+    layers included), for every family."""
+    from flax import nnx
+
+    from fiddler_jax.models.causal_lm import MoeForCausalLM
+    from fiddler_jax.models.config import ModelConfig
+    from fiddler_jax.runtime.placement import expert_bytes, non_expert_bytes
+    family, overrides = FAMILY_GEOMETRIES[name]
+    d = {"model_type": family, "vocab_size": 97, "num_hidden_layers": 2, **overrides}
+    d["attention_bias" if family != "qwen2_moe" else "qkv_bias"] = True
+    cfg = ModelConfig.from_hf_dict(d)
+    model = nnx.eval_shape(lambda: MoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    sizes = {"/".join(map(str, path)): int(np.prod(p.shape)) for path, p in nnx.iter_graph(model)
+             if isinstance(p, nnx.Param)}
+    experts = sum(v for k, v in sizes.items() if k.split("/")[-1] in ("w1", "w2", "w3"))
+    assert experts * 4 == len(cfg.moe_layers) * cfg.num_experts * expert_bytes(cfg, 4)
+    assert (sum(sizes.values()) - experts) * 4 == non_expert_bytes(cfg, 4)

@@ -36,7 +36,7 @@ def test_counts_equal_a_direct_count_of_the_top_k(models):
     profile = profile_routing(model, windows, batch_size=2, progress=False)
     _, _, router_logits = model(jnp.asarray(np.stack(windows)), model.init_cache(5, 12), 0,
                                 return_router_logits=True)
-    k, e = model.config.num_experts_per_tok, model.config.num_local_experts
+    k, e = model.config.num_experts_per_tok, model.config.num_experts
     expected = np.stack([np.bincount(np.argsort(-np.asarray(rl), axis=1)[:, :k].ravel(), minlength=e)
                          for rl in router_logits])
     np.testing.assert_array_equal(profile.counts, expected)
@@ -50,7 +50,7 @@ def test_fingerprint_is_per_model_not_per_dtype(models, tmp_path):
     b = fj.load_pretrained(models[1], progress=False)
     assert model_fingerprint(a32) == model_fingerprint(a16)
     assert model_fingerprint(a32) == model_fingerprint(b)  # same geometry, other weights: same placement problem
-    other = fj.Mixtral(dataclasses.replace(a32.config, num_hidden_layers=1), rngs=nnx.Rngs(0))
+    other = fj.MoeForCausalLM(dataclasses.replace(a32.config, num_hidden_layers=1), rngs=nnx.Rngs(0))
     assert model_fingerprint(other) != model_fingerprint(a32)
     profile = profile_routing(a32, list(token_ids(97, (2, 8))), progress=False)
     profile.save(tmp_path / "p.json")

@@ -72,11 +72,11 @@ def test_tokenizer_is_byte_level_and_round_trips(small_corpus, tmp_path):
 def test_sparse_and_dense_moe_paths_give_the_same_loss_and_gradients():
     from fiddler_jax.training.train import loss_fn
 
-    cfg = fj.MixtralConfig.from_hf_dict(dict(model_type="mixtral", vocab_size=97, hidden_size=32,
+    cfg = fj.ModelConfig.from_hf_dict(dict(model_type="mixtral", vocab_size=97, hidden_size=32,
                                              intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                              max_position_embeddings=64, initializer_range=0.2))
-    graphdef, params = nnx.split(fj.Mixtral(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+    graphdef, params = nnx.split(fj.MoeForCausalLM(cfg, rngs=nnx.Rngs(1)), nnx.Param)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, 97, (3, 17)), jnp.int32)
     out = {impl: jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch, aux_coef=0.1, top_k=2,
                                                            moe_impl=impl) for impl in ("sparse", "dense")}

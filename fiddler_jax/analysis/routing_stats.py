@@ -40,7 +40,7 @@ def _check(choices: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def route_text(model, ids: np.ndarray, *, window: int = 256) -> np.ndarray:
-    """choices [L, T, k]: the top-k experts of every layer for each of the T token ids, run through ``model`` in
+    """choices [L, T, k]: the top-k experts of every MoE layer for each of the T token ids, run through ``model`` in
     independent windows of ``window`` tokens (the last one may be shorter), through the profiler's
     ``window_choices``."""
     import jax.numpy as jnp

@@ -57,7 +57,7 @@ def routing_counts(engine) -> list[list[int]] | None:
     """Tokens routed to each (layer, expert) over the trace (planned layers only)."""
     if not engine.trace.steps:
         return None
-    counts = np.zeros((engine.config.num_hidden_layers, engine.config.num_local_experts), np.int64)
+    counts = np.zeros((engine.config.num_hidden_layers, engine.config.num_experts), np.int64)
     for step in engine.trace.steps:
         counts[step.layer] += step.counts
     return counts.tolist()
@@ -117,14 +117,14 @@ def model_positions(cfg) -> int:
     """``max_position_embeddings`` of the configured model (its config.json or random geometry), read without
     loading any weight."""
     from fiddler_jax.experiments.build import checkpoint_path, random_model_config
-    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.models.config import ModelConfig
 
     m = cfg.model
     if m.random:
         if not m.geometry:
             raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
         return random_model_config(m.geometry, m.name).max_position_embeddings
-    return MixtralConfig.from_pretrained(checkpoint_path(m)).max_position_embeddings
+    return ModelConfig.from_pretrained(checkpoint_path(m)).max_position_embeddings
 
 
 def fit_scenario(cfg, explicit: list[str] | tuple = ()) -> str | None:

@@ -34,12 +34,12 @@ def gpu_budget(hardware) -> str | int:
 
 
 def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
-    """The ``MixtralConfig`` of a random model's geometry (default: ``conf/model/mixtral_8x7b_random.yaml``)."""
-    from fiddler_jax.models.config import MixtralConfig
+    """The ``ModelConfig`` of a random model's geometry (default: ``conf/model/mixtral_8x7b_random.yaml``)."""
+    from fiddler_jax.models.config import ModelConfig
 
     if geometry is None:
         geometry = OmegaConf.load(os.path.join(CONF_DIR, "model", "mixtral_8x7b_random.yaml")).geometry
-    return MixtralConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(geometry)},
+    return ModelConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(geometry)},
                                       source=f"model={name}")
 
 

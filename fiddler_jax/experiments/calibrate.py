@@ -46,10 +46,10 @@ def resolve_geometry(cfg) -> tuple[int, int, str]:
     hidden, ffn = cfg.geometry.hidden, cfg.geometry.ffn
     if hidden is not None and ffn is not None:
         return hidden, ffn, "geometry overrides"
-    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.models.config import ModelConfig
 
     path = checkpoint_path(cfg.model)
-    config = MixtralConfig.from_pretrained(path)
+    config = ModelConfig.from_pretrained(path)
     return (config.hidden_size if hidden is None else hidden, config.intermediate_size if ffn is None else ffn,
             f"{path}/config.json" + (" with geometry overrides" if (hidden, ffn) != (None, None) else ""))
 

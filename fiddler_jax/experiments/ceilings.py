@@ -223,7 +223,7 @@ def limits(cfg, budget: str, bandwidth: dict, *, max_context: int = 256, staging
     from fiddler_jax.runtime.placement import expert_bytes, non_expert_bytes, place
 
     plan = place(cfg, budget, itemsize=2, max_context=max_context, staging_slots=staging_slots)
-    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
     offloaded = (~plan.resident).sum(axis=1)
     per_token = float((k * offloaded / E).sum())
     expert = expert_bytes(cfg, 2)

@@ -145,13 +145,13 @@ def check_context(cfg) -> None:
     """``max_new_tokens`` (with ``prompt_ids``' length when given) must fit the model's context: read from the
     checkpoint's config.json (or the random model's geometry) before any weights load."""
     from fiddler_jax.experiments.build import random_model_config
-    from fiddler_jax.models.config import MixtralConfig
+    from fiddler_jax.models.config import ModelConfig
 
     if cfg.max_new_tokens < 0:
         raise InvalidInputError(f"max_new_tokens must be ≥ 0, got {cfg.max_new_tokens}")
     m = cfg.model
     config = (random_model_config(m.geometry, m.name) if m.random
-              else MixtralConfig.from_pretrained(checkpoint_path(m)))
+              else ModelConfig.from_pretrained(checkpoint_path(m)))
     prompt = len(cfg.prompt_ids) if cfg.prompt_ids is not None else 1
     if prompt + cfg.max_new_tokens > config.max_position_embeddings:
         raise InvalidInputError(

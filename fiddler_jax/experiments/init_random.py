@@ -41,10 +41,10 @@ def main(cfg) -> None:
         raise InvalidInputError(f"{out} already holds a model; pass overwrite=true to replace it")
     check_output_path(out, "the model", folder=True)
     g = cfg.geometry
-    config = fj.MixtralConfig.from_hf_dict({"model_type": "mixtral", **dict(g)}, source="init-random geometry")
-    model = fj.Mixtral(config, dtype=resolve_dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
+    config = fj.ModelConfig.from_hf_dict({"model_type": "mixtral", **dict(g)}, source="init-random geometry")
+    model = fj.MoeForCausalLM(config, dtype=resolve_dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
     write_output(out, "the model", lambda path: fj.save_pretrained(model, path), folder=True)
-    print(f"wrote a random Mixtral (seed {cfg.seed}, {g.num_hidden_layers} layers, {g.num_local_experts} experts, "
+    print(f"wrote a random Mixtral (seed {cfg.seed}, {g.num_hidden_layers} layers, {g.num_experts} experts, "
           f"hidden {g.hidden_size}) to {out}")
 
 

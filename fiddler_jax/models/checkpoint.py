@@ -1,12 +1,18 @@
-"""Hugging Face checkpoint folders ↔ the NNX Mixtral.
+"""Hugging Face checkpoint folders ↔ the NNX MoE causal LM, for every family of :data:`~.config.FAMILIES`.
 
 A folder holds ``config.json`` and either ``model.safetensors`` or shards ``model-0000x-of-0000y.safetensors``
-listed in ``model.safetensors.index.json`` (the layout of mistralai/Mixtral-8x7B-v0.1). Tensors keep HF names;
-the experts of a layer, stored per expert (``...block_sparse_moe.experts.{e}.w1.weight``), are stacked into one
-[E, ...] parameter. Reading is memory-mapped (see :mod:`safetensors_io`) and converts dtypes on the way to the
+listed in ``model.safetensors.index.json`` (the layout of mistralai/Mixtral-8x7B-v0.1). Tensors keep HF names
+(:func:`hf_names`: the module's attribute path, except Mixtral's router, which transformers stores under
+``block_sparse_moe``). The routed experts of a layer come in one of two layouts, both accepted on load:
+  * per expert, as transformers writes them by default: ``...block_sparse_moe.experts.{e}.w1/w3/w2.weight``
+    (Mixtral) or ``...mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` (the others);
+  * fused, as transformers holds them in memory and writes them with ``save_original_format=False``:
+    ``...mlp.experts.gate_up_proj`` [E, 2·ffn, hidden] (gate rows first, then up) and ``...mlp.experts.down_proj``
+    [E, hidden, ffn] (Mixtral's router then sits at ``...mlp.gate.weight``);
+and are stacked into one [E, ...] parameter per weight (w1 = gate, w3 = up, w2 = down). Reading is memory-mapped (see :mod:`safetensors_io`) and converts dtypes on the way to the
 device, checking each tensor as it passes (stored as floating point, no NaN or inf: one vectorised pass); an index
-may name only shard files inside its folder. Writing produces the same layout, sharded by ``max_shard_size``, which
-transformers loads back.
+may name only shard files inside its folder. Writing produces the per-expert layout, sharded by ``max_shard_size``,
+which transformers loads back.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from fiddler_jax.errors import CheckpointError, InvalidInputError
-from fiddler_jax.models.config import MixtralConfig
-from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.models.causal_lm import MoeForCausalLM
+from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.models.safetensors_io import (DTYPES, FLOAT_DTYPES, SafetensorsFile, all_finite, count_nonfinite,
                                                unreadable)
 from fiddler_jax.units import parse_bytes
@@ -119,7 +125,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self.config = MixtralConfig.from_pretrained(self.path)
+        self.config = ModelConfig.from_pretrained(self.path)
         index = os.path.join(self.path, INDEX_FILE)
         single = os.path.join(self.path, SINGLE_FILE)
         if os.path.isfile(index):
@@ -170,16 +176,17 @@ class Checkpoint:
         stored = self.dtype(name)
         if stored not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"tensor {name!r} in {self.file_of(name)} is stored as {stored.name}, but Mixtral weights are "
-                "floating point (float32, bfloat16, float16 or float64); the checkpoint is quantized or not a Mixtral "
-                "checkpoint: use an unquantized one")
+                f"tensor {name!r} in {self.file_of(name)} is stored as {stored.name}, but model weights are "
+                "floating point (float32, bfloat16, float16 or float64); the checkpoint is quantized: use an "
+                "unquantized one")
 
-    def converted(self, name: str, dtype) -> np.ndarray:
-        """Tensor ``name`` as a ``dtype`` array (the zero-copy view when it is stored in ``dtype``), checked on
-        the way: a stored dtype that is not floating point (:meth:`check_float`), or a NaN/inf after the cast, is
-        a CheckpointError naming the tensor (one vectorised pass over the result, :func:`all_finite`)."""
+    def converted(self, name: str, dtype, index=()) -> np.ndarray:
+        """Tensor ``name`` (or its part ``index``, e.g. one expert of a fused tensor) as a ``dtype`` array (the
+        zero-copy view when it is stored in ``dtype``), checked on the way: a stored dtype that is not floating
+        point (:meth:`check_float`), or a NaN/inf after the cast, is a CheckpointError naming the tensor (one
+        vectorised pass over the result, :func:`all_finite`)."""
         self.check_float(name)
-        stored = self.tensor(name)
+        stored = self.tensor(name)[index]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, naming the tensor
             out = np.asarray(stored, dtype=dtype)
         if not all_finite(out):
@@ -203,14 +210,77 @@ class Checkpoint:
         return self._where[name].tensor(name)
 
 
-def hf_names(path: tuple, num_experts: int) -> list[str]:
-    """HF tensor name(s) of the NNX parameter at ``path``; a stacked expert parameter maps to E names."""
+WEIGHTS = ("w1", "w3", "w2")  # gate, up, down of a SwiGLU expert
+_PER_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def expert_name(cfg: ModelConfig, layer: int, expert: int, weight: str) -> str:
+    """The per-expert HF name of routed expert ``expert``'s ``weight`` (w1, w3 or w2) in ``layer``."""
+    if cfg.model_type == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{weight}.weight"
+    return f"model.layers.{layer}.mlp.experts.{expert}.{_PER_EXPERT_NAMES[weight]}.weight"
+
+
+def hf_names(path: tuple, cfg: ModelConfig) -> list[str]:
+    """HF tensor name(s) of the NNX parameter at ``path``; a stacked expert parameter maps to E per-expert names
+    (:func:`expert_name`, the layout ``save_pretrained`` writes)."""
     parts = [str(p) for p in path]
     if parts[0] == "lm_head":
         return ["lm_head.weight"]
-    if len(parts) == 4 and parts[2] == "block_sparse_moe" and parts[3] in ("w1", "w2", "w3"):
-        return [f"model.layers.{parts[1]}.block_sparse_moe.experts.{e}.{parts[3]}.weight" for e in range(num_experts)]
+    if len(parts) == 4 and parts[2] == "mlp" and parts[3] in WEIGHTS:
+        return [expert_name(cfg, int(parts[1]), e, parts[3]) for e in range(cfg.num_experts)]
+    if cfg.model_type == "mixtral" and parts[2:4] == ["mlp", "gate"]:
+        return [f"model.layers.{parts[1]}.block_sparse_moe.gate.{parts[-1]}"]
     return ["model." + ".".join(parts)]
+
+
+def _fused_names(layer: int) -> tuple[str, str]:
+    return f"model.layers.{layer}.mlp.experts.gate_up_proj", f"model.layers.{layer}.mlp.experts.down_proj"
+
+
+class ExpertLayout:
+    """Where a checkpoint keeps each routed expert's weights: per-expert tensors, or the fused pair of each layer
+    (module docstring). ``source(layer, expert, weight)`` → (tensor name, index into it)."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig):
+        self.cfg = cfg
+        moe_layers = cfg.moe_layers
+        self.fused = bool(moe_layers) and _fused_names(moe_layers[0])[0] in ckpt
+        if not self.fused:
+            return
+        e, f, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        for layer in moe_layers:
+            for name, shape in zip(_fused_names(layer), ((e, 2 * f, h), (e, h, f))):
+                if name not in ckpt:
+                    raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {ckpt.path}: its first "
+                                          "MoE layer stores the experts fused, so every MoE layer must")
+                if tuple(ckpt.shape(name)) != shape:
+                    raise CheckpointError(f"tensor {name!r} in {ckpt.file_of(name)} has shape {list(ckpt.shape(name))}, "
+                                          f"but config.json implies {list(shape)}; the weights do not match config.json")
+
+    def source(self, layer: int, expert: int, weight: str) -> tuple[str, tuple]:
+        if not self.fused:
+            return expert_name(self.cfg, layer, expert, weight), ()
+        gate_up, down = _fused_names(layer)
+        f = self.cfg.moe_intermediate_size
+        if weight == "w2":
+            return down, (expert,)
+        return gate_up, (expert, slice(0, f) if weight == "w1" else slice(f, 2 * f))
+
+    def tensor_names(self, layer: int) -> list[str]:
+        """The tensors that hold ``layer``'s routed experts."""
+        if self.fused:
+            return list(_fused_names(layer))
+        return [expert_name(self.cfg, layer, e, w) for e in range(self.cfg.num_experts) for w in WEIGHTS]
+
+
+def _router_name(ckpt: Checkpoint, cfg: ModelConfig, name: str) -> str:
+    """Mixtral's router under the fused layout's name when the per-expert one is absent."""
+    if cfg.model_type == "mixtral" and name.endswith("block_sparse_moe.gate.weight") and name not in ckpt:
+        fused = name.replace("block_sparse_moe.gate", "mlp.gate")
+        if fused in ckpt:
+            return fused
+    return name
 
 
 def _params(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Param]]:
@@ -219,8 +289,9 @@ def _params(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Param]]:
             yield path, node
 
 
-def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool = True) -> Mixtral:
-    """Load a Mixtral HF checkpoint folder into an NNX module on the default device, weights cast to ``dtype``."""
+def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool = True) -> MoeForCausalLM:
+    """Load an HF checkpoint folder of a supported family into an NNX module on the default device, weights cast
+    to ``dtype``."""
     return load_split(path, dtype, progress=progress)[0]
 
 
@@ -229,69 +300,87 @@ class ExpertReader:
     numpy arrays of the load dtype (zero-copy mmap views when the checkpoint already stores that dtype). The
     engine pins one expert at a time from here, so the host never holds a second full copy of the experts."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype, offloaded: np.ndarray):
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout, dtype, offloaded: np.ndarray):
+        self.checkpoint, self.layout = checkpoint, layout
         self.dtype = np.dtype(dtype)
         self.offloaded = offloaded
 
     def __call__(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         if not self.offloaded[layer, expert]:
             raise InvalidInputError(f"expert {expert} of layer {layer} is resident on the device, not offloaded")
-        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-        return {w: self.checkpoint.converted(f"{prefix}.{w}.weight", self.dtype) for w in ("w1", "w3", "w2")}
+        out = {}
+        for w in WEIGHTS:
+            name, index = self.layout.source(layer, expert, w)
+            out[w] = self.checkpoint.converted(name, self.dtype, index)
+        return out
 
 
 def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray | None = None,
-               progress: bool = True) -> tuple[Mixtral, ExpertReader | None]:
-    """Load a checkpoint with the experts split between the device and the host.
+               progress: bool = True) -> tuple[MoeForCausalLM, ExpertReader | None]:
+    """Load a checkpoint with the routed experts split between the device and the host.
 
-    With ``resident`` (bool [layers, experts]) each layer's stacked expert parameters (w1, w3, w2) hold only
-    its resident experts, in expert order; the offloaded experts are checked (names, shapes, dtypes) but not
-    read, and the second result reads them on demand (:class:`ExpertReader`, which checks them for NaN/inf).
-    Without it, everything goes to the device and the second result is None. float16 only without it: the
-    engine's CPU lane has no float16 (:func:`resolve_dtype`)."""
+    With ``resident`` (bool [layers, experts]; the rows of dense layers are ignored) each MoE layer's stacked
+    expert parameters (w1, w3, w2) hold only its resident experts, in expert order; the offloaded experts are
+    checked (names, shapes, dtypes) but not read, and the second result reads them on demand
+    (:class:`ExpertReader`, which checks them for NaN/inf). Without it, everything goes to the device and the
+    second result is None. float16 only without it: the engine's CPU lane has no float16 (:func:`resolve_dtype`)."""
     dtype = resolve_dtype(dtype, allow_float16=resident is None)
     ckpt = Checkpoint(path)
     cfg = ckpt.config
     if resident is not None:
         resident = np.asarray(resident, bool)
-        if resident.shape != (cfg.num_hidden_layers, cfg.num_local_experts):
+        if resident.shape != (cfg.num_hidden_layers, cfg.num_experts):
             raise InvalidInputError(f"resident mask has shape {list(resident.shape)}, expected "
-                                    f"[{cfg.num_hidden_layers}, {cfg.num_local_experts}]")
-    model = nnx.eval_shape(lambda: Mixtral(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+                                    f"[{cfg.num_hidden_layers}, {cfg.num_experts}]")
+    layout = ExpertLayout(ckpt, cfg)
+    model = nnx.eval_shape(lambda: MoeForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     params = list(_params(model))
     used: set[str] = set()
-    total = sum(len(hf_names(p, cfg.num_local_experts)) for p, _ in params)
+    total = sum(len(hf_names(p, cfg)) for p, _ in params)
+
+    def check(name: str, expected: tuple) -> None:
+        if name not in ckpt:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {ckpt.path} (config.json "
+                                  f"expects it); the checkpoint is incomplete or not a {cfg.model_type} checkpoint")
+        if tuple(ckpt.shape(name)) != tuple(expected):
+            raise CheckpointError(
+                f"tensor {name!r} in {ckpt.file_of(name)} has shape {list(ckpt.shape(name))}, but config.json "
+                f"implies {list(expected)}; the weights do not match config.json")
+        ckpt.check_float(name)  # also for the offloaded experts, read later
+
     with tqdm(total=total, desc=f"loading {os.path.basename(os.path.abspath(ckpt.path))}", unit="tensor",
               disable=not progress, leave=False) as bar:
         for p, param in params:
-            names = hf_names(p, cfg.num_local_experts)
-            expected = param.shape[1:] if len(names) > 1 else param.shape
-            keep = resident[int(p[1])] if len(names) > 1 and resident is not None else np.ones(len(names), bool)
-            parts = []
-            for name, read in zip(names, keep):
-                if name not in ckpt:
-                    raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {ckpt.path} "
-                                          f"(config.json expects it); the checkpoint is incomplete or not Mixtral")
-                if tuple(ckpt.shape(name)) != tuple(expected):
-                    raise CheckpointError(
-                        f"tensor {name!r} in {ckpt.file_of(name)} has shape {list(ckpt.shape(name))}, but "
-                        f"config.json implies {list(expected)}; the weights do not match config.json")
-                ckpt.check_float(name)  # also for the offloaded experts, read later
-                if read:
-                    parts.append(ckpt.converted(name, dtype))
+            names = hf_names(p, cfg)
+            if len(names) == 1:
+                name = _router_name(ckpt, cfg, names[0])
+                check(name, param.shape)
+                param.value = jax.device_put(ckpt.converted(name, dtype))
                 used.add(name)
                 bar.update()
-            if len(names) == 1:
-                param.value = jax.device_put(parts[0])
-            elif parts:
+                continue
+            layer, weight = int(p[1]), str(p[3])
+            keep = resident[layer] if resident is not None else np.ones(cfg.num_experts, bool)
+            parts = []
+            for e in range(cfg.num_experts):
+                name, index = layout.source(layer, e, weight)
+                if not layout.fused:
+                    check(name, param.shape[1:])
+                elif e == 0:
+                    ckpt.check_float(name)
+                if keep[e]:
+                    parts.append(ckpt.converted(name, dtype, index))
+                used.add(name)
+                bar.update()
+            if parts:
                 param.value = jax.device_put(np.stack(parts))
             else:
-                param.value = jnp.zeros((0,) + tuple(expected), dtype)
+                param.value = jnp.zeros((0,) + tuple(param.shape[1:]), dtype)
     unused = sorted(set(ckpt.names()) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unused:
-        warnings.warn(f"{ckpt.path}: {len(unused)} tensor(s) not used by Mixtral, e.g. {unused[:3]}", stacklevel=2)
-    return model, (ExpertReader(ckpt, dtype, ~resident) if resident is not None else None)
+        warnings.warn(f"{ckpt.path}: {len(unused)} tensor(s) not used by the {cfg.model_type} model, e.g. "
+                      f"{unused[:3]}", stacklevel=2)
+    return model, (ExpertReader(ckpt, layout, dtype, ~resident) if resident is not None else None)
 
 
 def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -311,19 +400,21 @@ def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
             f.write(np.ascontiguousarray(arr).tobytes())
 
 
-def save_pretrained(model: Mixtral, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+def save_pretrained(model: MoeForCausalLM, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                     progress: bool = True) -> None:
-    """Write ``model`` as an HF Mixtral folder (config.json + model.safetensors, or shards + index)."""
+    """Write ``model`` as an HF folder of its family (config.json + model.safetensors, or shards + index; the
+    experts per expert)."""
     path = os.fspath(path)
-    if not isinstance(model, Mixtral):
-        raise InvalidInputError(f"save_pretrained expects a fiddler_jax Mixtral model, got {type(model).__name__}")
+    if not isinstance(model, MoeForCausalLM):
+        raise InvalidInputError(f"save_pretrained expects a fiddler_jax model (from load_pretrained), got "
+                                f"{type(model).__name__}")
     limit = parse_bytes(max_shard_size)
     cfg = model.config
     os.makedirs(path, exist_ok=True)
     tensors: list[tuple[str, np.ndarray]] = []
     for p, param in _params(model):
         host = np.asarray(jax.device_get(param[...]))
-        names = hf_names(p, cfg.num_local_experts)
+        names = hf_names(p, cfg)
         tensors.extend(zip(names, host) if len(names) > 1 else [(names[0], host)])
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

@@ -1,5 +1,6 @@
-"""The dense building blocks of Mixtral as Flax NNX modules: linear maps in HF layout, RMSNorm, rotary
-position embeddings and grouped-query attention over a static-shape KV cache.
+"""The dense building blocks of the MoE families as Flax NNX modules: linear maps in HF layout (optionally with a
+bias), RMSNorm, rotary position embeddings, grouped-query attention (with the families' query/key norms) over a
+static-shape KV cache, and the dense SwiGLU MLP.
 
 Weights keep the Hugging Face layout (``weight[out, in]``) so a checkpoint tensor is loaded as it is and a
 linear map computes ``x @ weight.T``. In float32 the matrix products run at ``Precision.HIGHEST`` (no TF32 on
@@ -26,15 +27,18 @@ def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``y = x @ weight.T`` with ``weight[out_features, in_features]`` (HF layout, no bias)."""
+    """``y = x @ weight.T (+ bias)`` with ``weight[out_features, in_features]`` (HF layout)."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, std: float, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, dtype, std: float, rngs: nnx.Rngs,
+                 bias: bool = False):
         self.weight = nnx.Param(normal_init(rngs, (out_features, in_features), std, dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         w = self.weight[...]
-        return jnp.einsum("...i,oi->...o", x, w, precision=matmul_precision(w.dtype),
-                          preferred_element_type=out_dtype or w.dtype)
+        y = jnp.einsum("...i,oi->...o", x, w, precision=matmul_precision(w.dtype),
+                       preferred_element_type=out_dtype or w.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
 class Embed(nnx.Module):
@@ -104,7 +108,9 @@ def attention_mask(q_positions: jax.Array, cache_len: int, sliding_window: int |
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE. New keys/values are written into the cache at ``start`` and every
     query attends over all cache slots through :func:`attention_mask`, so prefill and one-token decode are the
-    same code with static shapes."""
+    same code with static shapes. Before RoPE, the config's ``qk_norm`` normalises the queries and keys: "head"
+    (RMSNorm over each head's head_dim values, Qwen3-MoE) or "projection" (RMSNorm over the whole projection,
+    OLMoE, followed by the ``clip_qkv`` clamp of q, k and v when set)."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         h, d, std = cfg.hidden_size, cfg.head_dim, cfg.initializer_range
@@ -113,19 +119,37 @@ class Attention(nnx.Module):
         self.head_dim = d
         self.rope_theta = cfg.rope_theta
         self.sliding_window = cfg.sliding_window
-        self.q_proj = Linear(h, self.num_heads * d, dtype=dtype, std=std, rngs=rngs)
-        self.k_proj = Linear(h, self.num_kv_heads * d, dtype=dtype, std=std, rngs=rngs)
-        self.v_proj = Linear(h, self.num_kv_heads * d, dtype=dtype, std=std, rngs=rngs)
-        self.o_proj = Linear(self.num_heads * d, h, dtype=dtype, std=std, rngs=rngs)
+        self.qk_norm = cfg.qk_norm
+        self.clip_qkv = cfg.clip_qkv
+        bias = cfg.qkv_bias
+        self.q_proj = Linear(h, self.num_heads * d, dtype=dtype, std=std, rngs=rngs, bias=bias)
+        self.k_proj = Linear(h, self.num_kv_heads * d, dtype=dtype, std=std, rngs=rngs, bias=bias)
+        self.v_proj = Linear(h, self.num_kv_heads * d, dtype=dtype, std=std, rngs=rngs, bias=bias)
+        self.o_proj = Linear(self.num_heads * d, h, dtype=dtype, std=std, rngs=rngs, bias=cfg.o_bias)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+        elif cfg.qk_norm == "projection":
+            self.q_norm = RMSNorm(self.num_heads * d, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.num_kv_heads * d, cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, kv: LayerKV, positions: jax.Array, start: jax.Array):
         """x [B, T, hidden]; positions [T] = start + arange(T). Returns (out [B, T, hidden], updated cache)."""
         b, t, _ = x.shape
         d, kvh = self.head_dim, self.num_kv_heads
         group = self.num_heads // kvh
-        q = self.q_proj(x).reshape(b, t, self.num_heads, d)
-        k = self.k_proj(x).reshape(b, t, kvh, d)
-        v = self.v_proj(x).reshape(b, t, kvh, d)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
+        q = q.reshape(b, t, self.num_heads, d)
+        k = k.reshape(b, t, kvh, d)
+        v = v.reshape(b, t, kvh, d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(positions, d, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         zero = jnp.zeros((), jnp.int32)
@@ -141,3 +165,18 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all, precision=prec, preferred_element_type=x.dtype)
         return self.o_proj(out.reshape(b, t, self.num_heads * d)), LayerKV(k_all, v_all)
+
+
+class DenseMlp(nnx.Module):
+    """The dense SwiGLU MLP of a non-MoE layer (and of a shared expert): down(silu(gate(x)) ⊙ up(x)), the
+    products accumulated in float32 as the experts' are."""
+
+    def __init__(self, hidden: int, ffn: int, *, dtype, std: float, rngs: nnx.Rngs):
+        self.gate_proj = Linear(hidden, ffn, dtype=dtype, std=std, rngs=rngs)
+        self.up_proj = Linear(hidden, ffn, dtype=dtype, std=std, rngs=rngs)
+        self.down_proj = Linear(ffn, hidden, dtype=dtype, std=std, rngs=rngs)
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        f32 = jnp.float32
+        act = jax.nn.silu(self.gate_proj(x, out_dtype=f32)) * self.up_proj(x, out_dtype=f32)
+        return self.down_proj(act.astype(self.down_proj.weight.dtype), out_dtype=out_dtype or x.dtype)

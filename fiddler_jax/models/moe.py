@@ -1,8 +1,9 @@
-"""Mixtral's sparse mixture of experts, as small pure functions and one module.
+"""The sparse mixture of experts of the MoE families, as small pure functions and one module.
 
-Routing algorithm (Mixtral, as in transformers):
+Routing algorithm (as in transformers' Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE):
   1. ``route``: router logits = x · gateᵀ; probabilities = softmax over all experts in float32; keep the top-k
-     experts of each token and renormalise their k probabilities to sum to 1.
+     experts of each token and, when the family renormalises (Mixtral always; the others by ``norm_topk_prob``),
+     divide their k probabilities by their sum.
   2. ``group_by_expert``: flatten the N·k (token, expert) assignments and sort them by expert (stable), giving
      contiguous groups and the per-expert token counts — the counts are what the hybrid planner reads.
   3. ``expert_ffn`` / ``grouped_expert_ffn``: the SwiGLU expert FFN_e(x) = (silu(x·w1ᵀ) ⊙ (x·w3ᵀ)) · w2ᵀ, with
@@ -10,6 +11,8 @@ Routing algorithm (Mixtral, as in transformers):
      ``jax.lax.ragged_dot_general``; with no more assignments than experts (decode) the row-wise form reads just
      the chosen experts' weights, in place, instead.
   4. ``combine``: out_t = Σ_j weight_{t,j} · FFN_{e_{t,j}}(x_t), accumulated in float32.
+  5. A shared expert (Qwen2-MoE), when the model has one, adds sigmoid(x · shared_gateᵀ) · FFN_shared(x) for every
+     token; it is never routed, so the runtime keeps it on the GPU beside the resident experts.
 
 The runtime later splits step 3 between GPU-resident experts and offloaded ones; steps 1, 2 and 4 stay the same.
 """
@@ -21,11 +24,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fiddler_jax.models.layers import Linear, matmul_precision, normal_init
+from fiddler_jax.models.layers import DenseMlp, Linear, matmul_precision, normal_init
+
+ROWWISE_MAX_ROWS = 16  # the decode form unrolls one row per assignment; beyond this many the grouped product runs
 
 
 class Routing(NamedTuple):
-    """Top-k routing of N tokens: ``weights`` [N, k] float32 (rows sum to 1), ``experts`` [N, k] int32."""
+    """Top-k routing of N tokens: ``weights`` [N, k] float32 (rows sum to 1 when renormalised), ``experts``
+    [N, k] int32."""
 
     weights: jax.Array
     experts: jax.Array
@@ -38,11 +44,13 @@ class ExpertGroups(NamedTuple):
     sizes: jax.Array
 
 
-def route(router_logits: jax.Array, top_k: int) -> Routing:
-    """Softmax over experts (float32), top-k, renormalise the k kept probabilities."""
+def route(router_logits: jax.Array, top_k: int, normalize: bool = True) -> Routing:
+    """Softmax over experts (float32), top-k, and (``normalize``) renormalise the k kept probabilities."""
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
-    return Routing(weights / jnp.sum(weights, axis=-1, keepdims=True), experts.astype(jnp.int32))
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights, experts.astype(jnp.int32))
 
 
 def group_by_expert(experts: jax.Array, num_experts: int) -> ExpertGroups:
@@ -139,8 +147,9 @@ def sparse_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.
 
     ``slot_of`` [E] int32 maps an expert to its row in the stack (w1, w3 [S, ffn, hidden], w2 [S, hidden, ffn]);
     -1 means the expert is elsewhere and its assignments contribute 0 here (the hybrid runtime computes them on
-    another lane). ``None`` means the stack holds all experts in order. Gathered weights when there are no more
-    assignments than stack rows (decode), else the grouped ragged product. Returns float32 [N, hidden]."""
+    another lane). ``None`` means the stack holds all experts in order. The rowwise form when there are no more
+    assignments than stack rows and at most ``ROWWISE_MAX_ROWS`` of them (decode; the form unrolls a row each),
+    else the grouped ragged product. Returns float32 [N, hidden]."""
     num_slots, top_k = w1.shape[0], routing.weights.shape[-1]
     if slot_of is None:
         slots, weights, groups_n = routing.experts, routing.weights, num_slots
@@ -153,7 +162,7 @@ def sparse_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.
     groups = group_by_expert(slots, groups_n)
     x_sorted = flat[groups.order // top_k]
     slot_sorted = slots.reshape(-1)[groups.order]
-    if x_sorted.shape[0] <= num_slots:  # few assignments (decode): touch only the chosen rows
+    if x_sorted.shape[0] <= min(num_slots, ROWWISE_MAX_ROWS):  # few assignments (decode): only the chosen rows
         y_sorted = rowwise_expert_ffn(x_sorted, jnp.minimum(slot_sorted, num_slots - 1), w1, w3, w2)
     else:
         y_sorted = grouped_expert_ffn(x_sorted, groups.sizes[:num_slots], w1, w3, w2)
@@ -174,16 +183,36 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int) -> jax.Array:
 
 
 class SparseMoe(nnx.Module):
-    """Mixtral's ``block_sparse_moe``: router ``gate`` [E, hidden] and the stacked experts of one layer."""
+    """One MoE layer's MLP block: router ``gate`` [E, hidden], the stacked routed experts (w1 = gate_proj,
+    w3 = up_proj [E, ffn, hidden]; w2 = down_proj [E, hidden, ffn]) and, for families with one, the shared expert
+    and its sigmoid gate [1, hidden]."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
-        e, h, f, std = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        e, h, f, std = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.initializer_range
         self.num_experts = e
         self.top_k = cfg.num_experts_per_tok
+        self.normalize = cfg.norm_topk_prob
         self.gate = Linear(h, e, dtype=dtype, std=std, rngs=rngs)
         self.w1 = nnx.Param(normal_init(rngs, (e, f, h), std, dtype))
         self.w3 = nnx.Param(normal_init(rngs, (e, f, h), std, dtype))
         self.w2 = nnx.Param(normal_init(rngs, (e, h, f), std, dtype))
+        if cfg.has_shared_expert:
+            self.shared_expert = DenseMlp(h, cfg.shared_expert_intermediate_size, dtype=dtype, std=std, rngs=rngs)
+            self.shared_expert_gate = Linear(h, 1, dtype=dtype, std=std, rngs=rngs)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def route(self, flat: jax.Array) -> tuple[Routing, jax.Array]:
+        """(the top-k routing of flat [N, hidden], the router logits [N, E])."""
+        router_logits = self.gate(flat)
+        return route(router_logits, self.top_k, self.normalize), router_logits
+
+    def shared(self, flat: jax.Array) -> jax.Array | None:
+        """The shared expert's gated output, float32 [N, hidden] (None without one)."""
+        if self.shared_expert is None:
+            return None
+        gate = jax.nn.sigmoid(self.shared_expert_gate(flat, out_dtype=jnp.float32))
+        return gate * self.shared_expert(flat, out_dtype=jnp.float32)
 
     def __call__(self, x: jax.Array, dispatch: str = "sparse") -> tuple[jax.Array, jax.Array]:
         """x [..., hidden] → (MoE output of x's dtype, router logits [N, E]).
@@ -192,8 +221,7 @@ class SparseMoe(nnx.Module):
         more assignments than experts (decode), else the grouped ragged product; "dense" runs every expert on
         every token (:func:`dense_expert_mix`, for training). Both compute the same function."""
         flat = x.reshape(-1, x.shape[-1])
-        router_logits = self.gate(flat)
-        routing = route(router_logits, self.top_k)
+        routing, router_logits = self.route(flat)
         w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
         if dispatch == "dense":
             out = dense_expert_mix(flat, routing, w1, w3, w2)
@@ -201,4 +229,7 @@ class SparseMoe(nnx.Module):
             out = sparse_expert_mix(flat, routing, w1, w3, w2)
         else:
             raise ValueError(f"MoE dispatch must be 'sparse' or 'dense', got {dispatch!r}")
+        shared = self.shared(flat)
+        if shared is not None:
+            out = out + shared
         return out.astype(x.dtype).reshape(x.shape), router_logits

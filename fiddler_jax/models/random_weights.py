@@ -1,6 +1,6 @@
-"""Seeded random Mixtral weights made in memory, split between device and host like a loaded checkpoint.
+"""Seeded random weights of a MoE model made in memory, split between device and host like a loaded checkpoint.
 
-For benchmarks on machines without the checkpoint (``model=mixtral_8x7b_random``): the exact geometry, random
+For benchmarks on machines without the checkpoint (``model=mixtral_8x7b_random``, ``qwen3_30b_a3b_random``, ``olmoe_random``): the exact geometry, random
 values, nothing written to disk. Every tensor is a pure function of (seed, its name), so expert (l, e) has the
 same weights whether it is resident or offloaded, and budgets compare the same model:
   * experts: normal(0, initializer_range) in float32, or, in bfloat16, random bits with the exponent fixed so
@@ -24,9 +24,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from fiddler_jax.models.checkpoint import _params, hf_names, resolve_dtype
-from fiddler_jax.models.config import MixtralConfig
-from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.models.checkpoint import _params, expert_name, hf_names, resolve_dtype
+from fiddler_jax.models.config import ModelConfig
+from fiddler_jax.models.causal_lm import MoeForCausalLM
 from fiddler_jax.random_bits import random_bf16
 
 
@@ -49,28 +49,28 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype, seed: int, std: floa
 class RandomExperts:
     """``source(layer, expert)`` → {"w1", "w3", "w2"} of the seeded random model (for ``HostExperts.pin``)."""
 
-    def __init__(self, cfg: MixtralConfig, dtype, seed: int):
+    def __init__(self, cfg: ModelConfig, dtype, seed: int):
         self.cfg, self.dtype, self.seed = cfg, dtype, seed
 
     def __call__(self, layer: int, expert: int) -> dict[str, np.ndarray]:
-        h, f = self.cfg.hidden_size, self.cfg.intermediate_size
-        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        h, f = self.cfg.hidden_size, self.cfg.moe_intermediate_size
         shapes = {"w1": (f, h), "w3": (f, h), "w2": (h, f)}
-        return {w: random_tensor(f"{prefix}.{w}.weight", s, self.dtype, self.seed, self.cfg.initializer_range)
+        return {w: random_tensor(expert_name(self.cfg, layer, expert, w), s, self.dtype, self.seed,
+                                 self.cfg.initializer_range)
                 for w, s in shapes.items()}
 
 
-def random_split_model(cfg: MixtralConfig, dtype="bfloat16", *, resident: np.ndarray, seed: int = 0,
-                       router_bias: float = 0.0) -> tuple[Mixtral, RandomExperts]:
+def random_split_model(cfg: ModelConfig, dtype="bfloat16", *, resident: np.ndarray, seed: int = 0,
+                       router_bias: float = 0.0) -> tuple[MoeForCausalLM, RandomExperts]:
     """The seeded random model with only the ``resident`` experts (bool [layers, experts]) on the device, and
     the source of the offloaded ones (module docstring)."""
     dtype = resolve_dtype(dtype)
     resident = np.asarray(resident, bool)
-    model = nnx.eval_shape(lambda: Mixtral(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MoeForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     experts = RandomExperts(cfg, dtype, seed)
-    E = cfg.num_local_experts
+    E = cfg.num_experts
     for path, param in _params(model):
-        names = hf_names(path, E)
+        names = hf_names(path, cfg)
         if len(names) > 1:  # an expert stack: its resident rows
             layer, weight = int(path[1]), str(path[-1])
             rows = [experts(layer, e)[weight] for e in np.flatnonzero(resident[layer])]
@@ -80,7 +80,7 @@ def random_split_model(cfg: MixtralConfig, dtype="bfloat16", *, resident: np.nda
         value = random_tensor(names[0], tuple(param.shape), dtype, seed, cfg.initializer_range)
         if router_bias and names[0] == "model.embed_tokens.weight":
             value[:, -1] = 1
-        if router_bias and names[0].endswith("block_sparse_moe.gate.weight"):
+        if router_bias and tuple(map(str, path[2:4])) == ("mlp", "gate"):
             # the normed constant feature is about sqrt(hidden): the logit boost is about router_bias·(1 − e/(E−1))
             value[:, -1] = router_bias * (1 - np.arange(E) / max(E - 1, 1)) / np.sqrt(cfg.hidden_size)
         param.value = jax.device_put(value)

@@ -276,10 +276,10 @@ def table(model: LatencyModel, measurements: Measurements) -> str:
 
 
 def geometry_of(config, dtype) -> Geometry:
-    """The expert geometry of a ``MixtralConfig`` run in ``dtype`` (a name or a numpy/jax dtype)."""
+    """The expert geometry of a ``ModelConfig`` run in ``dtype`` (a name or a numpy/jax dtype)."""
     from fiddler_jax.models.checkpoint import resolve_dtype
 
-    return Geometry(hidden=config.hidden_size, ffn=config.intermediate_size, dtype=resolve_dtype(dtype).name)
+    return Geometry(hidden=config.hidden_size, ffn=config.moe_intermediate_size, dtype=resolve_dtype(dtype).name)
 
 
 def load_calibrated(geometry: Geometry, root: str | os.PathLike | None = None) -> LatencyModel:

@@ -22,7 +22,7 @@ import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.checkpoint import load_split, resolve_dtype
-from fiddler_jax.models.config import MixtralConfig
+from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
@@ -75,13 +75,13 @@ def check_planner_fits(planner: BoundPlanner, resident: np.ndarray) -> None:
                            f"planner (planner=fiddler_overlap)")
 
 
-def abstract_model(cfg: MixtralConfig):
+def abstract_model(cfg: ModelConfig):
     """The model's structure without weights (what a routing profile's fingerprint is taken over)."""
     from flax import nnx
 
-    from fiddler_jax.models.mixtral import Mixtral
+    from fiddler_jax.models.causal_lm import MoeForCausalLM
 
-    return nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: MoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
 
 class Engine:
@@ -99,7 +99,7 @@ class Engine:
         resident = r.placement.resident
         gpu = GpuLane(r.model, resident, r.device)
         cpu = CpuLane(r.host, r.device, options.cpu_backend, options.pinned_activations, self.trace.now)
-        pcie = PcieLane(r.staging, cfg.num_local_experts)
+        pcie = PcieLane(r.staging, cfg.num_experts)
         if r.cache is not None:
             r.cache.reset()  # the cache's slots hold what an earlier engine over these resources copied
         self.executor = Executor(gpu, cpu, pcie, r.cache, latency, planner.prefetch, options.cpu_lane_thread,
@@ -130,7 +130,7 @@ class Engine:
         cached), a latency JSON file, or None (the H100 machine's design numbers, with a warning;
         :mod:`latency_source`). ``profile``: a routing profile from ``fiddler-jax profile``. ``options``: how the
         lanes run (:class:`EngineOptions`)."""
-        cfg = MixtralConfig.from_pretrained(path)
+        cfg = ModelConfig.from_pretrained(path)
 
         def load(resident):
             return load_split(path, dtype, resident=resident, progress=progress)
@@ -142,7 +142,7 @@ class Engine:
                           planner_params=planner_params)
 
     @classmethod
-    def from_random(cls, config: MixtralConfig, *, weight_seed: int = 0, router_bias: float = 0.0,
+    def from_random(cls, config: ModelConfig, *, weight_seed: int = 0, router_bias: float = 0.0,
                     **kwargs) -> Engine:
         """The engine over a seeded random model of ``config``'s geometry made in memory
         (:mod:`fiddler_jax.models.random_weights`; nothing is written to disk). Keyword arguments as
@@ -156,7 +156,7 @@ class Engine:
                           planner_params=planner_params, **kwargs)
 
     @classmethod
-    def _build(cls, cfg: MixtralConfig, load, *, gpu_budget="24GiB", planner="fiddler_overlap",
+    def _build(cls, cfg: ModelConfig, load, *, gpu_budget="24GiB", planner="fiddler_overlap",
                placement="popularity", resident_experts=None, staging_slots=DEFAULT_STAGING_SLOTS, cache_slots=0,
                dtype="bfloat16", profile=None, latency=None, max_batch=1, max_context=None, seed=0, progress=True,
                options=None, planner_params=None) -> Engine:
@@ -206,7 +206,7 @@ class Engine:
         return self.resources.model
 
     @property
-    def config(self) -> MixtralConfig:
+    def config(self) -> ModelConfig:
         return self.resources.config
 
     @property
@@ -228,9 +228,7 @@ class Engine:
     def jitted_functions(self) -> dict:
         """The step loop's jitted functions by name, each once (``f._cache_size()`` counts its compiles: tests and
         the device check assert that changing plans never compile again)."""
-        from fiddler_jax.runtime.host_experts import _copy_jit
-
-        return {**self.resources.segments.jitted(), "copy_into_slot": _copy_jit}
+        return self.resources.segments.jitted()
 
     # -- running -----------------------------------------------------------------------------------------------
     def forward(self, tokens, cache, start: int, *, last_only: bool = False):

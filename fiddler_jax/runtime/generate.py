@@ -1,4 +1,4 @@
-"""Whole-model execution of the NNX Mixtral: full-sequence logits and autoregressive generation.
+"""Whole-model execution of the NNX MoE model: full-sequence logits and autoregressive generation.
 
 The model is split once per call (``nnx.split``) and its forward pass is a plain ``jax.jit`` over
 (graphdef, state), so repeated calls reuse compiled code. Generation runs one prefill over the prompt into a KV
@@ -17,16 +17,16 @@ import numpy as np
 from flax import nnx
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.models.causal_lm import MoeForCausalLM
 from fiddler_jax.runtime import beam_search, sampling
 
 CACHE_BUCKET = 64
 
 
-def check_token_ids(model: Mixtral, input_ids, max_new_tokens: int = 0) -> np.ndarray:
+def check_token_ids(model: MoeForCausalLM, input_ids, max_new_tokens: int = 0) -> np.ndarray:
     """Validate [B, T] token ids against the model (integer, in the vocabulary, within the context); → int32."""
-    if not isinstance(model, Mixtral):
-        raise InvalidInputError(f"expected a fiddler_jax Mixtral model (from load_pretrained), got "
+    if not isinstance(model, MoeForCausalLM):
+        raise InvalidInputError(f"expected a fiddler_jax model (from load_pretrained), got "
                                 f"{type(model).__name__}")
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
@@ -89,7 +89,7 @@ def _forward_last(graphdef, state, cache, tokens, start):
     return logits[:, -1], cache
 
 
-def logits(model: Mixtral, input_ids) -> np.ndarray:
+def logits(model: MoeForCausalLM, input_ids) -> np.ndarray:
     """Float32 logits [B, T, vocab] of a full forward pass over int token ids [B, T]."""
     ids = check_token_ids(model, input_ids)
     graphdef, state = nnx.split(model)
@@ -116,7 +116,7 @@ class GenerationStats:
         return steps / self.decode_s if steps and self.decode_s > 0 else float("nan")
 
 
-def generate(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
+def generate(model: MoeForCausalLM, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping=False) -> np.ndarray:
     """Generated token ids [B, T + n]; see :func:`generate_with_stats`. ``num_beams`` > 1 runs beam search
@@ -137,7 +137,7 @@ def generate(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = F
     return ids
 
 
-def generate_with_stats(model: Mixtral, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
+def generate_with_stats(model: MoeForCausalLM, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
                         *, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
                         ) -> tuple[np.ndarray, GenerationStats]:
     """Append up to ``max_new_tokens`` tokens to each row of ``input_ids`` [B, T]; returns [B, T + n].

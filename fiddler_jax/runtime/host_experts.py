@@ -2,11 +2,10 @@
 
 Every offloaded (layer, expert) is three JAX arrays (w1, w3, w2) in the ``pinned_host`` memory of the GPU
 device (on a CPU-only JAX, of the CPU device: the same code runs in CI):
-  * the PCIe lane copies them into GPU arrays with an eager ``device_put`` (:mod:`staging`): a DMA from pinned
-    memory on XLA's host-to-device stream, beside compute — 6.9 ms for a Mixtral-8x7B expert (352 MB) on the
-    H100 machine, against 59 ms for an eager ``device_put`` of pageable numpy (measured: docs/notes/engine_lanes.md).
-    The dynamic cache's jitted :func:`copy_into_slot` is as fast but runs on the
-    compute stream, in front of the computations queued after it;
+  * the PCIe lane (and the dynamic cache) copy a step's batch of them into rows of a stacked GPU buffer with
+    one jitted call (:func:`fiddler_jax.runtime.segments.stage_copy`): DMAs from pinned memory, at the speed of an
+    eager ``device_put`` of pinned arrays (6.9 ms for a Mixtral-8x7B expert of 352 MB on the H100 machine, against
+    59 ms for pageable numpy; docs/notes/engine_lanes.md), on the compute stream;
   * the CPU lane reads the very same bytes: ``np.asarray`` of a pinned_host array is a zero-copy view (checked
     for every array at load; the kernel takes per-expert weight tables, so no stack is ever built).
 Why one array per expert and not a stack per layer: slicing a pinned stack inside jit copies as fast, but its
@@ -165,20 +164,3 @@ class HostExperts:
                 prepared = ExpertTables(w1s, w3s, w2s, hidden=first.shape[1])
             self._kernel_tables[layer] = prepared
         return self._kernel_tables[layer]
-
-
-def _copy_into_slot(buffers: dict, slot, weights: dict, target) -> dict:
-    return {w: jax.lax.dynamic_update_index_in_dim(buffers[w], jax.device_put(weights[w], target), slot, 0)
-            for w in WEIGHTS}
-
-
-_copy_jit = jax.jit(_copy_into_slot, donate_argnums=0, static_argnames="target")
-
-
-def copy_into_slot(buffers: dict[str, jax.Array], slot: int, weights: dict[str, jax.Array]) -> dict:
-    """The dynamic cache's copy: one jitted call that moves an expert's pinned arrays into row ``slot`` of the GPU buffers
-    {"w1": [S, ffn, hidden], ...} (donated; the updated buffers are returned). One expert per call keeps a
-    single compiled signature whatever the plan. The call returns when the copy is queued, not when it ends:
-    block on the result to wait for it."""
-    target = jax.sharding.SingleDeviceSharding(next(iter(buffers["w1"].devices())), memory_kind=DEVICE)
-    return _copy_jit(buffers, np.int32(slot), weights, target=target)

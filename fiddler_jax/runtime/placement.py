@@ -1,7 +1,9 @@
 """Which experts live on the GPU: a memory budget turned into a resident set.
 
 Algorithm (Fiddler §3, with the accounting made explicit):
-  1. Everything that is not an expert goes to the GPU: embeddings, attention, norms, routers, the LM head.
+  1. Everything that is not a routed expert goes to the GPU: embeddings, attention (with its biases and q/k
+     norms), norms, routers, shared experts and their gates, the dense MLPs of non-MoE layers, the LM head
+     (:func:`non_expert_bytes`, exact for every family).
   2. Reserve the KV cache for ``max_batch`` sequences of ``max_context`` tokens, an activation workspace for the
      largest step, and one expert-sized buffer for each PCIe staging slot (shared by all layers) and each
      dynamic-cache slot (``cache_slots`` per layer).
@@ -9,7 +11,9 @@ Algorithm (Fiddler §3, with the accounting made explicit):
      ``popularity`` — most-routed (layer, expert) first by an offline profile; ties, and the case with no
      profile, follow the *spread* order (expert 0 of every layer, then expert 1 of every layer, ...), so every
      layer gets the same share; ``first`` — (layer, expert) in checkpoint order; ``random`` — a seeded shuffle.
-     ``resident_experts`` fixes the count instead (an ablation knob; it must still fit).
+     ``resident_experts`` fixes the count instead (an ablation knob; it must still fit). Only MoE layers have
+     experts to place; the rows of dense layers (Qwen's ``mlp_only_layers``) are all True: nothing of them is
+     offloaded.
   4. XLA's autotuner needs scratch for one weight of the largest per-layer resident stack when it compiles
      (``autotune_bytes``): drop experts from the end of the order until that fits too.
 A budget below step 1 + 2 is an error that states the minimum. Pure Python: no JAX, no device needed.
@@ -21,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.models.config import MixtralConfig
+from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.units import format_bytes, parse_bytes
 
 POLICIES = ("popularity", "first", "random")
@@ -61,48 +65,64 @@ class Placement:
     memory: MemoryPlan
     policy: str
 
+    dense_layers: tuple[int, ...] = ()  # layers without experts (their rows of ``resident`` are all True)
+
     @property
     def resident_count(self) -> int:
-        return int(self.resident.sum())
+        """Resident routed experts (the rows of dense layers are not experts)."""
+        return int(self.resident.sum()) - len(self.dense_layers) * self.resident.shape[1]
+
+    @property
+    def offloaded_count(self) -> int:
+        return int((~self.resident).sum())
 
     def layer_all_resident(self, layer: int) -> bool:
         return bool(self.resident[layer].all())
 
 
-def non_expert_bytes(cfg: MixtralConfig, itemsize: int) -> int:
-    """Bytes of every parameter that is not an expert weight."""
+def non_expert_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Bytes of every parameter that is not a routed expert's weight (module docstring, step 1)."""
     h, d = cfg.hidden_size, cfg.head_dim
-    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    per_layer = attn + 2 * h + cfg.num_local_experts * h  # q,k,v,o + two norms + router
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    attn = h * (2 * q + 2 * kv) + (q + 2 * kv if cfg.qkv_bias else 0) + (h if cfg.o_bias else 0)
+    attn += {"none": 0, "head": 2 * d, "projection": q + kv}[cfg.qk_norm]
+    per_layer = attn + 2 * h  # + the two norms
+    sparse = len(cfg.moe_layers)
+    shared = 3 * h * cfg.shared_expert_intermediate_size + h if cfg.has_shared_expert else 0  # + its gate
+    moe = cfg.num_experts * h + shared  # router
+    dense = 3 * h * cfg.intermediate_size
     embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return (cfg.num_hidden_layers * per_layer + embed + h) * itemsize
+    layers = cfg.num_hidden_layers * per_layer + sparse * moe + (cfg.num_hidden_layers - sparse) * dense
+    return (layers + embed + h) * itemsize
 
 
-def expert_bytes(cfg: MixtralConfig, itemsize: int) -> int:
-    return 3 * cfg.hidden_size * cfg.intermediate_size * itemsize
+def expert_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """One routed expert's w1, w3 and w2."""
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * itemsize
 
 
-def kv_cache_bytes(cfg: MixtralConfig, itemsize: int, max_batch: int, max_context: int) -> int:
+def kv_cache_bytes(cfg: ModelConfig, itemsize: int, max_batch: int, max_context: int) -> int:
     return 2 * cfg.num_hidden_layers * max_batch * max_context * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
 XLA_SCRATCH = 256 << 20  # cuBLAS/autotuning scratch and allocator fragmentation (measured headroom, H100)
 
 
-def workspace_bytes(cfg: MixtralConfig, itemsize: int, max_step_tokens: int, context: int) -> int:
+def workspace_bytes(cfg: ModelConfig, itemsize: int, max_step_tokens: int, context: int) -> int:
     """Activations of the largest step — float32 logits, a few hidden-sized buffers and one layer's expert
     intermediates for every token (an estimate; XLA reuses buffers), the attention scores over ``context``
     keys — plus XLA's own temporaries: its grouped
     (ragged) product re-lays out one stacked weight of a layer (E × ffn × hidden: 896 MiB for Mixtral-8x7B,
     measured with the compiled memory analysis on the H100) and ``XLA_SCRATCH``."""
-    per_token = 4 * cfg.vocab_size + itemsize * (8 * cfg.hidden_size
-                                                 + 2 * cfg.num_experts_per_tok * cfg.intermediate_size)
-    stacked_weight = cfg.num_local_experts * cfg.intermediate_size * cfg.hidden_size * itemsize
+    ffn = max(cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size,
+              cfg.intermediate_size if len(cfg.moe_layers) < cfg.num_hidden_layers else 0)
+    per_token = 4 * cfg.vocab_size + itemsize * (8 * cfg.hidden_size + 2 * ffn)
+    stacked_weight = cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
     return max_step_tokens * per_token + attention_scores_bytes(cfg, max_step_tokens, context) + stacked_weight \
         + XLA_SCRATCH
 
 
-def attention_scores_bytes(cfg: MixtralConfig, step_tokens: int, context: int) -> int:
+def attention_scores_bytes(cfg: ModelConfig, step_tokens: int, context: int) -> int:
     """Float32 attention scores and probabilities of one layer for ``step_tokens`` queries over ``context`` keys
     (2.2 GB each for a 4096-token Mixtral prefill: a 24 GiB run without them ran out of memory at 2048)."""
     return 2 * 4 * cfg.num_attention_heads * step_tokens * context
@@ -137,7 +157,7 @@ def _two_sizes(budget: int, minimum: int) -> str:
     return f"{a} is below the minimum {b}"
 
 
-def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, policy: str = "popularity",
+def place(cfg: ModelConfig, gpu_budget: int | str, *, itemsize: int = 2, policy: str = "popularity",
           profile: np.ndarray | None = None, resident_experts: int | None = None, max_batch: int = 1,
           max_context: int | None = None, max_step_tokens: int | None = None, staging_slots: int = 0,
           cache_slots: int = 0, seed: int = 0) -> Placement:
@@ -154,39 +174,50 @@ def place(cfg: MixtralConfig, gpu_budget: int | str, *, itemsize: int = 2, polic
     memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
                         workspace=workspace_bytes(cfg, itemsize, step_tokens, min(context, step_tokens)),
-                        slots=(staging_slots + cache_slots * cfg.num_hidden_layers) * expert, expert=expert,
+                        slots=(staging_slots + cache_slots * len(cfg.moe_layers)) * expert, expert=expert,
                         resident_count=0)
     if budget < memory.fixed:
         raise InvalidInputError(
             f"gpu_budget {_two_sizes(budget, memory.fixed)} this model "
             f"needs without any resident expert ({memory}); raise gpu_budget, or lower max_context/max_batch or "
             "the slot counts")
-    total = cfg.num_hidden_layers * cfg.num_local_experts
+    moe_layers = cfg.moe_layers
+    dense_layers = tuple(n for n in range(cfg.num_hidden_layers) if not cfg.is_sparse(n))
+    total = len(moe_layers) * cfg.num_experts
     fits = min(total, (budget - memory.fixed) // expert)
     count = fits if resident_experts is None else int(resident_experts)
     if not 0 <= count <= fits:
         raise InvalidInputError(f"resident_experts={resident_experts} does not fit: gpu_budget "
                                 f"{format_bytes(budget)} holds at most {fits} of {total} experts")
-    order = placement_order(cfg.num_hidden_layers, cfg.num_local_experts, policy, profile, seed)
+    if profile is not None:
+        profile = np.asarray(profile)
+        if profile.shape != (cfg.num_hidden_layers, cfg.num_experts):
+            raise InvalidInputError(f"the popularity profile has shape {list(profile.shape)}, but the model has "
+                                    f"{cfg.num_hidden_layers} layers x {cfg.num_experts} experts; profile this "
+                                    "model again")
+        profile = profile[list(moe_layers)]
+    order = [(moe_layers[l], e) for l, e in placement_order(len(moe_layers), cfg.num_experts, policy, profile, seed)]
     while True:  # the autotuner's scratch depends on the placement: fewer experts until both fit
-        resident = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), bool)
+        resident = np.zeros((cfg.num_hidden_layers, cfg.num_experts), bool)
+        resident[list(dense_layers)] = True
         for layer, e in order[:count]:
             resident[layer, e] = True
         planned = dataclasses.replace(memory, resident_count=count,
-                                      autotune=autotune_bytes(cfg, itemsize, int(resident.sum(axis=1).max())))
+                                      autotune=autotune_bytes(cfg, itemsize,
+                                                              int(resident[list(moe_layers)].sum(axis=1).max())))
         if planned.used <= budget or resident_experts is not None or count == 0:
             break
         count -= 1
     if planned.used > budget:
         raise InvalidInputError(f"resident_experts={resident_experts} does not fit with XLA's autotuning scratch "
                                 f"({planned}); lower resident_experts or raise gpu_budget")
-    return Placement(resident, planned, policy)
+    return Placement(resident, planned, policy, dense_layers)
 
 
-def autotune_bytes(cfg: MixtralConfig, itemsize: int, layer_resident: int) -> int:
+def autotune_bytes(cfg: ModelConfig, itemsize: int, layer_resident: int) -> int:
     """XLA's autotuner profiles a layer's grouped product on scratch copies of its operand when it compiles:
     one weight of the largest resident stack (``layer_resident`` experts × ffn × hidden) and a little more. At
     48 GiB (5 resident in some layers: 560 MiB a weight) it asked for 576 MiB, at 79 GiB (7: 784 MiB) for 800 MiB;
     without room every run failed to compile. Reserved: the weight and a quarter more."""
-    weight = layer_resident * cfg.intermediate_size * cfg.hidden_size * itemsize
+    weight = layer_resident * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
     return weight + weight // 4

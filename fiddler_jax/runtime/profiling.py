@@ -22,17 +22,17 @@ from tqdm.auto import tqdm
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.checkpoint import _params, hf_names
-from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.models.causal_lm import MoeForCausalLM
 
 FORMAT = "fiddler-jax routing profile v1"
 
 
-def model_fingerprint(model: Mixtral) -> str:
+def model_fingerprint(model: MoeForCausalLM) -> str:
     """sha256 over the config and the (HF name, shape) of every weight: equal for the same model in any dtype."""
     cfg = model.config
     h = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True).encode())
     for path, param in _params(model):
-        names = hf_names(path, cfg.num_local_experts)
+        names = hf_names(path, cfg)
         shape = param.shape[1:] if len(names) > 1 else param.shape
         for name in names:
             h.update(f"{name}:{list(shape)};".encode())
@@ -59,7 +59,7 @@ class RoutingProfile:
                        "source": self.source, "counts": self.counts.tolist()}, f, indent=1)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Mixtral | None = None) -> RoutingProfile:
+    def load(cls, path: str | os.PathLike, model: MoeForCausalLM | None = None) -> RoutingProfile:
         """Read a profile; with ``model``, refuse one measured on another model."""
         try:
             with open(path) as f:
@@ -86,9 +86,9 @@ class RoutingProfile:
 
 @functools.partial(jax.jit, static_argnums=0)
 def window_choices(graphdef, state, tokens):
-    """[L, B·T, k] the top-k experts every layer's router picks for each token of a batch of windows [B, T]
-    (each window from position 0). The top-k is taken on the router logits, which picks the same experts as
-    on their softmax."""
+    """[L, B·T, k] the top-k experts every MoE layer's router picks for each token of a batch of windows [B, T]
+    (each window from position 0; L counts the MoE layers, ``config.moe_layers``). The top-k is taken on the
+    router logits, which picks the same experts as on their softmax."""
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
     _, _, router_logits = model(tokens, model.init_cache(b, t), 0, return_router_logits=True)
@@ -98,19 +98,22 @@ def window_choices(graphdef, state, tokens):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_counts(graphdef, state, tokens):
-    """[L, E] assignment counts of one batch of windows [B, T]."""
-    e = nnx.merge(graphdef, state).config.num_local_experts
+    """[L, E] assignment counts of one batch of windows [B, T] (rows of dense layers: 0)."""
+    cfg = nnx.merge(graphdef, state).config
     choices = window_choices(graphdef, state, tokens)
-    return jnp.stack([jnp.bincount(c.reshape(-1), length=e) for c in choices])
+    counts = jnp.zeros((cfg.num_hidden_layers, cfg.num_experts), jnp.int32)
+    for row, c in zip(cfg.moe_layers, choices):
+        counts = counts.at[row].set(jnp.bincount(c.reshape(-1), length=cfg.num_experts))
+    return counts
 
 
-def profile_routing(model: Mixtral, windows: Iterable[np.ndarray], *, batch_size: int = 8, source: str = "",
+def profile_routing(model: MoeForCausalLM, windows: Iterable[np.ndarray], *, batch_size: int = 8, source: str = "",
                     total: int | None = None, progress: bool = True) -> RoutingProfile:
     """Count router choices over ``windows`` (int arrays of one fixed length T), batched by ``batch_size``.
     The top-k choice uses the router logits directly (softmax is monotone, so it picks the same experts)."""
     cfg = model.config
     graphdef, state = nnx.split(model)
-    counts = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), np.int64)
+    counts = np.zeros((cfg.num_hidden_layers, cfg.num_experts), np.int64)
     tokens, batch = 0, []
 
     def flush():

@@ -22,7 +22,7 @@ from fiddler_jax.runtime.segments import ModelSegments
 
 @dataclasses.dataclass(frozen=True)
 class EngineResources:
-    model: object  # models.mixtral.Mixtral with only the resident experts' weights on the device
+    model: object  # models.causal_lm.MoeForCausalLM with only the resident experts' weights on the device
     placement: Placement
     host: HostExperts
     device: jax.Device
@@ -37,7 +37,7 @@ class EngineResources:
               transfer_s: float) -> EngineResources:
         device = jax.devices()[0]
         cfg = model.config
-        cache = DynamicCache(cache_slots, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+        cache = DynamicCache(cache_slots, cfg.num_hidden_layers, cfg.hidden_size, cfg.moe_intermediate_size,
                              model.dtype, host) if cache_slots else None
         return cls(model, placement, host, device, ModelSegments(model),
                    StagingPool(host, device, staging_slots, transfer_s), cache, StreamedRegistrations(host, device))

@@ -4,11 +4,13 @@ Parameters travel as a :class:`Split`'s flat list of arrays (``leaves``); the pi
   * ``embed`` and ``head`` (final norm + LM head, or the tied embedding; ``last_only``: the last position's
     logits, what generation's steps need);
   * ``fused_layer``: a layer whose experts are all on the GPU, attention and MoE in one call;
-  * ``attention_and_router``: attention, the post-attention norm, the router, the per-expert counts and the
-    step's sync vector (:mod:`routing_sync`: the counts, the routing, the counts the next layer's router would
-    give this hidden state -- what prefetch acts on -- and for small steps the MoE input);
+  * ``attention_and_router``: attention, the post-attention norm, the router, the shared expert's gated output
+    (families with one; None otherwise), the per-expert counts and the step's sync vector (:mod:`routing_sync`:
+    the counts, the routing, the counts the next layer's router would give this hidden state -- what prefetch
+    acts on -- and for small steps the MoE input);
   * ``stack_mix``: the MoE share of the experts in a stack of GPU weights (the resident experts, or the dynamic
-    cache's buffers), a slot map saying which expert sits in which row (-1: not in the stack);
+    cache's buffers), a slot map saying which expert sits in which row (-1: not in the stack), added to a base
+    (the shared expert's output, or None);
   * ``stage_copy`` and ``staged_mix``: the PCIe lane's batch of experts copied from pinned host memory into rows
     of its staging stack in one call, and their share mixed from that stack in one call.
 A layer's input arrives as a pending residual, ``(x,)`` or ``(h, gpu_out, cpu_out)`` of a hybrid MoE step; its
@@ -53,9 +55,9 @@ def residual(pending):
 
 @functools.cache
 def layer_steps(key, router_key):
-    """``(fused_layer, attention_and_router)`` of one layer structure (all of Mixtral's layers share one, so one
-    compile each); ``router_key``: the (post-attention norm, gate) structure of the layer the step looks ahead
-    to."""
+    """``(fused_layer, attention_and_router)`` of one layer structure (all MoE layers of a model share one, so one
+    compile each; a dense layer only ever runs fused); ``router_key``: the (post-attention norm, gate) structure
+    of the layer the step looks ahead to (None for a dense layer)."""
 
     @functools.partial(jax.jit, donate_argnums=2)
     def fused_layer(leaves, pending, kv, start):
@@ -66,22 +68,25 @@ def layer_steps(key, router_key):
 
     @functools.partial(jax.jit, donate_argnums=2)
     def attention_and_router(leaves, pending, kv, start, lookahead):
-        """Residual after attention, the normed MoE input [N, hidden], the routing, the sync vector and the KV
-        cache; ``lookahead``: the next layer's norm and gate leaves, None when the engine does not prefetch."""
+        """Residual after attention, the normed MoE input [N, hidden], the routing, the shared expert's output
+        (None without one), the sync vector and the KV cache; ``lookahead``: the next layer's norm and gate leaves,
+        None when the engine does not prefetch."""
         layer = Split.merge(key, leaves)
         x = residual(pending)
         positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
         h, kv = layer.attention_block(x, kv, positions, start)
         moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
-        moe = layer.block_sparse_moe
-        routing = route(moe.gate(moe_in), moe.top_k)
+        moe = layer.mlp
+        routing, _ = moe.route(moe_in)
+        shared = moe.shared(moe_in)
         counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
         predicted = None
         if lookahead is not None:
             next_norm, next_gate = (Split.merge(k, part) for k, part in zip(router_key, lookahead))
             guess = route(next_gate(next_norm(h).reshape(-1, h.shape[-1])), moe.top_k)
             predicted = jnp.bincount(guess.experts.reshape(-1), length=moe.num_experts)
-        return h, moe_in, routing, routing_sync.pack(counts, routing.experts, routing.weights, predicted, moe_in), kv
+        sync = routing_sync.pack(counts, routing.experts, routing.weights, predicted, moe_in)
+        return h, moe_in, routing, shared, sync, kv
 
     return fused_layer, attention_and_router
 
@@ -109,8 +114,9 @@ def model_ends(embed_key, norm_key, head_key):
 
 
 @jax.jit
-def stack_mix(moe_in, routing, slot_of, w1, w3, w2):
-    return sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
+def stack_mix(moe_in, routing, slot_of, w1, w3, w2, base=None):
+    out = sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
+    return out if base is None else base + out
 
 
 @jax.jit
@@ -157,11 +163,14 @@ class ModelSegments:
         self._embed, self._head = model_ends(self.embed_part.key, self.norm_part.key,
                                              None if self.head_part is None else self.head_part.key)
         self.layers = [Split(layer) for layer in model.layers]
-        routers = [(Split(l.post_attention_layernorm), Split(l.block_sparse_moe.gate)) for l in model.layers]
-        # each layer step looks ahead to the next layer's router (the last layer to its own: never prefetched)
-        self.lookahead = [tuple(p.leaves for p in routers[min(n + 1, len(routers) - 1)])
+        routers = [(Split(l.post_attention_layernorm), Split(l.mlp.gate)) if l.is_sparse else None
+                   for l in model.layers]
+        # a MoE layer step looks ahead to the next layer's router; to its own when the next layer is dense or
+        # there is none (nothing is prefetched for those)
+        ahead = [n + 1 if n + 1 < len(routers) and routers[n + 1] is not None else n for n in range(len(routers))]
+        self.lookahead = [None if routers[n] is None else tuple(p.leaves for p in routers[ahead[n]])
                           for n in range(len(routers))]
-        self.steps = [layer_steps(part.key, tuple(p.key for p in routers[n]))
+        self.steps = [layer_steps(part.key, None if routers[n] is None else tuple(p.key for p in routers[ahead[n]]))
                       for n, part in enumerate(self.layers)]
 
     def embed(self, tokens):

@@ -1,11 +1,13 @@
 """One forward pass of the hybrid engine: embed -> per layer one of three steps -> head. It owns the residual.
 
 For each layer:
-  * fused: every expert of the layer is resident -- attention and MoE in one jitted call, no host round trip;
+  * fused: every expert of the layer is resident (or the layer is a dense MLP) -- attention and MLP in one
+    jitted call, no host round trip;
   * streamed: the step's plan is known before its routing (:mod:`fiddler_jax.runtime.lanes.streamed`) --
     attention, the resident mix and the CPU lane are queued as device work, no sync;
   * synced: attention and the router run (:mod:`fiddler_jax.runtime.segments`), the resident experts' mix is
-    queued at once (it needs the routing, not a plan, so its dispatch overlaps the segment's run), the step's
+    queued at once with the shared expert's output as its base (it needs the routing, not a plan, so its
+    dispatch overlaps the segment's run), the step's
     one sync brings the counts and the routing to the host (:mod:`fiddler_jax.runtime.routing_sync`), the plan
     comes from the memo (:class:`~fiddler_jax.runtime.planning.PlanMemo`) or from behind the dynamic cache, the
     executor runs it over the lanes (:mod:`fiddler_jax.runtime.executor`) and the step's record joins the trace.
@@ -52,23 +54,24 @@ class StepLoop:
                 x, kv = self.segments.fused_layer(layer, pending, kv, start)
                 pending = (x,)
             elif (tables := self.streamed.tables_id(layer, rows)) is not None:
-                h, moe_in, routing, _, kv = self.segments.attention_and_router(layer, pending, kv, start, prefetching)
-                pending = (h, self.executor.gpu.resident_mix(layer, moe_in, routing),
+                h, moe_in, routing, shared, _, kv = self.segments.attention_and_router(layer, pending, kv, start,
+                                                                                       prefetching)
+                pending = (h, self.executor.gpu.resident_mix(layer, moe_in, routing, shared),
                            self.streamed.mix(moe_in, routing, tables))
             else:
-                h, moe_in, routing, sync, kv = self.segments.attention_and_router(layer, pending, kv, start,
-                                                                                  prefetching)
-                pending = (h,) + self._synced_moe(layer, moe_in, routing, sync, prefetching)
+                h, moe_in, routing, shared, sync, kv = self.segments.attention_and_router(layer, pending, kv, start,
+                                                                                          prefetching)
+                pending = (h,) + self._synced_moe(layer, moe_in, routing, shared, sync, prefetching)
             new_cache.append(kv)
         logits = self.segments.head(pending, last_only)
         self.executor.cpu.settle()  # the CPU lane's output copies have landed; no GPU memory held between passes
         return logits, tuple(new_cache)
 
-    def _synced_moe(self, layer: int, moe_in, routing, sync, predicts: bool):
+    def _synced_moe(self, layer: int, moe_in, routing, shared, sync, predicts: bool):
         clock = self.trace.now
-        resident = (clock(), self.executor.gpu.resident_mix(layer, moe_in, routing))
+        resident = (clock(), self.executor.gpu.resident_mix(layer, moe_in, routing, shared))
         t_plan = clock()
-        step = routing_sync.unpack(np.asarray(sync), num_experts=self.config.num_local_experts,
+        step = routing_sync.unpack(np.asarray(sync), num_experts=self.config.num_experts,
                                    top_k=self.config.num_experts_per_tok, moe_in_shape=moe_in.shape,
                                    moe_in_dtype=moe_in.dtype, predicted=predicts)
         E = len(step.counts)
@@ -83,4 +86,4 @@ class StepLoop:
 
     def drain(self) -> None:
         """Bring the streamed steps that have run into the trace (and raise a streamed call's error)."""
-        self.streamed.drain(self.trace, self.config.num_local_experts)
+        self.streamed.drain(self.trace, self.config.num_experts)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.models.causal_lm import MoeForCausalLM
 from fiddler_jax.training.train import forward, token_nll
 
 
@@ -64,7 +64,7 @@ def routing_stats(counts: np.ndarray, entropy_sum: np.ndarray, num_tokens: int, 
     return out
 
 
-def evaluate(model: Mixtral, windows: np.ndarray, train_stream: np.ndarray, batch_size: int = 16) -> dict:
+def evaluate(model: MoeForCausalLM, windows: np.ndarray, train_stream: np.ndarray, batch_size: int = 16) -> dict:
     """Held-out NLL/perplexity of ``model`` on ``windows`` [n, T+1], the unigram baseline on the same target
     tokens, and per-layer routing statistics over the same tokens."""
     cfg = model.config

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fiddler_jax.models.checkpoint import load_pretrained, save_pretrained
-from fiddler_jax.models.config import MixtralConfig
+from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.runtime.generate import generate
 from fiddler_jax.training import data as data_lib
 from fiddler_jax.training import report
@@ -22,16 +22,16 @@ from fiddler_jax.training.tokenizer import save_tokenizer
 from fiddler_jax.training.train import Trainer, init_model, make_optimizer
 
 
-def model_config(geometry, vocab_size: int, tokenizer, aux_coef: float) -> MixtralConfig:
-    return MixtralConfig.from_hf_dict({
+def model_config(geometry, vocab_size: int, tokenizer, aux_coef: float) -> ModelConfig:
+    return ModelConfig.from_hf_dict({
         "model_type": "mixtral", **dict(geometry), "vocab_size": vocab_size,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None,
         "router_aux_loss_coef": aux_coef}, source="train-tiny geometry")
 
 
-def count_parameters(cfg: MixtralConfig) -> tuple[int, int]:
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameter counts."""
-    h, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    h, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
     attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     shared = cfg.num_hidden_layers * (attn + 2 * h + e * h) + h
     emb = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fiddler_jax.models.config import MixtralConfig
-from fiddler_jax.models.mixtral import Mixtral
+from fiddler_jax.models.config import ModelConfig
+from fiddler_jax.models.causal_lm import MoeForCausalLM
 from fiddler_jax.models.moe import load_balancing_loss
 
 MOE_IMPLS = ("sparse", "dense")
@@ -35,7 +35,7 @@ class Metrics(NamedTuple):
     grad_norm: jax.Array
 
 
-def forward(model: Mixtral, tokens: jax.Array, moe_impl: str = "sparse"):
+def forward(model: MoeForCausalLM, tokens: jax.Array, moe_impl: str = "sparse"):
     """Logits [B, T, V] float32 and the router logits of each layer, for a batch starting at position 0."""
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {moe_impl!r}")
@@ -69,15 +69,15 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, final_lr_fraction: 
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
 
 
-def init_model(cfg: MixtralConfig, seed: int) -> Mixtral:
+def init_model(cfg: ModelConfig, seed: int) -> MoeForCausalLM:
     """Float32 master weights, N(0, initializer_range²) as transformers initialises Mixtral."""
-    return Mixtral(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    return MoeForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
 
 
 class Trainer:
     """Holds the split model, the optimizer and the jitted step/eval functions."""
 
-    def __init__(self, model: Mixtral, tx: optax.GradientTransformation, *, aux_coef: float, moe_impl: str):
+    def __init__(self, model: MoeForCausalLM, tx: optax.GradientTransformation, *, aux_coef: float, moe_impl: str):
         if moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {moe_impl!r}")
         self.graphdef, self.params = nnx.split(model, nnx.Param)
@@ -112,5 +112,5 @@ class Trainer:
             count += chunk.shape[0] * (chunk.shape[1] - 1)
         return total / count
 
-    def model(self) -> Mixtral:
+    def model(self) -> MoeForCausalLM:
         return nnx.merge(self.graphdef, self.params)

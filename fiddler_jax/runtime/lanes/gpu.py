@@ -1,6 +1,7 @@
 """The GPU lane's resident experts: each layer's resident experts as one stack of GPU weights, and the slot map
-that says which expert sits in which row, so that a step's resident share is one queued ``stack_mix`` whatever
-the routing (plans never change shapes, never recompile)."""
+that says which expert sits in which row, so that a step's resident share -- with the shared expert's output,
+for families with one, as its base -- is one queued ``stack_mix`` whatever the routing (plans never change
+shapes, never recompile)."""
 from __future__ import annotations
 
 import jax
@@ -16,7 +17,7 @@ class GpuLane:
 
     def __init__(self, model, resident: np.ndarray, device: jax.Device):
         self.device, self.resident = device, resident
-        self._stacks = [(moe.w1[...], moe.w3[...], moe.w2[...]) for moe in (l.block_sparse_moe for l in model.layers)]
+        self._stacks = [(l.mlp.w1[...], l.mlp.w3[...], l.mlp.w2[...]) if l.is_sparse else None for l in model.layers]
         self._slot_of = []
         for row in resident:
             slot_of = np.full(len(row), -1, np.int32)
@@ -24,11 +25,12 @@ class GpuLane:
             self._slot_of.append(jnp.asarray(slot_of))
         self._zeros: dict = {}
 
-    def resident_mix(self, layer: int, moe_in, routing: Routing) -> jax.Array:
-        """The resident experts' share of the layer's MoE output (queued, not waited for)."""
+    def resident_mix(self, layer: int, moe_in, routing: Routing, shared=None) -> jax.Array:
+        """The resident experts' share of the layer's MoE output plus ``shared`` (the shared expert's output, or
+        None), float32 (queued, not waited for)."""
         if self.resident[layer].any():
-            return stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer])
-        return self.zeros(moe_in.shape)
+            return stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer], shared)
+        return self.zeros(moe_in.shape) if shared is None else shared
 
     def zeros(self, shape, *, host: bool = False):
         """Float32 zeros made once per (place, shape): arrays are immutable (the numpy one is made read-only), so a
