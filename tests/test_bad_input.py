@@ -35,7 +35,7 @@ def test_missing_config(folder):
 
 def test_unsupported_model_type(folder):
     edit_config(folder, model_type="llama")
-    with pytest.raises(ModelConfigError, match="model_type is 'llama'.*only 'mixtral'"):
+    with pytest.raises(ModelConfigError, match="model_type is 'llama'.*only these MoE families: 'mixtral'"):
         fj.load_pretrained(folder)
 
 
