@@ -199,7 +199,7 @@ def test_integer_or_bool_weights_are_refused(folder, name, dtype):
     w = stored(folder / "model.safetensors", name)
     rewrite(folder / "model.safetensors", **{name: np.ones(w.shape, dtype)})
     match = re.escape(f"tensor {name!r} in {folder / 'model.safetensors'} is stored as {np.dtype(dtype).name}, but "
-                      "Mixtral weights are floating point")
+                      "model weights are floating point")
     with pytest.raises(CheckpointError, match=match):
         fj.load_pretrained(folder, progress=False)
     resident = np.zeros((2, 4), bool)

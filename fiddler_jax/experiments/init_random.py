@@ -44,7 +44,7 @@ def main(cfg) -> None:
     config = fj.ModelConfig.from_hf_dict({"model_type": "mixtral", **dict(g)}, source="init-random geometry")
     model = fj.MoeForCausalLM(config, dtype=resolve_dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
     write_output(out, "the model", lambda path: fj.save_pretrained(model, path), folder=True)
-    print(f"wrote a random Mixtral (seed {cfg.seed}, {g.num_hidden_layers} layers, {g.num_experts} experts, "
+    print(f"wrote a random Mixtral (seed {cfg.seed}, {g.num_hidden_layers} layers, {g.num_local_experts} experts, "
           f"hidden {g.hidden_size}) to {out}")
 
 
