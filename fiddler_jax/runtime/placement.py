@@ -113,13 +113,17 @@ def workspace_bytes(cfg: ModelConfig, itemsize: int, max_step_tokens: int, conte
     intermediates for every token (an estimate; XLA reuses buffers), the attention scores over ``context``
     keys — plus XLA's own temporaries: its grouped
     (ragged) product re-lays out one stacked weight of a layer (E × ffn × hidden: 896 MiB for Mixtral-8x7B,
-    measured with the compiled memory analysis on the H100) and ``XLA_SCRATCH``."""
+    measured with the compiled memory analysis on the H100) or, when larger, the autotuner's float32 scratch of
+    the LM head's weight, and ``XLA_SCRATCH``."""
     ffn = max(cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size,
               cfg.intermediate_size if len(cfg.moe_layers) < cfg.num_hidden_layers else 0)
     per_token = 4 * cfg.vocab_size + itemsize * (8 * cfg.hidden_size + 2 * ffn)
     stacked_weight = cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
-    return max_step_tokens * per_token + attention_scores_bytes(cfg, max_step_tokens, context) + stacked_weight \
-        + XLA_SCRATCH
+    # the autotuner profiles the LM head's product on a float32 scratch of its weight (Qwen3-30B-A3B's 152k x
+    # 2048 head ran out of memory without it at 16 GiB); it compiles apart from the grouped product
+    head_scratch = cfg.vocab_size * cfg.hidden_size * 4
+    return max_step_tokens * per_token + attention_scores_bytes(cfg, max_step_tokens, context) \
+        + max(stacked_weight, head_scratch) + XLA_SCRATCH
 
 
 def attention_scores_bytes(cfg: ModelConfig, step_tokens: int, context: int) -> int:
