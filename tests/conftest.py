@@ -123,6 +123,27 @@ def small_checkpoint(tmp_path_factory):
     return model, str(path)
 
 
+def cached_decoding_error(model, vocab: int, seq: int) -> float:
+    """Prefill 5 tokens, then feed one token at a time: max |Δ| / max |full| of every position's logits against
+    the full forward's."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import fiddler_jax as fj
+    from fiddler_jax.runtime.generate import _forward
+
+    ids = token_ids(vocab, (2, seq), seed=5)
+    full = fj.logits(model, ids)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(2, 32)
+    out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, :5]), jnp.int32(0))
+    steps = [np.asarray(out)]
+    for t in range(5, seq):
+        out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, t:t + 1]), jnp.int32(t))
+        steps.append(np.asarray(out))
+    return float(np.abs(np.concatenate(steps, axis=1) - full).max() / np.abs(full).max())
+
+
 def token_ids(vocab: int, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape)
 

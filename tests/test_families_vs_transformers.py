@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import fiddler_jax as fj
 from fiddler_jax.errors import ModelConfigError
-from fiddler_jax.runtime.generate import _forward
-from tests.conftest import hf_logits, token_ids
+from tests.conftest import cached_decoding_error, hf_logits, token_ids
 
 SEQ = 20
 
@@ -57,17 +54,7 @@ def test_greedy_32_tokens_match_transformers(family_checkpoint):
 
 def test_kv_cached_decoding_equals_full_forward(family_checkpoint):
     name, hf, path, _ = family_checkpoint
-    model = fj.load_pretrained(path, progress=False)
-    ids = token_ids(hf.config.vocab_size, (2, SEQ), seed=5)
-    full = fj.logits(model, ids)
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(2, 32)
-    out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, :5]), jnp.int32(0))
-    steps = [np.asarray(out)]
-    for t in range(5, SEQ):
-        out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, t:t + 1]), jnp.int32(t))
-        steps.append(np.asarray(out))
-    assert _rel(np.concatenate(steps, axis=1), full) <= 1e-5, name
+    assert cached_decoding_error(fj.load_pretrained(path, progress=False), hf.config.vocab_size, SEQ) <= 1e-5, name
 
 
 def test_round_trip_through_transformers(family_checkpoint, tmp_path):

@@ -1,15 +1,12 @@
 """Parity with transformers' MixtralForCausalLM (the reference) on random-weight checkpoints it saved."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax import nnx
 
 import fiddler_jax as fj
-from fiddler_jax.runtime.generate import _forward
-from tests.conftest import hf_logits, token_ids
+from tests.conftest import cached_decoding_error, hf_logits, token_ids
 
 SEQ = 20  # longer than the sliding window of gqa_headdim_window (7)
 
@@ -39,18 +36,7 @@ def test_greedy_32_tokens_match_transformers(hf_checkpoint):
 def test_kv_cached_decoding_equals_full_forward(hf_checkpoint):
     """Prefill 5 tokens, then feed one token at a time: every position's logits equal the full forward's."""
     name, hf, path = hf_checkpoint
-    model = fj.load_pretrained(path, progress=False)
-    ids = token_ids(hf.config.vocab_size, (2, SEQ), seed=5)
-    full = fj.logits(model, ids)
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(2, 32)
-    out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, :5]), jnp.int32(0))
-    steps = [np.asarray(out)]
-    for t in range(5, SEQ):
-        out, cache = _forward(graphdef, state, cache, jnp.asarray(ids[:, t:t + 1]), jnp.int32(t))
-        steps.append(np.asarray(out))
-    cached = np.concatenate(steps, axis=1)
-    err = np.abs(cached - full).max() / np.abs(full).max()
+    err = cached_decoding_error(fj.load_pretrained(path, progress=False), hf.config.vocab_size, SEQ)
     assert err <= 1e-5, f"{name}: cached vs full max rel error {err:.2e}"
 
 
