@@ -63,8 +63,8 @@ tokenizer with `transformers.AutoTokenizer.from_pretrained(path)`.
 | | |
 |---|---|
 | layers | {g['num_hidden_layers']} |
-| experts / active per token | {g['num_local_experts']} / {g['num_experts_per_tok']} (top-{g['num_experts_per_tok']}) |
-| hidden / expert FFN | {g['hidden_size']} / {g['intermediate_size']} (SwiGLU) |
+| experts / active per token | {g.get('num_local_experts', g.get('num_experts'))} / {g['num_experts_per_tok']} (top-{g['num_experts_per_tok']}) |
+| hidden / expert FFN | {g['hidden_size']} / {g.get('moe_intermediate_size', g['intermediate_size'])} (SwiGLU) |
 | attention | {g['num_attention_heads']} query heads, {g['num_key_value_heads']} KV heads (GQA), head_dim {g['head_dim']}, RoPE θ={g['rope_theta']:g} |
 | vocabulary | {m['vocab_size']} (byte-level BPE), {'tied' if g['tie_word_embeddings'] else 'untied'} embeddings |
 | context | trained on {t['seq_len']}-token windows; max_position_embeddings {g['max_position_embeddings']} |
@@ -95,7 +95,7 @@ Over {e['heldout_tokens']:,} held-out tokens: perplexity **{e['heldout_perplexit
 (NLL {e['heldout_nll']:.3f} nats/token), against **{e['unigram_perplexity']:.1f}** for a unigram model of the training
 tokens (add-one smoothing) on the same tokens.
 
-Routing over the same tokens (share = fraction of the token·top-k assignments; uniform = {1 / g['num_local_experts']:.1%}):
+Routing over the same tokens (share = fraction of the token·top-k assignments; uniform = {1 / g.get('num_local_experts', g.get('num_experts')):.1%}):
 
 {_routing_table(e['routing'])}
 
