@@ -18,7 +18,7 @@ from fiddler_jax.kernels import ExpertTables, KernelError
 from fiddler_jax.kernels import streamed_lane as S
 from fiddler_jax.runtime import engine as E
 from fiddler_jax.runtime import planning as P
-from fiddler_jax.runtime.latency import LatencyModel
+from fiddler_jax.runtime.latency import LatencyModel, PiecewiseLinear
 from fiddler_jax.runtime.options import EngineOptions
 from fiddler_jax.runtime.planning.streamed_steps import all_cpu_for_any_routing, count_vectors, _number_of_vectors
 
@@ -200,3 +200,29 @@ def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
     np.testing.assert_array_equal(engine.generate(ids, 12, eos_token_id=[]), streamed)
     np.testing.assert_array_equal(engine.logits(one), logits_streamed)
     assert all(len(s.spans) > 1 for s in engine.trace.steps)  # synced steps: plan, gpu and cpu spans
+
+
+def test_fiddler_overlap_streams_decode_when_a_copy_saves_less_than_the_sync(tmp_path):
+    """A latency model where, beside two offloaded one-token experts, one copy saves 1 ms of the CPU's 2 ms but
+    the sync costs 1.2 ms: fiddler_overlap's decode steps stream (no plan span, nothing copied) and give the
+    tokens of the synced ablation, which syncs every step and copies."""
+    ms = 1e-3
+    latency = dataclasses.replace(LatencyModel.from_design_numbers(),
+                                  cpu=PiecewiseLinear((1, 64), (1.0 * ms, 2.0 * ms)),
+                                  gpu=PiecewiseLinear((1, 64), (0.1 * ms, 0.2 * ms)), transfer_s=0.6 * ms,
+                                  sync_s=1.2 * ms)
+    latency.save(tmp_path / "latency.json")
+    path = default_model_path()
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=4,
+                                      dtype="bfloat16", latency=tmp_path / "latency.json", progress=False)
+    ids = np.asarray(fj.load_tokenizer(path)("def fibonacci(n):\n    if n < 2:")["input_ids"])[None]
+    top_k = engine.config.num_experts_per_tok
+    streamed = engine.generate(ids, 10, eos_token_id=[])
+    decode = [s for s in engine.trace.steps if int(s.counts.sum()) == top_k]
+    assert decode and all("plan" not in s.spans for s in decode)
+    assert not any((s.lanes == P.Lane.TRANSFER).any() for s in decode)
+    synced = engine.with_planner("fiddler_overlap", options=EngineOptions(streamed_cpu_lane=False))
+    np.testing.assert_array_equal(synced.generate(ids, 10, eos_token_id=[]), streamed)
+    decode = [s for s in synced.trace.steps if int(s.counts.sum()) == top_k]
+    assert all("plan" in s.spans for s in decode)
+    assert any((s.lanes == P.Lane.TRANSFER).any() for s in decode)

@@ -3,7 +3,8 @@
 Which steps qualify is pure planning (:mod:`fiddler_jax.runtime.planning.streamed_steps`, asked once per (layer,
 tokens)): the C++ kernel on bfloat16 host experts, no dynamic cache, a layer of at most ``STREAMED_MAX_EXPERTS``
 (256) experts, and every count vector's plan puts every active offloaded expert on the CPU -- decided on one count
-vector per symmetry class, for steps of at most ``DEFAULT_LIMIT`` classes. Such a step queues the resident mix and
+vector per symmetry class, for steps of at most ``DEFAULT_LIMIT`` classes, the planner told the step is
+streamable (an all-CPU plan skips the sync, so a copy must save more than the sync). Such a step queues the resident mix and
 the CPU lane as a custom call the device's stream runs by itself (:mod:`fiddler_jax.kernels.streamed_lane`), so
 the host queues whole tokens ahead.
 
@@ -43,8 +44,9 @@ class StreamedRegistrations:
 
 class StreamedLane:
     """Qualification per (layer, tokens), the custom call, and the drain of its records (module docstring).
-    ``plan_for(counts, layer)``: the engine's (memoised) planner; ``enabled``: False turns the lane off (every
-    step syncs and plans, the ablation)."""
+    ``plan_for(counts, layer, streamable=...)``: the engine's (memoised) planner, asked with ``streamable=True``
+    (an all-CPU plan would stream, so it skips the sync); ``enabled``: False turns the lane off (every step
+    syncs and plans, the ablation)."""
 
     def __init__(self, registrations: StreamedRegistrations, resident: np.ndarray, top_k: int, plan_for,
                  enabled: bool, eligible: bool):
@@ -56,12 +58,14 @@ class StreamedLane:
         """The registered tables id when this layer step of ``rows`` tokens takes the streamed lane, else None."""
         key = (layer, rows)
         ok = self.qualifies.get(key)
+        if not self.enabled:
+            return None
         if ok is None:
             ok = self.qualifies[key] = (
                 self.eligible and self.fits(layer)
-                and all_cpu_for_any_routing(lambda counts: self.plan_for(counts, layer), self.resident[layer], rows,
-                                            self.top_k))
-        if not (ok and self.enabled):
+                and all_cpu_for_any_routing(lambda counts: self.plan_for(counts, layer, streamable=True),
+                                            self.resident[layer], rows, self.top_k))
+        if not ok:
             return None
         return self.registrations.id_of(layer)
 
@@ -96,7 +100,7 @@ class StreamedLane:
                 if layer is None:
                     continue
                 counts = r["counts"][:num_experts].astype(np.int32)  # the layer's experts
-                plan = self.plan_for(counts, layer)
+                plan = self.plan_for(counts, layer, streamable=True)
                 trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s,
                                      {"cpu": (r["start"] - trace.t0, r["end"] - trace.t0)}))
             if len(records) < 256:

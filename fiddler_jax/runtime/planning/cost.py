@@ -1,7 +1,9 @@
 """The cost model of one layer step: what each lane's work costs under a latency model L, and the makespan of an
 assignment of the step's candidate experts to the CPU lane or the PCIe lane.
 
-``sync = L.sync_s`` is paid by every step a planner sees, since its counts came to the host. Copies run on the
+``sync = L.sync_s`` is paid by every step a planner sees, since its counts came to the host -- except, on a
+*streamable* step (the engine would run an all-CPU plan of it on the streamed lane, with no sync:
+:mod:`.streamed_steps`), by a plan that copies nothing. Copies run on the
 PCIe lane one after another, in Johnson's order for a two-stage flow shop with equal first stages -- longest GPU
 time first, then larger count, then lower id -- which minimises the GPU finish time (exactly so while no copy
 waits for a staging slot). Copy i goes into staging slot ``i % staging_slots`` and cannot start before the GPU
@@ -123,9 +125,11 @@ def gpu_finish_one(resident_s: float, job_gpu_s, copy_s: float, staging_slots: i
     return gpu_free
 
 
-def plan_of(planner: str, step: StepCosts, transfer: np.ndarray, staging_slots: int, concurrent: bool) -> Plan:
+def plan_of(planner: str, step: StepCosts, transfer: np.ndarray, staging_slots: int, concurrent: bool,
+            streamable: bool = False) -> Plan:
     """Build the plan that copies the experts marked in ``transfer`` (or, for staged experts, uses their
-    prefetched copy) and puts the other candidates on the CPU."""
+    prefetched copy) and puts the other candidates on the CPU. ``streamable``: a concurrent plan that copies
+    nothing and uses no prefetched copy would run without a sync (its prediction leaves ``sync_s`` out)."""
     lanes = np.where(step.active, np.where(step.on_gpu, GPU, CPU), IDLE).astype(np.int8)
     use_staged = transfer & step.staged & step.active
     transfer = transfer & ~step.staged
@@ -143,7 +147,8 @@ def plan_of(planner: str, step: StepCosts, transfer: np.ndarray, staging_slots: 
     if concurrent:
         gpu_done = gpu_finish_one(resident_s, copied_gpu_s, lat.transfer_s, step.free_slots(staging_slots),
                                    staged_gpu, step.pcie_backlog_s)
-        predicted = lat.sync_s + max(cpu_s, gpu_done)
+        streams = streamable and not len(order) and not use_staged.any()
+        predicted = (0.0 if streams else lat.sync_s) + max(cpu_s, gpu_done)
     else:
         predicted = lat.sync_s + busy["gpu"] + busy["cpu"] + busy["pcie"]
     return Plan(planner, step.counts, lanes, order, staging_slots, concurrent, predicted, busy,

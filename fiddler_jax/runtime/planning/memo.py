@@ -16,7 +16,7 @@ its plan's per-expert arrays (``counts``, ``lanes``, ``cached``, ``staged``) are
 its ``transfer_order`` mapped through it. Because ties keep id order, the canonical labeling keeps every order
 the planners break ties by (copy order among equal counts; staged copies by landing time, then id), so the
 relabeled plan is the plan the planner gives the real step -- not only one as good (tests/test_planners.py). The
-key is (R, canonical counts, canonical landing times): layers with equally many resident experts share plans, so
+key is (R, canonical counts, canonical landing times, streamable): layers with equally many resident experts share plans, so
 ``planner`` must not depend on ``layer`` (the registry's planners do not).
 
 Landing times are rounded up to quarter milliseconds so that a key repeats; steps with more than ``max_tokens``
@@ -60,8 +60,8 @@ def relabel(plan: Plan, src: np.ndarray) -> Plan:
 
 
 class PlanMemo:
-    """``memo(counts, layer, staged_s=None) -> Plan``: the planner's plan for the layer's residency, remembered
-    per canonical step (module docstring). ``resident``: bool [layers, E]."""
+    """``memo(counts, layer, staged_s=None, streamable=False) -> Plan``: the planner's plan for the layer's
+    residency, remembered per canonical step (module docstring). ``resident``: bool [layers, E]."""
 
     def __init__(self, planner, resident: np.ndarray, latency: LatencyModel, max_tokens: int = MEMO_MAX_TOKENS,
                  max_plans: int = MEMO_MAX_PLANS):
@@ -70,11 +70,14 @@ class PlanMemo:
         self._plans: dict = {}
         self._masks: dict[int, np.ndarray] = {}  # R -> the canonical mask (R leading resident experts)
 
-    def _plan(self, counts, resident, layer: int, staged_s) -> Plan:
-        staged = {} if staged_s is None else {"staged_s": staged_s}  # only planners that prefetch are given it
-        return self.planner(counts, resident, self.latency, layer=layer, **staged)
+    def _plan(self, counts, resident, layer: int, staged_s, streamable: bool) -> Plan:
+        extra = {} if staged_s is None else {"staged_s": staged_s}  # only planners that prefetch are given it
+        if streamable:
+            extra["streamable"] = True
+        return self.planner(counts, resident, self.latency, layer=layer, **extra)
 
-    def __call__(self, counts: np.ndarray, layer: int, staged_s: np.ndarray | None = None) -> Plan:
+    def __call__(self, counts: np.ndarray, layer: int, staged_s: np.ndarray | None = None,
+                 streamable: bool = False) -> Plan:
         resident = self.resident[layer]
         if staged_s is not None:
             staged_s = np.asarray(staged_s, np.float64)
@@ -83,12 +86,12 @@ class PlanMemo:
         counts = np.asarray(counts)
         if (counts.shape != resident.shape or counts.dtype.kind not in "iu" or counts.sum() > self.max_tokens
                 or (counts < 0).any()):
-            return self._plan(counts, resident, layer, staged_s)
+            return self._plan(counts, resident, layer, staged_s, streamable)
         src = canonical_order(counts, resident, staged_s)
         canon = counts[src].astype(np.int32)
         canon_staged = None if staged_s is None else staged_s[src]
         on = int(resident.sum())
-        key = (on, canon.tobytes(), None if canon_staged is None else canon_staged.tobytes())
+        key = (on, canon.tobytes(), None if canon_staged is None else canon_staged.tobytes(), bool(streamable))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.max_plans:
@@ -96,5 +99,5 @@ class PlanMemo:
             mask = self._masks.get(on)
             if mask is None:
                 mask = self._masks[on] = np.arange(len(resident)) < on
-            plan = self._plans[key] = self._plan(canon, mask, layer, canon_staged)
+            plan = self._plans[key] = self._plan(canon, mask, layer, canon_staged, streamable)
         return relabel(plan, src)

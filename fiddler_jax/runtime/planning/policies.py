@@ -8,7 +8,10 @@ the GPU get a choice; resident active experts are ``GPU``. Costs: :mod:`.cost`.
   fiddler_overlap  minimises the concurrent makespan over CPU/TRANSFER assignments with at most ``max_transfers``
                    copies: exhaustively for up to ``exact_limit`` candidates, else over the prefixes of the copy
                    order (largest counts first); Algorithm 1's assignment is always a candidate, so its makespan
-                   never exceeds ``fiddler``'s. Ties go to fewer copies. Plans with prefetched copies
+                   never exceeds ``fiddler``'s. Ties go to fewer copies. On a streamable step (``streamable``:
+                   an all-CPU plan would run on the streamed lane, with no sync) the assignments that copy
+                   nothing do not pay ``sync_s``, so a copy must save more than the sync it brings back.
+                   Plans with prefetched copies
                    (``staged_s``): a staged active expert is a candidate like the others whose GPU option needs no
                    new copy; a copy that lands too late to beat the CPU is left unused.
   cpu_only         llama.cpp-style: every non-resident expert on the CPU.
@@ -55,9 +58,9 @@ def plan_fiddler(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = 
 
 def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
                          max_transfers: Optional[int] = None, exact_limit: int = EXACT_LIMIT,
-                         staged_s=None) -> Plan:
+                         staged_s=None, streamable: bool = False) -> Plan:
     """The assignment with the smallest concurrent makespan (see the module docstring); ``staged_s``: landing
-    times of prefetched copies (module docstring)."""
+    times of prefetched copies; ``streamable``: an all-CPU plan of this step skips the sync (module docstring)."""
     step = step_costs(counts, on_gpu, latency, staged_s)
     cap = check_slots(staging_slots, max_transfers)
     if not step.free_slots(staging_slots):  # the staged copies hold every slot
@@ -67,7 +70,8 @@ def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots
     ids = step.candidates
     n = len(ids)
     if n == 0:
-        return plan_of("fiddler_overlap", step, np.zeros(len(step.counts), bool), int(staging_slots), True)
+        return plan_of("fiddler_overlap", step, np.zeros(len(step.counts), bool), int(staging_slots), True,
+                       streamable)
     if n <= exact_limit:  # every assignment, fewest copies first
         chosen = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
     else:  # use the staged copies, and copy the first k other candidates in copy order (largest counts), k = 0..n
@@ -83,10 +87,12 @@ def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots
     makespan = np.maximum(cpu_s, gpu_finish(resident_s, step.gpu_s[ids], chosen, latency.transfer_s,
                                              step.free_slots(staging_slots), step.staged_s[ids[:n_staged]],
                                              step.pcie_backlog_s))
+    if streamable:  # the assignments that copy nothing and use no staged copy run without the sync
+        makespan = makespan + np.where(chosen.any(1), latency.sync_s, 0.0)
     best = chosen[np.flatnonzero(makespan <= makespan.min() + 1e-12)[0]]
     transfer = np.zeros(len(step.counts), bool)
     transfer[ids[best]] = True
-    return plan_of("fiddler_overlap", step, transfer, int(staging_slots), True)
+    return plan_of("fiddler_overlap", step, transfer, int(staging_slots), True, streamable)
 
 
 def plan_cpu_only(counts, on_gpu, latency: LatencyModel, *, concurrent: bool = True) -> Plan:

@@ -1,7 +1,9 @@
 """Planners by name: a policy (:mod:`.policies`) with its parameters bound, checked once.
 
 ``get_planner(name, **params)`` returns a :class:`BoundPlanner`: ``planner(counts, resident, latency, layer=l,
-staged_s=None) -> Plan``, a pure function. ``cache_slots`` > 0 puts the policy behind a dynamic cache (the cache
+staged_s=None, streamable=False) -> Plan``, a pure function (``streamable``: an all-CPU plan of the step would run
+on the streamed lane without a sync; policies that weigh that -- ``fiddler_overlap`` -- are told, the others
+ignore it). ``cache_slots`` > 0 puts the policy behind a dynamic cache (the cache
 lane holds the state and the buffers; :mod:`.cache_policy` is the rule); ``lru`` is ``transfer`` behind a cache of
 2 slots. ``prefetch``: next-layer experts the engine copies ahead per layer step (only ``fiddler_overlap``
 without a cache plans with prefetched copies).
@@ -33,10 +35,13 @@ class BoundPlanner:
     prefetch: int = 0
     cache_slots: int = 0
 
-    def __call__(self, counts, resident, latency: LatencyModel, layer: int = 0, staged_s=None) -> Plan:
+    def __call__(self, counts, resident, latency: LatencyModel, layer: int = 0, staged_s=None,
+                 streamable: bool = False) -> Plan:
         if staged_s is not None and self.cache_slots:
             raise PlannerError("a planner behind the dynamic cache does not plan with prefetched copies")
         params = self.params if staged_s is None else {**self.params, "staged_s": staged_s}
+        if streamable and "streamable" in inspect.signature(self.policy).parameters:
+            params = {**params, "streamable": True}
         return dataclasses.replace(self.policy(counts, np.asarray(resident, bool), latency, **params),
                                    planner=self.name)
 
@@ -57,7 +62,7 @@ def get_planner(name: str, **params) -> BoundPlanner:
     default_cache = DEFAULT_LRU_CACHE_SLOTS if name == "lru" else 0
     cache_slots = int(params.pop("cache_slots", default_cache))
     accepted = [p for p, spec in inspect.signature(policy).parameters.items()
-                if spec.kind == spec.KEYWORD_ONLY and p != "staged_s"]
+                if spec.kind == spec.KEYWORD_ONLY and p not in ("staged_s", "streamable")]
     prefetches = "staged_s" in inspect.signature(policy).parameters
     prefetch = params.pop("prefetch", DEFAULT_PREFETCH if prefetches and not cache_slots else 0)
     unknown = sorted(set(params) - set(accepted))
