@@ -75,19 +75,26 @@ class ScenarioSchema:
 
 @dataclass
 class ModelShape:
-    """A Mixtral's size as ``config.json`` keys, for a model made from scratch. null leaves a key to config.json's
-    default (``head_dim`` = hidden_size / heads, ``rope_theta`` = 1e6) or, for ``vocab_size`` in train-tiny, to
-    the tokenizer's (``train.vocab_size``)."""
+    """A model's size as ``config.json`` keys, for a model made from scratch: ``model_type`` picks the family
+    (mixtral | qwen3_moe | olmoe | qwen2_moe). null leaves a key to config.json's default (``head_dim`` =
+    hidden_size / heads, ``rope_theta`` = 1e6, ``moe_intermediate_size`` absent: Mixtral's and OLMoE's experts are
+    ``intermediate_size`` wide) or, for ``vocab_size`` in train-tiny, to the tokenizer's (``train.vocab_size``)."""
 
+    model_type: str = "mixtral"
     vocab_size: Optional[int] = None
     hidden_size: int = 128
     intermediate_size: int = 256
+    moe_intermediate_size: Optional[int] = None
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
     head_dim: Optional[int] = None
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
+    norm_topk_prob: Optional[bool] = None
+    decoder_sparse_step: Optional[int] = None
+    mlp_only_layers: Optional[list[int]] = None
+    shared_expert_intermediate_size: Optional[int] = None
     max_position_embeddings: int = 2048
     rope_theta: Optional[float] = None
     sliding_window: Optional[int] = None
@@ -219,17 +226,24 @@ OPTION_HELP = {
     "train.geometry": "the model's size as config.json keys (vocab_size stays null: it is train.vocab_size)",
 }
 
-# Keys under any `geometry:` (config.json names of a Mixtral's size).
+# Keys under any `geometry:` (config.json names of a model's size, every family's).
 GEOMETRY_HELP = {
+    "model_type": "the family: mixtral | qwen3_moe | olmoe | qwen2_moe",
     "vocab_size": "tokens in the vocabulary",
     "hidden_size": "model width",
-    "intermediate_size": "expert FFN width",
+    "intermediate_size": "FFN width: Mixtral's and OLMoE's experts, the dense MLP of Qwen layers",
+    "moe_intermediate_size": "expert FFN width of Qwen3-MoE / Qwen2-MoE",
     "num_hidden_layers": "decoder layers",
     "num_attention_heads": "query heads",
     "num_key_value_heads": "key/value heads (grouped-query attention)",
     "head_dim": "width of one head; null = hidden_size / num_attention_heads",
-    "num_local_experts": "experts per layer",
+    "num_local_experts": "experts per layer (Mixtral's key; the others' num_experts is read too)",
+    "num_experts": "experts per layer (Qwen3-MoE, OLMoE, Qwen2-MoE)",
     "num_experts_per_tok": "experts each token is routed to (top-k)",
+    "norm_topk_prob": "renormalise the top-k routing weights to sum 1 (Mixtral always does)",
+    "decoder_sparse_step": "every n-th layer is MoE, the others dense MLPs (Qwen); null = 1",
+    "mlp_only_layers": "layer indices that are dense MLPs (Qwen)",
+    "shared_expert_intermediate_size": "the always-on shared expert's FFN width (Qwen2-MoE)",
     "max_position_embeddings": "longest context (prompt + new tokens)",
     "rope_theta": "rotary embedding base; null = 1e6",
     "rms_norm_eps": "RMSNorm epsilon",

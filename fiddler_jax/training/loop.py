@@ -22,22 +22,31 @@ from fiddler_jax.training.tokenizer import save_tokenizer
 from fiddler_jax.training.train import Trainer, init_model, make_optimizer
 
 
+GEOMETRY_ALWAYS = ("model_type", "rope_theta", "num_experts", "num_local_experts", "moe_intermediate_size",
+                   "norm_topk_prob")  # in the metrics' geometry whatever keys the recipe spelled
+
+
 def model_config(geometry, vocab_size: int, tokenizer, aux_coef: float) -> ModelConfig:
+    """The model of a ``train.geometry`` (``ModelShape``: its ``model_type`` picks the family; null keys take
+    config.json's defaults)."""
+    keys = {k: v for k, v in dict(geometry).items() if v is not None}
     return ModelConfig.from_hf_dict({
-        "model_type": "mixtral", **dict(geometry), "vocab_size": vocab_size,
+        "model_type": "mixtral", **keys, "vocab_size": vocab_size,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None,
         "router_aux_loss_coef": aux_coef}, source="train-tiny geometry")
 
 
 def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) parameter counts."""
-    h, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
-    attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    shared = cfg.num_hidden_layers * (attn + 2 * h + e * h) + h
-    emb = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    expert = 3 * h * f
-    layers = cfg.num_hidden_layers
-    return shared + emb + layers * e * expert, shared + emb + layers * k * expert
+    """(total, active per token) parameter counts, from the model's structure: the active count leaves out, in
+    each MoE layer, the routed experts a token does not use (E - k of them)."""
+    from flax import nnx
+
+    from fiddler_jax.runtime.engine import abstract_model
+
+    total = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    idle = sum(cfg.is_sparse(n) for n in range(cfg.num_hidden_layers)) * (cfg.num_experts - cfg.num_experts_per_tok)
+    return total, total - idle * expert
 
 
 def run_training(cfg, out: str, command: str, log=print) -> dict:
@@ -113,8 +122,8 @@ def run_training(cfg, out: str, command: str, log=print) -> dict:
         "vocab_size": mcfg.vocab_size,
         "parameters": total_params,
         "active_parameters": active_params,
-        "geometry": {k: v for k, v in mcfg.to_hf_dict().items()
-                     if (k in dict(t.geometry) and k != "vocab_size") or k == "rope_theta"},  # vocab: above
+        "geometry": {k: v for k, v in mcfg.to_hf_dict().items()  # vocab: above; the experts under the family's key
+                     if (k in dict(t.geometry) and k != "vocab_size") or k in GEOMETRY_ALWAYS},
         "train": {k: v for k, v in dict(t).items() if k != "geometry"},
         "data": {"python": m["python"], "corpus_root": m["corpus_root"], "corpus_sha256": m["corpus_sha256"],
                  "include_tests": m["include_tests"], "heldout_fraction": m["heldout_fraction"],
@@ -134,7 +143,8 @@ def run_training(cfg, out: str, command: str, log=print) -> dict:
         "demo": demo,
         "history": history,
     }
-    report.plot_loss_curve(history, os.path.join(out, "loss_curve.png"), unigram_nll=math.log(ev["unigram_perplexity"]))
+    report.plot_loss_curve(history, os.path.join(out, "loss_curve.png"), unigram_nll=math.log(ev["unigram_perplexity"]),
+                           title=f"{report.model_name(metrics['geometry'])} training")
     report.write_report(metrics, out)
     log(f"held-out perplexity {ev['heldout_perplexity']:.2f} (unigram {ev['unigram_perplexity']:.1f}) on "
         f"{ev['heldout_tokens']} tokens")

@@ -6,7 +6,20 @@ import json
 import os
 
 
-def plot_loss_curve(history: dict, path: str, unigram_nll: float | None = None) -> None:
+NAMES = {"mixtral": ("tiny-mixtral", "Mixtral"), "qwen3_moe": ("tiny-qwen3-moe", "Qwen3-MoE"),
+         "olmoe": ("tiny-olmoe", "OLMoE"), "qwen2_moe": ("tiny-qwen2-moe", "Qwen2-MoE")}
+
+
+RECIPES = {"mixtral": "tiny", "qwen3_moe": "tiny_qwen3_moe"}  # conf/train/<recipe>.yaml of each bundled model
+
+
+def model_name(geometry: dict) -> str:
+    """The bundled name of a trained model of this family (``tiny-mixtral``, ``tiny-qwen3-moe``, ...)."""
+    return NAMES[geometry.get("model_type", "mixtral")][0]
+
+
+def plot_loss_curve(history: dict, path: str, unigram_nll: float | None = None,
+                    title: str = "tiny-mixtral training") -> None:
     """Training NLL (raw and smoothed) and held-out NLL against the step, with the unigram baseline."""
     import matplotlib
 
@@ -30,7 +43,7 @@ def plot_loss_curve(history: dict, path: str, unigram_nll: float | None = None) 
     ax.set_ylim(0, max(nll[:1] + [unigram_nll or 0]) * 1.05 if nll else None)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("tiny-mixtral training")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -47,23 +60,32 @@ def _routing_table(routing: list[dict]) -> str:
 
 def model_card(m: dict) -> str:
     """Markdown model card from the metrics dict written by ``fiddler-jax train-tiny``."""
+    from fiddler_jax.models.config import FAMILIES
+
     g, t, d, e = m["geometry"], m["train"], m["data"], m["eval"]
     params = m["parameters"]
-    return f"""# tiny-mixtral
+    family = g.get("model_type", "mixtral")
+    name, label = NAMES[family]
+    recipe = RECIPES[family]
+    experts = g.get("num_local_experts", g.get("num_experts"))
+    role = ("the bundled default model of fiddler-jax" if family == "mixtral" else
+            "fiddler-jax's bundled fine-grained MoE, beside the default tiny-mixtral (same corpus, tokenizer and "
+            "recipe; the same expert parameters per layer, split into more, smaller experts)")
+    return f"""# {name}
 
-A {params / 1e6:.1f} M-parameter Mixtral (sparse mixture of experts) trained from scratch by `fiddler-jax train-tiny`
-on Python source code, shipped as the bundled default model of fiddler-jax. It exists so that demos, routing
+A {params / 1e6:.1f} M-parameter {label} (sparse mixture of experts) trained from scratch by `fiddler-jax train-tiny`
+on Python source code, shipped as {role}. It exists so that demos, routing
 statistics and tests run on a model whose routing is *learned*. It is a toy: it writes Python-looking text, not
 correct programs.
 
-Load it with `fiddler_jax.load_pretrained(path)` or `transformers.MixtralForCausalLM.from_pretrained(path)`; the
+Load it with `fiddler_jax.load_pretrained(path)` or `transformers.{FAMILIES[family]}.from_pretrained(path)`; the
 tokenizer with `transformers.AutoTokenizer.from_pretrained(path)`.
 
 ## Geometry
 | | |
 |---|---|
 | layers | {g['num_hidden_layers']} |
-| experts / active per token | {g.get('num_local_experts', g.get('num_experts'))} / {g['num_experts_per_tok']} (top-{g['num_experts_per_tok']}) |
+| experts / active per token | {experts} / {g['num_experts_per_tok']} (top-{g['num_experts_per_tok']}{', renormalised' if g.get('norm_topk_prob', family == 'mixtral') else ''}) |
 | hidden / expert FFN | {g['hidden_size']} / {g.get('moe_intermediate_size', g['intermediate_size'])} (SwiGLU) |
 | attention | {g['num_attention_heads']} query heads, {g['num_key_value_heads']} KV heads (GQA), head_dim {g['head_dim']}, RoPE θ={g['rope_theta']:g} |
 | vocabulary | {m['vocab_size']} (byte-level BPE), {'tied' if g['tie_word_embeddings'] else 'untied'} embeddings |
@@ -83,7 +105,7 @@ with `tokenizers` on the training files only; `<unk>`=0, `<s>`=1 (prepended when
 ## Training
 AdamW (β=(0.9, 0.95), weight decay {t['weight_decay']} on matrices), peak learning rate {t['lr']:g}, {t['warmup_steps']} warm-up steps, cosine
 decay to {t['final_lr_fraction']:g}× peak, global-norm clipping at {t['clip_norm']:g}; loss = next-token cross-entropy +
-{t['aux_loss_coef']:g} × Mixtral's load-balancing loss (mean over layers). {t['steps']} steps of {t['batch_size']} random
+{t['aux_loss_coef']:g} × the Switch / Mixtral load-balancing loss (mean over layers). {t['steps']} steps of {t['batch_size']} random
 {t['seq_len']}-token windows ({t['steps'] * t['batch_size'] * t['seq_len'] / 1e6:.0f} M tokens, {t['steps'] * t['batch_size'] * t['seq_len'] / d['train_tokens']:.1f} passes over the data), float32
 master weights and float32 compute (MoE path: `{t['moe_impl']}`), seed {m['seed']}.
 Trained on {m['device']} in {m['train_seconds'] / 60:.1f} min ({m['tokens_per_second'] / 1e3:.0f} k tokens/s; jax {m['jax_version']}).
@@ -95,7 +117,7 @@ Over {e['heldout_tokens']:,} held-out tokens: perplexity **{e['heldout_perplexit
 (NLL {e['heldout_nll']:.3f} nats/token), against **{e['unigram_perplexity']:.1f}** for a unigram model of the training
 tokens (add-one smoothing) on the same tokens.
 
-Routing over the same tokens (share = fraction of the token·top-k assignments; uniform = {1 / g.get('num_local_experts', g.get('num_experts')):.1%}):
+Routing over the same tokens (share = fraction of the token·top-k assignments; uniform = {1 / experts:.1%}):
 
 {_routing_table(e['routing'])}
 
@@ -113,8 +135,8 @@ The command that produced these weights{' (' + m['where'] + ')' if m.get('where'
 ```
 {m['command']}
 ```
-With the defaults of `conf/train_tiny.yaml` + `conf/train/tiny.yaml` (the recipe above), on CPython
-{d['python']} and a GPU, `fiddler-jax train-tiny out=<folder>` repeats it from scratch (about a minute of
+With the defaults of `conf/train_tiny.yaml` + `conf/train/{recipe}.yaml` (the recipe above), on CPython
+{d['python']} and a GPU, `fiddler-jax train-tiny {'' if recipe == 'tiny' else f'train={recipe} '}out=<folder>` repeats it from scratch (about a minute of
 corpus and tokenizer work on the CPU first). The byte-identical rerun with the same seed is checked by the test
 suite on the CPU; on GPUs XLA's deterministic ops are switched on (`deterministic=true`) for the same purpose.
 A different Python version has a different standard library, hence a different corpus and model.
