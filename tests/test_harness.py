@@ -220,3 +220,31 @@ def test_hf_accelerate_random_fill_is_seeded_tiled_normal():
     assert big.numel() > TILE and torch.isfinite(big).all() and abs(big.std().item() - 0.02) < 1e-3
     assert torch.equal(big[TILE:TILE + 1000], big[:1000])  # the tile repeats, the tail included
     assert torch.equal(a["big"].weight, b["big"].weight) and not torch.equal(a["big"].weight, c["big"].weight)
+
+
+def test_resident_fraction_fixes_the_share_of_moe_experts_and_bundled_presets_name_their_folder(monkeypatch):
+    """placement.resident_fraction counts the MoE layers' experts only (rounded); it and resident_experts are
+    exclusive; model=tiny_qwen3_moe names the bundled folder, or says this installation lacks it."""
+    from types import SimpleNamespace
+
+    from fiddler_jax import assets
+    from fiddler_jax.models.config import ModelConfig
+
+    qwen = ModelConfig.from_hf_dict({"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 16,
+                                     "intermediate_size": 32, "moe_intermediate_size": 8, "num_hidden_layers": 4,
+                                     "num_attention_heads": 2, "num_experts": 10, "num_experts_per_tok": 2,
+                                     "mlp_only_layers": [1]})
+    place = lambda **kw: SimpleNamespace(**{"resident_experts": None, "resident_fraction": None, **kw})  # noqa: E731
+    assert build.resident_count(qwen, place(resident_fraction=0.25)) == 8  # 3 MoE layers x 10 experts
+    assert build.resident_count(qwen, place(resident_experts=5)) == 5
+    assert build.resident_count(qwen, place()) is None
+    with pytest.raises(InvalidInputError, match="set one of them"):
+        build.resident_count(qwen, place(resident_experts=5, resident_fraction=0.5))
+    with pytest.raises(InvalidInputError, match=r"must be in \[0, 1\]"):
+        build.resident_count(qwen, place(resident_fraction=1.5))
+    model = SimpleNamespace(random=False, path=None, name="tiny_qwen3_moe")
+    if assets.bundled_model_path("tiny_qwen3_moe") is not None:
+        assert build.checkpoint_path(model).endswith("tiny-qwen3-moe")
+    monkeypatch.setattr(assets, "BUNDLED", {**assets.BUNDLED, "tiny_qwen3_moe": assets.ASSETS_DIR / "absent"})
+    with pytest.raises(InvalidInputError, match="does not ship the bundled absent"):
+        build.checkpoint_path(model)

@@ -81,3 +81,23 @@ def test_route_text_matches_the_models_router():
     assert (np.sort(top, axis=1) == np.sort(choices[1, 16:32], axis=1)).all()
     with pytest.raises(InvalidInputError, match="another tokenizer"):
         rs.route_text(model, np.array([model.config.vocab_size]))
+
+
+def test_static_capture_is_the_share_a_per_layer_popularity_placement_keeps():
+    rng = np.random.default_rng(0)
+    E, k, T = 16, 2, 4000
+    uniform = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(T)]) for _ in range(2)])
+    capture = rs.static_capture(uniform[:, : T // 2], uniform[:, T // 2:], E, [0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_allclose(capture, [0.0, 0.25, 0.5, 1.0], atol=0.03)
+    # skewed routing: expert e chosen with weight 2^-e; keeping the top quarter captures most assignments,
+    # and exactly what the evaluation tokens put on the profile's favourites
+    p = 0.5 ** np.arange(E)
+    p /= p.sum()
+    skew = np.stack([np.stack([rng.choice(E, k, replace=False, p=p) for _ in range(T)]) for _ in range(2)])
+    got = rs.static_capture(skew[:, : T // 2], skew[:, T // 2:], E, [0.25])
+    shares = rs.popularity(skew[:, T // 2:], E)
+    top = np.argsort(-rs.popularity(skew[:, : T // 2], E), axis=1, kind="stable")[:, :4]
+    assert got[0] == pytest.approx(np.take_along_axis(shares, top, axis=1).sum(axis=1).mean())
+    assert got[0] > 0.8
+    with pytest.raises(InvalidInputError, match=r"budget fraction must be in \[0, 1\]"):
+        rs.static_capture(skew, skew, E, [1.5])

@@ -185,3 +185,29 @@ def test_bench_names_the_faster_moe_path(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     impl, steps = (kv.split("=")[1] for kv in last.split())
     assert impl in ("sparse", "dense") and 100 <= int(steps) <= 300, last
+
+
+def test_a_recipe_geometry_picks_the_family_and_counts_its_parameters():
+    """train.geometry's model_type makes a Qwen3-MoE (null keys left to config.json's defaults), and the active
+    count leaves out the E - k unused experts of each MoE layer: tiny-mixtral's expert parameters split four
+    ways, top-4, has the same total and half the active expert parameters."""
+    from fiddler_jax.experiments.schemas import ModelShape
+    from fiddler_jax.training.loop import count_parameters, model_config
+
+    class Tok:
+        bos_token_id, eos_token_id = 1, 2
+
+    base = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=32, rope_theta=10000.0, tie_word_embeddings=True)
+    coarse = model_config(ModelShape(**base), 4096, Tok, 0.02)
+    fine = model_config(ModelShape(**base, model_type="qwen3_moe", moe_intermediate_size=64, num_local_experts=32,
+                                   num_experts_per_tok=4, norm_topk_prob=True), 4096, Tok, 0.02)
+    assert (coarse.model_type, fine.model_type) == ("mixtral", "qwen3_moe")
+    assert (fine.num_experts, fine.moe_intermediate_size, fine.norm_topk_prob, fine.qk_norm) == (32, 64, True, "head")
+    assert count_parameters(coarse) == (8005888, 3287296)  # tiny-mixtral's published counts
+    total, active = count_parameters(fine)
+    router_growth = 4 * 256 * (32 - 8)
+    qk_norms = 4 * 2 * 32
+    assert total == 8005888 + router_growth + qk_norms
+    coarse_active_experts = 4 * 2 * 3 * 256 * 256  # layers x top-2 x one expert
+    assert active == 3287296 + router_growth + qk_norms - coarse_active_experts // 2

@@ -73,6 +73,25 @@ def load_imbalance(shares: np.ndarray) -> np.ndarray:
     return shares.max(axis=1) * shares.shape[1]
 
 
+def static_capture(profile_choices: np.ndarray, eval_choices: np.ndarray, num_experts: int,
+                   fractions) -> np.ndarray:
+    """[F] share of the evaluation tokens' assignments that land on resident experts when each layer keeps its
+    ``fraction`` · E most popular experts of the profiling tokens (popularity placement with an equal share per
+    layer; fraction f keeps round(f · E) experts, ties by id). Profile and evaluate on different tokens, or the
+    curve flatters static placement. Uniform routing gives round(f · E) / E."""
+    profile_choices = _check(profile_choices, num_experts)
+    eval_shares = popularity(eval_choices, num_experts)
+    order = np.argsort(-popularity(profile_choices, num_experts), axis=1, kind="stable")  # [L, E] most popular first
+    ranked = np.take_along_axis(eval_shares, order, axis=1).cumsum(axis=1)  # [L, E]: share of the top r+1
+    out = []
+    for f in np.asarray(fractions, np.float64).reshape(-1):
+        if not 0.0 <= f <= 1.0:
+            raise InvalidInputError(f"a budget fraction must be in [0, 1], got {f}")
+        keep = int(round(f * num_experts))
+        out.append(0.0 if keep == 0 else float(ranked[:, keep - 1].mean()))
+    return np.asarray(out)
+
+
 def _one_hot(choices: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, T, E] 1.0 where the expert is among the token's choices."""
     hot = np.zeros(choices.shape[:2] + (num_experts,), np.float64)

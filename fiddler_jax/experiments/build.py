@@ -44,12 +44,21 @@ def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
 
 
 def checkpoint_path(model) -> str:
-    """The checkpoint folder of the ``model`` group: ``model.path``, or the bundled model for ``model=tiny``."""
+    """The checkpoint folder of the ``model`` group: ``model.path``, or the bundled model of ``model=tiny`` /
+    ``model=tiny_qwen3_moe``."""
     if model.random:
         raise InvalidInputError(f"model={model.name} has random weights made in memory and no checkpoint folder; "
                                 "this needs a checkpoint: pass model.path=<HF Mixtral folder>")
+    from fiddler_jax.assets import BUNDLED, bundled_model_path
+
+    if model.path is None and model.name in BUNDLED and model.name != "tiny":
+        folder = bundled_model_path(model.name)
+        if folder is None:
+            raise InvalidInputError(f"model={model.name}: this installation does not ship the bundled "
+                                    f"{BUNDLED[model.name].name}; pass model.path=<its HF folder>")
+        return str(folder)
     if model.path is None and model.name != "tiny":
-        raise InvalidInputError(f"model={model.name} needs its checkpoint folder: add model.path=<HF Mixtral folder> "
+        raise InvalidInputError(f"model={model.name} needs its checkpoint folder: add model.path=<HF MoE folder> "
                                 "(or use model=mixtral_8x7b_random on a machine without it)")
     return resolve_model_path(model.path)
 
@@ -124,20 +133,37 @@ def build_engine(cfg):
         return engine.with_planner(options=options, **pk), tokenizer
     release_engines()
     m, pl = cfg.model, cfg.placement
-    kwargs = dict(size, placement=pl.policy, resident_experts=pl.resident_experts, dtype=m.dtype,
-                  profile=pl.profile, seed=pl.seed, options=options, **pk)
+    kwargs = dict(size, placement=pl.policy, dtype=m.dtype, profile=pl.profile, seed=pl.seed, options=options,
+                  **pk)
     if m.random:
         if not m.geometry:
             raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
         config = random_model_config(m.geometry, m.name)
+        kwargs["resident_experts"] = resident_count(config, pl)
         built = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
     else:
         import fiddler_jax as fj
+        from fiddler_jax.models.config import ModelConfig
 
         path = checkpoint_path(m)
+        kwargs["resident_experts"] = resident_count(ModelConfig.from_pretrained(path), pl)
         built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
     _LAST_ENGINE[key] = built
     return built
+
+
+def resident_count(config, placement) -> int | None:
+    """``placement.resident_experts``, or ``placement.resident_fraction`` of the model's MoE experts (rounded),
+    or None (the budget decides); both set is an error."""
+    fraction, count = placement.resident_fraction, placement.resident_experts
+    if fraction is None:
+        return count
+    if count is not None:
+        raise InvalidInputError(f"placement.resident_experts={count} and placement.resident_fraction={fraction} "
+                                "both fix the resident experts; set one of them")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise InvalidInputError(f"placement.resident_fraction must be in [0, 1]; got {fraction}")
+    return int(round(float(fraction) * len(config.moe_layers) * config.num_experts))
 
 
 def release_engines() -> None:

@@ -30,6 +30,7 @@ class ModelSchema:
 class PlacementSchema:
     policy: str = "popularity"
     resident_experts: Optional[int] = None
+    resident_fraction: Optional[float] = None
     profile: Optional[str] = None
     seed: int = 0
 
@@ -179,6 +180,9 @@ OPTION_HELP = {
     "placement.policy": "popularity (most-routed first by placement.profile) | first | random (set it with "
                         "placement=<option>)",
     "placement.resident_experts": "the number of GPU-resident experts; null = as many as the GPU budget holds",
+    "placement.resident_fraction": "the share of the MoE layers' experts kept GPU-resident (0..1, rounded to whole "
+                                   "experts; compares models of different expert counts at one budget fraction); "
+                                   "null = resident_experts / the budget decides",
     "placement.profile": "routing profile file from `fiddler-jax profile` (placement=popularity); null = spread "
                          "order",
     "placement.seed": "seed of placement=random's shuffle",
