@@ -226,3 +226,35 @@ def test_fiddler_overlap_streams_decode_when_a_copy_saves_less_than_the_sync(tmp
     decode = [s for s in synced.trace.steps if int(s.counts.sum()) == top_k]
     assert all("plan" in s.spans for s in decode)
     assert any((s.lanes == P.Lane.TRANSFER).any() for s in decode)
+
+
+def test_a_synced_step_does_not_prefetch_for_a_layer_that_streams(tmp_path):
+    """Prefetched copies serve only a synced step's plan: when the next layer's step streams, a synced step
+    leaves the PCIe lane idle instead of filling staging slots nobody reads. Layer 0 is forced to sync here; the
+    others stream; the tokens are those of every layer streaming."""
+    # copies fast enough that prefetching pays; max_transfers=0: plans never copy, so the PCIe lane is idle
+    dataclasses.replace(LatencyModel.from_design_numbers(), transfer_s=1e-5).save(tmp_path / "latency.json")
+    path = default_model_path()
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=4,
+                                      dtype="bfloat16", latency=tmp_path / "latency.json", prefetch=2,
+                                      max_transfers=0, progress=False)
+    ids = np.asarray(fj.load_tokenizer(path)("def fibonacci(n):\n    if n < 2:")["input_ids"])[None]
+    expected = engine.generate(ids, 8, eos_token_id=[])
+    streams, rows_now = engine.streamed.tables_id, {}
+
+    def layer_0_syncs(layer, rows):
+        if layer == 0:
+            rows_now["rows"] = rows  # asked first in every forward pass: the pass's rows
+            return None
+        return streams(layer, rows)
+
+    engine.streamed.tables_id = layer_0_syncs
+    prefetched = []
+    prefetch = engine.executor.pcie.prefetch
+    engine.executor.pcie.prefetch = lambda layer, experts: (prefetched.append((layer, rows_now["rows"])),
+                                                            prefetch(layer, experts))
+    np.testing.assert_array_equal(engine.generate(ids, 8, eos_token_id=[]), expected)
+    top_k = engine.config.num_experts_per_tok
+    decode = [s for s in engine.trace.steps if int(s.counts.sum()) == top_k]
+    assert {s.layer for s in decode if "plan" in s.spans} == {0} and streams(1, 1) is not None
+    assert prefetched and all(streams(layer, rows) is None for layer, rows in prefetched)  # the prompt's do

@@ -79,7 +79,9 @@ class StepLoop:
         staged = pool.staged(layer, E)
         plan: Plan = self.plan(step.counts, layer, pool.left_s(layer, E) if staged.any() else None)
         spans = {"plan": (t_plan, clock())}
-        next_offloads = layer + 1 < len(self.all_resident) and not self.all_resident[layer + 1]
+        # the next layer has experts a prefetch could copy, and will plan them (a streamed step uses no copy)
+        next_offloads = (layer + 1 < len(self.all_resident) and not self.all_resident[layer + 1]
+                         and self.streamed.tables_id(layer + 1, moe_in.shape[0]) is None)
         gpu_out, cpu_out = self.executor.run(layer, plan, step, moe_in, routing, resident, spans, next_offloads)
         self.trace.add(StepRecord(layer, step.counts, plan.lanes, plan.predicted_s, spans, staged, plan.staged))
         return gpu_out, cpu_out
