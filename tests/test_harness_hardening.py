@@ -171,7 +171,7 @@ def test_hydra_multirun_report_names_runs_without_a_result(tmp_path):
     report.report(str(sweep))
     md = (sweep / "report.md").read_text()
     assert "2 of the sweep's 3 runs have no result.json" in md
-    assert "- 0: missing: no result.json (repeats=0 planner=cpu_only): the run failed" in md
+    assert "- 0: failed (repeats=0 planner=cpu_only): InvalidInputError: scenario.input_tokens" in md  # error.txt
     assert "- 1: ok" in md and "- 2: missing: never started (repeats=0 planner=cpu_only)" in md
 
 

@@ -99,5 +99,10 @@ def test_static_capture_is_the_share_a_per_layer_popularity_placement_keeps():
     top = np.argsort(-rs.popularity(skew[:, : T // 2], E), axis=1, kind="stable")[:, :4]
     assert got[0] == pytest.approx(np.take_along_axis(shares, top, axis=1).sum(axis=1).mean())
     assert got[0] > 0.8
+    # profiled on other tokens than measured: a profile that favours experts the evaluation never uses keeps
+    # nothing (measured on the profile's own tokens it would keep almost everything)
+    flipped = (E - 1) - skew
+    assert rs.static_capture(flipped[:, : T // 2], skew[:, T // 2:], E, [0.25])[0] < 0.02
+    assert rs.kept_experts(1 / 16, 8) == 1 and rs.kept_experts(3 / 16, 8) == 2  # half up, not to even
     with pytest.raises(InvalidInputError, match=r"budget fraction must be in \[0, 1\]"):
         rs.static_capture(skew, skew, E, [1.5])

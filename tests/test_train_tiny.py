@@ -211,3 +211,33 @@ def test_a_recipe_geometry_picks_the_family_and_counts_its_parameters():
     assert total == 8005888 + router_growth + qk_norms
     coarse_active_experts = 4 * 2 * 3 * 256 * 256  # layers x top-2 x one expert
     assert active == 3287296 + router_growth + qk_norms - coarse_active_experts // 2
+
+
+def test_a_hydra_geometry_with_dense_layers_makes_the_model_in_train_tiny_and_init_random(tmp_path):
+    """Under Hydra the geometry is a DictConfig: its lists (mlp_only_layers) and nulls reach config.json's
+    parser as plain values -- in train-tiny's model and in init-random's written model."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from fiddler_jax.experiments.schemas import ModelShape
+    from fiddler_jax.training.loop import model_config
+
+    class Tok:
+        bos_token_id, eos_token_id = 1, 2
+
+    shape = OmegaConf.structured(ModelShape(model_type="qwen3_moe", hidden_size=32, intermediate_size=64,
+                                            moe_intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
+                                            num_experts_per_tok=2, mlp_only_layers=[1]))
+    cfg = model_config(shape, 300, Tok, 0.02)
+    assert cfg.model_type == "qwen3_moe" and cfg.moe_layers == (0, 2) and cfg.norm_topk_prob is False
+    out = tmp_path / "random"
+    r = subprocess.run([sys.executable, "-m", "fiddler_jax.cli", "init-random", f"out={out}",
+                        "geometry.model_type=qwen3_moe", "geometry.moe_intermediate_size=16",
+                        "geometry.mlp_only_layers=[1]", "geometry.num_hidden_layers=2", "geometry.hidden_size=32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "random qwen3_moe model" in r.stdout
+    written = fj.ModelConfig.from_pretrained(out)
+    assert written.model_type == "qwen3_moe" and written.moe_layers == (0,)

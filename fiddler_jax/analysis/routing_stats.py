@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import keyword
 
+import math
+
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
@@ -73,12 +75,18 @@ def load_imbalance(shares: np.ndarray) -> np.ndarray:
     return shares.max(axis=1) * shares.shape[1]
 
 
+def kept_experts(fraction: float, num_experts: int) -> int:
+    """Whole experts a budget fraction keeps per layer: f · E rounded half up (Python's round() would send 1/16
+    of 8 experts to 0 but 3/16 to 2)."""
+    return int(math.floor(float(fraction) * num_experts + 0.5))
+
+
 def static_capture(profile_choices: np.ndarray, eval_choices: np.ndarray, num_experts: int,
                    fractions) -> np.ndarray:
     """[F] share of the evaluation tokens' assignments that land on resident experts when each layer keeps its
     ``fraction`` · E most popular experts of the profiling tokens (popularity placement with an equal share per
-    layer; fraction f keeps round(f · E) experts, ties by id). Profile and evaluate on different tokens, or the
-    curve flatters static placement. Uniform routing gives round(f · E) / E."""
+    layer; fraction f keeps floor(f · E + 1/2) experts, ties by id: :func:`kept_experts`). Profile and evaluate on
+    different tokens, or the curve flatters static placement. Uniform routing gives kept_experts(f, E) / E."""
     profile_choices = _check(profile_choices, num_experts)
     eval_shares = popularity(eval_choices, num_experts)
     order = np.argsort(-popularity(profile_choices, num_experts), axis=1, kind="stable")  # [L, E] most popular first
@@ -87,7 +95,7 @@ def static_capture(profile_choices: np.ndarray, eval_choices: np.ndarray, num_ex
     for f in np.asarray(fractions, np.float64).reshape(-1):
         if not 0.0 <= f <= 1.0:
             raise InvalidInputError(f"a budget fraction must be in [0, 1], got {f}")
-        keep = int(round(f * num_experts))
+        keep = kept_experts(f, num_experts)
         out.append(0.0 if keep == 0 else float(ranked[:, keep - 1].mean()))
     return np.asarray(out)
 

@@ -40,9 +40,9 @@ def _hf_model(cfg, torch, budget: int):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.model.dtype]
     max_memory = {0: budget, "cpu": "100000GiB"}
     if not cfg.model.random:
-        from fiddler_jax.experiments.common import resolve_model_path
+        from fiddler_jax.experiments.build import checkpoint_path
 
-        path = resolve_model_path(cfg.model.path)
+        path = checkpoint_path(cfg.model)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",
                                                                   max_memory=max_memory)
         return model, transformers.AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None

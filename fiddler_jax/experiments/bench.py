@@ -254,9 +254,30 @@ def main(cfg) -> None:
         cap_xla_allocator(cfg.hardware.gpu_budget)  # XLA may allocate no more than the budget
     elif cfg.baseline is not None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU to torch
-    result = run_bench(cfg, out_dir)
+    try:
+        result = run_bench(cfg, out_dir)
+    except Exception as exc:  # the run's folder says why it has no result (a sweep's report names it)
+        record_failure(out_dir, exc)
+        raise
     print(f"wrote {os.path.join(out_dir, 'result.json')}")
     print(table(result))
+
+
+def record_failure(folder: str, exc: BaseException) -> str:
+    """Write ``folder/error.txt``: the error's one line for a user error (FiddlerError), else the traceback --
+    what a sweep's report shows for a run without a result, on whatever machine or launcher ran it. Returns the
+    one line."""
+    import traceback
+
+    from fiddler_jax.errors import FiddlerError
+
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    try:
+        with open(os.path.join(folder, "error.txt"), "w") as f:
+            f.write(traceback.format_exc() if not isinstance(exc, FiddlerError) else f"{line}\n")
+    except OSError:
+        pass  # the folder itself is the problem; the error is raised anyway
+    return line
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ import argparse
 import os
 import re
 import shutil
-import traceback
 
 from omegaconf import OmegaConf
 
-from fiddler_jax.errors import FiddlerError, InvalidInputError
+from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.manifest import MANIFEST, TOOL, _now, load_manifest, write_manifest
 
 
@@ -218,9 +217,7 @@ def run_jobs(common: list[str], jobs: list[list[str]], out: str, *, replace: boo
             status.append((folder, "ok"))
             entry["status"] = "ok"
         except Exception as exc:  # one failed job (over budget, out of memory) must not lose the others
-            line = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            with open(os.path.join(folder, "error.txt"), "w") as f:
-                f.write(traceback.format_exc() if not isinstance(exc, FiddlerError) else f"{line}\n")
+            line = bench.record_failure(folder, exc)
             print(f"job {n} failed: {line}", flush=True)
             status.append((folder, line))
             entry.update(status="failed", error=line)

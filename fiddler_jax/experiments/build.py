@@ -11,6 +11,7 @@ buffers: a sweep over planners or kernels reuses it (``Engine.with_planner``) in
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from omegaconf import OmegaConf
@@ -163,7 +164,7 @@ def resident_count(config, placement) -> int | None:
                                 "both fix the resident experts; set one of them")
     if not 0.0 <= float(fraction) <= 1.0:
         raise InvalidInputError(f"placement.resident_fraction must be in [0, 1]; got {fraction}")
-    return int(round(float(fraction) * len(config.moe_layers) * config.num_experts))
+    return int(math.floor(float(fraction) * len(config.moe_layers) * config.num_experts + 0.5))  # half up
 
 
 def release_engines() -> None:

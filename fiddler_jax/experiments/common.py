@@ -322,6 +322,10 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("fiddler_run_dir", run_dir)
     if not OmegaConf.has_resolver("fiddler_help"):
         OmegaConf.register_new_resolver("fiddler_help", render_help)
+    if not OmegaConf.has_resolver("fiddler_host_mem_gb"):
+        from fiddler_jax.experiments.cluster import host_memory_gb
+
+        OmegaConf.register_new_resolver("fiddler_host_mem_gb", host_memory_gb)
 
 
 _register_resolvers()

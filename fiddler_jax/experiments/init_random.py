@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, write_output
-from fiddler_jax.experiments.schemas import ModelShape
+from fiddler_jax.experiments.schemas import ModelShape, geometry_keys
 
 
 @dataclass
@@ -40,12 +40,12 @@ def main(cfg) -> None:
     if os.path.exists(os.path.join(out, "config.json")) and not cfg.overwrite:
         raise InvalidInputError(f"{out} already holds a model; pass overwrite=true to replace it")
     check_output_path(out, "the model", folder=True)
-    g = cfg.geometry
-    config = fj.ModelConfig.from_hf_dict({"model_type": "mixtral", **dict(g)}, source="init-random geometry")
+    config = fj.ModelConfig.from_hf_dict({"model_type": "mixtral", **geometry_keys(cfg.geometry)},
+                                         source="init-random geometry")
     model = fj.MoeForCausalLM(config, dtype=resolve_dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
     write_output(out, "the model", lambda path: fj.save_pretrained(model, path), folder=True)
-    print(f"wrote a random Mixtral (seed {cfg.seed}, {g.num_hidden_layers} layers, {g.num_local_experts} experts, "
-          f"hidden {g.hidden_size}) to {out}")
+    print(f"wrote a random {config.model_type} model (seed {cfg.seed}, {config.num_hidden_layers} layers, "
+          f"{config.num_experts} experts, hidden {config.hidden_size}) to {out}")
 
 
 if __name__ == "__main__":

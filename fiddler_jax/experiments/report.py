@@ -185,6 +185,13 @@ def sweep_jobs(folder: str) -> list[list[str]] | None:
         return None
 
 
+def _first_line(path: str) -> str:
+    """An error.txt's message: its one line, or a traceback's last line."""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return (lines[-1] if len(lines) > 1 else lines[0] if lines else "see its error.txt")[:300]
+
+
 def _missing_sweep_runs(folder: str, results: list[tuple[str, dict]]) -> list[tuple[str, str]]:
     """A line per job of a Hydra multirun folder when some job has no result.json (it failed, or the sweep
     stopped before it); empty when none is missing or this is not a sweep folder."""
@@ -197,8 +204,11 @@ def _missing_sweep_runs(folder: str, results: list[tuple[str, dict]]) -> list[tu
         run = os.path.abspath(os.path.join(folder, str(n)))
         if run in have:
             lines.append((str(n), "ok"))
+        elif os.path.isfile(os.path.join(run, "error.txt")):
+            lines.append((str(n), f"failed ({' '.join(job)}): {_first_line(os.path.join(run, 'error.txt'))}"))
         elif os.path.isdir(run):
-            lines.append((str(n), f"missing: no result.json ({' '.join(job)}): the run failed or was stopped"))
+            lines.append((str(n), f"missing: no result.json ({' '.join(job)}): the run was stopped (killed, "
+                                  f"pre-empted or out of time: see the launcher's logs)"))
         else:
             lines.append((str(n), f"missing: never started ({' '.join(job)}): the sweep stopped before it"))
     return lines if any(status != "ok" for _, status in lines) else []

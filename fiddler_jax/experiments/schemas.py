@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from omegaconf import OmegaConf
+
 from hydra.core.config_store import ConfigStore
 
 
@@ -78,8 +80,10 @@ class ScenarioSchema:
 class ModelShape:
     """A model's size as ``config.json`` keys, for a model made from scratch: ``model_type`` picks the family
     (mixtral | qwen3_moe | olmoe | qwen2_moe). null leaves a key to config.json's default (``head_dim`` =
-    hidden_size / heads, ``rope_theta`` = 1e6, ``moe_intermediate_size`` absent: Mixtral's and OLMoE's experts are
-    ``intermediate_size`` wide) or, for ``vocab_size`` in train-tiny, to the tokenizer's (``train.vocab_size``)."""
+    hidden_size / heads, ``rope_theta`` = 1e6; ``moe_intermediate_size`` is only read for the Qwen families, which
+    require it: Mixtral's and OLMoE's experts are ``intermediate_size`` wide) or, for ``vocab_size`` in
+    train-tiny, to the tokenizer's (``train.vocab_size``). The expert count is ``num_local_experts`` here for
+    every family."""
 
     model_type: str = "mixtral"
     vocab_size: Optional[int] = None
@@ -100,6 +104,16 @@ class ModelShape:
     rope_theta: Optional[float] = None
     sliding_window: Optional[int] = None
     tie_word_embeddings: bool = False
+
+
+def geometry_keys(geometry) -> dict:
+    """A geometry (a ``ModelShape``, its DictConfig under Hydra, or a dict) as plain config.json keys: containers
+    made plain lists and dicts, null keys dropped so that config.json's defaults apply."""
+    if dataclasses.is_dataclass(geometry):
+        geometry = dataclasses.asdict(geometry)
+    elif OmegaConf.is_config(geometry):
+        geometry = OmegaConf.to_container(geometry, resolve=True)
+    return {k: v for k, v in dict(geometry).items() if v is not None}
 
 
 @dataclass
@@ -242,7 +256,8 @@ GEOMETRY_HELP = {
     "num_key_value_heads": "key/value heads (grouped-query attention)",
     "head_dim": "width of one head; null = hidden_size / num_attention_heads",
     "num_local_experts": "experts per layer (Mixtral's key; the others' num_experts is read too)",
-    "num_experts": "experts per layer (Qwen3-MoE, OLMoE, Qwen2-MoE)",
+    "num_experts": "experts per layer (Qwen3-MoE, OLMoE, Qwen2-MoE; a model.geometry key: train.geometry and "
+                   "init-random spell it num_local_experts for every family)",
     "num_experts_per_tok": "experts each token is routed to (top-k)",
     "norm_topk_prob": "renormalise the top-k routing weights to sum 1 (Mixtral always does)",
     "decoder_sparse_step": "every n-th layer is MoE, the others dense MLPs (Qwen); null = 1",

@@ -2,7 +2,6 @@
 export → final evaluation on the exported weights → loss curve, metrics and model card."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import platform
@@ -30,8 +29,9 @@ GEOMETRY_ALWAYS = ("model_type", "rope_theta", "num_experts", "num_local_experts
 def model_config(geometry, vocab_size: int, tokenizer, aux_coef: float) -> ModelConfig:
     """The model of a ``train.geometry`` (``ModelShape``: its ``model_type`` picks the family; null keys take
     config.json's defaults)."""
-    shape = dataclasses.asdict(geometry) if dataclasses.is_dataclass(geometry) else dict(geometry)
-    keys = {k: v for k, v in shape.items() if v is not None}
+    from fiddler_jax.experiments.schemas import geometry_keys
+
+    keys = geometry_keys(geometry)
     return ModelConfig.from_hf_dict({
         "model_type": "mixtral", **keys, "vocab_size": vocab_size,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None,

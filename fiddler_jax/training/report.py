@@ -66,11 +66,12 @@ def model_card(m: dict) -> str:
     params = m["parameters"]
     family = g.get("model_type", "mixtral")
     name, label = NAMES[family]
-    recipe = RECIPES[family]
+    recipe = RECIPES.get(family)
     experts = g.get("num_local_experts", g.get("num_experts"))
-    role = ("the bundled default model of fiddler-jax" if family == "mixtral" else
-            "fiddler-jax's bundled fine-grained MoE, beside the default tiny-mixtral (same corpus, tokenizer and "
-            "recipe; the same expert parameters per layer, split into more, smaller experts)")
+    role = {"mixtral": "the bundled default model of fiddler-jax",
+            "qwen3_moe": "fiddler-jax's bundled fine-grained MoE, beside the default tiny-mixtral (same corpus, "
+                         "tokenizer and recipe; the same expert parameters per layer, split into more, smaller "
+                         "experts)"}.get(family, "a model of fiddler-jax's train-tiny")
     return f"""# {name}
 
 A {params / 1e6:.1f} M-parameter {label} (sparse mixture of experts) trained from scratch by `fiddler-jax train-tiny`
@@ -135,8 +136,8 @@ The command that produced these weights{' (' + m['where'] + ')' if m.get('where'
 ```
 {m['command']}
 ```
-With the defaults of `conf/train_tiny.yaml` + `conf/train/{recipe}.yaml` (the recipe above), on CPython
-{d['python']} and a GPU, `fiddler-jax train-tiny {'' if recipe == 'tiny' else f'train={recipe} '}out=<folder>` repeats it from scratch (about a minute of
+With the defaults of `conf/train_tiny.yaml` + {f'`conf/train/{recipe}.yaml`' if recipe else 'the overrides above'} (the recipe above), on CPython
+{d['python']} and a GPU, `fiddler-jax train-tiny {'' if recipe in ('tiny', None) else f'train={recipe} '}out=<folder>` repeats it from scratch (about a minute of
 corpus and tokenizer work on the CPU first). The byte-identical rerun with the same seed is checked by the test
 suite on the CPU; on GPUs XLA's deterministic ops are switched on (`deterministic=true`) for the same purpose.
 A different Python version has a different standard library, hence a different corpus and model.

@@ -1,0 +1,49 @@
+"""Sizing a sweep's cluster jobs (``conf/hydra/launcher/slurm.yaml``): the host memory one bench job needs.
+
+A job pins every offloaded expert in host memory once (the CPU lane reads them in place, the PCIe lane copies from
+them), and holds the Python process, the non-expert weights on their way to the GPU and the kernel's buffers
+besides. ``host_memory_gb`` places the job's model at its GPU budget the way the engine will (pure Python, no
+JAX: :func:`fiddler_jax.runtime.placement.place` with the reserves of one sequence), takes the offloaded experts'
+bytes, and adds ``MARGIN`` of them plus ``BASE_GB``. Where the budget is not known before the job runs
+(``hardware=auto``: the GPU decides) nothing is assumed resident, the upper bound. A model whose size cannot be
+read here (a checkpoint folder that exists only on the cluster) gets ``FALLBACK_GB``: set
+``hydra.launcher.mem_gb`` for it.
+"""
+from __future__ import annotations
+
+import math
+
+MARGIN = 0.25  # of the pinned experts' bytes: the pool's rounding, staging copies, allocator slack
+BASE_GB = 16  # the process, the non-expert weights on the host while loading, the kernel's buffers
+FALLBACK_GB = 64
+GIB = 1 << 30
+
+
+def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str) -> int:
+    """Bytes of the experts a job at ``gpu_budget`` (None: unknown) keeps in host memory."""
+    import numpy as np
+
+    from fiddler_jax.runtime.placement import expert_bytes, place
+
+    itemsize = np.dtype("float32" if dtype == "float32" else "uint16").itemsize
+    total = len(model_cfg.moe_layers) * model_cfg.num_experts
+    if gpu_budget is None:
+        return total * expert_bytes(model_cfg, itemsize)
+    placed = place(model_cfg, gpu_budget, itemsize=itemsize, max_context=min(4096, model_cfg.max_position_embeddings))
+    return placed.offloaded_count * placed.memory.expert
+
+
+def host_memory_gb(_root_) -> int:
+    """Host GB for one bench job of the config ``_root_`` (module docstring); an OmegaConf resolver."""
+    from fiddler_jax.errors import FiddlerError
+    from fiddler_jax.experiments.build import checkpoint_path, random_model_config
+    from fiddler_jax.models.config import ModelConfig
+
+    model = _root_.model
+    try:
+        cfg = (random_model_config(model.geometry, model.name) if model.random
+               else ModelConfig.from_pretrained(checkpoint_path(model)))
+        pinned = pinned_expert_bytes(cfg, _root_.hardware.gpu_budget, model.dtype)
+    except (FiddlerError, OSError):
+        return FALLBACK_GB
+    return BASE_GB + math.ceil(pinned * (1 + MARGIN) / GIB)
