@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="a small geometry, for a check on a CPU-only machine")
     args = ap.parse_args(argv)
 
-    from fiddler_jax.experiments.build import random_model_config
+    from fiddler_jax.experiments.model_group import random_model_config
     from fiddler_jax.provenance import provenance
     from fiddler_jax.runtime.engine import Engine
     from fiddler_jax.runtime.generate import cache_length

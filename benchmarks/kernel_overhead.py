@@ -50,6 +50,7 @@ import numpy as np
 
 import fiddler_jax.kernels as K
 from fiddler_jax.kernels import _lib as this_lib_module
+from fiddler_jax.kernels._testing import at_offset
 from fiddler_jax.provenance import cpu_model, git_dirty, git_sha, versions
 from fiddler_jax.random_bits import random_bf16
 
@@ -102,15 +103,6 @@ class Pool:
         self.tables = [np.array([w.ctypes.data + e * stride for e in range(E)], np.uint64)
                        for w in (self.w1, self.w3, self.w2)]
         self.prepared = K.ExpertTables(list(self.w1), list(self.w3), list(self.w2), hidden=hidden)
-
-
-def at_offset(a: np.ndarray, offset: int) -> np.ndarray:
-    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
-    raw = np.empty(a.nbytes + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 class Case:

@@ -46,7 +46,7 @@ def log(msg: str) -> None:
 def build(model: str, budget: str, context: int, layers: int | None = None):
     from omegaconf import OmegaConf
 
-    from fiddler_jax.experiments.build import random_model_config
+    from fiddler_jax.experiments.model_group import random_model_config
     from fiddler_jax.runtime.engine import Engine
 
     preset = OmegaConf.load(os.path.join(ROOT, "fiddler_jax", "conf", "model", f"{model}.yaml"))
@@ -142,6 +142,7 @@ def dispatch_costs(engine, context: int, reps: int = 200) -> dict:
 
     from fiddler_jax.models import moe
     from fiddler_jax.runtime.segments import stack_mix, staged_mix
+    from fiddler_jax.timing import median_of
 
     seg, ex = engine.resources.segments, engine.executor
     layer = next(n for n, row in enumerate(engine.placement.resident) if not row.all())
@@ -223,7 +224,8 @@ def dispatch_costs(engine, context: int, reps: int = 200) -> dict:
     for name, (fn, lower) in costs.items():
         try:
             jax.block_until_ready(fn())  # compile
-            row = {"host_ms": host_ms(fn, reps), "device_ms": ready_ms(fn, reps // 4)}
+            row = {"host_ms": host_ms(fn, reps),
+                   "device_ms": median_of(lambda: jax.block_until_ready(fn()), reps // 4, warmup=0) * 1e3}
             if lower is not None:
                 row["entry_ops"] = entry_ops(lower())
             out[name] = row
@@ -231,18 +233,6 @@ def dispatch_costs(engine, context: int, reps: int = 200) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
         log(f"dispatch: {name}: {out[name]}")
     return out
-
-
-def ready_ms(fn, reps: int) -> float:
-    """Median milliseconds from the call to its outputs being ready (device idle before each call)."""
-    import jax
-
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def profile_calls(engine, ids, tokens: int, kv_slots: int) -> tuple[str, dict]:
@@ -322,7 +312,7 @@ def main() -> None:
         if "error" in v:
             print(f"  {k:50s} {v['error']}")
         else:
-            print(f"  {k:50s} {v['host_ms']:7.3f} {v['ready_ms'] if 'ready_ms' in v else v['device_ms']:7.3f} "
+            print(f"  {k:50s} {v['host_ms']:7.3f} {v['device_ms']:7.3f} "
                   f"{v.get('entry_ops', ''):>4}")
     print("--- synced step spans (ms, mean) ---")
     for variant, r in rows.items():

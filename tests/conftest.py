@@ -144,6 +144,20 @@ def cached_decoding_error(model, vocab: int, seq: int) -> float:
     return float(np.abs(np.concatenate(steps, axis=1) - full).max() / np.abs(full).max())
 
 
+def greedy_against_transformers(hf, path, tokens: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(ours, transformers') greedy continuations of ``tokens`` new tokens of one 6-token random prompt: the
+    transformers model ``hf`` and our load of its saved folder ``path``, neither stopping at an eos."""
+    import torch
+
+    import fiddler_jax as fj
+
+    prompt = token_ids(hf.config.vocab_size, (1, 6), seed=3)
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, min_new_tokens=tokens).numpy()
+    return fj.generate(fj.load_pretrained(path, progress=False), prompt, tokens, eos_token_id=[]), ref
+
+
 def token_ids(vocab: int, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape)
 

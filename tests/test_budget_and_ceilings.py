@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments import bench, build, ceilings
+from fiddler_jax.experiments import bench, build, ceilings, model_group
 from fiddler_jax.experiments.common import CONF_DIR
 from fiddler_jax.runtime import gpu_memory
 from fiddler_jax.runtime.placement import expert_bytes, place
@@ -68,7 +68,7 @@ def test_cap_refuses_a_second_budget_once_jax_started(monkeypatch):
 
 
 def test_ceiling_limits_follow_from_the_bandwidths():
-    cfg = build.random_model_config()
+    cfg = model_group.random_model_config()
     bw = {"host_read": 100e9, "pinned_h2d": 50e9, "hbm_read": 3000e9}
     lim = ceilings.limits(cfg, "24GiB", bw)
     plan = place(cfg, "24GiB", itemsize=2, max_context=256, staging_slots=2)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import fiddler_jax.experiments.bench  # noqa: F401  (registers the bench schema)
 from fiddler_jax.experiments import cluster, report
-from fiddler_jax.experiments.build import random_model_config
+from fiddler_jax.experiments.model_group import random_model_config
 from fiddler_jax.experiments.common import CONF_DIR
 from fiddler_jax.runtime.placement import place
 

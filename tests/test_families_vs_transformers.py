@@ -9,7 +9,7 @@ import pytest
 
 import fiddler_jax as fj
 from fiddler_jax.errors import ModelConfigError
-from tests.conftest import cached_decoding_error, hf_logits, token_ids
+from tests.conftest import cached_decoding_error, greedy_against_transformers, hf_logits, token_ids
 
 SEQ = 20
 
@@ -41,14 +41,8 @@ def test_logits_match_transformers(family_checkpoint, layout):
 
 
 def test_greedy_32_tokens_match_transformers(family_checkpoint):
-    import torch
-
     name, hf, path, _ = family_checkpoint
-    prompt = token_ids(hf.config.vocab_size, (1, 6), seed=3)
-    with torch.no_grad():
-        ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                          pad_token_id=0, min_new_tokens=32).numpy()
-    ours = fj.generate(fj.load_pretrained(path, progress=False), prompt, 32, eos_token_id=[])
+    ours, ref = greedy_against_transformers(hf, path, 32)
     np.testing.assert_array_equal(ours, ref, err_msg=name)
 
 

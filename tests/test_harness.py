@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments import bench, build, report
+from fiddler_jax.experiments import bench, build, model_group, report
 from fiddler_jax.experiments.common import CONF_DIR
 from tests.test_cli import cli
 
@@ -244,7 +244,7 @@ def test_resident_fraction_fixes_the_share_of_moe_experts_and_bundled_presets_na
         build.resident_count(qwen, place(resident_fraction=1.5))
     model = SimpleNamespace(random=False, path=None, name="tiny_qwen3_moe")
     if assets.bundled_model_path("tiny_qwen3_moe") is not None:
-        assert build.checkpoint_path(model).endswith("tiny-qwen3-moe")
+        assert model_group.checkpoint_path(model).endswith("tiny-qwen3-moe")
     monkeypatch.setattr(assets, "BUNDLED", {**assets.BUNDLED, "tiny_qwen3_moe": assets.ASSETS_DIR / "absent"})
     with pytest.raises(InvalidInputError, match="does not ship the bundled absent"):
-        build.checkpoint_path(model)
+        model_group.checkpoint_path(model)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fiddler_jax.kernels as K
-from fiddler_jax.kernels._testing import BF16
+from fiddler_jax.kernels._testing import BF16, at_offset
 from fiddler_jax.random_bits import random_bf16
 
 SUPPORTED = K.cpu_features()["supported_paths"]
@@ -23,15 +23,6 @@ pytestmark = pytest.mark.usefixtures("restore_kernel_settings")
 def _restore_prefetch():
     yield
     K.set_tuning(prefetch_bytes=int(os.environ.get("FIDDLER_KERNEL_PREFETCH", "0") or 0))
-
-
-def _at_offset(a: np.ndarray, offset: int) -> np.ndarray:
-    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
-    raw = np.empty(a.nbytes + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def _experts(rng, E, hidden, ffn):
@@ -63,14 +54,14 @@ def test_alignment_threads_and_prefetch_keep_the_bits(path, name, T, routes):
     K.set_kernel_path(path)
     K.set_num_threads(1)
     K.set_tuning(prefetch_bytes=0)
-    want = K.grouped_expert_ffn_numpy(_at_offset(x, 16), tok, exp, wts, w1, w3, w2, np.zeros((T, hidden), np.float32))
-    want1 = K.expert_ffn_numpy(_at_offset(x, 16), w1[0], w3[0], w2[0], np.zeros((T, hidden), np.float32))
+    want = K.grouped_expert_ffn_numpy(at_offset(x, 16), tok, exp, wts, w1, w3, w2, np.zeros((T, hidden), np.float32))
+    want1 = K.expert_ffn_numpy(at_offset(x, 16), w1[0], w3[0], w2[0], np.zeros((T, hidden), np.float32))
     for threads in (1, 2, 5):
         K.set_num_threads(threads)
         for prefetch in (0, 64, 1536, 16384, 1 << 20):
             K.set_tuning(prefetch_bytes=prefetch)
             for offset in (0, 2, 48):  # 0: rows read in place where the path can
-                xo = _at_offset(x, offset)
+                xo = at_offset(x, offset)
                 got = K.grouped_expert_ffn_numpy(xo, tok, exp, wts, w1, w3, w2,
                                                  np.full((T, hidden), np.nan, np.float32))
                 assert np.array_equal(got, want), (threads, prefetch, offset)

@@ -40,7 +40,7 @@ def _hf_model(cfg, torch, budget: int):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.model.dtype]
     max_memory = {0: budget, "cpu": "100000GiB"}
     if not cfg.model.random:
-        from fiddler_jax.experiments.build import checkpoint_path
+        from fiddler_jax.experiments.model_group import checkpoint_path
 
         path = checkpoint_path(cfg.model)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",

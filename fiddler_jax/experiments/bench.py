@@ -116,7 +116,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
 def model_positions(cfg) -> int:
     """``max_position_embeddings`` of the configured model (its config.json or random geometry), read without
     loading any weight."""
-    from fiddler_jax.experiments.build import checkpoint_path, random_model_config
+    from fiddler_jax.experiments.model_group import checkpoint_path, random_model_config
     from fiddler_jax.models.config import ModelConfig
 
     m = cfg.model

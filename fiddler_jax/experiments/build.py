@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.common import CONF_DIR, resolve_model_path
+from fiddler_jax.experiments.model_group import checkpoint_path, random_model_config
 from fiddler_jax.experiments.schemas import planner_kwargs
 
 _LAST_ENGINE: dict = {}
@@ -32,36 +31,6 @@ def gpu_budget(hardware) -> str | int:
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     return int(limit * 0.95) if limit else "1024TiB"
-
-
-def random_model_config(geometry=None, name: str = "mixtral_8x7b_random"):
-    """The ``ModelConfig`` of a random model's geometry (default: ``conf/model/mixtral_8x7b_random.yaml``)."""
-    from fiddler_jax.models.config import ModelConfig
-
-    if geometry is None:
-        geometry = OmegaConf.load(os.path.join(CONF_DIR, "model", "mixtral_8x7b_random.yaml")).geometry
-    return ModelConfig.from_hf_dict({"model_type": "mixtral", **OmegaConf.to_container(geometry)},
-                                      source=f"model={name}")
-
-
-def checkpoint_path(model) -> str:
-    """The checkpoint folder of the ``model`` group: ``model.path``, or the bundled model of ``model=tiny`` /
-    ``model=tiny_qwen3_moe``."""
-    if model.random:
-        raise InvalidInputError(f"model={model.name} has random weights made in memory and no checkpoint folder; "
-                                "this needs a checkpoint: pass model.path=<HF Mixtral folder>")
-    from fiddler_jax.assets import BUNDLED, bundled_model_path
-
-    if model.path is None and model.name in BUNDLED and model.name != "tiny":
-        folder = bundled_model_path(model.name)
-        if folder is None:
-            raise InvalidInputError(f"model={model.name}: this installation does not ship the bundled "
-                                    f"{BUNDLED[model.name].name}; pass model.path=<its HF folder>")
-        return str(folder)
-    if model.path is None and model.name != "tiny":
-        raise InvalidInputError(f"model={model.name} needs its checkpoint folder: add model.path=<HF MoE folder> "
-                                "(or use model=mixtral_8x7b_random on a machine without it)")
-    return resolve_model_path(model.path)
 
 
 def set_kernel(path: str, spin_us: int = 50) -> None:

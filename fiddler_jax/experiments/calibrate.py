@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from fiddler_jax.experiments.build import checkpoint_path
+from fiddler_jax.experiments.model_group import checkpoint_path
 from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, write_output
 from fiddler_jax.experiments.schemas import ModelSchema
 from fiddler_jax.runtime.calibrate import DEFAULT_BUDGET_S, DEFAULT_NS

@@ -264,7 +264,7 @@ def progress(line: str) -> None:
 
 
 def run(budgets: list[str], host_gib: float, h2d_gib: float, hbm_gib: float, reps: int) -> dict:
-    from fiddler_jax.experiments.build import random_model_config
+    from fiddler_jax.experiments.model_group import random_model_config
     from fiddler_jax.provenance import provenance
 
     threads = len(os.sched_getaffinity(0))

@@ -33,29 +33,10 @@ def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str) -> int:
     return placed.offloaded_count * placed.memory.expert
 
 
-def model_config(model):
-    """The ``ModelConfig`` of a ``model`` group: its random geometry, ``model.path``'s config.json, or a bundled
-    model's (the same choices as :func:`fiddler_jax.experiments.build.checkpoint_path`, which imports this
-    module's importer)."""
-    import os
-
-    from fiddler_jax.assets import bundled_model_path
-    from fiddler_jax.errors import InvalidInputError
-    from fiddler_jax.experiments.schemas import geometry_keys
-    from fiddler_jax.models.config import ModelConfig
-
-    if model.random:
-        return ModelConfig.from_hf_dict({"model_type": "mixtral", **geometry_keys(model.geometry)},
-                                        source=f"model={model.name}")
-    folder = os.path.expanduser(str(model.path)) if model.path else bundled_model_path(model.name)
-    if folder is None:
-        raise InvalidInputError(f"model={model.name}: no checkpoint folder here")
-    return ModelConfig.from_pretrained(folder)
-
-
 def host_memory_gb(_root_) -> int:
     """Host GB for one bench job of the config ``_root_`` (module docstring); an OmegaConf resolver."""
     from fiddler_jax.errors import FiddlerError
+    from fiddler_jax.experiments.model_group import model_config
 
     try:
         model = _root_.model

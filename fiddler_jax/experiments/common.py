@@ -16,11 +16,11 @@ import time
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import FiddlerError, InvalidInputError
+from fiddler_jax.experiments import CONF_DIR  # noqa: F401  (the commands import it from here)
 
 # Hydra's job logging puts the root logger at INFO; JAX's backend probing is noise at that level.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))  # fiddler_jax/conf (package data)
 OUTPUTS = "fiddler-jax-outputs"  # where a command's outputs go when no out= names a place (in the working folder)
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -329,17 +329,3 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
-
-
-def resolve_model_path(path: str | None) -> str:
-    """``model.path`` or, when null, the bundled default model."""
-    from fiddler_jax.assets import default_model_path
-    from fiddler_jax.errors import CheckpointError
-
-    if path:
-        return os.path.expanduser(str(path))
-    default = default_model_path()
-    if default is None:
-        raise CheckpointError("no model.path given and this installation ships no bundled model; pass "
-                              "model.path=<HF Mixtral folder> (or create one with `fiddler-jax init-random`)")
-    return str(default)

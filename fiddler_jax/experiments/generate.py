@@ -17,7 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.build import build_engine, checkpoint_path
+from fiddler_jax.experiments.build import build_engine
+from fiddler_jax.experiments.model_group import checkpoint_path
 from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, decode_escapes, write_output
 from fiddler_jax.experiments.schemas import KernelSchema, ModelSchema, PlacementSchema, PlannerConfig
 
@@ -144,7 +145,7 @@ def check_args(cfg) -> str | None:
 def check_context(cfg) -> None:
     """``max_new_tokens`` (with ``prompt_ids``' length when given) must fit the model's context: read from the
     checkpoint's config.json (or the random model's geometry) before any weights load."""
-    from fiddler_jax.experiments.build import random_model_config
+    from fiddler_jax.experiments.model_group import random_model_config
     from fiddler_jax.models.config import ModelConfig
 
     if cfg.max_new_tokens < 0:

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.build import checkpoint_path
+from fiddler_jax.experiments.model_group import checkpoint_path
 from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, write_output
 from fiddler_jax.experiments.schemas import ModelSchema
 

@@ -18,6 +18,15 @@ def expert_inputs(rng: np.random.Generator, n: int, hidden: int, ffn: int):
     return x, w1, w3, w2
 
 
+def at_offset(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def grouped_inputs(rng: np.random.Generator, T: int = 4, E: int = 3, hidden: int = 24, ffn: int = 40) -> list:
     """A small valid ``grouped_expert_ffn`` call: [x, token_idx, expert_idx, weights, w1, w3, w2] (five
     assignments over tokens 0..3 and experts 0..2), for the tests that damage one argument at a time."""
