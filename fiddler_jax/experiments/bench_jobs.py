@@ -135,6 +135,31 @@ def compose_jobs(common: list[str], jobs: list[list[str]], source: str = "jobs")
     raise InvalidInputError(f"{source}: {where} does not compose: {_composition_problem(reason)}{more}")
 
 
+def check_jobs(common: list[str], configs: list, jobs: list[list[str]], source: str = "jobs") -> None:
+    """What would fail every job's engine before it loads anything (``build.check_engine``: the planner's
+    parameters, the KV reserve, the placement under the GPU budget; the scenario against the model's positions),
+    checked for all jobs before the first runs, so that a jobs file with a wrong job costs no device time. One
+    error lists every such job."""
+    import copy
+
+    from fiddler_jax.experiments.bench import fit_scenario
+    from fiddler_jax.experiments.build import check_engine
+
+    problems = []
+    for n, (job, cfg) in enumerate(zip(jobs, configs)):
+        if cfg.baseline is not None:
+            continue
+        try:
+            trial = copy.deepcopy(cfg)
+            fit_scenario(trial, common + job)
+            check_engine(trial)
+        except Exception as exc:  # noqa: BLE001  (InvalidInputError, PlannerError: the job's own error)
+            problems.append(f"job {n + 1} ([{', '.join(job)}]): {type(exc).__name__}: {exc}")
+    if problems:
+        raise InvalidInputError(f"{source}: {len(problems)} of {len(jobs)} jobs cannot run; nothing ran; "
+                                + "; ".join(problems))
+
+
 def _remove(path: str) -> None:
     if os.path.islink(path) or not os.path.isdir(path):
         os.unlink(path)
@@ -187,6 +212,7 @@ def run_jobs(common: list[str], jobs: list[list[str]], out: str, *, replace: boo
     from fiddler_jax.provenance import git_dirty, git_sha
 
     configs = compose_jobs(common, jobs, jobs_file or "jobs")  # every job composes before any runs
+    check_jobs(common, configs, jobs, jobs_file or "jobs")  # and fits its engine
     budgets = {str(c.hardware.gpu_budget) for c in configs if c.baseline is None}
     if len(budgets) > 1:
         raise InvalidInputError(f"the jobs ask for several GPU budgets ({', '.join(sorted(budgets))}); XLA's "
@@ -231,8 +257,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="fiddler-jax bench-jobs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("jobs", help="YAML file with `common:` and `jobs:` override lists")
-    ap.add_argument("--out", required=True, help="folder for the jobs' result.json files, the manifest and the "
-                                                 "report (new or empty, unless --replace)")
+    ap.add_argument("--out", help="folder for the jobs' result.json files, the manifest and the report (new or "
+                                  "empty, unless --replace); required unless --check")
+    ap.add_argument("--check", action="store_true",
+                    help="only compose every job and check that its engine fits (planner parameters, KV reserve, "
+                         "placement under the budget), without loading weights or using the GPU; then exit")
     ap.add_argument("--replace", action="store_true",
                     help="--out holds a previous bench-jobs run: remove what its manifest.json lists (its job "
                          "folders and report files; nothing else) before this run")
@@ -241,6 +270,13 @@ def main() -> None:
     from fiddler_jax.experiments.common import clear_errors
 
     common, jobs = clear_errors(load_jobs)(args.jobs)
+    if args.check:
+        configs = clear_errors(compose_jobs)(common, jobs, args.jobs)
+        clear_errors(check_jobs)(common, configs, jobs, args.jobs)
+        print(f"{args.jobs}: all {len(jobs)} jobs compose and fit their engines")
+        return
+    if not args.out:
+        ap.error("--out is required (unless --check)")
     status = clear_errors(run_jobs)(common, jobs, args.out, replace=args.replace, jobs_file=args.jobs)
 
     if any(s == "ok" for _, s in status):

@@ -16,7 +16,7 @@ import math
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.model_group import checkpoint_path, random_model_config
+from fiddler_jax.experiments.model_group import checkpoint_path, model_config, random_model_config
 from fiddler_jax.experiments.schemas import planner_kwargs
 
 _LAST_ENGINE: dict = {}
@@ -120,6 +120,28 @@ def build_engine(cfg):
         built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
     _LAST_ENGINE[key] = built
     return built
+
+
+def check_engine(cfg) -> None:
+    """The checks :func:`build_engine` makes before it loads anything, without loading weights or using a device:
+    the planner binds with its parameters (``cpu_only`` has no ``max_transfers``), the engine's size resolves
+    (the KV reserve holds every beam) and the placement fits the GPU budget (KV cache, workspace and slots under
+    it). Raises the error the build would; a budget of ``auto`` is checked on the device only (it asks JAX)."""
+    from fiddler_jax.models.checkpoint import resolve_dtype
+    from fiddler_jax.runtime.engine import bind_planner
+    from fiddler_jax.runtime.placement import place
+
+    pk = planner_kwargs(cfg.planner)
+    params = {k: v for k, v in pk.items() if k not in ("planner", "staging_slots", "cache_slots")}
+    bound = bind_planner(pk["planner"], params, pk["staging_slots"], pk["cache_slots"])
+    if cfg.hardware.gpu_budget is None:
+        return
+    size = engine_size(cfg)
+    config = model_config(cfg.model)
+    place(config, size["gpu_budget"], itemsize=resolve_dtype(cfg.model.dtype).itemsize,
+          policy=cfg.placement.policy, resident_experts=resident_count(config, cfg.placement),
+          max_batch=size["max_batch"], max_context=size["max_context"], staging_slots=pk["staging_slots"],
+          cache_slots=bound.cache_slots, seed=cfg.placement.seed)
 
 
 def resident_count(config, placement) -> int | None:
