@@ -16,6 +16,8 @@ from fiddler_jax.experiments import bench, build, model_group, report
 from fiddler_jax.experiments.common import CONF_DIR
 from tests.test_cli import cli
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 GROUPS = ("model", "planner", "placement", "hardware", "scenario", "kernel")
 COMMON = ["placement.resident_experts=8", "scenario.input_tokens=12", "scenario.output_tokens=4", "repeats=1",
           "warmup=1"]
@@ -179,6 +181,13 @@ def test_bench_jobs_share_one_engine_and_keep_going_after_a_failed_job(tmp_path,
                     "  - [scenario.num_beams=4]\n  - [scenario.num_beams=3, planner=cpu_only]\n")
     bench.release_engines()
     common, job_list = bench_jobs.load_jobs(str(jobs))
+    # the engine checks refuse the run before any job starts, naming the job that cannot run
+    with pytest.raises(InvalidInputError, match=r"1 of 4 jobs cannot run; nothing ran; job 3 \(\[scenario.num_beams=4\]\): "
+                                                "InvalidInputError: max_batch=3 is below scenario.num_beams=4"):
+        bench_jobs.run_jobs(common, job_list, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and builds == []
+    # a job that fails only when it runs (on the device: out of GPU memory) leaves error.txt; the others run
+    monkeypatch.setattr(bench_jobs, "check_jobs", lambda *a, **k: None)
     status = bench_jobs.run_jobs(common, job_list, str(tmp_path / "out"))
     assert [s == "ok" for _, s in status] == [True, True, False, True]
     assert "max_batch=3 is below scenario.num_beams=4" in status[2][1]
@@ -199,6 +208,38 @@ def test_bench_jobs_share_one_engine_and_keep_going_after_a_failed_job(tmp_path,
     assert not (tmp_path / "two").exists()  # refused before any job ran
     r = cli("bench-jobs", str(bad), "--out", str(tmp_path / "cli"), cwd=tmp_path)
     assert r.returncode == 2 and "non-empty list `jobs:`" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_jobs_check_refuses_jobs_whose_engine_cannot_be_built_without_loading_anything(tmp_path):
+    """`bench-jobs --check`: every published jobs file composes and fits its engine (the planner binds with its
+    parameters, the KV reserve holds the beams, placement fits the budget), checked from the configs alone; a file
+    with jobs that would fail on the device gets one error line naming each of them, and nothing is written."""
+    import glob
+
+    from fiddler_jax.experiments import bench_jobs
+
+    files = sorted(glob.glob(os.path.join(REPO, "benchmarks", "jobs", "*.yaml")))
+    assert len(files) >= 10
+    for path in files:
+        common, jobs = bench_jobs.load_jobs(path)
+        bench_jobs.check_jobs(common, bench_jobs.compose_jobs(common, jobs, path), jobs, path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("common: [model=qwen3_30b_a3b_random, hardware.gpu_budget=16GiB, max_batch=8, max_context=2112]\n"
+                   "jobs:\n  - [scenario=prefill, scenario.input_tokens=2048]\n"
+                   "  - [scenario=decode, planner=cpu_only, planner.max_transfers=8, max_batch=1, max_context=256]\n"
+                   "  - [scenario=decode, max_batch=1, max_context=256]\n")
+    r = cli("bench-jobs", str(bad), "--check", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {bad}: 2 of 3 jobs cannot run; nothing ran; job 1 ([scenario=prefill, "), line
+    assert "gpu_budget 16.0 GiB is below the minimum" in line and "workspace" in line
+    assert "job 2 ([scenario=decode, planner=cpu_only, planner.max_transfers=8, max_batch=1, max_context=256]): " \
+           "PlannerError: planner 'cpu_only' takes no parameter max_transfers" in line
+    assert "job 3" not in line
+    bad.write_text(bad.read_text().split("jobs:")[0] + "jobs:\n  - [scenario=decode, max_batch=1, max_context=256]\n")
+    r = cli("bench-jobs", str(bad), "--check", cwd=tmp_path)
+    assert r.returncode == 0 and "all 1 jobs compose and fit their engines" in r.stdout, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml"]
 
 
 def test_hf_accelerate_random_fill_is_seeded_tiled_normal():

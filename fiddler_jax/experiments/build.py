@@ -134,6 +134,7 @@ def check_engine(cfg) -> None:
     pk = planner_kwargs(cfg.planner)
     params = {k: v for k, v in pk.items() if k not in ("planner", "staging_slots", "cache_slots")}
     bound = bind_planner(pk["planner"], params, pk["staging_slots"], pk["cache_slots"])
+    kv_rows(cfg)
     if cfg.hardware.gpu_budget is None:
         return
     size = engine_size(cfg)
