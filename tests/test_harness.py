@@ -83,7 +83,8 @@ def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
         # rates only: the counts of experts read and copied stand apart (they were once listed as GB/s)
         assert set(ceil) == {"host_read", "host_read_kernel", "host_read_numpy", "pinned_h2d", "host_read_with_h2d",
                              "pinned_h2d_with_read"}
-        assert limits["ceilings_experts"]["experts_read"] >= 1 and limits["ceilings_experts"]["experts_copied"] >= 1
+        # the probe is sized in bytes (2.8 GB read, 1.06 GB copied): on the tiny model that is all 24 offloaded
+        assert limits["ceilings_experts"] == {"experts_read": 24, "experts_copied": 24}
         assert limits["two_lane_decode_tokens_per_s"] == pytest.approx(
             (ceil["host_read"] + ceil["pinned_h2d"]) * 1e9
             / (limits["offloaded_experts_per_token"] * limits["expert_bytes"]))
