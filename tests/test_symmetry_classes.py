@@ -129,6 +129,28 @@ def test_a_streamable_step_copies_only_what_saves_more_than_the_sync():
     assert len(wide(counts, resident, fast, streamable=True).transfer_order) == 5
 
 
+def test_every_planner_that_can_stream_predicts_a_streamed_step_without_the_sync():
+    """cpu_only and fiddler's concurrent ablation choose the same lanes on a streamable step; only the prediction
+    of a plan that copies nothing drops ``sync_s`` (it runs on the streamed lane), so the trace of a streamed
+    step compares its span with what it costs. A sequential plan never streams and a plan that copies keeps the
+    sync."""
+    latency = LATENCIES["h100_qwen3"]
+    resident = np.zeros(128, bool)
+    resident[:24] = True
+    counts = np.zeros(128, np.int64)
+    counts[24:32] = 1
+    for name, params, streams in (("cpu_only", {}, True), ("fiddler", {"concurrent": True}, True),
+                                  ("fiddler", {}, False)):
+        planner = P.get_planner(name, **params)
+        synced, streamed = planner(counts, resident, latency), planner(counts, resident, latency, streamable=True)
+        assert np.array_equal(synced.lanes, streamed.lanes) and plan_is_all_cpu(streamed, counts, resident) == streams
+        assert streamed.predicted_s == pytest.approx((0 if streams else latency.sync_s) + 8 * 0.101 * MS), name
+        assert synced.predicted_s == pytest.approx(latency.sync_s + 8 * 0.101 * MS), name
+    fast = dataclasses.replace(latency, transfer_s=0.0)  # Algorithm 1 copies every offloaded expert now
+    copying = P.get_planner("fiddler", staging_slots=8, concurrent=True)(counts, resident, fast, streamable=True)
+    assert len(copying.transfer_order) == 8 and copying.predicted_s >= latency.sync_s
+
+
 def test_algorithm_1_ties_follow_copy_order_so_a_class_has_one_verdict():
     """Two members of one class (the offloaded counts 1 and 2 trade experts) with exactly equal savings: were
     Algorithm 1's ties broken by expert id, its extra candidate in the prefix search would copy the count-1

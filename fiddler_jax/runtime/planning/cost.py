@@ -128,8 +128,9 @@ def gpu_finish_one(resident_s: float, job_gpu_s, copy_s: float, staging_slots: i
 def plan_of(planner: str, step: StepCosts, transfer: np.ndarray, staging_slots: int, concurrent: bool,
             streamable: bool = False) -> Plan:
     """Build the plan that copies the experts marked in ``transfer`` (or, for staged experts, uses their
-    prefetched copy) and puts the other candidates on the CPU. ``streamable``: a concurrent plan that copies
-    nothing and uses no prefetched copy would run without a sync (its prediction leaves ``sync_s`` out)."""
+    prefetched copy) and puts the other candidates on the CPU. ``streamable``: a concurrent plan that copies nothing
+    and uses no prefetched copy would run on the streamed lane, without a sync (its prediction leaves ``sync_s``
+    out); a sequential plan never streams."""
     lanes = np.where(step.active, np.where(step.on_gpu, GPU, CPU), IDLE).astype(np.int8)
     use_staged = transfer & step.staged & step.active
     transfer = transfer & ~step.staged
@@ -144,13 +145,14 @@ def plan_of(planner: str, step: StepCosts, transfer: np.ndarray, staging_slots: 
     staged_gpu = [(float(step.staged_s[e]), float(step.gpu_s[e])) for e in staged_order]
     busy = {"gpu": resident_s + sum(copied_gpu_s) + sum(g for _, g in staged_gpu), "cpu": cpu_s,
             "pcie": len(order) * lat.transfer_s}
+    streams = concurrent and streamable and not len(order) and not use_staged.any()  # on the streamed lane
+    sync_s = 0.0 if streams else lat.sync_s
     if concurrent:
         gpu_done = gpu_finish_one(resident_s, copied_gpu_s, lat.transfer_s, step.free_slots(staging_slots),
                                    staged_gpu, step.pcie_backlog_s)
-        streams = streamable and not len(order) and not use_staged.any()
-        predicted = (0.0 if streams else lat.sync_s) + max(cpu_s, gpu_done)
+        predicted = sync_s + max(cpu_s, gpu_done)
     else:
-        predicted = lat.sync_s + busy["gpu"] + busy["cpu"] + busy["pcie"]
+        predicted = sync_s + busy["gpu"] + busy["cpu"] + busy["pcie"]
     return Plan(planner, step.counts, lanes, order, staging_slots, concurrent, predicted, busy,
                 np.zeros(len(lanes), bool), use_staged)
 

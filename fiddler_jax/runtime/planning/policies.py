@@ -49,11 +49,12 @@ def fiddler_choice(step: StepCosts, cap: int) -> np.ndarray:
 
 
 def plan_fiddler(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
-                 max_transfers: Optional[int] = None, concurrent: bool = False) -> Plan:
-    """The paper's Algorithm 1 (see the module docstring)."""
+                 max_transfers: Optional[int] = None, concurrent: bool = False, streamable: bool = False) -> Plan:
+    """The paper's Algorithm 1 (see the module docstring). ``streamable`` changes only the prediction of a
+    concurrent plan that copies nothing (no sync): the choice is made expert by expert."""
     step = step_costs(counts, on_gpu, latency)
     transfer = fiddler_choice(step, check_slots(staging_slots, max_transfers))
-    return plan_of("fiddler", step, transfer, int(staging_slots), concurrent)
+    return plan_of("fiddler", step, transfer, int(staging_slots), concurrent, streamable)
 
 
 def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
@@ -95,10 +96,12 @@ def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots
     return plan_of("fiddler_overlap", step, transfer, int(staging_slots), True, streamable)
 
 
-def plan_cpu_only(counts, on_gpu, latency: LatencyModel, *, concurrent: bool = True) -> Plan:
-    """Every active expert that is not on the GPU runs on the CPU."""
+def plan_cpu_only(counts, on_gpu, latency: LatencyModel, *, concurrent: bool = True,
+                  streamable: bool = False) -> Plan:
+    """Every active expert that is not on the GPU runs on the CPU (on a ``streamable`` step, predicted without
+    the sync)."""
     step = step_costs(counts, on_gpu, latency)
-    return plan_of("cpu_only", step, np.zeros(len(step.counts), bool), 1, concurrent)
+    return plan_of("cpu_only", step, np.zeros(len(step.counts), bool), 1, concurrent, streamable)
 
 
 def plan_transfer(counts, on_gpu, latency: LatencyModel, *, staging_slots: int = DEFAULT_STAGING_SLOTS,
