@@ -282,6 +282,16 @@ def test_read_bandwidth_reads_every_buffer_and_refuses_bad_input():
     buffers = [np.ones(1 << 20, np.uint8), np.ones(12345, np.uint16),
                random_bf16(np.random.default_rng(0), (7, 33), std=1.0)]
     assert K.read_bandwidth(buffers, reps=2) > 0
+    # one pass reads every byte of every buffer: its checksum is the sum of the buffers' own, and changes with the
+    # last word of any buffer (a slice or a buffer left out would not)
+    whole = K.read_checksum(buffers)
+    assert whole == sum(K.read_checksum([b]) for b in buffers) % 2**64
+    for b in buffers:
+        flat = b.reshape(-1).view(np.uint8)
+        flat[-1] ^= 0x5A
+        assert K.read_checksum(buffers) != whole
+        flat[-1] ^= 0x5A
+    assert K.read_checksum(buffers) == whole
     for bad in ([], [np.ones((8, 8))[:, ::2]], ["not an array"]):
         with pytest.raises(K.KernelError, match="C-contiguous"):
             K.read_bandwidth(bad)

@@ -101,10 +101,10 @@ def test_quality_bars_on_heldout_files(model, tokenizer, metrics):
     assert ev["heldout_perplexity"] < 0.1 * ev["unigram_perplexity"], ev["heldout_perplexity"]
     assert unigram_perplexity(windows.reshape(-1), windows[:, 1:], model.config.vocab_size) == \
         ev["unigram_perplexity"]
-    floor = 0.25 / model.config.num_experts  # a quarter of the uniform share: no dead expert in any layer
+    uniform = 1 / model.config.num_experts
+    floor = 0.25 * uniform  # no dead expert in any layer (a sample of 3072 tokens: 384 per expert at 32 experts)
     for r in ev["routing"]:
-        assert r["min_share"] >= floor, r
-        assert r["imbalance"] < 5, r
+        assert r["min_share"] >= floor and max(r["share"]) <= 3 * uniform, r
         assert r["router_entropy"] < 0.95, r  # learned: a random router sits at ~1.0
     # and the card reports what the whole held-out set gave
     e = metrics["eval"]

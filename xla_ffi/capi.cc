@@ -73,8 +73,8 @@ void fj_set_amx_variant(int variant) { fiddler::SetAmxVariant(variant); }
 void fj_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from, int pipeline) {
   fiddler::SetAmxBlocking(kc, mb, pass, prefetch, blocked_from, pipeline);
 }
-int fj_read_probe(const void* p, int64_t bytes, uint64_t* sum, char* err, int err_len) {
-  return Report(fiddler::ReadProbe(p, bytes, sum), err, err_len);
+int fj_read_probe(const uint64_t* p, const int64_t* bytes, int64_t n, uint64_t* sum, char* err, int err_len) {
+  return Report(fiddler::ReadProbe(reinterpret_cast<const void* const*>(p), bytes, n, sum), err, err_len);
 }
 
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,

@@ -49,7 +49,7 @@ void fj_set_amx_variant(int variant);
 void fj_set_amx_blocking(int kc, int mb, int pass, int prefetch, int blocked_from,
                          int pipeline); /* < 0: unchanged */
 /* Multi-threaded read of p (the bandwidth bar): 0 and the checksum in *sum, else -1 and the message. */
-int fj_read_probe(const void* p, int64_t bytes, uint64_t* sum, char* err, int err_len);
+int fj_read_probe(const uint64_t* p, const int64_t* bytes, int64_t n, uint64_t* sum, char* err, int err_len);
 
 /* Compute on raw buffers; 0 on success, else -1 and the message in err (NUL-terminated, truncated). */
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,

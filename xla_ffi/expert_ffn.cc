@@ -433,30 +433,39 @@ void RunTasks(void* p, int, int) {
 }
 
 struct ProbeCall {
-  const uint64_t* p;
-  int64_t words;
+  const uint64_t* const* p;  // n buffers, read in turn
+  const int64_t* words;
+  int64_t n;
   uint64_t sums[512];
 };
 
-// Each thread reads its slice as 8 interleaved sequential streams (as the kernels do: 8 weight rows at once),
-// which keeps enough cache misses in flight per core to reach the memory bandwidth.
-void ProbeRun(void* arg, int tid, int nt) {
-  auto* c = static_cast<ProbeCall*>(arg);
+// One thread's slice of one buffer, read as 8 interleaved sequential streams (as the kernels do: 8 weight rows at
+// once), which keeps enough cache misses in flight per core to reach the memory bandwidth.
+uint64_t ReadSlice(const uint64_t* p, int64_t words, int tid, int nt) {
   int64_t w0, w1;
-  SplitRows(c->words, 64, tid, nt, &w0, &w1);
+  SplitRows(words, 64, tid, nt, &w0, &w1);
   constexpr int kStreams = 8;
   const int64_t len = (w1 - w0) / kStreams / 8 * 8;  // words per stream, a multiple of one cache line
   uint64_t acc[kStreams] = {};
   for (int64_t i = 0; i < len; i += 8) {
     for (int s = 0; s < kStreams; ++s) {
-      const uint64_t* q = c->p + w0 + s * len + i;
+      const uint64_t* q = p + w0 + s * len + i;
       acc[s] += q[0] ^ q[1] ^ q[2] ^ q[3] ^ q[4] ^ q[5] ^ q[6] ^ q[7];
     }
   }
   uint64_t sum = 0;
-  for (int64_t i = w0 + kStreams * len; i < w1; ++i) sum += c->p[i];
+  for (int64_t i = w0 + kStreams * len; i < w1; ++i) sum += p[i];
   for (int s = 0; s < kStreams; ++s) sum += acc[s];
-  c->sums[tid % 512] = sum;
+  return sum;
+}
+
+// Every thread reads its slice of each buffer in turn, all in one fork-join (as a grouped expert call reads its
+// experts' weights): a pass over many small buffers pays the pool's start once.
+void ProbeRun(void* arg, int tid, int nt) {
+  auto* c = static_cast<ProbeCall*>(arg);
+  uint64_t sum = 0;
+  for (int64_t b = 0; b < c->n; ++b) sum += ReadSlice(c->p[b], c->words[b], tid, nt);
+  c->sums[tid % 512] += sum;
 }
 
 void ZeroOut(void* y, int64_t count, bool out_f32) {
@@ -629,17 +638,29 @@ void SetAmxGroupKib(int kib) {
   g_amx_group_kib = ClampGroupKib(kib);
 }
 
-const char* ReadProbe(const void* p, int64_t bytes, uint64_t* sum) {
+const char* ReadProbe(const void* const* p, const int64_t* bytes, int64_t n, uint64_t* sum) {
+  if (n < 0) return Errorf("read_bandwidth: negative buffer count %lld", (long long)n);
+  std::vector<int64_t> words(static_cast<size_t>(n));
+  for (int64_t b = 0; b < n; ++b) {
+    if (!p[b] || bytes[b] < 0) return Errorf("read_bandwidth: buffer %lld is null or has a negative size",
+                                             (long long)b);
+    words[b] = bytes[b] / 8;
+  }
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
   if (const char* e = rt.EnsurePool()) return Errorf("read_bandwidth: %s", e);
   ProbeCall c;
-  c.p = static_cast<const uint64_t*>(p);
-  c.words = bytes / 8;
+  c.p = reinterpret_cast<const uint64_t* const*>(p);
+  c.words = words.data();
+  c.n = n;
   std::memset(c.sums, 0, sizeof(c.sums));
   rt.pool->Run(ProbeRun, &c);
   uint64_t s = 0;
   for (uint64_t v : c.sums) s += v;
+  for (int64_t b = 0; b < n; ++b) {  // the bytes after a buffer's last whole word
+    const auto* tail = static_cast<const unsigned char*>(p[b]) + words[b] * 8;
+    for (int64_t i = 0; i < bytes[b] % 8; ++i) s += tail[i];
+  }
   if (sum) *sum = s;
   return nullptr;
 }

@@ -55,7 +55,7 @@ const char* SetPool(int64_t spin_us, int wait_all);
 void SetPrefetchBytes(int bytes);
 // Reads `bytes` at p with the kernel's thread pool (each thread a contiguous slice) and stores a checksum in *sum:
 // the STREAM-like read bandwidth bar the benchmark compares the kernel against.
-const char* ReadProbe(const void* p, int64_t bytes, uint64_t* sum);
+const char* ReadProbe(const void* const* p, const int64_t* bytes, int64_t n, uint64_t* sum);
 void SetAmxGroupKib(int kib);
 void SetAmxVariant(int variant);  // 0 auto, 1 direct, 2 k-chunked, 3 blocked
 // AMX tuning: the blocked variant's k-blocks per chunk, rows per m-block, token tiles per pass, weight-panel

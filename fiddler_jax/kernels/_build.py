@@ -44,7 +44,7 @@ void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);
 void fj_set_amx_blocking(int kc, int mb, int pass_, int prefetch, int blocked_from, int pipeline);
-int fj_read_probe(const void* p, int64_t bytes, uint64_t* sum, char* err, int err_len);
+int fj_read_probe(const uint64_t* p, const int64_t* bytes, int64_t n, uint64_t* sum, char* err, int err_len);
 int fj_expert_ffn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn, const uint16_t* w1,
                   const uint16_t* w3, const uint16_t* w2, void* y, int out_f32, char* err, int err_len);
 int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
