@@ -4,6 +4,7 @@ sbatch script submitit would write asks for one GPU, a whole node, every core an
 host memory."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -81,3 +82,62 @@ def test_host_memory_covers_every_expert_when_the_budget_is_the_gpus_and_falls_b
     assert cluster.pinned_expert_bytes(model, None, "bfloat16") == every
     assert cluster.host_memory_gb(auto) == cluster.BASE_GB + math.ceil(every * 1.25 / 2**30)
     assert cluster.host_memory_gb(folder) == cluster.FALLBACK_GB
+
+
+def _tiny_tables(root) -> str:
+    """A config folder with two table presets on the bundled model (each two jobs sharing one engine, one of
+    them with a job that fails when it runs); ``hydra.searchpath`` adds it beside fiddler_jax/conf."""
+    (root / "table").mkdir(parents=True)
+    common = "[placement.resident_experts=4, repeats=1, warmup=0, scenario.input_tokens=16, scenario.output_tokens=3]"
+    (root / "table" / "tiny_a.yaml").write_text(f"common: {common}\njobs:\n  - [planner=cpu_only]\n"
+                                                "  - [planner=fiddler]\n")
+    (root / "table" / "tiny_b.yaml").write_text(f"common: {common}\njobs:\n  - [planner=fiddler_overlap]\n"
+                                                "  - [planner=fiddler_overlap, prompts_file=/nonexistent/prompts.txt]\n")
+    return f"file://{root}"
+
+
+def test_bench_table_sweep_runs_each_table_as_one_job_with_its_report(tmp_path):
+    """`bench-table -m table=a,b hydra/launcher=local`: one submitit process per table; each table's folder holds
+    its jobs' results, manifest and report, a job that fails at run time leaves error.txt there and fails its
+    table's job (named on the one error line), and the other table is complete."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "fiddler_jax.cli", "bench-table", "-m", "table=tiny_a,tiny_b",
+           f"hydra.searchpath=[{_tiny_tables(tmp_path / 'conf')}]", "hydra/launcher=local",
+           "hydra.sweeper.max_batch_size=1", f"hydra.sweep.dir={sweep}"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert {p.name for p in (sweep / ".submitit").iterdir() if p.name != "%j"}.__len__() == 2  # one per table
+    a, b = sweep / "tiny_a", sweep / "tiny_b"
+    assert (a / "00_cpu_only" / "result.json").is_file() and (a / "01_fiddler" / "result.json").is_file()
+    assert (a / "report.md").is_file() and "cpu_only" in (a / "report.md").read_text()
+    runs = report.collect(str(a))
+    assert sorted(r["config"]["planner"]["name"] for _, r in runs.results) == ["cpu_only", "fiddler"]
+    assert (b / "00_fiddler_overlap" / "result.json").is_file()
+    assert "/nonexistent/prompts.txt" in (b / "01_fiddler_overlap_-nonexistent-prompts.txt" / "error.txt").read_text()
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["jobs_file"] == "table=tiny_b" and [j["status"] for j in manifest["jobs"]] == ["ok", "failed"]
+    assert r.returncode != 0 and "table tiny_b: 1 of 2 jobs failed" in r.stderr + r.stdout
+
+
+def test_bench_jobs_takes_a_table_name_and_every_table_fits_and_sizes_its_cluster_job():
+    """Every table preset composes and fits its engine (`bench-jobs <name> --check`, from the configs alone), an
+    unknown name lists the tables, and a `bench-table` job asks Slurm for the host memory of the table's largest
+    job (decode at 24 GiB on Mixtral: the experts 24 GiB leaves on the host, a quarter more and the base)."""
+    from fiddler_jax.errors import InvalidInputError
+    from fiddler_jax.experiments import bench_jobs
+
+    names = bench_jobs.tables()
+    assert {"decode_24g", "prefill_24g", "beam_24g", "all_resident_h200", "hf_accelerate_24g", "kernel_xla_24g",
+            "qwen3_decode_16g", "qwen3_prefill_16g", "qwen3_beam_16g"} <= set(names)
+    for name in names:
+        common, jobs = bench_jobs.load_jobs(name)
+        bench_jobs.check_jobs(common, bench_jobs.compose_jobs(common, jobs, name), jobs, name)
+    with pytest.raises(InvalidInputError, match="no table preset has that name; the tables: all_resident_h200, "):
+        bench_jobs.load_jobs("decode_25g")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("bench_table", overrides=["table=decode_24g", "hydra/launcher=slurm"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    mem = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)["mem_gb"]
+    model = random_model_config(None)
+    placed = place(model, "24GiB", itemsize=2, max_context=4096)
+    assert mem == cluster.BASE_GB + math.ceil(placed.offloaded_count * placed.memory.expert * 1.25 / 2**30)

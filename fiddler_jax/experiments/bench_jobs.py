@@ -5,8 +5,9 @@ command (about 3 minutes each on the H100 machine, most of it pinning 70 GB of e
 Each job is ``fiddler-jax bench <common overrides> <job overrides>``, composed from ``fiddler_jax/conf``
 exactly as the command line would be; its ``result.json`` goes to ``DIR/NN_<label>/`` with its overrides
 recorded, and a failed job leaves an ``error.txt`` there instead of stopping the rest. At the end
-``fiddler-jax report DIR`` runs over this run's jobs (``benchmarks/jobs/`` holds the jobs files of the published
-runs). The jobs file::
+``fiddler-jax report DIR`` runs over this run's jobs. ``JOBS`` is a jobs file or the name of a table preset:
+``fiddler_jax/conf/table/<name>.yaml`` holds the jobs of each table in docs/benchmarks.md (``bench-table`` runs
+one as a Hydra job, on a cluster too). The jobs file::
 
     common: [model=mixtral_8x7b_random, hardware=rtx6000_24g, latency=fiddler_jax/runtime/latency_h100.json]
     jobs:
@@ -33,14 +34,34 @@ import shutil
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments import CONF_DIR
 from fiddler_jax.experiments.manifest import MANIFEST, TOOL, _now, load_manifest, write_manifest
 
 
 
+TABLE_DIR = os.path.join(CONF_DIR, "table")
+
+
+def tables() -> list[str]:
+    """The names of the table presets (``conf/table/<name>.yaml``)."""
+    return sorted(f[:-5] for f in os.listdir(TABLE_DIR) if f.endswith(".yaml"))
+
+
+def jobs_path(name_or_path: str) -> str:
+    """A jobs file's path: ``name_or_path`` itself when it is a file, else the table preset of that name."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    preset = os.path.join(TABLE_DIR, f"{name_or_path}.yaml")
+    if os.sep not in name_or_path and not name_or_path.endswith(".yaml") and os.path.isfile(preset):
+        return preset
+    raise InvalidInputError(f"jobs file {name_or_path} does not exist, and no table preset has that name; the "
+                            f"tables: {', '.join(tables())}")
+
+
 def load_jobs(path: str) -> tuple[list[str], list[list[str]]]:
-    """(common overrides, per-job overrides) from a jobs file; a clear error for anything else."""
-    if not os.path.isfile(path):
-        raise InvalidInputError(f"jobs file {path} does not exist")
+    """(common overrides, per-job overrides) from a jobs file or table preset (:func:`jobs_path`); a clear error
+    for anything else."""
+    path = jobs_path(path)
     try:
         spec = OmegaConf.to_container(OmegaConf.load(path))
     except OSError as exc:
@@ -76,12 +97,15 @@ def label(job: list[str]) -> str:
 
 
 def compose(overrides: list[str]):
-    """The bench config for these overrides, as ``fiddler-jax bench`` would compose it."""
+    """The bench config for these overrides, as ``fiddler-jax bench`` would compose it. Inside a Hydra app of
+    ours (``bench-table``, whose config search path is the same ``fiddler_jax/conf``) through that app's Hydra."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
-    from fiddler_jax.experiments.common import CONF_DIR
 
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="bench", overrides=overrides)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="bench", overrides=overrides)
 
@@ -219,7 +243,7 @@ def run_jobs(common: list[str], jobs: list[list[str]], out: str, *, replace: boo
                                 "allocator is capped once per process: one jobs file per budget")
     names = [f"{n:02d}_{label(job)}" for n, job in enumerate(jobs)]
     prepare_out(out, names, replace)
-    manifest = {"tool": TOOL, "format": 1, "jobs_file": os.path.abspath(jobs_file) if jobs_file else None,
+    manifest = {"tool": TOOL, "format": 1, "jobs_file": os.path.abspath(jobs_file) if jobs_file and os.path.isfile(jobs_file) else jobs_file,
                 "common": list(common), "started": _now(), "finished": None, "git_sha": git_sha(),
                 "git_dirty": git_dirty(),
                 "jobs": [{"folder": name, "overrides": list(job), "status": "pending", "error": None}
@@ -256,7 +280,8 @@ def run_jobs(common: list[str], jobs: list[list[str]], out: str, *, replace: boo
 def main() -> None:
     ap = argparse.ArgumentParser(prog="fiddler-jax bench-jobs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("jobs", help="YAML file with `common:` and `jobs:` override lists")
+    ap.add_argument("jobs", help="YAML file with `common:` and `jobs:` override lists, or the name of a table preset "
+                                 "(fiddler_jax/conf/table/<name>.yaml)")
     ap.add_argument("--out", help="folder for the jobs' result.json files, the manifest and the report (new or "
                                   "empty, unless --replace); required unless --check")
     ap.add_argument("--check", action="store_true",
@@ -269,7 +294,8 @@ def main() -> None:
     from fiddler_jax.experiments import report
     from fiddler_jax.experiments.common import clear_errors
 
-    common, jobs = clear_errors(load_jobs)(args.jobs)
+    path = clear_errors(jobs_path)(args.jobs)
+    common, jobs = clear_errors(load_jobs)(path)
     if args.check:
         configs = clear_errors(compose_jobs)(common, jobs, args.jobs)
         clear_errors(check_jobs)(common, configs, jobs, args.jobs)
@@ -277,7 +303,7 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out is required (unless --check)")
-    status = clear_errors(run_jobs)(common, jobs, args.out, replace=args.replace, jobs_file=args.jobs)
+    status = clear_errors(run_jobs)(common, jobs, args.out, replace=args.replace, jobs_file=path)
 
     if any(s == "ok" for _, s in status):
         report.main([args.out])  # lists every job of this run's manifest: ok, failed or missing

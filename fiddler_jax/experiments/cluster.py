@@ -7,7 +7,7 @@ JAX: :func:`fiddler_jax.runtime.placement.place` with the reserves of one sequen
 bytes, and adds ``MARGIN`` of them plus ``BASE_GB``. Where the budget is not known before the job runs
 (``hardware=auto``: the GPU decides) nothing is assumed resident, the upper bound. A model whose size cannot be
 read here (a checkpoint folder that exists only on the cluster) gets ``FALLBACK_GB``: set
-``hydra.launcher.mem_gb`` for it.
+``hydra.launcher.mem_gb`` for it. A ``bench-table`` job needs what the largest of its jobs needs.
 """
 from __future__ import annotations
 
@@ -34,10 +34,14 @@ def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str) -> int:
 
 
 def host_memory_gb(_root_) -> int:
-    """Host GB for one bench job of the config ``_root_`` (module docstring); an OmegaConf resolver."""
+    """Host GB for one bench job of the config ``_root_`` (module docstring), or for a ``bench-table`` job (the
+    most any of the table's jobs needs: they run one after another in one process, each engine released before
+    the next is built); an OmegaConf resolver."""
     from fiddler_jax.errors import FiddlerError
     from fiddler_jax.experiments.model_group import model_config
 
+    if _root_.get("table") is not None:
+        return table_host_memory_gb(_root_.table)
     try:
         model = _root_.model
         cfg = model_config(model)
@@ -45,3 +49,20 @@ def host_memory_gb(_root_) -> int:
     except (FiddlerError, OSError, AttributeError, KeyError):  # no model here (another app), or not readable here
         return FALLBACK_GB
     return BASE_GB + math.ceil(pinned * (1 + MARGIN) / GIB)
+
+
+def table_host_memory_gb(table) -> int:
+    """Host GB for a table preset (``common:`` and ``jobs:`` override lists): each job composed as ``bench`` would
+    compose it (:func:`fiddler_jax.experiments.bench_jobs.compose`), the largest :func:`host_memory_gb`;
+    ``FALLBACK_GB`` for a table that does not compose here."""
+    from omegaconf import OmegaConf
+
+    from fiddler_jax.experiments import bench_jobs
+
+    spec = OmegaConf.to_container(table, resolve=True) if OmegaConf.is_config(table) else table
+    common = [str(o) for o in spec.get("common") or []]
+    try:
+        configs = [bench_jobs.compose(common + [str(o) for o in job]) for job in spec.get("jobs") or []]
+    except Exception:  # noqa: BLE001  (a composition error: the job itself reports it when it runs)
+        return FALLBACK_GB
+    return max((host_memory_gb(cfg) for cfg in configs), default=FALLBACK_GB)

@@ -181,6 +181,7 @@ GROUP_HELP = {
     "scenario": "what is timed",
     "train": "the training recipe (geometry and optimisation)",
     "experiment": "a preset sweep reproducing a figure or an ablation (run with -m)",
+    "table": "the jobs of one table of docs/benchmarks.md (its common overrides and one override list per job)",
 }
 
 OPTION_HELP = {
