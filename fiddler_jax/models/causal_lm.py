@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fiddler_jax.models.config import ModelConfig
@@ -66,16 +67,19 @@ class MoeForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, dtype=dtype, std=cfg.initializer_range, rngs=rngs)
 
-    def init_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache of ``length`` slots per sequence, in the model's dtype."""
+    def init_cache(self, batch: int, length: int, pad=None) -> KVCache:
+        """An empty KV cache of ``length`` slots per sequence, in the model's dtype; ``pad`` [batch]: each row's
+        left padding in slots (:class:`LayerKV`; default none)."""
         c = self.config
         shape = (batch, length, c.num_key_value_heads, c.head_dim)
-        return tuple(LayerKV(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-                     for _ in range(c.num_hidden_layers))
+        pad = np.zeros(batch, np.int32) if pad is None else np.asarray(pad, np.int32).reshape(batch)
+        return tuple(LayerKV(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.array(pad))
+                     for _ in range(c.num_hidden_layers))  # a pad array per layer: a cache is donated whole
 
     def __call__(self, tokens: jax.Array, cache: KVCache, start, *, return_router_logits: bool = False,
                  moe_dispatch: str = "sparse"):
-        """tokens [B, T] int at absolute positions start..start+T-1, written into ``cache``.
+        """tokens [B, T] int written into cache slots start..start+T-1 (row b's positions are those minus its left
+        padding, ``cache[l].pad[b]``).
 
         Returns (logits [B, T, vocab] float32, updated cache) and, if asked, the router logits of each MoE layer
         (a tuple of [B·T, E] arrays in layer order, dense layers left out: for routing statistics and the

@@ -70,38 +70,44 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [T, head_dim] for absolute ``positions`` [T]: frequency i = theta^(-2i/head_dim), the two
-    halves of the head repeat the same frequencies (the HF "rotate_half" convention), all in float32."""
+    """cos/sin tables [..., head_dim] for ``positions`` [...] (e.g. [B, T]: each row's own positions):
+    frequency i = theta^(-2i/head_dim), the two halves of the head repeat the same frequencies (the HF
+    "rotate_half" convention), all in float32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x`` [B, T, heads, D] by position: ``x*cos + rotate_half(x)*sin``."""
+    """Rotate ``x`` [B, T, heads, D] by position: ``x*cos + rotate_half(x)*sin``, with tables [B, T, D]."""
     half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
 
 
 class LayerKV(NamedTuple):
-    """One layer's KV cache: keys and values [B, S, kv_heads, head_dim] for S cache slots (static shape)."""
+    """One layer's KV cache: keys and values [B, S, kv_heads, head_dim] for S cache slots (static shape), and
+    ``pad`` [B] int32, the slots each row's left padding takes: row b's sequence starts at slot ``pad[b]``, so
+    its token in slot s is at position ``s - pad[b]`` and slots before ``pad[b]`` are never attended to. A batch
+    of prompts of different lengths is left-padded to one length (transformers' layout), so every row writes
+    its next token into the same slot."""
 
     k: jax.Array
     v: jax.Array
+    pad: jax.Array
 
 
-def attention_mask(q_positions: jax.Array, cache_len: int, sliding_window: int | None) -> jax.Array:
-    """[T, S] boolean: query at absolute position p sees cache slot s iff s <= p and, with a sliding window w,
-    s > p - w (the transformers Mixtral rule)."""
-    s = jnp.arange(cache_len)[None, :]
-    p = q_positions[:, None]
-    allowed = s <= p
+def attention_mask(q_slots: jax.Array, cache_len: int, sliding_window: int | None, pad: jax.Array) -> jax.Array:
+    """[B, T, S] boolean: the query in slot q of row b sees cache slot s iff ``pad[b] <= s <= q`` and, with a
+    sliding window w, s > q - w (the transformers Mixtral rule; slot differences are position differences)."""
+    s = jnp.arange(cache_len)[None, None, :]
+    q = q_slots[None, :, None]
+    allowed = (s <= q) & (s >= pad[:, None, None])
     if sliding_window is not None:
-        allowed = allowed & (s > p - sliding_window)
+        allowed = allowed & (s > q - sliding_window)
     return allowed
 
 
@@ -136,7 +142,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, kv: LayerKV, positions: jax.Array, start: jax.Array):
-        """x [B, T, hidden]; positions [T] = start + arange(T). Returns (out [B, T, hidden], updated cache)."""
+        """x [B, T, hidden] written into cache slots ``positions`` [T] = start + arange(T) (row b's positions are
+        those minus ``kv.pad[b]``). Returns (out [B, T, hidden], updated cache)."""
         b, t, _ = x.shape
         d, kvh = self.head_dim, self.num_kv_heads
         group = self.num_heads // kvh
@@ -150,7 +157,7 @@ class Attention(nnx.Module):
         v = v.reshape(b, t, kvh, d)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_tables(positions, d, self.rope_theta)
+        cos, sin = rope_tables(positions[None, :] - kv.pad[:, None], d, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         zero = jnp.zeros((), jnp.int32)
         start = jnp.asarray(start, jnp.int32)
@@ -160,11 +167,11 @@ class Attention(nnx.Module):
         qg = q.reshape(b, t, kvh, group, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, precision=prec,
                             preferred_element_type=jnp.float32) * (d ** -0.5)
-        mask = attention_mask(positions, k_all.shape[1], self.sliding_window)
-        scores = jnp.where(mask[None, None, None], scores, jnp.finfo(jnp.float32).min)
+        mask = attention_mask(positions, k_all.shape[1], self.sliding_window, kv.pad)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all, precision=prec, preferred_element_type=x.dtype)
-        return self.o_proj(out.reshape(b, t, self.num_heads * d)), LayerKV(k_all, v_all)
+        return self.o_proj(out.reshape(b, t, self.num_heads * d)), LayerKV(k_all, v_all, kv.pad)
 
 
 class DenseMlp(nnx.Module):

@@ -132,8 +132,10 @@ def search_row(forward: Callable, init_cache: Callable, prompt: np.ndarray, max_
 
 def beam_search(forward: Callable, init_cache: Callable, input_ids, max_new_tokens: int, num_beams: int, *,
                 eos_token_ids: Sequence[int], length_penalty: float = 1.0, early_stopping=False,
-                pad_token_id: int | None = None) -> np.ndarray:
+                pad_token_id: int | None = None, prompt_pad=None) -> np.ndarray:
     """Beam search continuation [B, T + n] of int ids [B, T] (rows searched one after another; module docstring).
+    ``prompt_pad`` [B]: each row's left padding (a batch of prompts of different lengths,
+    :mod:`fiddler_jax.runtime.prompt_batch`): row b's prompt is ``input_ids[b, prompt_pad[b]:]``.
 
     ``forward(tokens, cache, start)`` returns the last position's float32 logits [rows, V] and the new cache;
     ``init_cache(rows, length)`` an empty cache for ``length`` positions (callers may round it up). ``n`` is the
@@ -148,8 +150,9 @@ def beam_search(forward: Callable, init_cache: Callable, input_ids, max_new_toke
         return ids
     eos = tuple(int(e) for e in eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    rows = [search_row(forward, init_cache, row, max_new_tokens, num_beams, eos, length_penalty, early_stopping)
-            for row in ids]
+    starts = np.zeros(len(ids), np.int64) if prompt_pad is None else np.asarray(prompt_pad, np.int64)
+    rows = [search_row(forward, init_cache, row[s:], max_new_tokens, num_beams, eos, length_penalty, early_stopping)
+            for row, s in zip(ids, starts)]
     out = np.full((len(ids), max(len(r) for r in rows)), pad, np.int32)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r

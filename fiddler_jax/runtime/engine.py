@@ -27,7 +27,7 @@ from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.generate import (
-    GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop, eos_token_ids,
+    GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop, eos_token_ids, prompt_batch,
 )
 from fiddler_jax.runtime.host_experts import HostExperts, check_host_memory, size_pinned_pool
 from fiddler_jax.runtime.lanes.cpu import CpuLane
@@ -251,14 +251,17 @@ class Engine:
 
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, num_beams: int = 1,
-                 length_penalty: float = 1.0, early_stopping=False, kv_slots: int | None = None) -> np.ndarray:
-        """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``).
-        Beam search needs num_beams × cache length within the KV reserve placed for ``max_batch`` rows."""
-        ids = check_token_ids(self.model, input_ids, max_new_tokens)
+                 length_penalty: float = 1.0, early_stopping=False, kv_slots: int | None = None,
+                 attention_mask=None) -> np.ndarray:
+        """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``,
+        prompts of different lengths included). Beam search needs num_beams × cache length within the KV reserve
+        placed for ``max_batch`` rows."""
+        ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
         check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
         if num_beams == 1:
             return self.generate_with_stats(ids, max_new_tokens, do_sample, seed, temperature=temperature,
-                                            top_p=top_p, eos_token_id=eos_token_id, kv_slots=kv_slots)[0]
+                                            top_p=top_p, eos_token_id=eos_token_id, kv_slots=kv_slots,
+                                            attention_mask=pad[:, None] <= np.arange(ids.shape[1]))[0]
         if max_new_tokens == 0:
             return ids
 
@@ -269,25 +272,26 @@ class Engine:
             out = beam_search(self._forward_last, lambda rows, n: self.model.init_cache(rows, slots), ids,
                               max_new_tokens, num_beams, eos_token_ids=self._eos(eos_token_id),
                               length_penalty=length_penalty, early_stopping=early_stopping,
-                              pad_token_id=self.config.pad_token_id)
+                              pad_token_id=self.config.pad_token_id, prompt_pad=pad)
             self.step_loop.drain()
         return out
 
     def generate_with_stats(self, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
                             temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
-                            kv_slots: int | None = None):
+                            kv_slots: int | None = None, attention_mask=None):
         """Greedy or sampled continuation and its :class:`GenerationStats` (time to first token apart from the
         steady-state decode rate), like ``fiddler_jax.generate_with_stats``. ``kv_slots``: the KV-cache length
         (default: prompt + new tokens rounded up); runs of different lengths given the same value share every
         compiled shape (a short warm-up then compiles what a long run needs)."""
-        ids = check_token_ids(self.model, input_ids, max_new_tokens)
+        ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
         if max_new_tokens == 0:
             return ids, GenerationStats(prompt_tokens=ids.shape[1])
         slots = self._kv_slots(ids.shape[1], max_new_tokens, kv_slots)
         self._check_kv_reserve(ids.shape[0], slots, "generate")
         with self.resources.lock:
-            out = decode_loop(self._forward_last, self.model.init_cache(ids.shape[0], slots), ids, max_new_tokens,
+            out = decode_loop(self._forward_last, self.model.init_cache(ids.shape[0], slots, pad), ids,
+                              max_new_tokens,
                               self._eos(eos_token_id), do_sample=do_sample, seed=seed, temperature=temperature,
                               top_p=top_p)
             self.step_loop.drain()

@@ -19,6 +19,7 @@ from flax import nnx
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.causal_lm import MoeForCausalLM
 from fiddler_jax.runtime import beam_search, sampling
+from fiddler_jax.runtime.prompt_batch import left_padded
 
 CACHE_BUCKET = 64
 
@@ -49,6 +50,19 @@ def check_token_ids(model: MoeForCausalLM, input_ids, max_new_tokens: int = 0) -
                                 f"{ids.shape[1] + max_new_tokens}, longer than max_position_embeddings ({limit}); "
                                 "shorten the prompt or ask for fewer tokens")
     return ids.astype(np.int32)
+
+
+def prompt_batch(model: MoeForCausalLM, input_ids, attention_mask=None, max_new_tokens: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, T] int32, pad [B]) of a batch of prompts: an int array, with an optional left-padding
+    ``attention_mask``, or a list of id sequences of different lengths (:mod:`.prompt_batch`), validated by
+    :func:`check_token_ids`."""
+    if not isinstance(model, MoeForCausalLM):
+        raise InvalidInputError(f"expected a fiddler_jax model (from load_pretrained), got {type(model).__name__}")
+    cfg = model.config
+    fill = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+    ids, pad = left_padded(input_ids, attention_mask, fill)
+    return check_token_ids(model, ids, max_new_tokens), pad
 
 
 def eos_token_ids(config, eos_token_id=None) -> tuple[int, ...]:
@@ -118,40 +132,43 @@ class GenerationStats:
 
 def generate(model: MoeForCausalLM, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0, *,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, num_beams: int = 1,
-             length_penalty: float = 1.0, early_stopping=False) -> np.ndarray:
+             length_penalty: float = 1.0, early_stopping=False, attention_mask=None) -> np.ndarray:
     """Generated token ids [B, T + n]; see :func:`generate_with_stats`. ``num_beams`` > 1 runs beam search
     (``fiddler_jax.runtime.beam_search``: transformers' semantics for ``length_penalty`` and ``early_stopping``
     True / False / "never"; the prompt plus ``max_new_tokens`` must fit in max_position_embeddings)."""
     beam_search.check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
     if num_beams > 1:
-        ids = check_token_ids(model, input_ids, max_new_tokens)
+        ids, pad = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
         eos = eos_token_ids(model.config, eos_token_id)
         graphdef, state = nnx.split(model)
         return beam_search.beam_search(
             lambda tokens, cache, start: _forward_last(graphdef, state, cache, tokens, jnp.int32(start)),
             lambda rows, length: model.init_cache(rows, cache_length(length, 0, model.config)),
             ids, max_new_tokens, num_beams, eos_token_ids=eos, length_penalty=length_penalty,
-            early_stopping=early_stopping, pad_token_id=model.config.pad_token_id)
+            early_stopping=early_stopping, pad_token_id=model.config.pad_token_id, prompt_pad=pad)
     ids, _ = generate_with_stats(model, input_ids, max_new_tokens, do_sample, seed, temperature=temperature,
-                                 top_p=top_p, eos_token_id=eos_token_id)
+                                 top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask)
     return ids
 
 
 def generate_with_stats(model: MoeForCausalLM, input_ids, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
-                        *, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
+                        *, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, attention_mask=None,
                         ) -> tuple[np.ndarray, GenerationStats]:
     """Append up to ``max_new_tokens`` tokens to each row of ``input_ids`` [B, T]; returns [B, T + n].
 
-    Greedy unless ``do_sample``; sampling uses ``temperature`` and nucleus ``top_p`` with a ``seed``ed key, so
-    equal seeds give equal outputs. Generation stops early once every row has emitted an end-of-sequence token
-    (``eos_token_id``, default from config.json); rows that finish first are padded with their EOS token."""
-    ids = check_token_ids(model, input_ids, max_new_tokens)
+    A batch of prompts of different lengths is either a list of id sequences or an array with a left-padding
+    ``attention_mask`` (transformers' convention); the output keeps transformers' left-padded layout
+    (:mod:`.prompt_batch`), and each row equals what its prompt alone would give. Greedy unless ``do_sample``;
+    sampling uses ``temperature`` and nucleus ``top_p`` with a ``seed``ed key, so equal seeds give equal outputs.
+    Generation stops early once every row has emitted an end-of-sequence token (``eos_token_id``, default from
+    config.json); rows that finish first are padded with their EOS token."""
+    ids, pad = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
     check_sampling(do_sample, temperature, top_p)
     eos = eos_token_ids(model.config, eos_token_id)
     if max_new_tokens == 0:
         return ids, GenerationStats(prompt_tokens=ids.shape[1])
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, model.config))
+    cache = model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, model.config), pad)
 
     def forward_last(tokens, cache, start):
         return _forward_last(graphdef, state, cache, tokens, jnp.int32(start))

@@ -1,0 +1,118 @@
+"""Batches of prompts of different lengths (fiddler_jax.runtime.prompt_batch): greedy generation of a left-padded
+batch equals transformers' ``generate(input_ids, attention_mask=...)`` row by row in float32, equals generating
+each prompt alone, and the same through the engine with most experts offloaded, for every planner; bad batches
+get one clear error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fiddler_jax as fj
+from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.runtime import engine as E
+from fiddler_jax.runtime.prompt_batch import left_padded, strip_padding
+from tests.conftest import make_family_model
+
+NEW = 10
+LENGTHS = (7, 3, 12, 5)  # one row of the longest, the others padded by 5, 9 and 7
+
+
+def _prompts(vocab: int, seed: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n) for n in LENGTHS]  # 0-2 are pad, bos and eos
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def model_pair(request, tmp_path_factory):
+    """(transformers model, its folder) of a small random model: Mixtral with a sliding window shorter than the
+    longest sequence, and Qwen3-MoE with q/k norms."""
+    overrides = {"mixtral": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                 num_local_experts=4, num_experts_per_tok=2, sliding_window=9),
+                 "qwen3_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+                                   num_experts_per_tok=2, norm_topk_prob=True)}[request.param]
+    hf = make_family_model(request.param, overrides, seed=3)
+    path = tmp_path_factory.mktemp(f"batch_{request.param}")
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+def _transformers_batch(hf, prompts) -> np.ndarray:
+    import torch
+
+    ids, pad = left_padded(prompts, pad_token_id=0)
+    mask = (np.arange(ids.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=NEW,
+                          min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out.numpy()
+
+
+def test_left_padded_batches_equal_transformers_and_each_prompt_alone(model_pair):
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)
+    ours = fj.generate(model, prompts, NEW, eos_token_id=[])
+    assert ours.shape == (len(prompts), max(LENGTHS) + NEW)
+    np.testing.assert_array_equal(ours, _transformers_batch(hf, prompts))
+    ids, pad = left_padded(prompts, pad_token_id=0)
+    for row, prompt in zip(strip_padding(ours, pad), prompts):  # each row is what its prompt alone gives
+        np.testing.assert_array_equal(row, fj.generate(model, prompt[None], NEW, eos_token_id=[])[0])
+    # the array form with transformers' attention_mask is the same batch
+    mask = np.arange(ids.shape[1])[None, :] >= pad[:, None]
+    np.testing.assert_array_equal(fj.generate(model, ids, NEW, eos_token_id=[], attention_mask=mask.astype(int)), ours)
+
+
+def test_a_row_that_stops_early_changes_no_other_row(model_pair):
+    """The EOS of one row (its first greedy token, made the EOS id) leaves every other row as it was."""
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)
+    free = fj.generate(model, prompts, NEW, eos_token_id=[])
+    width = max(LENGTHS)
+    eos = int(free[1, width])  # row 1 stops at once
+    if eos in free[[0, 2, 3], width:]:
+        pytest.skip("the chosen EOS id also appears in another row")
+    stopped = fj.generate(model, prompts, NEW, eos_token_id=eos)
+    assert (stopped[1, width:] == eos).all()
+    np.testing.assert_array_equal(stopped[[0, 2, 3]], free[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("planner", ["fiddler_overlap", "fiddler", "cpu_only", "transfer", "lru"])
+def test_the_engine_with_experts_offloaded_gives_the_batch_of_the_plain_model(model_pair, planner):
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)
+    expected = fj.generate(model, prompts, NEW, eos_token_id=[])
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner=planner, resident_experts=2, dtype="float32",
+                                      max_batch=len(prompts), progress=False)
+    np.testing.assert_array_equal(engine.generate(prompts, NEW, eos_token_id=[]), expected)
+    assert engine.trace_summary()["experts_per_lane"]["gpu"] > 0
+
+
+def test_beam_search_of_a_batch_searches_each_prompt_without_its_padding(model_pair):
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)[:2]
+    out = fj.generate(model, prompts, 6, num_beams=3, eos_token_id=[])
+    _, pad = left_padded(prompts, pad_token_id=0)
+    for row, prompt in zip(strip_padding(out, pad), prompts):
+        np.testing.assert_array_equal(row, fj.generate(model, prompt[None], 6, num_beams=3, eos_token_id=[])[0])
+
+
+def test_bad_batches_get_one_clear_error():
+    with pytest.raises(InvalidInputError, match="not left-padded"):
+        left_padded(np.ones((2, 4), int), np.array([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(InvalidInputError, match="row 1 of attention_mask has no token"):
+        left_padded(np.ones((2, 3), int), np.array([[0, 1, 1], [0, 0, 0]]))
+    with pytest.raises(InvalidInputError, match=r"attention_mask has shape \[2, 2\], but input_ids has \[2, 3\]"):
+        left_padded(np.ones((2, 3), int), np.ones((2, 2), int))
+    with pytest.raises(InvalidInputError, match="0 \\(padding\\) and 1 \\(a token\\) only"):
+        left_padded(np.ones((1, 3), int), np.array([[0, 2, 1]]))
+    with pytest.raises(InvalidInputError, match="prompt 1 of the batch is empty"):
+        left_padded([[5, 6], []])
+    with pytest.raises(InvalidInputError, match="goes with an input_ids array"):
+        left_padded([[5, 6], [7]], np.ones((2, 2), int))
+    ids, pad = left_padded([[5, 6], [7]], pad_token_id=9)
+    assert ids.tolist() == [[5, 6], [9, 7]] and pad.tolist() == [0, 1]
+    assert [r.tolist() for r in strip_padding(ids, pad)] == [[5, 6], [7]]
