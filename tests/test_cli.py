@@ -51,10 +51,21 @@ def test_init_random_is_seeded(random_model, tmp_path):
     (["generate", "MODEL_DIR", "prompt=hello"], "has no tokenizer files"),
     (["generate", "MODEL_DIR", "prompt_ids=[1,100000]"], "outside the vocabulary"),
     (["init-random", "out=MODEL_DIR_RAW"], "already holds a model; pass overwrite=true"),
+    (["generate", "MODEL_DIR", "prompts_file=/no/such/prompts.txt"], "prompts_file /no/such/prompts.txt does not exist"),
+    (["generate", "MODEL_DIR", "prompt_ids=[1]", "batch_size=4"], "out and batch_size go with prompts_file"),
+    (["generate", "MODEL_DIR", "prompt_ids=[1]", "prompts_file=PROMPTS"], "give one of prompt=<text>, prompt_ids"),
+    (["generate", "MODEL_DIR", "prompts_file=PROMPTS_TXT"], "is text, but the model has no tokenizer files"),
+    (["generate", "MODEL_DIR", "prompts_file=BAD_JSONL"], 'line 2: each line must be an object with "prompt"'),
 ])
 def test_bad_input_gives_one_clear_line(random_model, args, message):
     work, model_dir = random_model
+    (work / "p.jsonl").write_text('{"prompt_ids": [1, 5]}\n')
+    (work / "p.txt").write_text("hello\n")
+    (work / "bad.jsonl").write_text('{"prompt_ids": [1, 5]}\n[3, 4]\n')
+    files = {"PROMPTS_TXT": work / "p.txt", "PROMPTS": work / "p.jsonl", "BAD_JSONL": work / "bad.jsonl"}
     args = [a.replace("MODEL_DIR_RAW", str(model_dir)).replace("MODEL_DIR", f"model.path={model_dir}") for a in args]
+    for name, path in files.items():
+        args = [a.replace(name, str(path)) for a in args]
     r = cli(*args, cwd=work)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -103,3 +114,29 @@ def test_generate_through_the_hybrid_engine_matches_the_plain_model(tmp_path):
         assert r.stdout.split("\n[")[0] == text and "planned layer steps" in r.stdout and trace.exists()
     r = cli("generate", "engine.trace=x.json", cwd=tmp_path)
     assert r.returncode == 2 and "engine.trace needs the hybrid engine" in r.stderr
+
+
+def test_generate_a_prompts_file_in_batches_writes_one_line_per_prompt(random_model):
+    """prompts_file + batch_size: one JSON line per prompt, in the file's order, each row's new tokens equal to
+    generating its prompt alone (through the API), through the plain model and the hybrid engine alike; a
+    missing out folder is made; nothing but the output file is written."""
+    import json
+
+    work, model_dir = random_model
+    prompts = [[1, 5, 9], [1, 7], [1, 2, 3, 4, 8, 6], [1, 11, 12, 13], [1, 40]]
+    (work / "many.jsonl").write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
+    model = fj.load_pretrained(model_dir, progress=False)
+    expected = [fj.generate(model, np.array([p]), 6, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
+    for extra, out in (([], work / "plain" / "out.jsonl"), (["engine.resident_experts=4"], work / "hybrid.jsonl")):
+        r = cli("generate", f"model.path={model_dir}", f"prompts_file={work / 'many.jsonl'}", "batch_size=2",
+                "max_new_tokens=6", f"out={out}", *extra, cwd=work)
+        assert r.returncode == 0, r.stderr
+        assert f"wrote 5 outputs to {out}" in r.stdout
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["index"] for line in lines] == list(range(5))
+        assert [line["prompt_ids"] for line in lines] == prompts
+        for line, want in zip(lines, expected):
+            eos = [n for n, t in enumerate(want) if t in model.config.eos_token_ids]
+            assert line["output_ids"] == (want[:eos[0] + 1] if eos else want)
+            assert line["finish"] == ("eos" if eos else "length") and line["prompt"] is None
+        assert not list(out.parent.glob("*.partial"))

@@ -69,8 +69,8 @@ def engine_size(cfg) -> dict:
     for the scenario's prompt and output)."""
     if "engine" in cfg:
         e = cfg.engine
-        return dict(gpu_budget=e.gpu_budget or "1TiB", latency=e.latency, max_batch=max(e.max_batch, cfg.num_beams),
-                    max_context=None)
+        rows = max(e.max_batch, cfg.num_beams, cfg.batch_size if cfg.get("prompts_file") else 1)
+        return dict(gpu_budget=e.gpu_budget or "1TiB", latency=e.latency, max_batch=rows, max_context=None)
     from fiddler_jax.runtime.generate import CACHE_BUCKET
 
     need = cfg.scenario.input_tokens + cfg.scenario.output_tokens

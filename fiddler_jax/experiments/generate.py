@@ -1,4 +1,5 @@
-r"""``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s.
+r"""``fiddler-jax generate``: load a checkpoint, continue a prompt (text or token ids), print it and tokens/s;
+or every prompt of ``prompts_file``, ``batch_size`` at a time, into a JSONL file (:mod:`.generate_batch`).
 
 The ``model``, ``placement``, ``planner`` and ``kernel`` groups are the benchmark's (:mod:`.schemas`); the
 ``engine:`` block turns the hybrid engine on (a GPU budget, a resident-expert count, or a random model) and sizes
@@ -9,6 +10,7 @@ stand for newline, tab and backslash."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +21,10 @@ from omegaconf import OmegaConf
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.build import build_engine
 from fiddler_jax.experiments.model_group import checkpoint_path
-from fiddler_jax.experiments.common import CONF_DIR, check_output_path, clear_errors, decode_escapes, write_output
+from fiddler_jax.experiments.common import (
+    CONF_DIR, check_output_path, clear_errors, decode_escapes, run_dir, write_output,
+)
+from fiddler_jax.experiments.generate_batch import generate_all, output_path, read_prompts
 from fiddler_jax.experiments.schemas import KernelSchema, ModelSchema, PlacementSchema, PlannerConfig
 
 
@@ -43,6 +48,9 @@ class GenerateConfig:
     engine: EngineSchema = field(default_factory=EngineSchema)
     prompt: str | None = None  # text, through the folder's tokenizer (\n \t \\ decoded: common.decode_escapes)
     prompt_ids: list[int] | None = None  # or token ids
+    prompts_file: str | None = None  # or a file of prompts, one output per prompt (generate_batch)
+    batch_size: int = 8  # prompts_file: prompts generated together
+    out: str | None = None  # prompts_file: the JSONL output file
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0
@@ -66,6 +74,8 @@ def main(cfg) -> None:
     from fiddler_jax.runtime.generate import GenerationStats
 
     trace = check_args(cfg)  # before any model loads
+    out_file = check_output_path(output_path(cfg.prompts_file, cfg.out, run_dir("generate")), "out") \
+        if cfg.prompts_file else None
     if hybrid(cfg):
         engine, tokenizer = build_engine(cfg)
         model, source = engine.model, cfg.model.path or f"model={cfg.model.name}"
@@ -73,6 +83,44 @@ def main(cfg) -> None:
         engine = None
         source = checkpoint_path(cfg.model)
         model, tokenizer = fj.load_pretrained(source, dtype=cfg.model.dtype), fj.load_tokenizer(source)
+    if cfg.prompts_file:
+        generate_file(cfg, engine, model, tokenizer, out_file)
+    else:
+        generate_one(cfg, engine, model, tokenizer, source)
+    if engine is not None:
+        summary = engine.trace_summary()
+        print(f"[engine: {engine.placement.memory}; planner {engine.planner.name}; "
+              f"{summary['planned_steps']} planned layer steps, GPU hit rate {summary.get('gpu_hit_rate', 1.0):.0%}, "
+              f"experts per lane {summary.get('experts_per_lane', {})}]")
+        if trace:
+            write_output(trace, "engine.trace", engine.trace.save)
+            print(f"wrote the per-layer timeline to {trace} (open it in ui.perfetto.dev)")
+
+
+def generate_file(cfg, engine, model, tokenizer, path: str) -> None:
+    """Every prompt of ``prompts_file``, ``batch_size`` at a time, into the JSONL file ``path``."""
+    import fiddler_jax as fj
+    from fiddler_jax.runtime.generate import eos_token_ids
+
+    prompts = read_prompts(cfg.prompts_file, tokenizer)
+    kwargs = dict(do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p,
+                  num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping)
+    run = engine.generate if engine is not None else functools.partial(fj.generate, model)
+    totals = generate_all(lambda batch, n: run(batch, n, **kwargs), prompts, cfg.batch_size, cfg.max_new_tokens,
+                          eos_token_ids(model.config), tokenizer, path)
+    print(f"wrote {totals['prompts']} outputs to {path}")
+    print(f"[{totals['prompts']} prompts in batches of {cfg.batch_size}: {totals['new_tokens']} new tokens in "
+          f"{totals['seconds']:.2f} s, {totals['tokens_per_s']:.1f} tokens/s over all rows, compile included, on "
+          f"{model_device(model)}]")
+
+
+def generate_one(cfg, engine, model, tokenizer, source) -> None:
+    """The one prompt of ``prompt`` / ``prompt_ids``: print the text (or ids) and the speed."""
+    import numpy as np
+
+    import fiddler_jax as fj
+    from fiddler_jax.runtime.generate import GenerationStats
+
     if cfg.prompt_ids is not None:
         ids = np.asarray(OmegaConf.to_container(cfg.prompt_ids), dtype=np.int64)[None, :]
     else:
@@ -105,14 +153,6 @@ def main(cfg) -> None:
     else:
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new in {stats.decode_s:.2f} s, compile "
               f"included, on {model_device(model)}]")
-    if engine is not None:
-        summary = engine.trace_summary()
-        print(f"[engine: {engine.placement.memory}; planner {engine.planner.name}; "
-              f"{summary['planned_steps']} planned layer steps, GPU hit rate {summary.get('gpu_hit_rate', 1.0):.0%}, "
-              f"experts per lane {summary.get('experts_per_lane', {})}]")
-        if trace:
-            write_output(trace, "engine.trace", engine.trace.save)
-            print(f"wrote the per-layer timeline to {trace} (open it in ui.perfetto.dev)")
 
 
 # Overrides that only the hybrid engine reads: with the plain model they would be ignored.
@@ -125,8 +165,15 @@ def check_args(cfg) -> str | None:
     plain model runs, instead of being ignored."""
     from fiddler_jax.runtime.beam_search import check_beam_args
 
-    if cfg.prompt is not None and cfg.prompt_ids is not None:
-        raise InvalidInputError("give either prompt=<text> or prompt_ids=[...], not both")
+    if sum(x is not None for x in (cfg.prompt, cfg.prompt_ids, cfg.prompts_file)) > 1:
+        raise InvalidInputError("give one of prompt=<text>, prompt_ids=[...] and prompts_file=<file>, not several")
+    if not cfg.prompts_file and (cfg.out is not None or "batch_size" in _given_keys()):
+        raise InvalidInputError("out and batch_size go with prompts_file=<file> (one output per prompt); for one "
+                                "prompt the output is printed")
+    if cfg.prompts_file and not os.path.isfile(cfg.prompts_file):
+        raise InvalidInputError(f"prompts_file {cfg.prompts_file} does not exist")
+    if cfg.batch_size < 1:
+        raise InvalidInputError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
     check_beam_args(cfg.num_beams, cfg.length_penalty, cfg.early_stopping, cfg.do_sample)
     if not hybrid(cfg):
         if cfg.engine.trace:
@@ -161,14 +208,23 @@ def check_context(cfg) -> None:
             f"(max_position_embeddings); lower max_new_tokens")
 
 
-def engine_only_overrides() -> list[str]:
-    """The command-line overrides that only the hybrid engine reads (group choices and keys), as given."""
+def _given() -> list[str]:
+    """The command line's overrides, as given ([] outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        given = list(HydraConfig.get().overrides.task)
+        return list(HydraConfig.get().overrides.task)
     except ValueError:  # not under Hydra (a direct call)
         return []
+
+
+def _given_keys() -> set[str]:
+    return {o.lstrip("+~").split("=", 1)[0].strip() for o in _given()}
+
+
+def engine_only_overrides() -> list[str]:
+    """The command-line overrides that only the hybrid engine reads (group choices and keys), as given."""
+    given = _given()
     found = []
     for override in given:
         key = override.lstrip("+~").split("=", 1)[0].strip()
