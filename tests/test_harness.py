@@ -105,6 +105,28 @@ def test_prefill_and_beam_scenarios_in_process(tmp_path, scenario, metric):
     assert json.loads((tmp_path / "result.json").read_text())["config"]["scenario"]["name"] == scenario
 
 
+def test_batch_scenario_runs_prompts_of_different_lengths_together(tmp_path):
+    """scenario=batch: batch_size seeded prompts of input_tokens ± input_spread, one engine whose KV reserve
+    holds them (max_batch defaults to batch_size); tokens/s over all rows is batch_size x one request's."""
+    from fiddler_jax.experiments.workload import batch_prompts
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("bench", overrides=["scenario=batch", *COMMON, "scenario.batch_size=3",
+                                          "scenario.input_spread=5"])
+    assert build.kv_rows(cfg) == 3
+    result = bench.run_bench(cfg, str(tmp_path))
+    m = result["metrics"]
+    assert m["tokens_per_s"]["median"] == pytest.approx(3 * m["per_request_tokens_per_s"]["median"])
+    assert m["new_tokens"]["median"] == 3 * cfg.scenario.output_tokens and m["ttft_s"]["median"] > 0
+    prompts = batch_prompts(None, "", 16, 5, 3, 97, 0)
+    assert [len(p) for p in prompts] == [len(p) for p in batch_prompts(None, "", 16, 5, 3, 97, 0)]
+    assert all(11 <= len(p) <= 21 for p in prompts) and len({len(p) for p in prompts}) > 1
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        small = compose("bench", overrides=["scenario=batch", *COMMON, "scenario.batch_size=4", "max_batch=2"])
+    with pytest.raises(InvalidInputError, match="max_batch=2 is below scenario.batch_size=4"):
+        build.kv_rows(small)
+
+
 def test_random_geometry_model_and_xla_kernel(tmp_path):
     """model=mixtral_8x7b_random machinery at a small geometry; kernel=xla runs the CPU lane through XLA."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

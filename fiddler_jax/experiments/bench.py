@@ -5,7 +5,8 @@ latency model the planner used. Config: ``fiddler_jax/conf/bench.yaml`` and its 
 ``schemas.py``); the engine is built by :func:`fiddler_jax.experiments.build.build_engine`.
 
 Scenarios: ``decode`` (time to first token, steady-state and end-to-end tokens/s), ``prefill`` (TTFT of a long
-prompt), ``beam`` (tokens/s counting every beam, end-to-end latency). Prompts: :mod:`.workload`. Prompt plus
+prompt), ``beam`` (tokens/s counting every beam, end-to-end latency), ``batch`` (``batch_size`` independent
+prompts of different lengths together: tokens/s over all rows and of one request, TTFT of the batch). Prompts: :mod:`.workload`. Prompt plus
 output must fit the model's positions: checked before any weight loads; a scenario's default prompt that does not
 fit is shortened to fit, with a note (printed and in result.json's ``notes``), one set explicitly is refused.
 """
@@ -25,10 +26,10 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
 from fiddler_jax.experiments.build import build_engine, gpu_budget, release_engines
 from fiddler_jax.experiments.common import CONF_DIR, clear_errors
-from fiddler_jax.experiments.workload import prompt_ids, prompt_text, summarize
+from fiddler_jax.experiments.workload import batch_prompts, prompt_ids, prompt_text, summarize
 from fiddler_jax.units import parse_bytes
 
-SCENARIOS = ("decode", "prefill", "beam")
+SCENARIOS = ("decode", "prefill", "beam", "batch")
 BASELINES = ("hf_accelerate",)
 
 
@@ -45,6 +46,13 @@ def run_once(engine, ids: np.ndarray, scenario, kv_slots: int | None = None) -> 
         return {"latency_s": latency, "tokens_per_s": scenario.num_beams * made / latency, "new_tokens": made}
     _, stats = engine.generate_with_stats(ids, new, eos_token_id=[], kv_slots=kv_slots)
     total = stats.prefill_s + stats.first_step_s + stats.decode_s
+    if scenario.name == "batch":  # every request runs from the first step to the last
+        rows = len(ids)
+        metrics = {"tokens_per_s": rows * stats.new_tokens / total, "per_request_tokens_per_s": stats.new_tokens / total,
+                   "ttft_s": stats.prefill_s, "latency_s": total, "new_tokens": rows * stats.new_tokens}
+        if stats.new_tokens > 2:
+            metrics["decode_tokens_per_s"] = rows * stats.decode_tokens_per_s
+        return metrics
     metrics = {"ttft_s": stats.prefill_s, "latency_s": total, "new_tokens": stats.new_tokens}
     if scenario.name == "decode":
         metrics["tokens_per_s"] = stats.new_tokens / total
@@ -134,20 +142,21 @@ def fit_scenario(cfg, explicit: list[str] | tuple = ()) -> str | None:
     on the bundled tiny model's 2048 positions), in ``cfg``, and the note saying so is returned (None when
     nothing changed)."""
     s, name = cfg.scenario, cfg.model.name
-    limit, need = model_positions(cfg), s.input_tokens + s.output_tokens
+    limit, need = model_positions(cfg), s.input_tokens + s.input_spread + s.output_tokens
     if need <= limit:
         return None
     set_input = any(o.lstrip("+~").split("=", 1)[0] == "scenario.input_tokens" for o in explicit)
-    if s.output_tokens >= limit:
-        raise InvalidInputError(f"scenario.output_tokens={s.output_tokens} leaves no room for a prompt in "
+    spread = f" + scenario.input_spread={s.input_spread}" if s.input_spread else ""
+    if s.output_tokens + s.input_spread >= limit:
+        raise InvalidInputError(f"scenario.output_tokens={s.output_tokens}{spread} leaves no room for a prompt in "
                                 f"model={name}'s max_position_embeddings ({limit}): lower it below {limit}")
     if set_input:
-        raise InvalidInputError(f"scenario.input_tokens={s.input_tokens} + scenario.output_tokens={s.output_tokens} "
-                                f"= {need} positions, more than model={name}'s max_position_embeddings ({limit}): "
-                                f"lower scenario.input_tokens to at most {limit - s.output_tokens}, or use a model "
-                                "with a longer context")
-    fitted = limit - s.output_tokens
-    note = (f"scenario {s.name}: input_tokens {s.input_tokens} (the scenario's default) + output_tokens "
+        raise InvalidInputError(f"scenario.input_tokens={s.input_tokens}{spread} + scenario.output_tokens="
+                                f"{s.output_tokens} = {need} positions, more than model={name}'s "
+                                f"max_position_embeddings ({limit}): lower scenario.input_tokens to at most "
+                                f"{limit - s.output_tokens - s.input_spread}, or use a model with a longer context")
+    fitted = limit - s.output_tokens - s.input_spread
+    note = (f"scenario {s.name}: input_tokens {s.input_tokens} (the scenario's default){spread} + output_tokens "
             f"{s.output_tokens} exceed model={name}'s {limit} positions: running {fitted} input tokens (set "
             "scenario.input_tokens to choose)")
     s.input_tokens = fitted
@@ -162,9 +171,10 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
     s = cfg.scenario
     if s.name not in SCENARIOS:
         raise InvalidInputError(f"unknown scenario {s.name!r}; valid: {', '.join(SCENARIOS)}")
-    if min(s.input_tokens, s.output_tokens, s.num_beams, cfg.repeats) < 1 or cfg.warmup < 0:
-        raise InvalidInputError("scenario.input_tokens, output_tokens, num_beams and repeats must be ≥ 1, "
-                                "warmup ≥ 0")
+    if min(s.input_tokens, s.output_tokens, s.num_beams, s.batch_size, cfg.repeats) < 1 or cfg.warmup < 0 \
+            or s.input_spread < 0:
+        raise InvalidInputError("scenario.input_tokens, output_tokens, num_beams, batch_size and repeats must be "
+                                "≥ 1, warmup and scenario.input_spread ≥ 0")
     recorded = overrides() if job_overrides is None else list(job_overrides)
     note = fit_scenario(cfg, recorded)
     if note:
@@ -181,11 +191,15 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
         from fiddler_jax.runtime.generate import cache_length
 
         engine, tokenizer = build_engine(cfg)
-        ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
-                         cfg.seed)
+        if s.name == "batch":
+            ids = batch_prompts(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, s.input_spread,
+                                s.batch_size, engine.config.vocab_size, cfg.seed)
+        else:
+            ids = prompt_ids(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, engine.config.vocab_size,
+                             cfg.seed)
         warm = s if cfg.warmup_tokens is None else OmegaConf.merge(
             s, {"output_tokens": max(1, min(cfg.warmup_tokens, s.output_tokens))})
-        kv = cache_length(s.input_tokens, s.output_tokens, engine.config)
+        kv = cache_length(s.input_tokens + s.input_spread, s.output_tokens, engine.config)
         for _ in tqdm(range(cfg.warmup), desc="warm-up", leave=False):
             run_once(engine, ids, warm, kv)
         runs = []

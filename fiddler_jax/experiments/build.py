@@ -54,11 +54,16 @@ def engine_options(kernel):
 
 
 def kv_rows(cfg) -> int:
-    """The benchmark's KV reserve in sequences: ``max_batch``, or the scenario's beam width."""
-    rows = cfg.max_batch or cfg.scenario.num_beams
-    if rows < cfg.scenario.num_beams:
-        raise InvalidInputError(f"max_batch={rows} is below scenario.num_beams={cfg.scenario.num_beams}; the "
+    """The benchmark's KV reserve in sequences: ``max_batch``, or the scenario's beam width or batch size."""
+    s = cfg.scenario
+    batch = s.get("batch_size", 1) if s.name == "batch" else 1
+    rows = cfg.max_batch or max(s.num_beams, batch)
+    if rows < s.num_beams:
+        raise InvalidInputError(f"max_batch={rows} is below scenario.num_beams={s.num_beams}; the "
                                 "KV reserve must hold every beam")
+    if rows < batch:
+        raise InvalidInputError(f"max_batch={rows} is below scenario.batch_size={batch}; the KV reserve must hold "
+                                "every prompt of the batch")
     return rows
 
 
@@ -73,7 +78,7 @@ def engine_size(cfg) -> dict:
         return dict(gpu_budget=e.gpu_budget or "1TiB", latency=e.latency, max_batch=rows, max_context=None)
     from fiddler_jax.runtime.generate import CACHE_BUCKET
 
-    need = cfg.scenario.input_tokens + cfg.scenario.output_tokens
+    need = cfg.scenario.input_tokens + cfg.scenario.get("input_spread", 0) + cfg.scenario.output_tokens
     context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
     return dict(gpu_budget=gpu_budget(cfg.hardware), latency=cfg.latency, max_batch=kv_rows(cfg),
                 max_context=context)

@@ -74,6 +74,8 @@ class ScenarioSchema:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
+    batch_size: int = 1  # scenario=batch: independent prompts generated together
+    input_spread: int = 0  # scenario=batch: prompt lengths drawn from input_tokens ± input_spread
 
 
 @dataclass

@@ -39,6 +39,17 @@ def prompt_ids(tokenizer, text: str, length: int, vocab_size: int, seed: int) ->
     return np.resize(ids, length)[None]
 
 
+def batch_prompts(tokenizer, text: str, length: int, spread: int, batch: int, vocab_size: int,
+                  seed: int) -> list[np.ndarray]:
+    """``batch`` prompts of lengths drawn (seeded) from ``length`` ± ``spread``: consecutive pieces of the text's
+    tokens (each prompt its own text), or seeded random ids."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(max(1, length - spread), length + spread + 1, size=batch)
+    stream = prompt_ids(tokenizer, text, int(lengths.sum()), vocab_size, seed)[0]
+    ends = np.cumsum(lengths)
+    return [stream[end - n:end] for n, end in zip(lengths, ends)]
+
+
 def summarize(runs: list[dict]) -> dict:
     """Median and spread (min, max) of every metric over the timed runs."""
     out = {}
