@@ -116,3 +116,20 @@ def test_bad_batches_get_one_clear_error():
     ids, pad = left_padded([[5, 6], [7]], pad_token_id=9)
     assert ids.tolist() == [[5, 6], [9, 7]] and pad.tolist() == [0, 1]
     assert [r.tolist() for r in strip_padding(ids, pad)] == [[5, 6], [7]]
+
+
+def test_a_batch_longer_than_one_step_runs_in_several_with_the_same_result(model_pair):
+    """max_step_tokens=8 sizes the workspace for 8 tokens: the 4 x 12 prompt batch runs as six steps of two
+    positions (and engine.logits as well), with the tokens and logits of the plain model."""
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="fiddler_overlap", resident_experts=2,
+                                      dtype="float32", max_batch=len(prompts), max_step_tokens=8, progress=False)
+    assert engine.placement.memory.step_tokens == 8
+    np.testing.assert_array_equal(engine.generate(prompts, NEW, eos_token_id=[]),
+                                  fj.generate(model, prompts, NEW, eos_token_id=[]))
+    prefill_steps = [s for s in engine.trace.steps if s.layer == 0][:6]
+    assert [int(s.counts.sum()) for s in prefill_steps] == [8 * model.config.num_experts_per_tok] * 6
+    ids = np.random.default_rng(0).integers(3, hf.config.vocab_size, (2, 11))
+    np.testing.assert_allclose(engine.logits(ids), fj.logits(model, ids), rtol=0, atol=1e-5)

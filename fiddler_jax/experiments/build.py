@@ -75,19 +75,21 @@ def engine_size(cfg) -> dict:
     if "engine" in cfg:
         e = cfg.engine
         rows = max(e.max_batch, cfg.num_beams, cfg.batch_size if cfg.get("prompts_file") else 1)
-        return dict(gpu_budget=e.gpu_budget or "1TiB", latency=e.latency, max_batch=rows, max_context=None)
+        return dict(gpu_budget=e.gpu_budget or "1TiB", latency=e.latency, max_batch=rows,
+                    max_context=e.get("max_context"), max_step_tokens=e.get("max_step_tokens"))
     from fiddler_jax.runtime.generate import CACHE_BUCKET
 
     need = cfg.scenario.input_tokens + cfg.scenario.get("input_spread", 0) + cfg.scenario.output_tokens
     context = cfg.max_context or -(-need // CACHE_BUCKET) * CACHE_BUCKET  # the cache length generate will use
     return dict(gpu_budget=gpu_budget(cfg.hardware), latency=cfg.latency, max_batch=kv_rows(cfg),
-                max_context=context)
+                max_context=context, max_step_tokens=cfg.get("max_step_tokens"))
 
 
 def _engine_key(cfg, size: dict, planner: dict) -> str:
     parts = {"model": OmegaConf.to_container(cfg.model, resolve=True),
              "placement": OmegaConf.to_container(cfg.placement, resolve=True), "budget": size["gpu_budget"],
              "rows": size["max_batch"], "context": size["max_context"], "latency": size["latency"],
+             "step_tokens": size["max_step_tokens"],
              "slots": (planner["staging_slots"], planner["cache_slots"])}
     return json.dumps(parts, sort_keys=True, default=str)
 
@@ -146,7 +148,8 @@ def check_engine(cfg) -> None:
     config = model_config(cfg.model)
     place(config, size["gpu_budget"], itemsize=resolve_dtype(cfg.model.dtype).itemsize,
           policy=cfg.placement.policy, resident_experts=resident_count(config, cfg.placement),
-          max_batch=size["max_batch"], max_context=size["max_context"], staging_slots=pk["staging_slots"],
+          max_batch=size["max_batch"], max_context=size["max_context"], max_step_tokens=size["max_step_tokens"],
+          staging_slots=pk["staging_slots"],
           cache_slots=bound.cache_slots, seed=cfg.placement.seed)
 
 

@@ -36,6 +36,8 @@ class EngineSchema:
     resident_experts: int | None = None  # shorthand for placement.resident_experts (generate.yaml links them)
     latency: str | None = None  # latency model file from calibration, or auto; null = the design-note numbers
     max_batch: int = 1  # KV reserve rows (beam search needs num_beams)
+    max_context: int | None = None  # KV reserve positions per row; null = the model's context
+    max_step_tokens: int | None = None  # tokens per forward step (the workspace); null = max_batch x max_context
     trace: str | None = None  # write the per-layer Perfetto timeline here
 
 
@@ -156,7 +158,8 @@ def generate_one(cfg, engine, model, tokenizer, source) -> None:
 
 
 # Overrides that only the hybrid engine reads: with the plain model they would be ignored.
-ENGINE_ONLY = ("planner", "placement", "kernel", "engine.latency", "engine.max_batch", "engine.trace")
+ENGINE_ONLY = ("planner", "placement", "kernel", "engine.latency", "engine.max_batch", "engine.max_context",
+               "engine.max_step_tokens", "engine.trace")
 
 
 def check_args(cfg) -> str | None:

@@ -134,6 +134,7 @@ class BenchConfig:
     latency: Optional[str] = None
     max_context: Optional[int] = None
     max_batch: Optional[int] = None
+    max_step_tokens: Optional[int] = None
     trace: bool = False
     seed: int = 0
 

@@ -124,12 +124,14 @@ class Engine:
                         resident_experts: int | None = None, staging_slots: int = DEFAULT_STAGING_SLOTS,
                         cache_slots: int = 0, dtype="bfloat16", profile: str | os.PathLike | None = None,
                         latency: str | os.PathLike | None = None, max_batch: int = 1, max_context: int | None = None,
-                        seed: int = 0, progress: bool = True, options: EngineOptions | None = None,
-                        **planner_params) -> Engine:
+                        max_step_tokens: int | None = None, seed: int = 0, progress: bool = True,
+                        options: EngineOptions | None = None, **planner_params) -> Engine:
         """Place, load and pin a checkpoint folder. ``latency``: "auto" (this machine, calibrated once and
         cached), a latency JSON file, or None (the H100 machine's design numbers, with a warning;
         :mod:`latency_source`). ``profile``: a routing profile from ``fiddler-jax profile``. ``options``: how the
-        lanes run (:class:`EngineOptions`)."""
+        lanes run (:class:`EngineOptions`). ``max_step_tokens``: the most tokens (rows × positions) one forward
+        step holds, which sizes the activation workspace (default ``max_batch × max_context``); a longer prompt
+        batch runs as several steps of consecutive positions, with the same result."""
         cfg = ModelConfig.from_pretrained(path)
 
         def load(resident):
@@ -138,8 +140,8 @@ class Engine:
         return cls._build(cfg, load, gpu_budget=gpu_budget, planner=planner, placement=placement,
                           resident_experts=resident_experts, staging_slots=staging_slots, cache_slots=cache_slots,
                           dtype=dtype, profile=profile, latency=latency, max_batch=max_batch,
-                          max_context=max_context, seed=seed, progress=progress, options=options,
-                          planner_params=planner_params)
+                          max_context=max_context, max_step_tokens=max_step_tokens, seed=seed, progress=progress,
+                          options=options, planner_params=planner_params)
 
     @classmethod
     def from_random(cls, config: ModelConfig, *, weight_seed: int = 0, router_bias: float = 0.0,
@@ -158,8 +160,8 @@ class Engine:
     @classmethod
     def _build(cls, cfg: ModelConfig, load, *, gpu_budget="24GiB", planner="fiddler_overlap",
                placement="popularity", resident_experts=None, staging_slots=DEFAULT_STAGING_SLOTS, cache_slots=0,
-               dtype="bfloat16", profile=None, latency=None, max_batch=1, max_context=None, seed=0, progress=True,
-               options=None, planner_params=None) -> Engine:
+               dtype="bfloat16", profile=None, latency=None, max_batch=1, max_context=None, max_step_tokens=None,
+               seed=0, progress=True, options=None, planner_params=None) -> Engine:
         """Planner, options, placement, the pinned pool's size, and the latency model (all before anything is
         loaded); then ``load(resident) -> (model, offloaded-expert source)`` and the pinning of the offloaded
         experts."""
@@ -173,7 +175,8 @@ class Engine:
         itemsize = resolve_dtype(dtype).itemsize
         placed = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
                        resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
-                       staging_slots=staging_slots, cache_slots=bound.cache_slots, seed=seed)
+                       max_step_tokens=max_step_tokens, staging_slots=staging_slots, cache_slots=bound.cache_slots,
+                       seed=seed)
         check_planner_fits(bound, placed.resident)
         offloaded_bytes = int((~placed.resident).sum()) * placed.memory.expert
         check_host_memory(offloaded_bytes)
@@ -233,9 +236,21 @@ class Engine:
     # -- running -----------------------------------------------------------------------------------------------
     def forward(self, tokens, cache, start: int, *, last_only: bool = False):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.. ([B, V] of the last position with
-        ``last_only``), and the updated KV cache (:mod:`step_loop`)."""
+        ``last_only``), and the updated KV cache (:mod:`step_loop`). More than ``max_step_tokens`` tokens (the
+        workspace placement sized) run as consecutive steps of at most that many, each over all rows and the
+        next positions: the cache makes the result the same."""
+        import jax.numpy as jnp
+
+        rows, width = tokens.shape
+        columns = max(1, self.placement.memory.step_tokens // rows) if self.placement.memory.step_tokens else width
         with self.resources.lock:
-            return self.step_loop.forward(tokens, cache, start, last_only=last_only)
+            if width <= columns:
+                return self.step_loop.forward(tokens, cache, start, last_only=last_only)
+            pieces = []
+            for a in range(0, width, columns):
+                out, cache = self.step_loop.forward(tokens[:, a:a + columns], cache, start + a, last_only=last_only)
+                pieces.append(out)
+            return (pieces[-1] if last_only else jnp.concatenate(pieces, axis=1)), cache
 
     def logits(self, input_ids) -> np.ndarray:
         """Float32 logits [B, T, vocab] of a full forward pass (same contract as ``fiddler_jax.logits``)."""

@@ -41,6 +41,7 @@ class MemoryPlan:
     expert: int  # one expert (w1, w3, w2)
     resident_count: int
     autotune: int = 0  # XLA's autotuning scratch for the largest resident stack (depends on the placement)
+    step_tokens: int = 0  # the most tokens one forward step may hold (rows x columns): the workspace's size
 
     @property
     def fixed(self) -> int:
@@ -179,12 +180,12 @@ def place(cfg: ModelConfig, gpu_budget: int | str, *, itemsize: int = 2, policy:
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
                         workspace=workspace_bytes(cfg, itemsize, step_tokens, min(context, step_tokens)),
                         slots=(staging_slots + cache_slots * len(cfg.moe_layers)) * expert, expert=expert,
-                        resident_count=0)
+                        resident_count=0, step_tokens=step_tokens)
     if budget < memory.fixed:
         raise InvalidInputError(
             f"gpu_budget {_two_sizes(budget, memory.fixed)} this model "
-            f"needs without any resident expert ({memory}); raise gpu_budget, or lower max_context/max_batch or "
-            "the slot counts")
+            f"needs without any resident expert ({memory}); raise gpu_budget, or lower max_context/max_batch, "
+            "max_step_tokens (longer prompts then run in several steps) or the slot counts")
     moe_layers = cfg.moe_layers
     dense_layers = tuple(n for n in range(cfg.num_hidden_layers) if not cfg.is_sparse(n))
     total = len(moe_layers) * cfg.num_experts
