@@ -133,3 +133,19 @@ def test_a_batch_longer_than_one_step_runs_in_several_with_the_same_result(model
     assert [int(s.counts.sum()) for s in prefill_steps] == [8 * model.config.num_experts_per_tok] * 6
     ids = np.random.default_rng(0).integers(3, hf.config.vocab_size, (2, 11))
     np.testing.assert_allclose(engine.logits(ids), fj.logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_cpu_only_decode_steps_of_a_batch_stream_with_the_synced_tokens(model_pair):
+    """Four prompts decode in steps of four tokens. cpu_only is proved all-CPU for any number of tokens
+    (all_cpu_by_bound, no count vector examined), so its batch steps take the streamed lane (bfloat16, the C++
+    kernel), with the tokens of the same engine with the lane off."""
+    from fiddler_jax.runtime.options import EngineOptions
+
+    hf, path = model_pair
+    prompts = _prompts(hf.config.vocab_size)
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=2,
+                                      dtype="bfloat16", max_batch=len(prompts), progress=False)
+    streamed = engine.generate(prompts, NEW, eos_token_id=[])
+    assert any(ok for (layer, rows), ok in engine.streamed.qualifies.items() if rows == len(prompts))
+    synced = engine.with_planner("cpu_only", options=EngineOptions(streamed_cpu_lane=False))
+    np.testing.assert_array_equal(synced.generate(prompts, NEW, eos_token_id=[]), streamed)

@@ -15,6 +15,7 @@ shared between threads: its calls run one at a time (a lock shared by every engi
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -43,6 +44,7 @@ from fiddler_jax.runtime.planning import (
     plan_gpu_only, plan_transfer,
 )
 from fiddler_jax.runtime.planning.registry import policy_of
+from fiddler_jax.runtime.planning.streamed_steps import all_cpu_by_bound
 from fiddler_jax.runtime.profiling import RoutingProfile
 from fiddler_jax.units import format_bytes
 from fiddler_jax.runtime.resources import EngineResources
@@ -107,7 +109,9 @@ class Engine:
         self.memo = PlanMemo(planner, resident, latency)
         eligible = (options.cpu_backend == "kernel" and r.cache is None and r.device.platform in ("cpu", "gpu"))
         self.streamed = StreamedLane(r.streamed, resident, cfg.num_experts_per_tok, self.memo,
-                                     options.streamed_cpu_lane, eligible)
+                                     options.streamed_cpu_lane, eligible,
+                                     functools.partial(all_cpu_by_bound, planner, latency,
+                                                       top_k=cfg.num_experts_per_tok))
         self.step_loop = StepLoop(cfg, r.segments, resident, r.device, self.executor, self.streamed, self._plan,
                                   self.trace)
 

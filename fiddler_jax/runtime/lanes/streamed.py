@@ -3,7 +3,8 @@
 Which steps qualify is pure planning (:mod:`fiddler_jax.runtime.planning.streamed_steps`, asked once per (layer,
 tokens)): the C++ kernel on bfloat16 host experts, no dynamic cache, a layer of at most ``STREAMED_MAX_EXPERTS``
 (256) experts, and every count vector's plan puts every active offloaded expert on the CPU -- decided on one count
-vector per symmetry class, for steps of at most ``DEFAULT_LIMIT`` classes, the planner told the step is
+vector per symmetry class, for steps of at most ``DEFAULT_LIMIT`` classes, or proved from the planner's rule for
+any number of tokens (``all_cpu_by_bound``: cpu_only always), the planner told the step is
 streamable (an all-CPU plan skips the sync, so a copy must save more than the sync). Such a step queues the resident mix and
 the CPU lane as a custom call the device's stream runs by itself (:mod:`fiddler_jax.kernels.streamed_lane`), so
 the host queues whole tokens ahead.
@@ -49,9 +50,10 @@ class StreamedLane:
     syncs and plans, the ablation)."""
 
     def __init__(self, registrations: StreamedRegistrations, resident: np.ndarray, top_k: int, plan_for,
-                 enabled: bool, eligible: bool):
+                 enabled: bool, eligible: bool, proved=None):
         self.registrations, self.resident, self.top_k = registrations, resident, top_k
         self.plan_for, self.enabled, self.eligible = plan_for, enabled, eligible
+        self.proved = proved  # (resident row, tokens) -> True when the planner's rule proves every plan all-CPU
         self.qualifies: dict[tuple[int, int], bool] = {}  # (layer, tokens) -> the step takes the streamed lane
 
     def tables_id(self, layer: int, rows: int) -> int | None:
@@ -63,8 +65,9 @@ class StreamedLane:
         if ok is None:
             ok = self.qualifies[key] = (
                 self.eligible and self.fits(layer)
-                and all_cpu_for_any_routing(lambda counts: self.plan_for(counts, layer, streamable=True),
-                                            self.resident[layer], rows, self.top_k))
+                and ((self.proved is not None and self.proved(self.resident[layer], rows))
+                     or all_cpu_for_any_routing(lambda counts: self.plan_for(counts, layer, streamable=True),
+                                                self.resident[layer], rows, self.top_k)))
         if not ok:
             return None
         return self.registrations.id_of(layer)

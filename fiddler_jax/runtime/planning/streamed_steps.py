@@ -137,3 +137,63 @@ def all_cpu_for_any_routing(plan_of: Callable[[np.ndarray], Plan], resident: np.
             return False
         representatives.append(counts)
     return bool(representatives) and all(plan_is_all_cpu(plan_of(c), c, resident) for c in representatives)
+
+
+def _best_sum(values: np.ndarray, items: int, total: int) -> float:
+    """The largest sum of ``values[c - 1]`` over at most ``items`` counts c in [1, len(values)] whose sum is at
+    most ``total`` (a knapsack: the most CPU seconds that many offloaded experts can hold)."""
+    cap = len(values)
+    best = np.full(total + 1, -np.inf)
+    best[0] = 0.0
+    for _ in range(items):
+        step = best.copy()
+        for c in range(1, min(cap, total) + 1):
+            step[c:] = np.maximum(step[c:], best[:-c] + values[c - 1])
+        if np.array_equal(step, best):
+            break
+        best = step
+    return float(best.max())
+
+
+def all_cpu_by_bound(planner, latency, resident: np.ndarray, tokens: int, top_k: int) -> bool:
+    """Whether every routing of a ``tokens``-token step is planned all-CPU (:func:`plan_is_all_cpu`), proved from
+    the planner's rule and the latency model without looking at count vectors (a sufficient condition: False
+    means "not proved", and the symmetry classes may still decide). ``planner``: a ``BoundPlanner`` asked with
+    ``streamable=True``.
+
+      * ``cpu_only`` (concurrent): always.
+      * ``fiddler`` with ``concurrent=True``: Algorithm 1 copies an expert of count c iff transfer_s + gpu(c) <
+        cpu(c), expert by expert, so never iff that fails for every c in [1, tokens].
+      * ``fiddler_overlap``: a plan copying m experts X costs at least sync + max(S - cpu(X), G, m·transfer_s)
+        (S: the offloaded experts' CPU seconds, G: the resident ones' GPU seconds; copies run one after another),
+        and the all-CPU plan of a streamable step costs max(S, G); ties go to fewer copies. So no copy is ever
+        chosen if, for every m up to ``max_transfers``, either the most CPU seconds m experts can hold is at
+        most sync_s, or m·transfer_s + sync_s is at least the most CPU seconds any routing can give S (both
+        maxima over counts in [1, tokens] summing to at most tokens·top_k, :func:`_best_sum`).
+    Other planners: False."""
+    from fiddler_jax.runtime.planning.policies import plan_cpu_only, plan_fiddler, plan_fiddler_overlap
+
+    resident = np.asarray(resident, bool)
+    offloaded = int((~resident).sum())
+    params = planner.params
+    if planner.cache_slots or tokens < 1:
+        return False
+    if planner.policy is plan_cpu_only:
+        return bool(params.get("concurrent", True))
+    concurrent = planner.policy is plan_fiddler_overlap or (planner.policy is plan_fiddler
+                                                            and bool(params.get("concurrent", False)))
+    if offloaded == 0 or not concurrent:  # nothing to copy; a sequential plan never streams
+        return concurrent
+    counts = np.arange(1, tokens + 1)
+    cpu, gpu = np.asarray(latency.cpu(counts), float), np.asarray(latency.gpu(counts), float)
+    if planner.policy is plan_fiddler:
+        return bool(np.all(latency.transfer_s + gpu >= cpu))
+    total = tokens * top_k
+    most = min(offloaded, total)
+    cap = params.get("max_transfers")
+    copies = most if cap is None else min(most, int(cap))
+    busiest = _best_sum(cpu, most, total)  # the most CPU seconds any routing gives the offloaded experts
+    for m in range(1, copies + 1):
+        if _best_sum(cpu, m, total) > latency.sync_s and m * latency.transfer_s + latency.sync_s < busiest:
+            return False
+    return True
