@@ -230,8 +230,9 @@ def test_fiddler_overlap_streams_decode_when_a_copy_saves_less_than_the_sync(tmp
 
 def test_a_synced_step_does_not_prefetch_for_a_layer_that_streams(tmp_path):
     """Prefetched copies serve only a synced step's plan: when the next layer's step streams, a synced step
-    leaves the PCIe lane idle instead of filling staging slots nobody reads. Layer 0 is forced to sync here; the
-    others stream; the tokens are those of every layer streaming."""
+    leaves the PCIe lane idle instead of filling staging slots nobody reads. Layer 0 and the prompt's steps are
+    forced to sync here (with max_transfers=0 every step could stream: the planner never copies); the other
+    decode steps stream; the tokens are those of every layer streaming."""
     # copies fast enough that prefetching pays; max_transfers=0: plans never copy, so the PCIe lane is idle
     dataclasses.replace(LatencyModel.from_design_numbers(), transfer_s=1e-5).save(tmp_path / "latency.json")
     path = default_model_path()
@@ -242,13 +243,15 @@ def test_a_synced_step_does_not_prefetch_for_a_layer_that_streams(tmp_path):
     expected = engine.generate(ids, 8, eos_token_id=[])
     streams, rows_now = engine.streamed.tables_id, {}
 
-    def layer_0_syncs(layer, rows):
+    def syncs(layer, rows):
+        return layer == 0 or rows > 1
+
+    def forced(layer, rows):
         if layer == 0:
             rows_now["rows"] = rows  # asked first in every forward pass: the pass's rows
-            return None
-        return streams(layer, rows)
+        return None if syncs(layer, rows) else streams(layer, rows)
 
-    engine.streamed.tables_id = layer_0_syncs
+    engine.streamed.tables_id = forced
     prefetched = []
     prefetch = engine.executor.pcie.prefetch
     engine.executor.pcie.prefetch = lambda layer, experts: (prefetched.append((layer, rows_now["rows"])),
@@ -257,4 +260,4 @@ def test_a_synced_step_does_not_prefetch_for_a_layer_that_streams(tmp_path):
     top_k = engine.config.num_experts_per_tok
     decode = [s for s in engine.trace.steps if int(s.counts.sum()) == top_k]
     assert {s.layer for s in decode if "plan" in s.spans} == {0} and streams(1, 1) is not None
-    assert prefetched and all(streams(layer, rows) is None for layer, rows in prefetched)  # the prompt's do
+    assert prefetched and all(syncs(layer, rows) for layer, rows in prefetched)  # the prompt's do

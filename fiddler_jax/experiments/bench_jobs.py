@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments import CONF_DIR
+from fiddler_jax.experiments.bench_config import compose
 from fiddler_jax.experiments.manifest import MANIFEST, TOOL, _now, load_manifest, write_manifest
 
 
@@ -94,20 +95,6 @@ def _yaml_problem(exc: Exception) -> str:
 def label(job: list[str]) -> str:
     text = "_".join(o.split("=", 1)[1] if "=" in o else o for o in job) or "job"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:80]
-
-
-def compose(overrides: list[str]):
-    """The bench config for these overrides, as ``fiddler-jax bench`` would compose it. Inside a Hydra app of
-    ours (``bench-table``, whose config search path is the same ``fiddler_jax/conf``) through that app's Hydra."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fiddler_jax.experiments import schemas  # noqa: F401  (registers bench_schema)
-
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="bench", overrides=overrides)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="bench", overrides=overrides)
 
 
 def _composition_problem(exc: Exception) -> str:

@@ -53,16 +53,16 @@ def host_memory_gb(_root_) -> int:
 
 def table_host_memory_gb(table) -> int:
     """Host GB for a table preset (``common:`` and ``jobs:`` override lists): each job composed as ``bench`` would
-    compose it (:func:`fiddler_jax.experiments.bench_jobs.compose`), the largest :func:`host_memory_gb`;
+    compose it (:func:`fiddler_jax.experiments.bench_config.compose`), the largest :func:`host_memory_gb`;
     ``FALLBACK_GB`` for a table that does not compose here."""
     from omegaconf import OmegaConf
 
-    from fiddler_jax.experiments import bench_jobs
+    from fiddler_jax.experiments.bench_config import compose
 
     spec = OmegaConf.to_container(table, resolve=True) if OmegaConf.is_config(table) else table
     common = [str(o) for o in spec.get("common") or []]
     try:
-        configs = [bench_jobs.compose(common + [str(o) for o in job]) for job in spec.get("jobs") or []]
+        configs = [compose(common + [str(o) for o in job]) for job in spec.get("jobs") or []]
     except Exception:  # noqa: BLE001  (a composition error: the job itself reports it when it runs)
         return FALLBACK_GB
     return max((host_memory_gb(cfg) for cfg in configs), default=FALLBACK_GB)
