@@ -149,3 +149,18 @@ def test_cpu_only_decode_steps_of_a_batch_stream_with_the_synced_tokens(model_pa
     assert any(ok for (layer, rows), ok in engine.streamed.qualifies.items() if rows == len(prompts))
     synced = engine.with_planner("cpu_only", options=EngineOptions(streamed_cpu_lane=False))
     np.testing.assert_array_equal(synced.generate(prompts, NEW, eos_token_id=[]), streamed)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_batch_through_the_engine_equals_the_plain_model(model_pair):
+    """The device run of the engine test: prompts of different lengths through the engine on the GPU (streamed
+    and synced steps, copies, the pinned host experts) equal the plain model on the GPU, in float32."""
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)
+    expected = fj.generate(model, prompts, NEW, eos_token_id=[])
+    for planner in ("fiddler_overlap", "cpu_only", "transfer"):
+        engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner=planner, resident_experts=2,
+                                          dtype="float32", max_batch=len(prompts), max_step_tokens=16,
+                                          progress=False)
+        np.testing.assert_array_equal(engine.generate(prompts, NEW, eos_token_id=[]), expected, err_msg=planner)
