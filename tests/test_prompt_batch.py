@@ -113,6 +113,11 @@ def test_bad_batches_get_one_clear_error():
         left_padded([[5, 6], []])
     with pytest.raises(InvalidInputError, match="goes with an input_ids array"):
         left_padded([[5, 6], [7]], np.ones((2, 2), int))
+    from fiddler_jax.experiments.model_group import random_model_config
+    from fiddler_jax.runtime.placement import place
+
+    with pytest.raises(InvalidInputError, match="max_step_tokens=4 is below max_batch=8: a decode step holds"):
+        place(random_model_config(None), "24GiB", max_batch=8, max_context=256, max_step_tokens=4)
     ids, pad = left_padded([[5, 6], [7]], pad_token_id=9)
     assert ids.tolist() == [[5, 6], [9, 7]] and pad.tolist() == [0, 1]
     assert [r.tolist() for r in strip_padding(ids, pad)] == [[5, 6], [7]]

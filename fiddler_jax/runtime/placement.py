@@ -175,6 +175,9 @@ def place(cfg: ModelConfig, gpu_budget: int | str, *, itemsize: int = 2, policy:
                                ("cache_slots", cache_slots, 0)):
         if value < least:
             raise InvalidInputError(f"{name} must be ≥ {least}; got {value}")
+    if step_tokens < max_batch:
+        raise InvalidInputError(f"max_step_tokens={step_tokens} is below max_batch={max_batch}: a decode step holds "
+                                "one token of every row; raise max_step_tokens or lower max_batch")
     expert = expert_bytes(cfg, itemsize)
     memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
