@@ -125,7 +125,8 @@ def test_bad_batches_get_one_clear_error():
 
 def test_a_batch_longer_than_one_step_runs_in_several_with_the_same_result(model_pair):
     """max_step_tokens=8 sizes the workspace for 8 tokens: the 4 x 12 prompt batch runs as six steps of two
-    positions (and engine.logits as well), with the tokens and logits of the plain model."""
+    positions (and engine.logits as well), with the tokens and logits of the plain model; each step's counts are
+    its real tokens."""
     hf, path = model_pair
     model = fj.load_pretrained(path, progress=False)
     prompts = _prompts(hf.config.vocab_size)
@@ -134,8 +135,12 @@ def test_a_batch_longer_than_one_step_runs_in_several_with_the_same_result(model
     assert engine.placement.memory.step_tokens == 8
     np.testing.assert_array_equal(engine.generate(prompts, NEW, eos_token_id=[]),
                                   fj.generate(model, prompts, NEW, eos_token_id=[]))
+    # six steps of two positions; the planner counts each step's real tokens (the padding is routed with weight 0)
+    _, pad = left_padded(prompts, pad_token_id=0)
+    real = [int(sum(max(0, min(a + 2, 12) - max(a, p)) for p in pad)) for a in range(0, 12, 2)]
     prefill_steps = [s for s in engine.trace.steps if s.layer == 0][:6]
-    assert [int(s.counts.sum()) for s in prefill_steps] == [8 * model.config.num_experts_per_tok] * 6
+    assert [int(s.counts.sum()) for s in prefill_steps] == [r * model.config.num_experts_per_tok for r in real]
+    assert sum(real) == sum(LENGTHS)
     ids = np.random.default_rng(0).integers(3, hf.config.vocab_size, (2, 11))
     np.testing.assert_allclose(engine.logits(ids), fj.logits(model, ids), rtol=0, atol=1e-5)
 

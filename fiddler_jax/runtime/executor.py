@@ -46,7 +46,7 @@ class Executor:
         clock = self.clock
         experts, weights = step.experts, step.weights
         host_in = moe_in if step.moe_in is None else step.moe_in
-        on_cpu = plan.lanes[experts] == Lane.CPU
+        on_cpu = (plan.lanes[experts] == Lane.CPU) & (weights != 0)  # weight 0: a row's padding, no work
         job = cpu_job = None
         if on_cpu.any():
             token, slot = np.nonzero(on_cpu)

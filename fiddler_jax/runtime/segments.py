@@ -79,7 +79,12 @@ def layer_steps(key, router_key):
         moe = layer.mlp
         routing, _ = moe.route(moe_in)
         shared = moe.shared(moe_in)
-        counts = jnp.bincount(routing.experts.reshape(-1), length=moe.num_experts)
+        # a row's left padding (a batch of prompts of different lengths) is routed with weight 0 and left out of
+        # the counts: the planner sees the real tokens, and the lanes skip (CPU) or zero (GPU) the padding's work
+        real = (positions[None, :] >= kv.pad[:, None]).reshape(-1, 1)
+        routing = routing._replace(weights=jnp.where(real, routing.weights, 0.0))
+        counts = jnp.bincount(routing.experts.reshape(-1), weights=jnp.broadcast_to(real, routing.experts.shape)
+                              .reshape(-1).astype(jnp.int32), length=moe.num_experts)
         predicted = None
         if lookahead is not None:
             next_norm, next_gate = (Split.merge(k, part) for k, part in zip(router_key, lookahead))
