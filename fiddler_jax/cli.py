@@ -22,7 +22,8 @@ COMMANDS = {
     "calibrate": ("fiddler_jax.experiments.calibrate", "measure this machine's lane latencies for a model geometry"),
     "bench": ("fiddler_jax.experiments.bench", "run a scenario (decode/prefill/beam) and write result.json"),
     "bench-jobs": ("fiddler_jax.experiments.bench_jobs", "several bench jobs in one process (one engine build)"),
-    "bench-table": ("fiddler_jax.experiments.bench_table", "one table of docs/benchmarks.md (conf/table/) as a Hydra job"),
+    "bench-table": ("fiddler_jax.experiments.bench_table",
+                    "one table of docs/benchmarks.md (conf/table/) as a Hydra job"),
     "ceilings": ("fiddler_jax.experiments.ceilings", "measure host/PCIe/HBM bandwidths and the limits they set"),
     "report": ("fiddler_jax.experiments.report", "CSV + markdown table + plots of a sweep's result.json files"),
 }

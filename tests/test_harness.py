@@ -295,6 +295,8 @@ def test_resident_fraction_fixes_the_share_of_moe_experts_and_bundled_presets_na
         build.resident_count(qwen, place(resident_experts=5, resident_fraction=0.5))
     with pytest.raises(InvalidInputError, match=r"must be in \[0, 1\]"):
         build.resident_count(qwen, place(resident_fraction=1.5))
+    with pytest.raises(InvalidInputError, match="model.random needs model.geometry"):
+        model_group.model_config(SimpleNamespace(random=True, geometry={}, name="mixtral_8x7b_random"))
     model = SimpleNamespace(random=False, path=None, name="tiny_qwen3_moe")
     if assets.bundled_model_path("tiny_qwen3_moe") is not None:
         assert model_group.checkpoint_path(model).endswith("tiny-qwen3-moe")

@@ -6,9 +6,10 @@ latency model the planner used. Config: ``fiddler_jax/conf/bench.yaml`` and its 
 
 Scenarios: ``decode`` (time to first token, steady-state and end-to-end tokens/s), ``prefill`` (TTFT of a long
 prompt), ``beam`` (tokens/s counting every beam, end-to-end latency), ``batch`` (``batch_size`` independent
-prompts of different lengths together: tokens/s over all rows and of one request, TTFT of the batch). Prompts: :mod:`.workload`. Prompt plus
-output must fit the model's positions: checked before any weight loads; a scenario's default prompt that does not
-fit is shortened to fit, with a note (printed and in result.json's ``notes``), one set explicitly is refused.
+prompts of different lengths together: tokens/s over all rows and of one request, TTFT of the batch). Prompts:
+:mod:`.workload`. Prompt plus output must fit the model's positions: checked before any weight loads; a
+scenario's default prompt that does not fit is shortened to fit, with a note (printed and in result.json's
+``notes``), one set explicitly is refused.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def run_once(engine, ids: np.ndarray, scenario, kv_slots: int | None = None) -> 
     total = stats.prefill_s + stats.first_step_s + stats.decode_s
     if scenario.name == "batch":  # every request runs from the first step to the last
         rows = len(ids)
-        metrics = {"tokens_per_s": rows * stats.new_tokens / total, "per_request_tokens_per_s": stats.new_tokens / total,
-                   "ttft_s": stats.prefill_s, "latency_s": total, "new_tokens": rows * stats.new_tokens}
+        metrics = {"tokens_per_s": rows * stats.new_tokens / total,
+                   "per_request_tokens_per_s": stats.new_tokens / total, "ttft_s": stats.prefill_s,
+                   "latency_s": total, "new_tokens": rows * stats.new_tokens}
         if stats.new_tokens > 2:
             metrics["decode_tokens_per_s"] = rows * stats.decode_tokens_per_s
         return metrics
@@ -124,15 +126,9 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
 def model_positions(cfg) -> int:
     """``max_position_embeddings`` of the configured model (its config.json or random geometry), read without
     loading any weight."""
-    from fiddler_jax.experiments.model_group import checkpoint_path, random_model_config
-    from fiddler_jax.models.config import ModelConfig
+    from fiddler_jax.experiments.model_group import model_config
 
-    m = cfg.model
-    if m.random:
-        if not m.geometry:
-            raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
-        return random_model_config(m.geometry, m.name).max_position_embeddings
-    return ModelConfig.from_pretrained(checkpoint_path(m)).max_position_embeddings
+    return model_config(cfg.model).max_position_embeddings
 
 
 def fit_scenario(cfg, explicit: list[str] | tuple = ()) -> str | None:

@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments import CONF_DIR
-from fiddler_jax.experiments.bench_config import compose
+from fiddler_jax.experiments.bench_config import compose, parse_jobs
 from fiddler_jax.experiments.manifest import MANIFEST, TOOL, _now, load_manifest, write_manifest
 
 
@@ -71,15 +71,7 @@ def load_jobs(path: str) -> tuple[list[str], list[list[str]]]:
         raise InvalidInputError(f"jobs file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except Exception as exc:  # noqa: BLE001  (yaml's and OmegaConf's errors: the file is not a YAML mapping)
         raise InvalidInputError(f"jobs file {path} is not valid YAML: {_yaml_problem(exc)}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("jobs"), list) or not spec["jobs"]:
-        raise InvalidInputError(f"{path} must hold a non-empty list `jobs:` of override lists (and optionally "
-                                "`common:`); see `fiddler-jax bench-jobs --help`")
-    common = spec.get("common") or []
-    jobs = spec["jobs"]
-    for item in [common, *jobs]:
-        if not isinstance(item, list) or not all(isinstance(o, str) and "=" in o for o in item):
-            raise InvalidInputError(f"{path}: {item!r} is not a list of key=value overrides")
-    return [str(o) for o in common], [[str(o) for o in job] for job in jobs]
+    return parse_jobs(spec, path)
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -230,7 +222,8 @@ def run_jobs(common: list[str], jobs: list[list[str]], out: str, *, replace: boo
                                 "allocator is capped once per process: one jobs file per budget")
     names = [f"{n:02d}_{label(job)}" for n, job in enumerate(jobs)]
     prepare_out(out, names, replace)
-    manifest = {"tool": TOOL, "format": 1, "jobs_file": os.path.abspath(jobs_file) if jobs_file and os.path.isfile(jobs_file) else jobs_file,
+    source = os.path.abspath(jobs_file) if jobs_file and os.path.isfile(jobs_file) else jobs_file  # or table=<name>
+    manifest = {"tool": TOOL, "format": 1, "jobs_file": source,
                 "common": list(common), "started": _now(), "finished": None, "git_sha": git_sha(),
                 "git_dirty": git_dirty(),
                 "jobs": [{"folder": name, "overrides": list(job), "status": "pending", "error": None}

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.experiments.bench_config import parse_jobs
 from fiddler_jax.experiments.common import CONF_DIR, clear_errors
 
 
@@ -26,12 +27,7 @@ def run_table(cfg, out: str, name: str) -> list[tuple[str, str]]:
 
     if name is None or "table" not in cfg:
         raise InvalidInputError(f"bench-table needs table=<name>; the tables: {', '.join(bench_jobs.tables())}")
-    table = OmegaConf.to_container(cfg.table, resolve=True)
-    if not isinstance(table, dict) or not isinstance(table.get("jobs"), list) or not table["jobs"]:
-        raise InvalidInputError(f"table {name} must hold a non-empty list `jobs:` of override lists (and optionally "
-                                "`common:`)")
-    common = [str(o) for o in table.get("common") or []]
-    jobs = [[str(o) for o in job] for job in table["jobs"]]
+    common, jobs = parse_jobs(OmegaConf.to_container(cfg.table, resolve=True), f"table {name}")
     status = bench_jobs.run_jobs(common, jobs, out, jobs_file=f"table={name}")
     if any(s == "ok" for _, s in status):
         report.main([out])

@@ -16,7 +16,7 @@ import math
 from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
-from fiddler_jax.experiments.model_group import checkpoint_path, model_config, random_model_config
+from fiddler_jax.experiments.model_group import checkpoint_path, model_config
 from fiddler_jax.experiments.schemas import planner_kwargs
 
 _LAST_ENGINE: dict = {}
@@ -109,48 +109,46 @@ def build_engine(cfg):
         engine, tokenizer = _LAST_ENGINE[key]
         return engine.with_planner(options=options, **pk), tokenizer
     release_engines()
-    m, pl = cfg.model, cfg.placement
-    kwargs = dict(size, placement=pl.policy, dtype=m.dtype, profile=pl.profile, seed=pl.seed, options=options,
-                  **pk)
+    m = cfg.model
+    config = model_config(m)
+    kwargs = engine_kwargs(cfg, config, size, pk, options=options)
     if m.random:
-        if not m.geometry:
-            raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
-        config = random_model_config(m.geometry, m.name)
-        kwargs["resident_experts"] = resident_count(config, pl)
         built = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
     else:
         import fiddler_jax as fj
-        from fiddler_jax.models.config import ModelConfig
 
         path = checkpoint_path(m)
-        kwargs["resident_experts"] = resident_count(ModelConfig.from_pretrained(path), pl)
         built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
     _LAST_ENGINE[key] = built
     return built
 
 
+def engine_kwargs(cfg, config, size: dict, pk: dict, **extra) -> dict:
+    """The keyword arguments of ``Engine.from_pretrained`` / ``from_random`` for the config: its size
+    (:func:`engine_size`), placement, dtype, profile, seed, the resident experts (:func:`resident_count`) and the
+    planner's (:func:`planner_kwargs`)."""
+    pl = cfg.placement
+    return dict(size, placement=pl.policy, dtype=cfg.model.dtype, profile=pl.profile, seed=pl.seed,
+                resident_experts=resident_count(config, pl), **pk, **extra)
+
+
 def check_engine(cfg) -> None:
-    """The checks :func:`build_engine` makes before it loads anything, without loading weights or using a device:
-    the planner binds with its parameters (``cpu_only`` has no ``max_transfers``), the engine's size resolves
-    (the KV reserve holds every beam) and the placement fits the GPU budget (KV cache, workspace and slots under
-    it). Raises the error the build would; a budget of ``auto`` is checked on the device only (it asks JAX)."""
-    from fiddler_jax.models.checkpoint import resolve_dtype
-    from fiddler_jax.runtime.engine import bind_planner
-    from fiddler_jax.runtime.placement import place
+    """The checks :func:`build_engine` makes before it loads anything (``Engine.check`` with the build's keyword
+    arguments), without loading weights or using a device: the planner binds with its parameters (``cpu_only``
+    has no ``max_transfers``), the engine's size resolves (the KV reserve holds every beam) and the placement fits
+    the GPU budget (KV cache, workspace and slots under it). Raises the error the build would. A budget of
+    ``auto`` is checked on the device only (it asks JAX), as is a routing profile (reading it traces the model):
+    there only the planner is bound."""
+    from fiddler_jax.runtime.engine import Engine, bind_planner
 
     pk = planner_kwargs(cfg.planner)
-    params = {k: v for k, v in pk.items() if k not in ("planner", "staging_slots", "cache_slots")}
-    bound = bind_planner(pk["planner"], params, pk["staging_slots"], pk["cache_slots"])
-    kv_rows(cfg)
     if cfg.hardware.gpu_budget is None:
+        params = {k: v for k, v in pk.items() if k not in ("planner", "staging_slots", "cache_slots")}
+        bind_planner(pk["planner"], params, pk["staging_slots"], pk["cache_slots"])
+        kv_rows(cfg)
         return
-    size = engine_size(cfg)
     config = model_config(cfg.model)
-    place(config, size["gpu_budget"], itemsize=resolve_dtype(cfg.model.dtype).itemsize,
-          policy=cfg.placement.policy, resident_experts=resident_count(config, cfg.placement),
-          max_batch=size["max_batch"], max_context=size["max_context"], max_step_tokens=size["max_step_tokens"],
-          staging_slots=pk["staging_slots"],
-          cache_slots=bound.cache_slots, seed=cfg.placement.seed)
+    Engine.check(config, **{**engine_kwargs(cfg, config, engine_size(cfg), pk), "profile": None})
 
 
 def resident_count(config, placement) -> int | None:

@@ -57,12 +57,12 @@ def table_host_memory_gb(table) -> int:
     ``FALLBACK_GB`` for a table that does not compose here."""
     from omegaconf import OmegaConf
 
-    from fiddler_jax.experiments.bench_config import compose
+    from fiddler_jax.experiments.bench_config import compose, parse_jobs
 
     spec = OmegaConf.to_container(table, resolve=True) if OmegaConf.is_config(table) else table
-    common = [str(o) for o in spec.get("common") or []]
     try:
-        configs = [compose(common + [str(o) for o in job]) for job in spec.get("jobs") or []]
-    except Exception:  # noqa: BLE001  (a composition error: the job itself reports it when it runs)
+        common, jobs = parse_jobs(spec, "table")
+        configs = [compose(common + job) for job in jobs]
+    except Exception:  # noqa: BLE001  (a malformed table or a composition error: the job itself reports it)
         return FALLBACK_GB
-    return max((host_memory_gb(cfg) for cfg in configs), default=FALLBACK_GB)
+    return max(host_memory_gb(cfg) for cfg in configs)

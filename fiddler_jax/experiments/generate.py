@@ -10,7 +10,6 @@ stand for newline, tab and backslash."""
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from fiddler_jax.experiments.model_group import checkpoint_path
 from fiddler_jax.experiments.common import (
     CONF_DIR, check_output_path, clear_errors, decode_escapes, run_dir, write_output,
 )
-from fiddler_jax.experiments.generate_batch import generate_all, output_path, read_prompts
+from fiddler_jax.experiments.generate_batch import check_prompts_file, generate_all, output_path, read_prompts
 from fiddler_jax.experiments.schemas import KernelSchema, ModelSchema, PlacementSchema, PlannerConfig
 
 
@@ -173,8 +172,8 @@ def check_args(cfg) -> str | None:
     if not cfg.prompts_file and (cfg.out is not None or "batch_size" in _given_keys()):
         raise InvalidInputError("out and batch_size go with prompts_file=<file> (one output per prompt); for one "
                                 "prompt the output is printed")
-    if cfg.prompts_file and not os.path.isfile(cfg.prompts_file):
-        raise InvalidInputError(f"prompts_file {cfg.prompts_file} does not exist")
+    if cfg.prompts_file:
+        check_prompts_file(cfg.prompts_file)
     if cfg.batch_size < 1:
         raise InvalidInputError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
     check_beam_args(cfg.num_beams, cfg.length_penalty, cfg.early_stopping, cfg.do_sample)
@@ -195,14 +194,11 @@ def check_args(cfg) -> str | None:
 def check_context(cfg) -> None:
     """``max_new_tokens`` (with ``prompt_ids``' length when given) must fit the model's context: read from the
     checkpoint's config.json (or the random model's geometry) before any weights load."""
-    from fiddler_jax.experiments.model_group import random_model_config
-    from fiddler_jax.models.config import ModelConfig
+    from fiddler_jax.experiments.model_group import model_config
 
     if cfg.max_new_tokens < 0:
         raise InvalidInputError(f"max_new_tokens must be ≥ 0, got {cfg.max_new_tokens}")
-    m = cfg.model
-    config = (random_model_config(m.geometry, m.name) if m.random
-              else ModelConfig.from_pretrained(checkpoint_path(m)))
+    config = model_config(cfg.model)
     prompt = len(cfg.prompt_ids) if cfg.prompt_ids is not None else 1
     if prompt + cfg.max_new_tokens > config.max_position_embeddings:
         raise InvalidInputError(

@@ -22,10 +22,15 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.common import decode_escapes
 
 
-def read_prompts(path: str, tokenizer) -> list[tuple[str | None, np.ndarray]]:
-    """(text or None, token ids) of every prompt in ``path`` (module docstring)."""
+def check_prompts_file(path: str) -> None:
+    """Refuse a ``prompts_file`` that is not a file (before any model loads)."""
     if not os.path.isfile(path):
         raise InvalidInputError(f"prompts_file {path} does not exist")
+
+
+def read_prompts(path: str, tokenizer) -> list[tuple[str | None, np.ndarray]]:
+    """(text or None, token ids) of every prompt in ``path`` (module docstring)."""
+    check_prompts_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()

@@ -48,7 +48,11 @@ def checkpoint_path(model) -> str:
 
 def model_config(model):
     """The ``ModelConfig`` of the ``model`` group: its random geometry, or its checkpoint folder's config.json."""
+    from fiddler_jax.errors import InvalidInputError
     from fiddler_jax.models.config import ModelConfig
 
-    return random_model_config(model.geometry, model.name) if model.random else \
-        ModelConfig.from_pretrained(checkpoint_path(model))
+    if not model.random:
+        return ModelConfig.from_pretrained(checkpoint_path(model))
+    if not model.geometry:
+        raise InvalidInputError("model.random needs model.geometry (config.json keys of the random model)")
+    return random_model_config(model.geometry, model.name)

@@ -172,16 +172,11 @@ class Engine:
         options = options or EngineOptions()
         if not isinstance(options, EngineOptions):
             raise InvalidInputError(f"options must be an EngineOptions; got {type(options).__name__}")
-        bound = bind_planner(planner, planner_params, staging_slots, cache_slots)
-        counts = None
-        if profile is not None:  # refuses a profile of another model, before anything is loaded
-            counts = RoutingProfile.load(profile, abstract_model(cfg)).counts
-        itemsize = resolve_dtype(dtype).itemsize
-        placed = place(cfg, gpu_budget, itemsize=itemsize, policy=placement, profile=counts,
-                       resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
-                       max_step_tokens=max_step_tokens, staging_slots=staging_slots, cache_slots=bound.cache_slots,
-                       seed=seed)
-        check_planner_fits(bound, placed.resident)
+        bound, placed = cls._placed(cfg, gpu_budget=gpu_budget, planner=planner, placement=placement,
+                                    resident_experts=resident_experts, staging_slots=staging_slots,
+                                    cache_slots=cache_slots, dtype=dtype, profile=profile, max_batch=max_batch,
+                                    max_context=max_context, max_step_tokens=max_step_tokens, seed=seed,
+                                    planner_params=planner_params)
         offloaded_bytes = int((~placed.resident).sum()) * placed.memory.expert
         check_host_memory(offloaded_bytes)
         size_pinned_pool(offloaded_bytes)  # before JAX starts, if it has not
@@ -191,6 +186,36 @@ class Engine:
         resources = EngineResources.build(model, host, placed, staging_slots=staging_slots,
                                           cache_slots=bound.cache_slots, transfer_s=lat.transfer_s)
         return cls(resources, bound, lat, options)
+
+    @classmethod
+    def _placed(cls, cfg: ModelConfig, *, gpu_budget, planner, placement, resident_experts, staging_slots,
+                cache_slots, dtype, profile, max_batch, max_context, max_step_tokens, seed,
+                planner_params) -> tuple[BoundPlanner, Placement]:
+        """The planner bound to its parameters and the placement (a profile of another model refused), checked
+        against each other: everything :meth:`_build` decides before it loads anything."""
+        bound = bind_planner(planner, planner_params, staging_slots, cache_slots)
+        counts = None
+        if profile is not None:  # refuses a profile of another model, before anything is loaded
+            counts = RoutingProfile.load(profile, abstract_model(cfg)).counts
+        placed = place(cfg, gpu_budget, itemsize=resolve_dtype(dtype).itemsize, policy=placement, profile=counts,
+                       resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
+                       max_step_tokens=max_step_tokens, staging_slots=staging_slots, cache_slots=bound.cache_slots,
+                       seed=seed)
+        check_planner_fits(bound, placed.resident)
+        return bound, placed
+
+    @classmethod
+    def check(cls, cfg: ModelConfig, **kwargs) -> Placement:
+        """What building an engine of ``cfg`` with these keyword arguments (as :meth:`from_pretrained`'s) would
+        refuse before it loads anything -- the planner's parameters, the placement under the budget, the planner
+        against the placement -- raised without loading weights or starting a device; returns the placement.
+        ``latency``, ``progress`` and ``options`` are not looked at."""
+        build = inspect.signature(cls._build).parameters
+        planner_params = {k: kwargs.pop(k) for k in list(kwargs) if k not in build}
+        placed = inspect.signature(cls._placed).parameters
+        defaults = {k: p.default for k, p in build.items() if p.kind == p.KEYWORD_ONLY and k in placed}
+        return cls._placed(cfg, **{**defaults, **{k: v for k, v in kwargs.items() if k in defaults},
+                                   "planner_params": planner_params})[1]
 
     def with_planner(self, planner: str, *, options: EngineOptions | None = None, staging_slots: int | None = None,
                      cache_slots: int = 0, **planner_params) -> Engine:
@@ -243,13 +268,13 @@ class Engine:
         ``last_only``), and the updated KV cache (:mod:`step_loop`). More than ``max_step_tokens`` tokens (the
         workspace placement sized) run as consecutive steps of at most that many, each over all rows and the
         next positions: the cache makes the result the same."""
-        import jax.numpy as jnp
-
         rows, width = tokens.shape
         columns = max(1, self.placement.memory.step_tokens // rows) if self.placement.memory.step_tokens else width
         with self.resources.lock:
             if width <= columns:
                 return self.step_loop.forward(tokens, cache, start, last_only=last_only)
+            import jax.numpy as jnp
+
             pieces = []
             for a in range(0, width, columns):
                 out, cache = self.step_loop.forward(tokens[:, a:a + columns], cache, start + a, last_only=last_only)
@@ -275,12 +300,12 @@ class Engine:
         """Greedy, sampled or beam-search continuation [B, T + n] (same contract as ``fiddler_jax.generate``,
         prompts of different lengths included). Beam search needs num_beams × cache length within the KV reserve
         placed for ``max_batch`` rows."""
-        ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
         check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
         if num_beams == 1:
-            return self.generate_with_stats(ids, max_new_tokens, do_sample, seed, temperature=temperature,
+            return self.generate_with_stats(input_ids, max_new_tokens, do_sample, seed, temperature=temperature,
                                             top_p=top_p, eos_token_id=eos_token_id, kv_slots=kv_slots,
-                                            attention_mask=pad[:, None] <= np.arange(ids.shape[1]))[0]
+                                            attention_mask=attention_mask)[0]
+        ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
         if max_new_tokens == 0:
             return ids
 
@@ -310,9 +335,8 @@ class Engine:
         self._check_kv_reserve(ids.shape[0], slots, "generate")
         with self.resources.lock:
             out = decode_loop(self._forward_last, self.model.init_cache(ids.shape[0], slots, pad), ids,
-                              max_new_tokens,
-                              self._eos(eos_token_id), do_sample=do_sample, seed=seed, temperature=temperature,
-                              top_p=top_p)
+                              max_new_tokens, self._eos(eos_token_id), do_sample=do_sample, seed=seed,
+                              temperature=temperature, top_p=top_p)
             self.step_loop.drain()
         return out
 
