@@ -78,7 +78,7 @@ def test_tiny_sweep_writes_results_and_report_tables_them(tmp_path):
         assert ceil["host_read"] > 0 and ceil["pinned_h2d"] > 0 and limits["cpu_lane_read_GBps"] > 0
         assert ceil["host_read_with_h2d"] > 0 and ceil["pinned_h2d_with_read"] > 0
         assert ceil["host_read"] == max(ceil["host_read_kernel"], ceil["host_read_numpy"])
-        # rates only: the counts of experts read and copied stand apart (they were once listed as GB/s)
+        # rates only: the counts of experts read and copied stand apart
         assert set(ceil) == {"host_read", "host_read_kernel", "host_read_numpy", "pinned_h2d", "host_read_with_h2d",
                              "pinned_h2d_with_read"}
         # the probe is sized in bytes (2.8 GB read, 1.06 GB copied): on the tiny model that is all 24 offloaded
