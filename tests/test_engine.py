@@ -96,7 +96,7 @@ def test_plans_never_recompile(checkpoint):
     prompt = token_ids(97, (1, 6), seed=3)
     engine.generate(prompt, 100, eos_token_id=[])  # compiles every shape this generation length uses
     jitted = list(engine.jitted_functions().values())
-    assert len(jitted) == 7  # all four layers share one structure: one jitted step of each kind
+    assert len(jitted) == 8  # all four layers share one structure: one jitted step of each kind
     before = [f._cache_size() for f in jitted]
     engine.trace.clear()
     engine.generate(prompt, 100, eos_token_id=[])  # the same shapes again, many different plans
@@ -213,7 +213,7 @@ def test_trace_saves_a_perfetto_timeline(checkpoint, tmp_path):
     data = json.loads((tmp_path / "trace.json").read_text())
     spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
     lanes = {e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
-    assert lanes == {"plan", "pcie", "cpu", "gpu"}
+    assert lanes == {"plan", "pcie", "cpu", "gpu", "attention", "cpu_wait"}
     assert {e["tid"] for e in spans} >= {0, 3} and all(e["dur"] >= 0 for e in spans)
     summary = data["otherData"]["summary"]
     assert summary["planned_steps"] == 12 and 0 <= summary["gpu_hit_rate"] <= 1

@@ -103,6 +103,50 @@ def test_a_128_expert_layer_records_every_experts_count():
         S.unregister_layers([tid])
 
 
+def test_begin_and_end_pair_in_dispatch_order_across_layers_with_one_compile():
+    """Begin and end as separate dispatches (the engine's order: begin, other work, end): each end gets its own
+    begin's result, layer ids are data (one compiled begin for both layers), an end with no open begin is refused,
+    and abandon frees begun calls no end will follow."""
+    rng = np.random.default_rng(7)
+    E_, H, F, k, T = 8, 32, 48, 2, 3
+    device = jax.devices()[0]
+    layers, ids = [], []
+    for _ in range(2):
+        resident = np.zeros(E_, bool)
+        resident[rng.choice(E_, 2, replace=False)] = True
+        layers.append(_layer(rng, E_, H, F, resident))
+        ids.append(S.register_layer(ExpertTables(*layers[-1], hidden=H), device))
+    put = lambda a: jax.device_put(a, device)  # noqa: E731
+    begin = jax.jit(S.streamed_cpu_begin)
+    try:
+        calls = []
+        for n in range(4):  # two calls per layer, begun before any ends
+            x = rng.standard_normal((T, H)).astype(BF16)
+            experts = np.stack([rng.choice(E_, k, replace=False) for _ in range(T)]).astype(np.int32)
+            weights = rng.random((T, k)).astype(np.float32)
+            calls.append((x, experts, weights, n % 2, begin(put(x), put(experts), put(weights), np.int32(ids[n % 2]))))
+        assert begin._cache_size() == 1
+        for x, experts, weights, layer, ticket in calls:
+            out = np.asarray(S.end(ticket, T, H))
+            ref = _reference(x, experts, weights, layers[layer])
+            assert np.linalg.norm(out - ref) <= 1e-2 * np.linalg.norm(ref)
+        with pytest.raises(Exception, match="no open streamed_cpu_begin"):
+            S.end(calls[0][-1], T, H).block_until_ready()
+        x, experts, weights = (put(a) for a in calls[0][:3])
+        begin(x, experts, weights, np.int32(ids[0])).block_until_ready()
+        assert S.abandon() == 1 and S.abandon() == 0
+        with pytest.raises(Exception, match="no open streamed_cpu_begin"):
+            S.end(calls[0][-1], T, H).block_until_ready()
+        ticket = begin(x, experts, weights, np.int32(ids[0]))
+        with pytest.raises(Exception, match="this end expects 2 x 32"):  # an end of another shape
+            S.end(ticket, 2, H).block_until_ready()
+        np.testing.assert_array_equal(np.asarray(S.end(ticket, T, H)),
+                                      np.asarray(S.streamed_cpu_mix(x, experts, weights, tables=ids[0])))
+    finally:
+        S.abandon()
+        S.unregister_layers(ids)
+
+
 def test_layers_beyond_the_records_experts_are_refused_at_registration():
     assert S.STREAMED_MAX_EXPERTS == 256
     E_ = S.STREAMED_MAX_EXPERTS + 1
@@ -196,10 +240,36 @@ def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
                for s in decode_steps)
     one = ids[:, :1]
     logits_streamed = engine.logits(one)
+    assert not engine.streamed.open
+    serial = engine.with_planner("cpu_only", options=EngineOptions(streamed_overlap=False))  # mix, then CPU lane
+    np.testing.assert_array_equal(serial.generate(ids, 12, eos_token_id=[]), streamed)
+    np.testing.assert_array_equal(serial.logits(one), logits_streamed)
     engine = engine.with_planner("cpu_only", options=EngineOptions(streamed_cpu_lane=False))
     np.testing.assert_array_equal(engine.generate(ids, 12, eos_token_id=[]), streamed)
     np.testing.assert_array_equal(engine.logits(one), logits_streamed)
     assert all(len(s.spans) > 1 for s in engine.trace.steps)  # synced steps: plan, gpu and cpu spans
+
+
+def test_a_pass_that_raises_between_begin_and_end_leaves_the_lane_usable(monkeypatch):
+    """An error after a streamed step's begin (here: the resident mix's dispatch) abandons the begun call; the
+    next forward pass pairs its begins and ends again and gives the logits of an engine that never failed."""
+    path = default_model_path()
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=8,
+                                      dtype="bfloat16", progress=False)
+    one = np.asarray([[5]])
+    want = np.asarray(engine.logits(one))
+    gpu = engine.executor.gpu
+    original = gpu.resident_mix
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected dispatch failure")
+
+    monkeypatch.setattr(gpu, "resident_mix", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.logits(one)
+    assert not engine.streamed.open
+    monkeypatch.setattr(gpu, "resident_mix", original)
+    np.testing.assert_array_equal(np.asarray(engine.logits(one)), want)
 
 
 def test_fiddler_overlap_streams_decode_when_a_copy_saves_less_than_the_sync(tmp_path):

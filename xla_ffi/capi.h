@@ -16,8 +16,10 @@ extern "C" {
 XLA_FFI_Error* FiddlerExpertFfn(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FiddlerGroupedExpertFfn(XLA_FFI_CallFrame* call_frame);
 /* The streamed CPU lane (streamed_lane.cc): one handler per platform, "cpu" and "CUDA". */
-XLA_FFI_Error* FiddlerStreamedLaneCpu(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* FiddlerStreamedLaneCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedBeginCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedEndCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedBeginCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedEndCuda(XLA_FFI_CallFrame* call_frame);
 
 /* Feature bits for fj_cpu_feature_bits. */
 enum {
@@ -74,14 +76,21 @@ void fj_streamed_lane_unregister(int64_t id);
 int fj_streamed_lane_error(char* err, int err_len);
 /* One record per streamed call (for the engine's trace): moves up to `capacity` of them to out, oldest first.
    counts[e] for e < experts (the layer's expert count) are the tokens routed to expert e (saturating at 65535);
-   the rest are zero. */
+   the rest are zero. gpu_ns: a timed CUDA call's events (before and after its input copy, before end's wait,
+   after the output copy) on CLOCK_MONOTONIC, all 0 when untimed. */
 enum { kFjStreamedMaxExperts = 256 };
 typedef struct FjStreamedRecord {
   int64_t tables, tokens, assignments, experts, start_ns, end_ns; /* CLOCK_MONOTONIC */
   uint16_t counts[256];                                            /* kFjStreamedMaxExperts */
+  int64_t gpu_ns[4];
 } FjStreamedRecord;
 int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped);
 int64_t fj_monotonic_ns(void);
+/* Forget the begun calls no end will follow (a forward pass that raised between them): waits until each has run,
+   frees its slot; returns how many there were. */
+int64_t fj_streamed_lane_abandon(void);
+/* Record CUDA events around each call from now on (on != 0), for the records' gpu_ns. */
+void fj_streamed_lane_set_timing(int on);
 
 #ifdef __cplusplus
 }

@@ -19,6 +19,7 @@ inline const char* DtypeName(ffi::DataType t) {
     case ffi::DataType::S32: return "int32";
     case ffi::DataType::S64: return "int64";
     case ffi::DataType::U16: return "uint16";
+    case ffi::DataType::U8: return "uint8";
     case ffi::DataType::PRED: return "bool";
     default: return "an unsupported dtype";
   }

@@ -1,29 +1,40 @@
-// The streamed CPU lane: one layer step's CPU-lane experts as an XLA custom call, so a decode step needs no host
-// sync. Algorithm, for one call (x [T, hidden] bf16, experts/weights [T, k] the step's routing, `tables` the id
-// of a registered layer):
+// The streamed CPU lane: one layer step's CPU-lane experts as a pair of XLA custom calls, so a decode step needs
+// no host sync and the GPU works on the resident experts while the CPU works on the offloaded ones.
+//
+// begin(packed, tokens=T, top_k=k, hidden=H) -> ticket: `packed` is one uint8 buffer [x bf16 T*H | experts int32
+// T*k | weights f32 T*k | tables id int32] (the jitted caller packs it, so one device-to-host copy moves it; the
+// layer's id is data, so one compiled program serves every layer). end(ticket) -> out f32 [T, H]. For one call:
 //   1. the assignments (t, experts[t, j], weights[t, j]) whose expert the layer's table holds on the host are
 //      kept (the others are GPU-resident: the engine's resident mix covers them);
-//   2. out [T, hidden] float32 = their grouped expert FFN (GroupedExpertFfnTables over the pinned weights),
-//      zero where a token has none.
-// On the "cpu" platform the call runs step 2 in place. On "CUDA" it is queued on XLA's stream, where the host
-// cannot wait for anything: the inputs are copied into a pinned staging slot (cuMemcpyDtoHAsync), a host
-// function runs steps 1-2 when the stream reaches it (cuLaunchHostFunc), and the output is copied back
-// (cuMemcpyHtoDAsync). The stream thus orders attention -> CPU experts -> next layer by itself, and the Python
-// thread queues whole tokens ahead. The CUDA driver is found at run time (dlopen of libcuda.so.1, which JAX has
-// loaded), so this file needs no CUDA headers and the library still loads on machines without a GPU.
+//   2. out = their grouped expert FFN (GroupedExpertFfnTables over the pinned weights), zero where a token has none.
+// Every begin is paired with the next end the same thread enqueues (a FIFO of open calls: XLA runs a device's
+// programs in the order they were dispatched, and the engine dispatches begin, the resident mix, end).
+// On the "cpu" platform begin runs steps 1-2 in place and end copies the result out. On "CUDA" both are queued on
+// XLA's stream, where the host cannot wait for anything: begin copies `packed` into a pinned slot
+// (cuMemcpyDtoHAsync) and queues a host function (cuLaunchHostFunc) that hands the slot to the lane's worker thread
+// and returns at once, so the stream goes on to the next work (the resident experts' mix); end queues a host
+// function that waits until the worker has run the slot, then the copy of the output back (cuMemcpyHtoDAsync).
+// The CUDA driver is found at run time (dlopen of libcuda.so.1, which JAX has loaded), so this file needs no CUDA
+// headers and the library still loads on machines without a GPU.
 // A host function cannot return an error to XLA: its first error is kept (fj_streamed_lane_error) and its output
 // is zero; the engine checks after each forward pass and raises.
 // Each call leaves a record (fj_streamed_lane_records): its tokens, the assignments the CPU ran, its span and the
 // tokens routed to each of the layer's experts. A layer registers with at most kFjStreamedMaxExperts (256)
 // experts, the size of the C record's counts; the ring keeps each record's counts at the layer's own size, so
 // its memory follows the model (8192 records of a 128-expert layer: under 3 MB).
+// With timing on (fj_streamed_lane_set_timing), a CUDA call also records four events on the stream -- before its
+// input copy (the GPU work before it is done), after it, before end's wait and after the output copy -- and its
+// record carries their times on the host clock (anchored where the worker picked the slot up): the GPU spans of a
+// streamed step.
 #include <dlfcn.h>
 #include <time.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -41,6 +52,7 @@ namespace ffi = xla::ffi;
 
 struct CUstream_st;  // opaque CUDA types: only pointers to them cross this file
 struct CUctx_st;
+struct CUevent_st;
 
 namespace {
 
@@ -60,15 +72,22 @@ std::shared_ptr<const LayerTables> FindTables(int64_t id) {
 }
 
 // -- records (the engine's trace) and the first host-side error ------------------------------------------------
+struct Slot;
+
 struct Record {
   int64_t tables = 0, tokens = 0, assignments = 0, start_ns = 0, end_ns = 0;
   std::vector<uint16_t> counts;  // one per expert of the layer
+  int64_t seq = 0;                // the record's number (records made before it)
+  int64_t gpu_ns[4] = {0, 0, 0, 0};  // a timed CUDA call's four events on the host clock (0: untimed)
+  Slot* pending = nullptr;        // a timed call whose events are not resolved yet: its slot
+  int64_t use = 0;                // and the slot's use the events belong to
 };
 
 constexpr size_t kRecordRing = 8192;
 std::mutex g_records_mu;
 std::deque<Record> g_records;  // at most kRecordRing, oldest dropped
 int64_t g_records_dropped = 0;
+int64_t g_records_made = 0;
 
 std::mutex g_error_mu;
 std::string g_error;
@@ -84,13 +103,13 @@ int64_t NowNs() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
-// Steps 1-2 of the file comment for the layer registered under `id`. Returns nullptr or an error message
-// (thread-local storage).
+// Steps 1-2 of the file comment for the layer registered under `id`, filling `rec` (its counts, tokens and span).
+// Returns nullptr or an error message (thread-local storage); `rec` is complete unless an index was out of range.
 const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, int64_t T, int64_t k,
-                    const int32_t* experts, const float* weights, float* out) {
+                    const int32_t* experts, const float* weights, float* out, Record& rec, bool& recorded) {
   static thread_local std::string msg;
   int64_t start = NowNs();
-  Record rec;
+  recorded = false;
   rec.tables = id;
   rec.tokens = T;
   rec.counts.assign(tables->E, 0);
@@ -121,54 +140,71 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
   }
   rec.start_ns = start;
   rec.end_ns = NowNs();
-  {
-    std::lock_guard<std::mutex> lock(g_records_mu);
-    if (g_records.size() >= kRecordRing) {
-      g_records.pop_front();
-      ++g_records_dropped;
-    }
-    g_records.push_back(std::move(rec));
-  }
+  recorded = true;
   return err;
 }
 
-// Checks the call's buffers against the layer registered under `id`: sets `tables` to it and returns "", or
-// returns an error message.
-std::string CheckCall(const ffi::AnyBuffer& x, const ffi::AnyBuffer& experts, const ffi::AnyBuffer& weights,
-                      const ffi::AnyBuffer& out, int64_t id, std::shared_ptr<const LayerTables>& tables) {
-  const char* op = "streamed_cpu_mix";
-  tables = FindTables(id);
-  if (!tables) return std::string(op) + ": no layer tables registered under id " + std::to_string(id);
+// Adds a record to the ring; returns its number.
+int64_t PushRecord(Record&& rec) {
+  std::lock_guard<std::mutex> lock(g_records_mu);
+  rec.seq = g_records_made++;
+  if (g_records.size() >= kRecordRing) {
+    g_records.pop_front();
+    ++g_records_dropped;
+  }
+  g_records.push_back(std::move(rec));
+  return g_records.back().seq;
+}
+
+// The packed input's parts (bytes from the start of the buffer), for T tokens, top-k routing and hidden size H:
+// x first, so the kernel reads it from the slot's 64-byte-aligned start.
+struct Packed {
+  size_t x = 0, experts = 0, weights = 0, id = 0, bytes = 0;
+  Packed(int64_t T, int64_t k, int64_t H) {
+    experts = x + static_cast<size_t>(T) * H * 2;
+    weights = experts + static_cast<size_t>(T) * k * 4;
+    id = weights + static_cast<size_t>(T) * k * 4;
+    bytes = id + 4;
+  }
+};
+
+// Checks a begin call's static shape: "" or an error message.
+std::string CheckBegin(const ffi::AnyBuffer& packed, const ffi::AnyBuffer& ticket, int64_t T, int64_t k,
+                       int64_t H) {
+  const char* op = "streamed_cpu_begin";
   std::string e;
-  if (!(e = fiddler::Check(op, "x", x, ffi::DataType::BF16, 2)).empty()) return e;
-  if (!(e = fiddler::Check(op, "experts", experts, ffi::DataType::S32, 2)).empty()) return e;
-  if (!(e = fiddler::Check(op, "weights", weights, ffi::DataType::F32, 2)).empty()) return e;
-  if (!(e = fiddler::Check(op, "output", out, ffi::DataType::F32, 2)).empty()) return e;
-  auto xd = x.dimensions(), ed = experts.dimensions(), wd = weights.dimensions(), od = out.dimensions();
-  if (xd[1] != tables->hidden)
-    return std::string(op) + ": x has hidden size " + std::to_string(xd[1]) + ", the layer's experts " +
-           std::to_string(tables->hidden);
-  if (ed[0] != xd[0])
-    return std::string(op) + ": experts has shape " + fiddler::Shape(experts) + " but x has " + fiddler::Shape(x);
-  if (wd[0] != ed[0] || wd[1] != ed[1])
-    return std::string(op) + ": weights has shape " + fiddler::Shape(weights) + ", expected " +
-           fiddler::Shape(experts) + " like experts";
-  if (od[0] != xd[0] || od[1] != xd[1])
-    return std::string(op) + ": output has shape " + fiddler::Shape(out) + ", expected " + fiddler::Shape(x);
+  if (!(e = fiddler::Check(op, "packed", packed, ffi::DataType::U8, 1)).empty()) return e;
+  if (!(e = fiddler::Check(op, "ticket", ticket, ffi::DataType::S32, 1)).empty()) return e;
+  if (T < 1 || k < 1 || H < 1)
+    return std::string(op) + ": tokens, top_k and hidden must be positive, got " + std::to_string(T) + ", " +
+           std::to_string(k) + ", " + std::to_string(H);
+  const Packed p(T, k, H);
+  if (static_cast<size_t>(packed.dimensions()[0]) != p.bytes)
+    return std::string(op) + ": packed holds " + std::to_string(packed.dimensions()[0]) + " bytes, expected " +
+           std::to_string(p.bytes) + " for " + std::to_string(T) + " tokens, top-" + std::to_string(k) +
+           " and hidden " + std::to_string(H);
   return "";
 }
 
-ffi::Error CpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer weights,
-                   ffi::Result<ffi::AnyBuffer> out, int64_t tables) {
-  std::shared_ptr<const LayerTables> layer;
-  std::string bad = CheckCall(x, experts, weights, *out, tables, layer);
-  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
-  const char* err = RunLane(tables, layer.get(), static_cast<const uint16_t*>(x.untyped_data()), x.dimensions()[0],
-                            experts.dimensions()[1], static_cast<const int32_t*>(experts.untyped_data()),
-                            static_cast<const float*>(weights.untyped_data()),
-                            static_cast<float*>(out->untyped_data()));
-  if (err) return ffi::Error::Internal(err);
-  return ffi::Error::Success();
+// The layer id a packed call names.
+int32_t LayerId(const char* packed, const Packed& p) {
+  int32_t id = 0;
+  std::memcpy(&id, packed + p.id, sizeof id);
+  return id;
+}
+
+// The layer a packed call names, checked against the call's hidden size: the tables, or null and `err` set.
+std::shared_ptr<const LayerTables> TablesOf(const char* packed, const Packed& p, int64_t H, std::string& err) {
+  const int32_t id = LayerId(packed, p);
+  auto tables = FindTables(id);
+  if (!tables) {
+    err = "streamed_cpu_mix: no layer tables registered under id " + std::to_string(id);
+  } else if (tables->hidden != H) {
+    err = "streamed_cpu_mix: x has hidden size " + std::to_string(H) + ", the layer's experts " +
+          std::to_string(tables->hidden);
+    tables = nullptr;
+  }
+  return tables;
 }
 
 // -- CUDA: the driver API, found at run time ------------------------------------------------------------------
@@ -176,6 +212,7 @@ using CUresult = int;
 using CUdeviceptr = unsigned long long;
 using CUstream = CUstream_st*;
 using CUcontext = CUctx_st*;
+using CUevent = CUevent_st*;
 using CUhostFn = void (*)(void*);
 
 struct Driver {
@@ -187,6 +224,10 @@ struct Driver {
   CUresult (*stream_get_ctx)(CUstream, CUcontext*) = nullptr;
   CUresult (*ctx_push)(CUcontext) = nullptr;
   CUresult (*ctx_pop)(CUcontext*) = nullptr;
+  CUresult (*event_create)(CUevent*, unsigned int) = nullptr;
+  CUresult (*event_record)(CUevent, CUstream) = nullptr;
+  CUresult (*event_query)(CUevent) = nullptr;
+  CUresult (*event_elapsed)(float*, CUevent, CUevent) = nullptr;
   CUresult (*error_string)(CUresult, const char**) = nullptr;
   std::string missing;  // non-empty: why the driver is unusable
 
@@ -218,128 +259,347 @@ const Driver& GetDriver() {
     get(d.stream_get_ctx, "cuStreamGetCtx");
     get(d.ctx_push, "cuCtxPushCurrent_v2");
     get(d.ctx_pop, "cuCtxPopCurrent_v2");
+    get(d.event_create, "cuEventCreate");
+    get(d.event_record, "cuEventRecord");
+    get(d.event_query, "cuEventQuery");
+    get(d.event_elapsed, "cuEventElapsedTime");
     get(d.error_string, "cuGetErrorString");
     return d;
   }();
   return driver;
 }
 
-// One call's pinned staging: [x bf16 T*H | experts int32 T*k | weights f32 T*k | out f32 T*H], 64-byte aligned
-// parts. A ring of slots: a slot is reused only after its host function has run (the calls are queued on one
-// stream, so its output copy is ordered before the next use's input copies). A slot that must grow keeps its old
-// buffer (the output copy of its last use may still be queued): bounded, since sizes only grow.
+// -- slots: one open call each ----------------------------------------------------------------------------------
+// A slot's host buffer holds [packed input | out f32 T*H] (pinned on CUDA). A ring of slots, each reused only after
+// its previous call's end has run (its wait host function, on CUDA), so a slot's fields are never rewritten while
+// a queued host function or the worker still reads them. A slot that must grow keeps its old buffer (a queued copy
+// may still name it): bounded, since sizes only grow.
+constexpr int kEvents = 4;  // before the input copy, after it, before end's wait, after the output copy
+
 struct Slot {
   char* host = nullptr;
   size_t capacity = 0;
+  bool pinned = false;
   std::vector<char*> retired;
-  int64_t tables = 0, T = 0, k = 0, hidden = 0;
-  std::shared_ptr<const LayerTables> layer;  // held until the host function has run
-  size_t off_experts = 0, off_weights = 0, off_out = 0;
-  std::atomic<int64_t> issued{0}, done{0};
+  int64_t T = 0, k = 0, hidden = 0;
+  size_t off_out = 0;
+  std::atomic<int64_t> issued{0};  // begins enqueued
+  std::atomic<int64_t> ran{0};     // runs finished by the worker (or in place)
+  std::atomic<int64_t> ended{0};   // ends that have waited (CUDA) or copied (cpu), or abandoned
+  CUevent events[kEvents] = {};
+  bool timed = false;                      // this use records the events
+  std::atomic<int64_t> events_use{0};      // the use whose four events are all recorded (set by end)
+  std::atomic<int64_t> landed_ns{0};       // when begin's host function ran: the input copy had just landed
+  int64_t record_seq = -1;                 // this use's record, while its events are unresolved
 };
 
 constexpr int kSlots = 128;
 Slot g_slots[kSlots];
-std::mutex g_slots_mu;  // one enqueuing thread at a time
+std::mutex g_slots_mu;      // enqueuing (begin, end, abandon): one thread at a time
 int64_t g_next_slot = 0;
+std::deque<Slot*> g_open;   // begun, not yet ended, oldest first
+std::atomic<bool> g_timing{false};
 
 size_t Align(size_t n) { return (n + 63) / 64 * 64; }
 
-void HostFunction(void* arg) {
-  Slot* s = static_cast<Slot*>(arg);
-  const char* err = RunLane(s->tables, s->layer.get(), reinterpret_cast<const uint16_t*>(s->host), s->T, s->k,
-                            reinterpret_cast<const int32_t*>(s->host + s->off_experts),
-                            reinterpret_cast<const float*>(s->host + s->off_weights),
-                            reinterpret_cast<float*>(s->host + s->off_out));
-  if (err) {
-    SetError(err);
-    std::memset(s->host + s->off_out, 0, sizeof(float) * s->T * s->hidden);
+bool ResolveSpans(Record& rec);
+
+// Waits until a slot's previous use has ended (and its events, if timed, have resolved into its record), then
+// sizes its buffer for `need` bytes. "" or an error message.
+std::string Reserve(Slot& s, size_t need, bool pinned, const Driver* cu) {
+  while (s.ended.load(std::memory_order_acquire) < s.issued.load(std::memory_order_relaxed))
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  if (s.record_seq >= 0) {  // the events are about to be recorded again: resolve the last use's now
+    // wait for its last event without the records' lock (the worker needs that lock to finish a call the stream
+    // may be waiting for)
+    const int64_t use = s.issued.load(std::memory_order_relaxed);
+    if (cu && s.events_use.load(std::memory_order_acquire) == use)
+      while (cu->event_query(s.events[3]) == 600 /* CUDA_ERROR_NOT_READY */)
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+    std::lock_guard<std::mutex> lock(g_records_mu);
+    if (!g_records.empty() && s.record_seq >= g_records.front().seq) {
+      Record& rec = g_records[s.record_seq - g_records.front().seq];
+      if (rec.pending == &s && !ResolveSpans(rec)) rec.pending = nullptr;  // its end never came: untimed
+    }
+    s.record_seq = -1;
   }
-  s->layer.reset();
-  s->done.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
+  if (need <= s.capacity && pinned == s.pinned) return "";
+  void* p = nullptr;
+  size_t grow = std::max(need, 2 * s.capacity);
+  if (pinned) {
+    CUresult r = cu->mem_host_alloc(&p, grow, 0);
+    if (r != 0) return "cuMemHostAlloc: " + cu->Describe(r);
+  } else {
+    p = std::aligned_alloc(64, Align(grow));
+    if (!p) return "cannot allocate " + std::to_string(grow) + " bytes of staging";
+  }
+  if (s.host) s.retired.push_back(s.host);
+  s.host = static_cast<char*>(p), s.capacity = grow, s.pinned = pinned;
+  return "";
 }
 
-ffi::Error CudaImpl(CUstream stream, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer weights,
-                    ffi::Result<ffi::AnyBuffer> out, int64_t tables) {
-  std::shared_ptr<const LayerTables> layer;
-  std::string bad = CheckCall(x, experts, weights, *out, tables, layer);
-  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
-  const Driver& cu = GetDriver();
-  if (!cu.missing.empty()) return ffi::Error::Internal("streamed_cpu_mix: " + cu.missing);
-  const int64_t T = x.dimensions()[0], H = x.dimensions()[1], k = experts.dimensions()[1];
-
-  CUcontext ctx = nullptr;
-  bool pushed = false;
-  if (cu.ctx_get_current(&ctx) != 0 || ctx == nullptr) {
-    CUresult r = cu.stream_get_ctx(stream, &ctx);
-    if (r != 0) return ffi::Error::Internal("streamed_cpu_mix: cuStreamGetCtx: " + cu.Describe(r));
-    r = cu.ctx_push(ctx);
-    if (r != 0) return ffi::Error::Internal("streamed_cpu_mix: cuCtxPushCurrent: " + cu.Describe(r));
-    pushed = true;
+// Steps 1-2 for a slot whose packed input has landed: runs the lane into the slot's output (zero and the error
+// kept on failure), records the call and marks the slot's use as run.
+void RunSlot(Slot* s) {
+  std::string err;
+  const Packed p(s->T, s->k, s->hidden);
+  auto tables = TablesOf(s->host, p, s->hidden, err);
+  float* out = reinterpret_cast<float*>(s->host + s->off_out);
+  if (tables) {
+    const int32_t id = LayerId(s->host, p);
+    Record rec;
+    bool recorded = false;
+    const char* lane_err = RunLane(id, tables.get(), reinterpret_cast<const uint16_t*>(s->host + p.x), s->T, s->k,
+                                   reinterpret_cast<const int32_t*>(s->host + p.experts),
+                                   reinterpret_cast<const float*>(s->host + p.weights), out, rec, recorded);
+    if (lane_err) err = lane_err;
+    if (recorded) {
+      if (s->timed) rec.pending = s, rec.use = s->issued.load(std::memory_order_relaxed);
+      const int64_t seq = PushRecord(std::move(rec));
+      if (s->timed) s->record_seq = seq;
+    }
   }
-  auto fail = [&](const char* what, CUresult r) {
-    if (pushed) cu.ctx_pop(&ctx);
-    return ffi::Error::Internal(std::string("streamed_cpu_mix: ") + what + ": " + cu.Describe(r));
-  };
+  if (!err.empty()) {
+    SetError(err);
+    std::memset(out, 0, sizeof(float) * s->T * s->hidden);
+  }
+  s->ran.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
+}
 
+// -- the worker thread: runs begun slots in order (CUDA) ---------------------------------------------------------
+std::mutex g_work_mu;
+std::condition_variable g_work_cv;
+std::deque<Slot*> g_work;
+
+void WorkerLoop() {
+  for (;;) {
+    Slot* s = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(g_work_mu);
+      g_work_cv.wait(lock, [] { return !g_work.empty(); });
+      s = g_work.front();
+      g_work.pop_front();
+    }
+    RunSlot(s);
+  }
+}
+
+void StartWorker() {
+  static std::once_flag once;
+  std::call_once(once, [] { std::thread(WorkerLoop).detach(); });
+}
+
+void BeginHostFn(void* arg) {  // hands the slot to the worker and returns: the stream goes on
+  static_cast<Slot*>(arg)->landed_ns.store(NowNs(), std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(g_work_mu);
+    g_work.push_back(static_cast<Slot*>(arg));
+  }
+  g_work_cv.notify_one();
+}
+
+void EndHostFn(void* arg) {  // holds the stream until the worker has run the slot
+  Slot* s = static_cast<Slot*>(arg);
+  const int64_t use = s->issued.load(std::memory_order_relaxed);  // stable: the slot is not reused before this ends
+  uint32_t spins = 0;
+  while (s->ran.load(std::memory_order_acquire) < use) {
+    __asm__ volatile("pause" ::: "memory");
+    if (++spins > (1u << 10)) std::this_thread::yield();
+  }
+  s->ended.store(use, std::memory_order_release);
+}
+
+// Pushes/pops the FIFO of open calls; an end that finds none, or a call of another shape, is refused.
+std::string PopOpen(int64_t T, int64_t H, Slot*& out) {
+  if (g_open.empty())
+    return "streamed_cpu_end: no open streamed_cpu_begin to end (every begin is followed by one end)";
+  Slot* s = g_open.front();
+  if (s->T != T || s->hidden != H)
+    return "streamed_cpu_end: the open call has " + std::to_string(s->T) + " tokens of hidden " +
+           std::to_string(s->hidden) + ", this end expects " + std::to_string(T) + " x " + std::to_string(H) +
+           " (begin and end must pair up in dispatch order)";
+  g_open.pop_front();
+  out = s;
+  return "";
+}
+
+ffi::Error BeginCpu(ffi::AnyBuffer packed, ffi::Result<ffi::AnyBuffer> ticket, int64_t tokens, int64_t top_k,
+                    int64_t hidden) {
+  std::string bad = CheckBegin(packed, *ticket, tokens, top_k, hidden);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  const Packed p(tokens, top_k, hidden);
+  {
+    std::string err;
+    if (!TablesOf(static_cast<const char*>(packed.untyped_data()), p, hidden, err))
+      return ffi::Error::InvalidArgument(err);
+  }
   std::lock_guard<std::mutex> lock(g_slots_mu);
   Slot& s = g_slots[g_next_slot++ % kSlots];
-  // Wait until the slot's previous host function has run: the stream gets there without us.
-  while (s.done.load(std::memory_order_acquire) < s.issued.load(std::memory_order_relaxed))
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
-  const size_t x_bytes = static_cast<size_t>(T) * H * 2, idx_bytes = static_cast<size_t>(T) * k * 4;
-  s.off_experts = Align(x_bytes);
-  s.off_weights = s.off_experts + Align(idx_bytes);
-  s.off_out = s.off_weights + Align(idx_bytes);
-  const size_t need = s.off_out + static_cast<size_t>(T) * H * 4;
-  if (need > s.capacity) {
-    void* p = nullptr;
-    size_t grow = std::max(need, 2 * s.capacity);
-    CUresult r = cu.mem_host_alloc(&p, grow, 0);
-    if (r != 0) return fail("cuMemHostAlloc", r);
-    if (s.host) s.retired.push_back(s.host);
-    s.host = static_cast<char*>(p), s.capacity = grow;
-  }
-  s.tables = tables, s.T = T, s.k = k, s.hidden = H, s.layer = std::move(layer);
-  CUresult r;
-  if ((r = cu.memcpy_dtoh(s.host, reinterpret_cast<CUdeviceptr>(x.untyped_data()), x_bytes, stream)))
-    return fail("cuMemcpyDtoHAsync", r);
-  if ((r = cu.memcpy_dtoh(s.host + s.off_experts, reinterpret_cast<CUdeviceptr>(experts.untyped_data()),
-                          idx_bytes, stream)))
-    return fail("cuMemcpyDtoHAsync", r);
-  if ((r = cu.memcpy_dtoh(s.host + s.off_weights, reinterpret_cast<CUdeviceptr>(weights.untyped_data()),
-                          idx_bytes, stream)))
-    return fail("cuMemcpyDtoHAsync", r);
+  const size_t off_out = Align(p.bytes);
+  std::string err = Reserve(s, off_out + static_cast<size_t>(tokens) * hidden * 4, false, nullptr);
+  if (!err.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + err);
+  s.T = tokens, s.k = top_k, s.hidden = hidden, s.off_out = off_out, s.timed = false;
+  std::memcpy(s.host, packed.untyped_data(), p.bytes);
   s.issued.fetch_add(1, std::memory_order_relaxed);
-  if ((r = cu.launch_host_func(stream, HostFunction, &s))) {
-    s.issued.fetch_sub(1, std::memory_order_relaxed);
-    return fail("cuLaunchHostFunc", r);
+  RunSlot(&s);
+  g_open.push_back(&s);
+  std::memset(ticket->untyped_data(), 0, ticket->size_bytes());
+  return ffi::Error::Success();
+}
+
+ffi::Error EndCpu(ffi::AnyBuffer ticket, ffi::Result<ffi::AnyBuffer> out) {
+  std::string bad = fiddler::Check("streamed_cpu_end", "output", *out, ffi::DataType::F32, 2);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  (void)ticket;
+  std::lock_guard<std::mutex> lock(g_slots_mu);
+  Slot* s = nullptr;
+  bad = PopOpen(out->dimensions()[0], out->dimensions()[1], s);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  std::memcpy(out->untyped_data(), s->host + s->off_out, sizeof(float) * s->T * s->hidden);
+  s->ended.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
+  return ffi::Error::Success();
+}
+
+// The stream's context made current for the enqueuing calls (XLA's thread usually has it already).
+struct ContextGuard {
+  const Driver& cu;
+  CUcontext ctx = nullptr;
+  bool pushed = false;
+  std::string error;
+  ContextGuard(const Driver& d, CUstream stream) : cu(d) {
+    if (cu.ctx_get_current(&ctx) == 0 && ctx != nullptr) return;
+    CUresult r = cu.stream_get_ctx(stream, &ctx);
+    if (r != 0) {
+      error = "cuStreamGetCtx: " + cu.Describe(r);
+      return;
+    }
+    r = cu.ctx_push(ctx);
+    if (r != 0) {
+      error = "cuCtxPushCurrent: " + cu.Describe(r);
+      return;
+    }
+    pushed = true;
   }
-  if ((r = cu.memcpy_htod(reinterpret_cast<CUdeviceptr>(out->untyped_data()), s.host + s.off_out,
-                          static_cast<size_t>(T) * H * 4, stream)))
-    return fail("cuMemcpyHtoDAsync", r);
-  if (pushed) cu.ctx_pop(&ctx);
+  ~ContextGuard() {
+    if (pushed) cu.ctx_pop(&ctx);
+  }
+};
+
+// Records event i of a timed slot on the stream (the events are created on first use).
+std::string RecordEvent(const Driver& cu, Slot& s, int i, CUstream stream) {
+  if (!s.events[i]) {
+    CUresult r = cu.event_create(&s.events[i], 0);
+    if (r != 0) return "cuEventCreate: " + cu.Describe(r);
+  }
+  CUresult r = cu.event_record(s.events[i], stream);
+  return r == 0 ? "" : "cuEventRecord: " + cu.Describe(r);
+}
+
+// Fills a timed record's GPU times from its slot's events (call with g_records_mu held; never waits): false,
+// leaving it pending, while its end has not been enqueued or its last event has not completed; an event error
+// leaves the record untimed.
+bool ResolveSpans(Record& rec) {
+  Slot& s = *rec.pending;
+  const Driver& cu = GetDriver();
+  if (s.events_use.load(std::memory_order_acquire) != rec.use) return false;
+  CUresult r = cu.event_query(s.events[3]);
+  if (r == 600 /* CUDA_ERROR_NOT_READY */) return false;
+  rec.pending = nullptr;
+  float ms[kEvents] = {0, 0, 0, 0};
+  for (int i = 1; i < kEvents && r == 0; ++i) r = cu.event_elapsed(&ms[i], s.events[0], s.events[i]);
+  if (r != 0) return true;
+  // begin's host function ran just after event 1 (the input copy landed): that anchors the events on the host clock
+  const double t0 = static_cast<double>(s.landed_ns.load(std::memory_order_acquire)) - ms[1] * 1e6;
+  for (int i = 0; i < kEvents; ++i) rec.gpu_ns[i] = static_cast<int64_t>(t0 + ms[i] * 1e6);
+  return true;
+}
+
+ffi::Error BeginCuda(CUstream stream, ffi::AnyBuffer packed, ffi::Result<ffi::AnyBuffer> ticket, int64_t tokens,
+                     int64_t top_k, int64_t hidden) {
+  std::string bad = CheckBegin(packed, *ticket, tokens, top_k, hidden);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  const Driver& cu = GetDriver();
+  if (!cu.missing.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + cu.missing);
+  ContextGuard guard(cu, stream);
+  if (!guard.error.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + guard.error);
+  StartWorker();
+  const Packed p(tokens, top_k, hidden);
+  std::lock_guard<std::mutex> lock(g_slots_mu);
+  Slot& s = g_slots[g_next_slot++ % kSlots];
+  const size_t off_out = Align(p.bytes);
+  std::string err = Reserve(s, off_out + static_cast<size_t>(tokens) * hidden * 4, true, &cu);
+  if (!err.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + err);
+  s.T = tokens, s.k = top_k, s.hidden = hidden, s.off_out = off_out;
+  s.timed = g_timing.load(std::memory_order_relaxed);
+  if (s.timed && !(err = RecordEvent(cu, s, 0, stream)).empty())
+    return ffi::Error::Internal("streamed_cpu_begin: " + err);
+  CUresult r = cu.memcpy_dtoh(s.host, reinterpret_cast<CUdeviceptr>(packed.untyped_data()), p.bytes, stream);
+  if (r != 0) return ffi::Error::Internal("streamed_cpu_begin: cuMemcpyDtoHAsync: " + cu.Describe(r));
+  if (s.timed && !(err = RecordEvent(cu, s, 1, stream)).empty())
+    return ffi::Error::Internal("streamed_cpu_begin: " + err);
+  s.issued.fetch_add(1, std::memory_order_relaxed);
+  if ((r = cu.launch_host_func(stream, BeginHostFn, &s)) != 0) {
+    s.issued.fetch_sub(1, std::memory_order_relaxed);
+    return ffi::Error::Internal("streamed_cpu_begin: cuLaunchHostFunc: " + cu.Describe(r));
+  }
+  g_open.push_back(&s);
+  return ffi::Error::Success();
+}
+
+ffi::Error EndCuda(CUstream stream, ffi::AnyBuffer ticket, ffi::Result<ffi::AnyBuffer> out) {
+  std::string bad = fiddler::Check("streamed_cpu_end", "output", *out, ffi::DataType::F32, 2);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  (void)ticket;
+  const Driver& cu = GetDriver();
+  if (!cu.missing.empty()) return ffi::Error::Internal("streamed_cpu_end: " + cu.missing);
+  ContextGuard guard(cu, stream);
+  if (!guard.error.empty()) return ffi::Error::Internal("streamed_cpu_end: " + guard.error);
+  std::lock_guard<std::mutex> lock(g_slots_mu);
+  Slot* s = nullptr;
+  bad = PopOpen(out->dimensions()[0], out->dimensions()[1], s);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  std::string err;
+  if (s->timed && !(err = RecordEvent(cu, *s, 2, stream)).empty())
+    return ffi::Error::Internal("streamed_cpu_end: " + err);
+  CUresult r = cu.launch_host_func(stream, EndHostFn, s);
+  if (r != 0) return ffi::Error::Internal("streamed_cpu_end: cuLaunchHostFunc: " + cu.Describe(r));
+  r = cu.memcpy_htod(reinterpret_cast<CUdeviceptr>(out->untyped_data()), s->host + s->off_out,
+                     sizeof(float) * s->T * s->hidden, stream);
+  if (r != 0) return ffi::Error::Internal("streamed_cpu_end: cuMemcpyHtoDAsync: " + cu.Describe(r));
+  if (s->timed) {
+    if (!(err = RecordEvent(cu, *s, 3, stream)).empty()) return ffi::Error::Internal("streamed_cpu_end: " + err);
+    s->events_use.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedLaneCpu, CpuImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedBeginCpu, BeginCpu,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tables"));
+                                  .Attr<int64_t>("tokens")
+                                  .Attr<int64_t>("top_k")
+                                  .Attr<int64_t>("hidden"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedLaneCuda, CudaImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedEndCpu, EndCpu,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedBeginCuda, BeginCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<CUstream>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tables"));
+                                  .Attr<int64_t>("tokens")
+                                  .Attr<int64_t>("top_k")
+                                  .Attr<int64_t>("hidden"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedEndCuda, EndCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<CUstream>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 extern "C" {
 
@@ -377,13 +637,18 @@ int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_
   std::lock_guard<std::mutex> lock(g_records_mu);
   int64_t n = std::min<int64_t>(capacity, g_records.size());
   for (int64_t i = 0; i < n; ++i) {
-    const Record& r = g_records.front();
+    Record& r = g_records.front();
+    if (r.pending && !ResolveSpans(r)) {  // its GPU work is still queued: keep it for later
+      n = i;
+      break;
+    }
     FjStreamedRecord& o = out[i];
     o = FjStreamedRecord{};
     o.tables = r.tables, o.tokens = r.tokens, o.assignments = r.assignments, o.start_ns = r.start_ns,
     o.end_ns = r.end_ns;
     o.experts = static_cast<int64_t>(r.counts.size());
     std::copy(r.counts.begin(), r.counts.end(), o.counts);
+    std::copy(r.gpu_ns, r.gpu_ns + 4, o.gpu_ns);
     g_records.pop_front();
   }
   *dropped = g_records_dropped;
@@ -392,5 +657,21 @@ int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_
 }
 
 int64_t fj_monotonic_ns(void) { return NowNs(); }
+
+int64_t fj_streamed_lane_abandon(void) {
+  std::lock_guard<std::mutex> lock(g_slots_mu);
+  int64_t n = 0;
+  for (Slot* s : g_open) {
+    const int64_t use = s->issued.load(std::memory_order_relaxed);
+    while (s->ran.load(std::memory_order_acquire) < use)  // the stream reaches its begin by itself
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    s->ended.store(use, std::memory_order_release);
+    ++n;
+  }
+  g_open.clear();
+  return n;
+}
+
+void fj_streamed_lane_set_timing(int on) { g_timing.store(on != 0); }
 
 }  // extern "C"

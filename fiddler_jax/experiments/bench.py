@@ -187,6 +187,10 @@ def run_bench(cfg, out_dir: str, job_overrides: list[str] | None = None) -> dict
         from fiddler_jax.runtime.generate import cache_length
 
         engine, tokenizer = build_engine(cfg)
+        if engine.streamed.eligible:  # trace=true: the streamed steps' GPU spans, from events on the stream
+            from fiddler_jax.kernels import streamed_lane
+
+            streamed_lane.set_timing(bool(cfg.trace))
         if s.name == "batch":
             ids = batch_prompts(tokenizer, prompt_text(cfg.prompts_file), s.input_tokens, s.input_spread,
                                 s.batch_size, engine.config.vocab_size, cfg.seed)

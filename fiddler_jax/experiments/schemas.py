@@ -58,6 +58,8 @@ class KernelSchema:
     #                                  (EngineOptions.pinned_activations; false: pageable numpy, an ablation)
     streamed_lane: bool = True  # steps whose plan no routing can change skip the host sync
     #                             (EngineOptions.streamed_cpu_lane; false: every step syncs and plans, an ablation)
+    streamed_overlap: bool = True  # a streamed step's CPU lane runs beside its resident mix
+    #                                (EngineOptions.streamed_overlap; false: after it, an ablation)
 
 
 @dataclass
@@ -220,6 +222,8 @@ OPTION_HELP = {
                                  "numpy, an ablation)",
     "kernel.streamed_lane": "decode steps whose plan no routing can change skip the host sync (false: every step "
                             "syncs and plans, an ablation)",
+    "kernel.streamed_overlap": "a streamed step's CPU lane runs beside its resident experts' mix on the GPU "
+                               "(false: after it, an ablation)",
     "hardware.name": "the hardware option in use (set it with hardware=<option>)",
     "hardware.gpu_budget": "GPU memory the engine may use (XLA's allocator is capped at it); null = what this "
                            "machine's GPU can hold",

@@ -24,8 +24,10 @@ typedef struct XLA_FFI_Error XLA_FFI_Error;
 typedef struct XLA_FFI_CallFrame XLA_FFI_CallFrame;
 XLA_FFI_Error* FiddlerExpertFfn(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FiddlerGroupedExpertFfn(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* FiddlerStreamedLaneCpu(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* FiddlerStreamedLaneCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedBeginCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedEndCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedBeginCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FiddlerStreamedEndCuda(XLA_FFI_CallFrame* call_frame);
 
 int fj_cpu_feature_bits(void);
 int fj_physical_cores(void);
@@ -62,9 +64,12 @@ int fj_streamed_lane_error(char* err, int err_len);
 typedef struct FjStreamedRecord {
   int64_t tables, tokens, assignments, experts, start_ns, end_ns;
   uint16_t counts[256];
+  int64_t gpu_ns[4];
 } FjStreamedRecord;
 int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped);
 int64_t fj_monotonic_ns(void);
+int64_t fj_streamed_lane_abandon(void);
+void fj_streamed_lane_set_timing(int on);
 """
 
 

@@ -111,7 +111,8 @@ class Engine:
         self.streamed = StreamedLane(r.streamed, resident, cfg.num_experts_per_tok, self.memo,
                                      options.streamed_cpu_lane, eligible,
                                      functools.partial(all_cpu_by_bound, planner, latency,
-                                                       top_k=cfg.num_experts_per_tok))
+                                                       top_k=cfg.num_experts_per_tok),
+                                     overlap=options.streamed_overlap)
         self.step_loop = StepLoop(cfg, r.segments, resident, r.device, self.executor, self.streamed, self._plan,
                                   self.trace)
 

@@ -189,40 +189,71 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
         raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
 
 
+READ_BEHIND = 4  # decode steps the host reads the chosen tokens behind the device
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def next_tokens(last_logits, key, temperature: float, top_p: float, done, previous, eos):
+    """One decode step's tokens [B] int32 and the rows done after it: :func:`pick_next`, except that a row
+    already done repeats its previous token (its EOS); ``eos`` int32 [n] (n may be 0)."""
+    nxt = jnp.where(done, previous, pick_next(last_logits, key, temperature, top_p).astype(jnp.int32))
+    return nxt, done | jnp.isin(nxt, eos)
+
+
 def decode_loop(forward_last, cache, ids: np.ndarray, max_new_tokens: int, eos: tuple[int, ...], *,
                 do_sample: bool, seed: int, temperature: float, top_p: float) -> tuple[np.ndarray, GenerationStats]:
     """The autoregressive loop shared by the plain model and the hybrid engine.
 
     ``forward_last(tokens [B, t], cache, start) -> (logits of the last position [B, V], cache)`` runs the model
-    over new tokens at absolute position ``start``; the first call is the prefill of the whole prompt."""
+    over new tokens at absolute position ``start``; the first call is the prefill of the whole prompt. The chosen
+    tokens stay on the device and feed the next step, the rows' EOS state with them (:func:`next_tokens`); the
+    host reads each step's tokens through an asynchronous copy ``READ_BEHIND`` steps later, so the device never
+    waits for the host between tokens. Generation stops once every row is done; the steps dispatched past that
+    point are dropped, so the output is the one a loop that checked every step would give. A key is split per step
+    only when sampling. The first two steps are read at once (the time to the first token, and the first decode
+    step, which compiles, are timed apart)."""
     b, t = ids.shape
     stats = GenerationStats(prompt_tokens=t)
     temp = float(temperature) if do_sample else 0.0
     top_p = float(top_p) if do_sample else 1.0
-    key = jax.random.key(seed)
-    out = [ids]
-    done = np.zeros(b, bool)
+    key = jax.random.key(seed) if do_sample else None
+    eos_ids = jnp.asarray(np.asarray(eos, np.int32).reshape(-1))
+    picked, read = [], []  # every step's tokens on the device; the steps the host has read, [B] each
+    done_rows = jnp.zeros(b, bool)
     tic = time.perf_counter()
     tokens, start = jnp.asarray(ids), 0
+
+    def read_next() -> bool:
+        """Read the oldest unread step; True when every row is done after it."""
+        step = np.asarray(picked[len(read)])
+        read.append(step)
+        return bool(eos) and bool(np.isin(step, eos).all())  # a done row repeats its EOS
+
+    finished = False
     for step in range(max_new_tokens):
-        key, sub = jax.random.split(key)
+        sub = None
+        if do_sample:
+            key, sub = jax.random.split(key)
         last, cache = forward_last(tokens, cache, start)
-        nxt = np.asarray(pick_next(last, sub, temp, top_p))
+        nxt, done_rows = next_tokens(last, sub, temp, top_p, done_rows, tokens[:, -1].astype(jnp.int32), eos_ids)
+        nxt.copy_to_host_async()
+        picked.append(nxt)
+        start += tokens.shape[1]
+        tokens = nxt[:, None]
         if step < 2:
+            finished = read_next()
             now = time.perf_counter()
             if step == 0:
                 stats.prefill_s = now - tic
             else:
                 stats.first_step_s = now - tic
             tic = now
-        if eos:
-            nxt = np.where(done, out[-1][:, -1], nxt)  # finished rows repeat their EOS
-            done |= np.isin(nxt, eos)
-        out.append(nxt[:, None].astype(np.int32))
-        stats.new_tokens += 1
-        start += tokens.shape[1]
-        tokens = jnp.asarray(nxt[:, None])
-        if eos and done.all():
+        elif step - len(read) >= READ_BEHIND:
+            finished = read_next()
+        if finished:
             break
+    while not finished and len(read) < len(picked):
+        finished = read_next()
+    stats.new_tokens = len(read)
     stats.decode_s = time.perf_counter() - tic
-    return np.concatenate(out, axis=1), stats
+    return np.concatenate([ids] + [r[:, None] for r in read], axis=1), stats

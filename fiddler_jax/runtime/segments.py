@@ -8,6 +8,8 @@ Parameters travel as a :class:`Split`'s flat list of arrays (``leaves``); the pi
     (families with one; None otherwise), the per-expert counts and the step's sync vector (:mod:`routing_sync`:
     the counts, the routing, the counts the next layer's router would give this hidden state -- what prefetch
     acts on -- and for small steps the MoE input);
+  * ``attention_and_cpu_begin``: a streamed step's attention, router and shared expert, then the begun call of
+    the streamed CPU lane (no counts, no sync);
   * ``stack_mix``: the MoE share of the experts in a stack of GPU weights (the resident experts, or the dynamic
     cache's buffers), a slot map saying which expert sits in which row (-1: not in the stack), added to a base
     (the shared expert's output, or None);
@@ -55,7 +57,7 @@ def residual(pending):
 
 @functools.cache
 def layer_steps(key, router_key):
-    """``(fused_layer, attention_and_router)`` of one layer structure (all MoE layers of a model share one, so one
+    """``(fused_layer, attention_and_router, attention_and_cpu_begin)`` of one layer structure (all MoE layers of a model share one, so one
     compile each; a dense layer only ever runs fused); ``router_key``: the (post-attention norm, gate) structure
     of the layer the step looks ahead to (None for a dense layer)."""
 
@@ -66,23 +68,28 @@ def layer_steps(key, router_key):
         x, kv, _ = Split.merge(key, leaves)(x, kv, positions, start)
         return x, kv
 
+    def attend_and_route(layer, pending, kv, start):
+        """Attention, the MoE input, its routing (a row's left padding -- a batch of prompts of different lengths --
+        routed with weight 0: the lanes skip (CPU) or zero (GPU) the padding's work) and the shared expert's output;
+        also the mask of real tokens [N, 1]."""
+        x = residual(pending)
+        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+        h, kv = layer.attention_block(x, kv, positions, start)
+        moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+        routing, _ = layer.mlp.route(moe_in)
+        real = (positions[None, :] >= kv.pad[:, None]).reshape(-1, 1)
+        routing = routing._replace(weights=jnp.where(real, routing.weights, 0.0))
+        return h, moe_in, routing, layer.mlp.shared(moe_in), real, kv
+
     @functools.partial(jax.jit, donate_argnums=2)
     def attention_and_router(leaves, pending, kv, start, lookahead):
         """Residual after attention, the normed MoE input [N, hidden], the routing, the shared expert's output
         (None without one), the sync vector and the KV cache; ``lookahead``: the next layer's norm and gate leaves,
         None when the engine does not prefetch."""
         layer = Split.merge(key, leaves)
-        x = residual(pending)
-        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-        h, kv = layer.attention_block(x, kv, positions, start)
-        moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+        h, moe_in, routing, shared, real, kv = attend_and_route(layer, pending, kv, start)
         moe = layer.mlp
-        routing, _ = moe.route(moe_in)
-        shared = moe.shared(moe_in)
-        # a row's left padding (a batch of prompts of different lengths) is routed with weight 0 and left out of
-        # the counts: the planner sees the real tokens, and the lanes skip (CPU) or zero (GPU) the padding's work
-        real = (positions[None, :] >= kv.pad[:, None]).reshape(-1, 1)
-        routing = routing._replace(weights=jnp.where(real, routing.weights, 0.0))
+        # the padding is left out of the counts: the planner sees the real tokens
         counts = jnp.bincount(routing.experts.reshape(-1), weights=jnp.broadcast_to(real, routing.experts.shape)
                               .reshape(-1).astype(jnp.int32), length=moe.num_experts)
         predicted = None
@@ -93,7 +100,20 @@ def layer_steps(key, router_key):
         sync = routing_sync.pack(counts, routing.experts, routing.weights, predicted, moe_in)
         return h, moe_in, routing, shared, sync, kv
 
-    return fused_layer, attention_and_router
+    @functools.partial(jax.jit, donate_argnums=2)
+    def attention_and_cpu_begin(leaves, pending, kv, start, tables):
+        """A streamed step's first piece: attention and the router as above, then the CPU lane's experts begun
+        (:func:`fiddler_jax.kernels.streamed_lane.streamed_cpu_begin` on the registered layer ``tables``, an int32
+        scalar: one compile for every layer) -- the host works on them while the GPU runs what is queued next.
+        Returns the residual after attention, the MoE input, the routing, the shared expert's output, the ticket
+        the lane's end takes and the KV cache."""
+        from fiddler_jax.kernels.streamed_lane import streamed_cpu_begin
+
+        h, moe_in, routing, shared, _, kv = attend_and_route(Split.merge(key, leaves), pending, kv, start)
+        ticket = streamed_cpu_begin(moe_in, routing.experts, routing.weights, tables)
+        return h, moe_in, routing, shared, ticket, kv
+
+    return fused_layer, attention_and_router, attention_and_cpu_begin
 
 
 @functools.cache
@@ -192,11 +212,15 @@ class ModelSegments:
         return self.steps[layer][1](self.layers[layer].leaves, pending, kv, start,
                                     self.lookahead[layer] if lookahead else None)
 
+    def attention_and_cpu_begin(self, layer: int, pending, kv, start, tables: int):
+        return self.steps[layer][2](self.layers[layer].leaves, pending, kv, start, jnp.int32(tables))
+
     def jitted(self) -> dict:
         """The jitted pieces by name, each once (``f._cache_size()`` counts its compiles)."""
         found = {"embed": self._embed, "head": self._head, "stack_mix": stack_mix, "staged_mix": staged_mix,
                  "stage_copy": stage_copy}
         for n, steps in enumerate(dict.fromkeys(self.steps)):  # distinct layer structures, in layer order
             suffix = "" if n == 0 else f"_{n}"
-            found["fused_layer" + suffix], found["attention_and_router" + suffix] = steps
+            (found["fused_layer" + suffix], found["attention_and_router" + suffix],
+             found["attention_and_cpu_begin" + suffix]) = steps
         return found

@@ -4,7 +4,8 @@ For each layer:
   * fused: every expert of the layer is resident (or the layer is a dense MLP) -- attention and MLP in one
     jitted call, no host round trip;
   * streamed: the step's plan is known before its routing (:mod:`fiddler_jax.runtime.lanes.streamed`) --
-    attention, the resident mix and the CPU lane are queued as device work, no sync;
+    attention with the CPU lane's begin, the resident mix, then the CPU lane's end are queued as device work, no
+    sync: the host runs the offloaded experts while the GPU runs the resident ones;
   * synced: attention and the router run (:mod:`fiddler_jax.runtime.segments`), the resident experts' mix is
     queued at once with the shared expert's output as its base (it needs the routing, not a plan, so its
     dispatch overlaps the segment's run), the step's
@@ -44,28 +45,44 @@ class StepLoop:
         ``last_only``), and the updated KV cache."""
         start = jnp.int32(start)
         self.executor.pcie.pool.clear()  # copies left by a forward pass that raised
-        self.drain()  # a streamed step's error surfaces here at the latest
         pending = (self.segments.embed(jax.device_put(tokens, self.device)),)
+        try:
+            pending, new_cache = self._layers(pending, cache, start, math.prod(np.shape(tokens)))
+        except BaseException:
+            self.streamed.abandon()  # a streamed step begun whose end was never queued
+            raise
+        # the streamed steps run so far join the trace (and a streamed call's error surfaces) while the device works
+        # through this pass, not before its first dispatch
+        self.drain()
+        logits = self.segments.head(pending, last_only)
+        self.executor.cpu.settle()  # the CPU lane's output copies have landed; no GPU memory held between passes
+        return logits, tuple(new_cache)
+
+    def _layers(self, pending, cache, start, rows: int):
         prefetching = self.executor.prefetch > 0
-        rows = math.prod(np.shape(tokens))
         new_cache = []
         for layer, kv in enumerate(cache):
             if self.all_resident[layer]:
                 x, kv = self.segments.fused_layer(layer, pending, kv, start)
                 pending = (x,)
             elif (tables := self.streamed.tables_id(layer, rows)) is not None:
-                h, moe_in, routing, shared, _, kv = self.segments.attention_and_router(layer, pending, kv, start,
-                                                                                       prefetching)
-                pending = (h, self.executor.gpu.resident_mix(layer, moe_in, routing, shared),
-                           self.streamed.mix(moe_in, routing, tables))
+                if self.streamed.overlap:
+                    h, moe_in, routing, shared, ticket, kv = self.segments.attention_and_cpu_begin(
+                        layer, pending, kv, start, tables)
+                    self.streamed.open.append(ticket)
+                    resident = self.executor.gpu.resident_mix(layer, moe_in, routing, shared)
+                    pending = (h, resident, self.streamed.end(ticket, moe_in.shape))
+                else:
+                    h, moe_in, routing, shared, _, kv = self.segments.attention_and_router(layer, pending, kv, start,
+                                                                                           prefetching)
+                    pending = (h, self.executor.gpu.resident_mix(layer, moe_in, routing, shared),
+                               self.streamed.mix(moe_in, routing, tables))
             else:
                 h, moe_in, routing, shared, sync, kv = self.segments.attention_and_router(layer, pending, kv, start,
                                                                                           prefetching)
                 pending = (h,) + self._synced_moe(layer, moe_in, routing, shared, sync, prefetching)
             new_cache.append(kv)
-        logits = self.segments.head(pending, last_only)
-        self.executor.cpu.settle()  # the CPU lane's output copies have landed; no GPU memory held between passes
-        return logits, tuple(new_cache)
+        return pending, new_cache
 
     def _synced_moe(self, layer: int, moe_in, routing, shared, sync, predicts: bool):
         clock = self.trace.now

@@ -5,8 +5,11 @@ Times are host wall-clock (``time.perf_counter``) relative to the trace's creati
 the moment the engine starts or queues its work to the moment the host sees that work done: ``plan`` (the
 routing sync and the planner), ``pcie`` (first copy queued → all copies landed), ``cpu`` (the worker thread's
 activations fetch and kernel), ``gpu`` (resident work queued → all expert work of the step done; under a
-concurrent plan it contains the copies it waits for). ``overlap_s`` in the summary is the time the CPU and
-PCIe lanes were busy at once — the concurrency Fiddler's sequential execution leaves unused.
+concurrent plan it contains the copies it waits for). A streamed step (no sync) timed with events on the GPU stream
+has its ``cpu`` span as the host ran it and GPU spans on the host clock: ``attention`` (the layer's attention and
+router), ``gpu`` (the resident mix, beside the CPU lane) and ``cpu_wait`` (the stream held for the CPU lane's
+output) -- :meth:`fiddler_jax.runtime.lanes.streamed.StreamedLane.drain`. ``overlap_s`` in the summary is the
+time the CPU and PCIe lanes were busy at once — the concurrency Fiddler's sequential execution leaves unused.
 Open the file in https://ui.perfetto.dev or chrome://tracing.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from fiddler_jax.runtime.planning.plan import Lane
 
-LANES = ("plan", "pcie", "cpu", "gpu")
+LANES = ("plan", "pcie", "cpu", "gpu", "attention", "cpu_wait")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,15 +46,18 @@ class StreamedRegistrations:
 class StreamedLane:
     """Qualification per (layer, tokens), the custom call, and the drain of its records (module docstring).
     ``plan_for(counts, layer, streamable=...)``: the engine's (memoised) planner, asked with ``streamable=True``
-    (an all-CPU plan would stream, so it skips the sync); ``enabled``: False turns the lane off (every step
-    syncs and plans, the ablation)."""
+    (an all-CPU plan would stream, so it skips the sync); ``overlap``: the step loop begins the CPU lane before the
+    resident mix and ends it after (False: :meth:`mix`, one call after the mix); ``enabled``: False turns the lane
+    off (every step syncs and plans, the ablation)."""
 
     def __init__(self, registrations: StreamedRegistrations, resident: np.ndarray, top_k: int, plan_for,
-                 enabled: bool, eligible: bool, proved=None):
-        self.registrations, self.resident, self.top_k = registrations, resident, top_k
+                 enabled: bool, eligible: bool, proved=None, overlap: bool = True):
+        self.registrations, self.resident, self.top_k, self.overlap = registrations, resident, top_k, overlap
         self.plan_for, self.enabled, self.eligible = plan_for, enabled, eligible
         self.proved = proved  # (resident row, tokens) -> True when the planner's rule proves every plan all-CPU
         self.qualifies: dict[tuple[int, int], bool] = {}  # (layer, tokens) -> the step takes the streamed lane
+        self.open: list = []  # the tickets of steps begun whose end is not queued yet
+        self.last_timed = None  # (layer, output landed on the trace clock) of the last timed record drained
 
     def tables_id(self, layer: int, rows: int) -> int | None:
         """The registered tables id when this layer step of ``rows`` tokens takes the streamed lane, else None."""
@@ -82,13 +85,42 @@ class StreamedLane:
 
     @staticmethod
     def mix(moe_in, routing, tables: int):
-        """The step's CPU share as queued device work."""
+        """The step's CPU share as one queued call (begin and end back to back: ``streamed_overlap`` off)."""
         from fiddler_jax.kernels.streamed_lane import streamed_cpu_mix
 
         return streamed_cpu_mix(moe_in, routing.experts, routing.weights, tables=tables)
 
+    def end(self, ticket, shape):
+        """The CPU share [N, hidden] float32 of the step begun as ``ticket`` (queued device work; the step loop
+        keeps the begun steps' tickets in ``open`` until their end is queued)."""
+        from fiddler_jax.kernels import streamed_lane
+
+        out = streamed_lane.end(ticket, *shape)
+        self.open = [t for t in self.open if t is not ticket]
+        return out
+
+    def abandon(self) -> None:
+        """After a forward pass raised between a step's begin and its end: forget the begun calls, once they have
+        run (a dispatched begin may not have reached the device yet)."""
+        if self.open:
+            from fiddler_jax.kernels import streamed_lane
+
+            for ticket in self.open:
+                try:
+                    ticket.block_until_ready()
+                except Exception:  # noqa: BLE001 - a begin that failed opened nothing
+                    pass
+            streamed_lane.abandon()
+            self.open.clear()
+
     def drain(self, trace: Trace, num_experts: int) -> None:
-        """Raise the first error of a streamed call, and add a trace record for each streamed call that has run."""
+        """Raise the first error of a streamed call, and add a trace record for each streamed call that has run:
+        its ``cpu`` span (the host's run of the experts) and, for a timed CUDA call
+        (:func:`fiddler_jax.kernels.streamed_lane.set_timing`), its GPU spans from events on the stream:
+        ``attention`` (the previous layer's CPU output landed -> this layer's CPU inputs ready: attention and
+        router; only after a streamed step of the layer before), ``gpu`` (inputs copied to the host -> the end
+        reached: the resident experts' mix, run beside the CPU) and ``cpu_wait`` (the stream held for the CPU
+        lane's output and its copy back)."""
         ids = self.registrations.ids
         if not ids:
             return
@@ -104,7 +136,14 @@ class StreamedLane:
                     continue
                 counts = r["counts"][:num_experts].astype(np.int32)  # the layer's experts
                 plan = self.plan_for(counts, layer, streamable=True)
-                trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s,
-                                     {"cpu": (r["start"] - trace.t0, r["end"] - trace.t0)}))
+                spans = {"cpu": (r["start"] - trace.t0, r["end"] - trace.t0)}
+                if r["gpu"] is not None:
+                    before, copied, wait, landed = (t - trace.t0 for t in r["gpu"])
+                    last = self.last_timed
+                    if last is not None and last[0] == layer - 1 and last[1] <= before:
+                        spans["attention"] = (last[1], before)
+                    spans["gpu"], spans["cpu_wait"] = (copied, wait), (wait, landed)
+                    self.last_timed = (layer, landed)
+                trace.add(StepRecord(layer, counts, plan.lanes, plan.predicted_s, spans))
             if len(records) < 256:
                 return
