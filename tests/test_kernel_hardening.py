@@ -238,11 +238,13 @@ def test_environment_thread_count_is_refused_at_first_use(value, text):
     (lambda: K.set_pool(spin_us=10**7), "set_pool: spin_us = 10000000 is out of range; use 0..1000000"),
     (lambda: K.set_pool(spin_us=0.5), "set_pool: spin_us must be an integer"),
     (lambda: K.set_pool(spin_us=-1), "set_pool: spin_us = -1 is out of range"),
+    (lambda: K.set_pool(streamed_spin_us=-2), "set_pool: streamed_spin_us = -2 is out of range"),
+    (lambda: K.set_pool(streamed_spin_us=2 * 10**6), "set_pool: streamed_spin_us = 2000000 is out of range"),
     (lambda: K.set_amx_min_tokens(2**70), "set_amx_min_tokens: n = "),
     (lambda: K.set_tuning(amx_variant=7), "set_tuning: amx_variant = 7 is out of range"),
     (lambda: K.set_tuning(prefetch_bytes=2**40), "set_tuning: prefetch_bytes = "),
 ], ids=["threads-float", "threads-str", "threads-bool", "threads-huge", "spin-huge", "spin-float", "spin-negative",
-        "amx-min-huge", "amx-variant", "prefetch-huge"])
+        "streamed-spin-negative", "streamed-spin-huge", "amx-min-huge", "amx-variant", "prefetch-huge"])
 def test_knob_arguments_are_checked(call, text):
     """These were cast with int() (2.5 -> 2, "4" -> 4) or overflowed in cffi with an OverflowError."""
     with pytest.raises(K.KernelError) as e:

@@ -64,8 +64,8 @@ int fj_get_num_threads(char* err, int err_len) {
   if (n < 0) Report(msg ? msg : "the kernel thread pool cannot start", err, err_len);
   return n;
 }
-int fj_set_pool(int64_t spin_us, int wait_all, char* err, int err_len) {
-  return Report(fiddler::SetPool(spin_us, wait_all), err, err_len);
+int fj_set_pool(int64_t spin_us, int wait_all, int64_t streamed_spin_us, char* err, int err_len) {
+  return Report(fiddler::SetPool(spin_us, wait_all, streamed_spin_us), err, err_len);
 }
 void fj_set_prefetch_bytes(int bytes) { fiddler::SetPrefetchBytes(bytes); }
 void fj_set_amx_group_kib(int kib) { fiddler::SetAmxGroupKib(kib); }

@@ -44,7 +44,8 @@ int64_t fj_get_amx_min_tokens(void);
 int fj_set_num_threads(int64_t n, int pin, char* err, int err_len); /* n <= 0: physical cores */
 int fj_max_threads(void);
 int fj_get_num_threads(char* err, int err_len);
-int fj_set_pool(int64_t spin_us, int wait_all, char* err, int err_len); /* < 0: unchanged */
+/* spin_us, wait_all < 0: unchanged; streamed_spin_us (after a streamed-lane call): -1 = spin_us, < -1 unchanged */
+int fj_set_pool(int64_t spin_us, int wait_all, int64_t streamed_spin_us, char* err, int err_len);
 void fj_set_prefetch_bytes(int bytes);
 void fj_set_amx_group_kib(int kib);
 void fj_set_amx_variant(int variant);

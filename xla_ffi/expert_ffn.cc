@@ -103,6 +103,9 @@ std::string CheckThreadCount(const char* what, long long n) {
   return buf;
 }
 
+// The pool's spin after the calls this thread makes (StreamedCallScope); < 0: the runtime's spin_us.
+thread_local int t_call_spin_us = -1;
+
 struct Runtime {
   std::mutex mu;
   std::unique_ptr<ThreadPool> pool;
@@ -111,6 +114,7 @@ struct Runtime {
   int want_threads = 0;  // <= 0: physical cores
   bool pin = false;
   int spin_us = 50;  // bridges the phases of one call; longer spins steal the cores the engine's host work needs next
+  int streamed_spin_us = -1;  // after a streamed-lane call (the next layer's comes soon); < 0: spin_us
   bool wait_all = false;  // the pool's old contract (every worker joins every phase): for comparison only
   int chunks_per_thread = 4;  // work claimed dynamically in this many chunks per thread (robust to a busy core)
   Path forced = Path::kAuto;
@@ -121,6 +125,8 @@ struct Runtime {
     ParseThreadsEnv();
     pin = EnvInt("FIDDLER_KERNEL_PIN", 0) != 0;
     spin_us = EnvInt("FIDDLER_KERNEL_SPIN_US", 50);
+    streamed_spin_us = EnvInt("FIDDLER_KERNEL_STREAMED_SPIN_US", -1);
+    if (streamed_spin_us > kMaxSpinUs) streamed_spin_us = kMaxSpinUs;
     wait_all = EnvInt("FIDDLER_KERNEL_POOL_WAIT_ALL", 0) != 0;
     chunks_per_thread = EnvInt("FIDDLER_KERNEL_CHUNKS", 4);
     if (chunks_per_thread < 1) chunks_per_thread = 1;
@@ -581,12 +587,24 @@ const char* SetNumThreads(int64_t n, bool pin) {
   return RebuildPool(rt, old_threads, old_pin, rt.spin_us, rt.wait_all);
 }
 
-const char* SetPool(int64_t spin_us, int wait_all) {
+StreamedCallScope::StreamedCallScope() : saved_(t_call_spin_us) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  t_call_spin_us = rt.streamed_spin_us;
+}
+
+StreamedCallScope::~StreamedCallScope() { t_call_spin_us = saved_; }
+
+const char* SetPool(int64_t spin_us, int wait_all, int64_t streamed_spin_us) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
   if (spin_us > kMaxSpinUs)
     return Errorf("set_pool: spin_us = %lld is more than the %d microseconds (1 s) allowed; use 0..%d",
                   static_cast<long long>(spin_us), kMaxSpinUs, kMaxSpinUs);
+  if (streamed_spin_us > kMaxSpinUs)
+    return Errorf("set_pool: streamed_spin_us = %lld is more than the %d microseconds (1 s) allowed; use 0..%d",
+                  static_cast<long long>(streamed_spin_us), kMaxSpinUs, kMaxSpinUs);
+  if (streamed_spin_us >= -1) rt.streamed_spin_us = static_cast<int>(streamed_spin_us);  // -1: spin_us
   const int old_spin = rt.spin_us;
   const bool old_wait_all = rt.wait_all;
   if (spin_us >= 0) rt.spin_us = static_cast<int>(spin_us);
@@ -684,6 +702,7 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   if (!PathSupported(path)) return Errorf("expert_ffn: path %s not supported by this CPU", PathName(path));
   ThreadPool& pool = *rt.pool;
   pool.Wake();  // sleeping workers come up while the call is prepared
+  pool.SetIdleSpin(t_call_spin_us >= 0 ? t_call_spin_us : rt.spin_us);
   const PathKernels* k = GetPathKernels(path);
   const bool in_place = ReadInPlace(k, x);
   const size_t xb = in_place ? 0 : Align64(k->act_bytes(n, hidden));
@@ -765,6 +784,7 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   if (const char* e = rt.EnsurePool()) return Errorf("%s: %s", op, e);
   ThreadPool& pool = *rt.pool;
   pool.Wake();  // sleeping workers come up while the call is prepared
+  pool.SetIdleSpin(t_call_spin_us >= 0 ? t_call_spin_us : rt.spin_us);
 
   // Index workspace: expert offsets [E+1], token offsets [T+1], gather [A], tok_list [A], pos [A], seg [E].
   const size_t ib = Align64(sizeof(int32_t) * (E + 1)) + Align64(sizeof(int32_t) * (T + 1)) +

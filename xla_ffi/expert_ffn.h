@@ -51,7 +51,21 @@ int MaxThreads();
 int GetNumThreads(const char** err);
 // The pool's spin before its workers sleep (microseconds, at most 1 s) and, for comparison, its old contract
 // (every worker joins every phase). A value < 0 leaves that knob unchanged; the pool is rebuilt now.
-const char* SetPool(int64_t spin_us, int wait_all);
+// streamed_spin_us: the spin after a call made inside a StreamedCallScope (-1: spin_us; < -1: unchanged).
+const char* SetPool(int64_t spin_us, int wait_all, int64_t streamed_spin_us);
+
+// While one lives, the calls its thread makes leave the pool spinning for streamed_spin_us afterwards: the
+// streamed CPU lane's calls come one per layer, closer together than a short spin bridges.
+class StreamedCallScope {
+ public:
+  StreamedCallScope();
+  ~StreamedCallScope();
+  StreamedCallScope(const StreamedCallScope&) = delete;
+  StreamedCallScope& operator=(const StreamedCallScope&) = delete;
+
+ private:
+  int saved_;
+};
 void SetPrefetchBytes(int bytes);
 // Reads `bytes` at p with the kernel's thread pool (each thread a contiguous slice) and stores a checksum in *sum:
 // the STREAM-like read bandwidth bar the benchmark compares the kernel against.

@@ -134,6 +134,7 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
   if (tok.empty()) {
     std::memset(out, 0, sizeof(float) * T * tables->hidden);
   } else {
+    fiddler::StreamedCallScope hot;  // the next layer's call comes soon: the pool keeps spinning for it
     err = fiddler::GroupedExpertFfnTables(x, T, tables->hidden, tables->ffn, tables->E, tok.data(), exp.data(),
                                           wts.data(), rec.assignments, tables->w1.data(), tables->w3.data(),
                                           tables->w2.data(), out, /*out_f32=*/true);

@@ -46,7 +46,7 @@ inline void FutexWake(std::atomic<uint32_t>* word, int count) {
 }  // namespace
 
 ThreadPool::ThreadPool(int nthreads, const std::vector<int>& cpu_ids, int spin_us, bool wait_all)
-    : nthreads_(nthreads < 1 ? 1 : nthreads), spin_us_(spin_us < 0 ? 0 : spin_us), wait_all_(wait_all) {
+    : nthreads_(nthreads < 1 ? 1 : nthreads), wait_all_(wait_all), idle_spin_us_(spin_us < 0 ? 0 : spin_us) {
   // A thread that cannot start (std::system_error: the process or user thread limit, no memory for its stack)
   // must not leave joinable threads behind (their destructors would call std::terminate): stop and join the ones
   // started, then let the caller turn the exception into an error return.
@@ -136,10 +136,11 @@ void ThreadPool::WorkerLoop(int cpu_id) {
     if (!ready()) {
       // Spin for a while, then sleep until a wake-up; after one, spin again (a job follows a Wake() shortly).
       const int64_t start = NowUs();
+      const int spin_us = idle_spin_us_.load(std::memory_order_relaxed);
       uint32_t i = 0;
       while (!ready()) {
         CpuRelax();
-        if ((++i & 255) == 0 && NowUs() - start > spin_us_) break;
+        if ((++i & 255) == 0 && NowUs() - start > spin_us) break;
       }
       if (!ready()) {
         // No lost wake-up: a waker bumps wake_seq_ after publishing its job (or stop_) and then reads sleepers_

@@ -2,8 +2,9 @@
 // returns when all have finished. The slots are claimed from a counter by whoever is there -- the caller and
 // the workers that are awake -- so a worker that is asleep, or whose core is busy with another process's
 // thread (the engine's Python and XLA threads share the cores), delays nothing: the others run its slots. A
-// worker that wakes late joins the job still open, or none. Workers spin briefly after each job, then sleep on
-// a futex (Linux): no mutex, so woken workers do not queue behind each other. Run wakes one sleeper and the
+// worker that wakes late joins the job still open, or none. Workers spin after each job (for SetIdleSpin's
+// microseconds, which a caller may set per job), then sleep on a futex (Linux): no mutex, so woken workers do not
+// queue behind each other. Run wakes one sleeper and the
 // first worker that wakes wakes the rest, so the caller starts its own share at once. Wake() does the same
 // ahead of a job: a kernel call issues it on entry, so its workers come out of sleep while the caller prepares
 // the call. No allocation per Run.
@@ -36,6 +37,9 @@ class ThreadPool {
   void Run(Fn fn, void* ctx);
   // Starts waking sleeping workers (they spin for the next job, then sleep again); cheap when none sleeps.
   void Wake();
+  // How long workers spin after the next job before they sleep (microseconds; the constructor's spin until set):
+  // a caller that knows its next job comes soon keeps them hot.
+  void SetIdleSpin(int spin_us) { idle_spin_us_.store(spin_us < 0 ? 0 : spin_us, std::memory_order_relaxed); }
 
  private:
   void WorkerLoop(int cpu_id);
@@ -45,8 +49,8 @@ class ThreadPool {
   void WakeOne();
 
   const int nthreads_;
-  const int spin_us_;
   const bool wait_all_;
+  std::atomic<int> idle_spin_us_;
   std::vector<std::thread> workers_;
   Fn fn_ = nullptr;
   void* ctx_ = nullptr;

@@ -33,15 +33,17 @@ def gpu_budget(hardware) -> str | int:
     return int(limit * 0.95) if limit else "1024TiB"
 
 
-def set_kernel(path: str, spin_us: int = 50) -> None:
+def set_kernel(path: str, spin_us: int = 50, streamed_spin_us: int | None = None) -> None:
     """Apply the ``kernel`` group's process-wide settings: the CPU kernel's path (``xla`` keeps the kernel on
-    ``auto``: that lane runs XLA's dot instead) and the kernel pool's spin."""
+    ``auto``: that lane runs XLA's dot instead), the kernel pool's spin and its spin after a streamed-lane call
+    (None: the same as ``spin_us``)."""
     from fiddler_jax import kernels
 
     kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
-    if spin_us < 0:
-        raise InvalidInputError(f"kernel.spin_us must be >= 0, got {spin_us}")
-    kernels.set_pool(spin_us=spin_us)
+    for name, value in (("spin_us", spin_us), ("streamed_spin_us", streamed_spin_us)):
+        if value is not None and value < 0:
+            raise InvalidInputError(f"kernel.{name} must be >= 0, got {value}")
+    kernels.set_pool(spin_us=spin_us, streamed_spin_us=-1 if streamed_spin_us is None else streamed_spin_us)
 
 
 def engine_options(kernel):
@@ -101,7 +103,7 @@ def build_engine(cfg):
     GPU buffers agree."""
     from fiddler_jax.runtime.engine import Engine
 
-    set_kernel(cfg.kernel.path, cfg.kernel.spin_us)
+    set_kernel(cfg.kernel.path, cfg.kernel.spin_us, cfg.kernel.get("streamed_spin_us"))
     options = engine_options(cfg.kernel)
     size = engine_size(cfg)
     pk = planner_kwargs(cfg.planner)

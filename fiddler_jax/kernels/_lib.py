@@ -120,16 +120,20 @@ def get_num_threads() -> int:
 MAX_SPIN_US = 1_000_000
 
 
-def set_pool(spin_us: int | None = None, wait_all: bool | None = None) -> None:
-    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 50 µs, at most 1 s) and,
-    for comparison only, its old contract where every worker must join every phase
-    (FIDDLER_KERNEL_POOL_WAIT_ALL=1; by default whoever is awake runs the phase's slots). None leaves a knob as it
-    is; the pool is rebuilt now (KernelError if its threads cannot start)."""
+def set_pool(spin_us: int | None = None, wait_all: bool | None = None, streamed_spin_us: int | None = None) -> None:
+    """The thread pool's spin before its workers sleep (FIDDLER_KERNEL_SPIN_US, default 50 µs, at most 1 s); the
+    spin after a call of the streamed CPU lane, whose calls come one per layer (FIDDLER_KERNEL_STREAMED_SPIN_US;
+    -1: the same as ``spin_us``, the default); and, for comparison only, the pool's old contract where every
+    worker must join every phase (FIDDLER_KERNEL_POOL_WAIT_ALL=1; by default whoever is awake runs the phase's
+    slots). None leaves a knob as it is; the pool is rebuilt now (KernelError if its threads cannot start)."""
     if spin_us is not None:
         spin_us = _int_arg("set_pool: spin_us", spin_us, 0, MAX_SPIN_US, f"0..{MAX_SPIN_US} microseconds")
+    if streamed_spin_us is not None:
+        streamed_spin_us = _int_arg("set_pool: streamed_spin_us", streamed_spin_us, -1, MAX_SPIN_US,
+                                    f"0..{MAX_SPIN_US} microseconds, or -1 for spin_us")
     err = _ffi.new("char[512]")
     _check_rc(_lib.fj_set_pool(-1 if spin_us is None else spin_us, -1 if wait_all is None else int(bool(wait_all)),
-                               err, 512), err)
+                               -2 if streamed_spin_us is None else streamed_spin_us, err, 512), err)
 
 
 def _read_pass(buffers, who: str):
