@@ -292,6 +292,7 @@ struct Slot {
   std::atomic<int64_t> events_use{0};      // the use whose four events are all recorded (set by end)
   std::atomic<int64_t> landed_ns{0};       // when begin's host function ran: the input copy had just landed
   int64_t record_seq = -1;                 // this use's record, while its events are unresolved
+  CUcontext ctx = nullptr;                 // the stream's context (the events' queries make it current)
 };
 
 constexpr int kSlots = 128;
@@ -368,18 +369,28 @@ void RunSlot(Slot* s) {
 }
 
 // -- the worker thread: runs begun slots in order (CUDA) ---------------------------------------------------------
-std::mutex g_work_mu;
-std::condition_variable g_work_cv;
-std::deque<Slot*> g_work;
+// Its queue lives on the heap and is never destroyed: the detached worker still waits on it when the process exits
+// (destroying a condition variable a thread waits on would hang the exit).
+struct WorkQueue {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Slot*> slots;
+};
+
+WorkQueue& Work() {
+  static WorkQueue* queue = new WorkQueue;
+  return *queue;
+}
 
 void WorkerLoop() {
+  WorkQueue& q = Work();
   for (;;) {
     Slot* s = nullptr;
     {
-      std::unique_lock<std::mutex> lock(g_work_mu);
-      g_work_cv.wait(lock, [] { return !g_work.empty(); });
-      s = g_work.front();
-      g_work.pop_front();
+      std::unique_lock<std::mutex> lock(q.mu);
+      q.cv.wait(lock, [&] { return !q.slots.empty(); });
+      s = q.slots.front();
+      q.slots.pop_front();
     }
     RunSlot(s);
   }
@@ -387,16 +398,20 @@ void WorkerLoop() {
 
 void StartWorker() {
   static std::once_flag once;
-  std::call_once(once, [] { std::thread(WorkerLoop).detach(); });
+  std::call_once(once, [] {
+    Work();
+    std::thread(WorkerLoop).detach();
+  });
 }
 
 void BeginHostFn(void* arg) {  // hands the slot to the worker and returns: the stream goes on
   static_cast<Slot*>(arg)->landed_ns.store(NowNs(), std::memory_order_release);
+  WorkQueue& q = Work();
   {
-    std::lock_guard<std::mutex> lock(g_work_mu);
-    g_work.push_back(static_cast<Slot*>(arg));
+    std::lock_guard<std::mutex> lock(q.mu);
+    q.slots.push_back(static_cast<Slot*>(arg));
   }
-  g_work_cv.notify_one();
+  q.cv.notify_one();
 }
 
 void EndHostFn(void* arg) {  // holds the stream until the worker has run the slot
@@ -503,6 +518,20 @@ bool ResolveSpans(Record& rec) {
   Slot& s = *rec.pending;
   const Driver& cu = GetDriver();
   if (s.events_use.load(std::memory_order_acquire) != rec.use) return false;
+  CUcontext current = nullptr;
+  const bool push = (cu.ctx_get_current(&current) != 0 || current == nullptr) && s.ctx != nullptr;
+  if (push && cu.ctx_push(s.ctx) != 0) {
+    rec.pending = nullptr;
+    return true;
+  }
+  struct Pop {
+    const Driver& cu;
+    bool on;
+    ~Pop() {
+      CUcontext c;
+      if (on) cu.ctx_pop(&c);
+    }
+  } pop{cu, push};
   CUresult r = cu.event_query(s.events[3]);
   if (r == 600 /* CUDA_ERROR_NOT_READY */) return false;
   rec.pending = nullptr;
@@ -532,6 +561,7 @@ ffi::Error BeginCuda(CUstream stream, ffi::AnyBuffer packed, ffi::Result<ffi::An
   if (!err.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + err);
   s.T = tokens, s.k = top_k, s.hidden = hidden, s.off_out = off_out;
   s.timed = g_timing.load(std::memory_order_relaxed);
+  s.ctx = guard.ctx;
   if (s.timed && !(err = RecordEvent(cu, s, 0, stream)).empty())
     return ffi::Error::Internal("streamed_cpu_begin: " + err);
   CUresult r = cu.memcpy_dtoh(s.host, reinterpret_cast<CUdeviceptr>(packed.untyped_data()), p.bytes, stream);
