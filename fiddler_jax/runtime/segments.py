@@ -212,8 +212,9 @@ class ModelSegments:
         return self.steps[layer][1](self.layers[layer].leaves, pending, kv, start,
                                     self.lookahead[layer] if lookahead else None)
 
-    def attention_and_cpu_begin(self, layer: int, pending, kv, start, tables: int):
-        return self.steps[layer][2](self.layers[layer].leaves, pending, kv, start, jnp.int32(tables))
+    def attention_and_cpu_begin(self, layer: int, pending, kv, start, tables):
+        """``tables``: the registered layer's id, an int32 device scalar."""
+        return self.steps[layer][2](self.layers[layer].leaves, pending, kv, start, tables)
 
     def jitted(self) -> dict:
         """The jitted pieces by name, each once (``f._cache_size()`` counts its compiles)."""

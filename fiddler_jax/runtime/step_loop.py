@@ -68,7 +68,7 @@ class StepLoop:
             elif (tables := self.streamed.tables_id(layer, rows)) is not None:
                 if self.streamed.overlap:
                     h, moe_in, routing, shared, ticket, kv = self.segments.attention_and_cpu_begin(
-                        layer, pending, kv, start, tables)
+                        layer, pending, kv, start, self.streamed.id_on_device(tables))
                     self.streamed.open.append(ticket)
                     resident = self.executor.gpu.resident_mix(layer, moe_in, routing, shared)
                     pending = (h, resident, self.streamed.end(ticket, moe_in.shape))

@@ -57,6 +57,7 @@ class StreamedLane:
         self.proved = proved  # (resident row, tokens) -> True when the planner's rule proves every plan all-CPU
         self.qualifies: dict[tuple[int, int], bool] = {}  # (layer, tokens) -> the step takes the streamed lane
         self.open: list = []  # the tickets of steps begun whose end is not queued yet
+        self._ids_on_device: dict[int, jax.Array] = {}
         self.last_timed = None  # (layer, output landed on the trace clock) of the last timed record drained
 
     def tables_id(self, layer: int, rows: int) -> int | None:
@@ -89,6 +90,14 @@ class StreamedLane:
         from fiddler_jax.kernels.streamed_lane import streamed_cpu_mix
 
         return streamed_cpu_mix(moe_in, routing.experts, routing.weights, tables=tables)
+
+    def id_on_device(self, tables: int):
+        """A registered layer's id as an int32 scalar on the device, made once (begin takes it as data: no
+        host-to-device copy per step)."""
+        found = self._ids_on_device.get(tables)
+        if found is None:
+            found = self._ids_on_device[tables] = jax.device_put(np.int32(tables), self.registrations.device)
+        return found
 
     def end(self, ticket, shape):
         """The CPU share [N, hidden] float32 of the step begun as ``ticket`` (queued device work; the step loop
