@@ -153,6 +153,41 @@ def test_begin_and_end_pair_in_dispatch_order_across_layers_with_one_compile():
         S.unregister_layers(ids)
 
 
+@pytest.mark.gpu
+def test_on_the_gpu_timed_calls_carry_their_stream_times():
+    """With timing on, each CUDA call's record carries four stream times in order (before and after the input
+    copy, before end's wait, after the output copy), and the CPU's run lies between the copy and the output."""
+    rng = np.random.default_rng(3)
+    E_, H, F, k, T = 8, 64, 96, 2, 1
+    resident = np.zeros(E_, bool)
+    tables = _layer(rng, E_, H, F, resident)
+    device = jax.devices()[0]
+    tid = S.register_layer(ExpertTables(*tables, hidden=H), device)
+    put = lambda a: jax.device_put(a, device)  # noqa: E731
+    begin = jax.jit(S.streamed_cpu_begin)
+    try:
+        S.drain_records()
+        S.set_timing(True)
+        for _ in range(5):
+            x = put(rng.standard_normal((T, H)).astype(BF16))
+            experts = put(np.stack([rng.choice(E_, k, replace=False) for _ in range(T)]).astype(np.int32))
+            weights = put(rng.random((T, k)).astype(np.float32))
+            ticket = begin(x, experts, weights, np.int32(tid))
+            gpu_work = x.astype(jnp.float32) @ jnp.ones((H, H), jnp.float32)  # between begin and end, as the mix
+            out = S.end(ticket, T, H)
+            gpu_work.block_until_ready(), out.block_until_ready()
+        S.set_timing(False)
+        records = [r for r in S.drain_records()[0] if r["tables"] == tid]
+        assert len(records) == 5
+        for r in records:
+            before, copied, wait, landed = r["gpu"]
+            assert before <= copied <= wait <= landed
+            assert copied - 1e-3 <= r["start"] <= r["end"] <= landed + 1e-3
+    finally:
+        S.set_timing(False)
+        S.unregister_layers([tid])
+
+
 def test_layers_beyond_the_records_experts_are_refused_at_registration():
     assert S.STREAMED_MAX_EXPERTS == 256
     E_ = S.STREAMED_MAX_EXPERTS + 1
