@@ -57,9 +57,9 @@ def residual(pending):
 
 @functools.cache
 def layer_steps(key, router_key):
-    """``(fused_layer, attention_and_router, attention_and_cpu_begin)`` of one layer structure (all MoE layers of a model share one, so one
-    compile each; a dense layer only ever runs fused); ``router_key``: the (post-attention norm, gate) structure
-    of the layer the step looks ahead to (None for a dense layer)."""
+    """``(fused_layer, attention_and_router, attention_and_cpu_begin)`` of one layer structure (all MoE layers of
+    a model share one, so one compile each; a dense layer only ever runs fused); ``router_key``: the
+    (post-attention norm, gate) structure of the layer the step looks ahead to (None for a dense layer)."""
 
     @functools.partial(jax.jit, donate_argnums=2)
     def fused_layer(leaves, pending, kv, start):
