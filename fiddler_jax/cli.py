@@ -26,6 +26,8 @@ COMMANDS = {
                     "one table of docs/benchmarks.md (conf/table/) as a Hydra job"),
     "ceilings": ("fiddler_jax.experiments.ceilings", "measure host/PCIe/HBM bandwidths and the limits they set"),
     "report": ("fiddler_jax.experiments.report", "CSV + markdown table + plots of a sweep's result.json files"),
+    "quant-accuracy": ("fiddler_jax.experiments.quant_accuracy",
+                       "perplexity, routing and greedy agreement of int8 / int4 experts against bf16"),
 }
 
 

@@ -289,7 +289,7 @@ def leaves(node, prefix=""):
 
 @pytest.mark.parametrize("command, config", [
     ("generate", "generate"), ("init-random", "init_random"), ("profile", "profile"), ("calibrate", "calibrate"),
-    ("train-tiny", "train_tiny"),
+    ("train-tiny", "train_tiny"), ("quant-accuracy", "quant_accuracy"),
 ])
 def test_help_explains_every_option_and_only_its_groups(tmp_path, command, config):
     from hydra import compose, initialize_config_dir
@@ -309,7 +309,8 @@ def test_help_explains_every_option_and_only_its_groups(tmp_path, command, confi
     assert not unexplained, r.stdout
     groups = {line.split(":")[0].strip().lstrip("+") for line in r.stdout.split("Options (")[0].splitlines()
               if line.startswith("  ") and not line.startswith("    ") and ":" in line}
-    expected = {"generate": {"model", "placement", "planner", "kernel"}, "train-tiny": {"train"}}
+    expected = {"generate": {"model", "placement", "planner", "kernel"}, "train-tiny": {"train"},
+                "quant-accuracy": {"model"}}
     assert groups == expected.get(command, set()), r.stdout
 
 
