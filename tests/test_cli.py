@@ -56,13 +56,16 @@ def test_init_random_is_seeded(random_model, tmp_path):
     (["generate", "MODEL_DIR", "prompt_ids=[1]", "prompts_file=PROMPTS"], "give one of prompt=<text>, prompt_ids"),
     (["generate", "MODEL_DIR", "prompts_file=PROMPTS_TXT"], "is text, but the model has no tokenizer files"),
     (["generate", "MODEL_DIR", "prompts_file=BAD_JSONL"], 'line 2: each line must be an object with "prompt"'),
+    (["generate", "MODEL_DIR", "prompts_file=BAD_LIMIT"], 'line 1: "max_new_tokens" must be a non-negative integer'),
 ])
 def test_bad_input_gives_one_clear_line(random_model, args, message):
     work, model_dir = random_model
     (work / "p.jsonl").write_text('{"prompt_ids": [1, 5]}\n')
     (work / "p.txt").write_text("hello\n")
     (work / "bad.jsonl").write_text('{"prompt_ids": [1, 5]}\n[3, 4]\n')
-    files = {"PROMPTS_TXT": work / "p.txt", "PROMPTS": work / "p.jsonl", "BAD_JSONL": work / "bad.jsonl"}
+    (work / "bad_limit.jsonl").write_text('{"prompt_ids": [1, 5], "max_new_tokens": -1}\n')
+    files = {"PROMPTS_TXT": work / "p.txt", "PROMPTS": work / "p.jsonl", "BAD_JSONL": work / "bad.jsonl",
+             "BAD_LIMIT": work / "bad_limit.jsonl"}
     args = [a.replace("MODEL_DIR_RAW", str(model_dir)).replace("MODEL_DIR", f"model.path={model_dir}") for a in args]
     for name, path in files.items():
         args = [a.replace(name, str(path)) for a in args]
@@ -117,16 +120,21 @@ def test_generate_through_the_hybrid_engine_matches_the_plain_model(tmp_path):
 
 
 def test_generate_a_prompts_file_in_batches_writes_one_line_per_prompt(random_model):
-    """prompts_file + batch_size: one JSON line per prompt, in the file's order, each row's new tokens equal to
-    generating its prompt alone (through the API), through the plain model and the hybrid engine alike; a
-    missing out folder is made; nothing but the output file is written."""
+    """prompts_file + batch_size: one JSON line per prompt, in the file's order, each row's new tokens (up to its
+    own max_new_tokens when the line gives one) equal to generating its prompt alone (through the API), through the
+    plain model and the hybrid engine alike; a missing out folder is made; nothing but the output file is
+    written."""
     import json
 
     work, model_dir = random_model
     prompts = [[1, 5, 9], [1, 7], [1, 2, 3, 4, 8, 6], [1, 11, 12, 13], [1, 40]]
-    (work / "many.jsonl").write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
+    limits = [None, 2, None, None, None]  # the second prompt has its own max_new_tokens
+    (work / "many.jsonl").write_text("".join(
+        json.dumps({"prompt_ids": p, **({} if n is None else {"max_new_tokens": n})}) + "\n"
+        for p, n in zip(prompts, limits)))
     model = fj.load_pretrained(model_dir, progress=False)
-    expected = [fj.generate(model, np.array([p]), 6, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
+    expected = [fj.generate(model, np.array([p]), n or 6, eos_token_id=[])[0, len(p):].tolist()
+                for p, n in zip(prompts, limits)]
     for extra, out in (([], work / "plain" / "out.jsonl"), (["engine.resident_experts=4"], work / "hybrid.jsonl")):
         r = cli("generate", f"model.path={model_dir}", f"prompts_file={work / 'many.jsonl'}", "batch_size=2",
                 "max_new_tokens=6", f"out={out}", *extra, cwd=work)

@@ -78,6 +78,40 @@ def test_a_row_that_stops_early_changes_no_other_row(model_pair):
     np.testing.assert_array_equal(stopped[[0, 2, 3]], free[[0, 2, 3]])
 
 
+def test_each_row_stops_at_its_own_max_new_tokens(model_pair):
+    """Per-row limits: row b's new tokens are the first limits[b] of an unlimited run (a row's limit changes no
+    other row), then the fill token; a row's EOS still stops it first; the stats count each row's tokens; the
+    engine gives the same; beam search refuses them."""
+    from fiddler_jax.runtime.generate import fill_token
+
+    hf, path = model_pair
+    model = fj.load_pretrained(path, progress=False)
+    prompts = _prompts(hf.config.vocab_size)
+    width, limits = max(LENGTHS), [3, 0, NEW, 6]
+    free = fj.generate(model, prompts, NEW, eos_token_id=[])
+    out, stats = fj.generate_with_stats(model, prompts, limits, eos_token_id=[])
+    fill = fill_token(model.config)
+    assert out.shape == free.shape and stats.row_new_tokens == limits
+    for b, n in enumerate(limits):
+        np.testing.assert_array_equal(out[b, :width + n], free[b, :width + n])
+        assert (out[b, width + n:] == fill).all()
+    short, stats = fj.generate_with_stats(model, prompts, [2, 1, 4, 3], eos_token_id=[])
+    assert short.shape == (len(prompts), width + 4) and stats.new_tokens == 4  # no step past the longest limit
+    eos = int(free[2, width + 1])  # row 2's second token: it stops there, before its limit
+    if eos in free[[0, 3], width:width + 6] or eos == int(free[2, width]):
+        pytest.skip("the chosen EOS id also appears earlier or in another row")
+    stopped, stats = fj.generate_with_stats(model, prompts, limits, eos_token_id=eos)
+    assert stats.row_new_tokens == [3, 0, 2, 6] and (stopped[2, width + 1:] == eos).all()
+    engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=2,
+                                      dtype="float32", max_batch=len(prompts), progress=False)
+    np.testing.assert_array_equal(engine.generate(prompts, limits, eos_token_id=eos), stopped)
+    with pytest.raises(InvalidInputError, match="beam search takes one max_new_tokens"):
+        fj.generate(model, prompts, limits, num_beams=2)
+    for bad in ([1, 2], [1, -1, 2, 3], [1.5, 1, 1, 1], "3"):
+        with pytest.raises(InvalidInputError, match="max_new_tokens must be a non-negative integer"):
+            fj.generate(model, prompts, bad)
+
+
 @pytest.mark.parametrize("planner", ["fiddler_overlap", "fiddler", "cpu_only", "transfer", "lru"])
 def test_the_engine_with_experts_offloaded_gives_the_batch_of_the_plain_model(model_pair, planner):
     hf, path = model_pair

@@ -2,7 +2,7 @@ r"""``fiddler-jax generate prompts_file=<file> batch_size=<n>``: every prompt of
 one JSON line of output per prompt.
 
 The file is either JSON lines (``.jsonl``: an object per line with ``"prompt"``, a text, or ``"prompt_ids"``, a
-list of token ids) or plain text, one prompt per non-empty line (``\n``, ``\t`` and ``\\`` stand for newline, tab
+list of token ids, and optionally ``"max_new_tokens"``, that prompt's own limit) or plain text, one prompt per non-empty line (``\n``, ``\t`` and ``\\`` stand for newline, tab
 and backslash). Consecutive prompts form a batch of different lengths (:mod:`fiddler_jax.runtime.prompt_batch`:
 left-padded; each row is what its prompt alone would give). The output file holds, in the file's order, one
 object per prompt: ``index``, ``prompt`` (the text, or null), ``prompt_ids``, ``output_ids`` (the new tokens
@@ -28,8 +28,9 @@ def check_prompts_file(path: str) -> None:
         raise InvalidInputError(f"prompts_file {path} does not exist")
 
 
-def read_prompts(path: str, tokenizer) -> list[tuple[str | None, np.ndarray]]:
-    """(text or None, token ids) of every prompt in ``path`` (module docstring)."""
+def read_prompts(path: str, tokenizer) -> list[tuple[str | None, np.ndarray, int | None]]:
+    """(text or None, token ids, its own max_new_tokens or None) of every prompt in ``path`` (module
+    docstring)."""
     check_prompts_file(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -52,19 +53,22 @@ def read_prompts(path: str, tokenizer) -> list[tuple[str | None, np.ndarray]]:
                                         '"prompt_ids" (token ids), one of the two')
             text = item.get("prompt")
             ids = item.get("prompt_ids")
+            limit = item.get("max_new_tokens")
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+                raise InvalidInputError(f'{where}: "max_new_tokens" must be a non-negative integer')
             if text is not None and not isinstance(text, str):
                 raise InvalidInputError(f'{where}: "prompt" must be a string')
             if ids is not None and (not isinstance(ids, list) or not ids
                                     or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
                 raise InvalidInputError(f'{where}: "prompt_ids" must be a non-empty list of integer token ids')
         else:
-            text, ids = decode_escapes(line), None
+            text, ids, limit = decode_escapes(line), None, None
         if ids is None:
             if tokenizer is None:
                 raise InvalidInputError(f"{where} is text, but the model has no tokenizer files; give "
                                         '"prompt_ids" in a .jsonl file instead')
             ids = tokenizer(text)["input_ids"]
-        prompts.append((text, np.asarray(ids, np.int64)))
+        prompts.append((text, np.asarray(ids, np.int64), limit))
     if not prompts:
         raise InvalidInputError(f"prompts_file {path} holds no prompt")
     return prompts
@@ -80,9 +84,10 @@ def output_path(prompts_file: str, out: str | None, run_folder: str) -> str:
 
 def generate_all(generate, prompts, batch_size: int, max_new_tokens: int, eos: tuple[int, ...], tokenizer,
                  path: str, progress: bool = True) -> dict:
-    """Run ``generate(list of id arrays, max_new_tokens) -> [B, T + n]`` over ``prompts`` in batches of
-    ``batch_size`` and write the outputs to ``path`` (module docstring; nothing is left under either name if it
-    fails); returns totals (prompts, new tokens, seconds, aggregate tokens/s)."""
+    """Run ``generate(list of id arrays, max_new_tokens) -> [B, T + n]`` over ``prompts`` (:func:`read_prompts`)
+    in batches of ``batch_size`` and write the outputs to ``path`` (module docstring; nothing is left under either
+    name if it fails); a prompt without its own limit gets ``max_new_tokens``, and a batch whose limits differ
+    passes one per row. Returns totals (prompts, new tokens, seconds, aggregate tokens/s)."""
     from tqdm.auto import tqdm
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -95,10 +100,13 @@ def generate_all(generate, prompts, batch_size: int, max_new_tokens: int, eos: t
             for first in tqdm(range(0, len(prompts), batch_size), desc="batches", disable=not progress,
                               leave=False):
                 batch = prompts[first:first + batch_size]
-                out = np.asarray(generate([ids for _, ids in batch], max_new_tokens))
-                width = max(len(ids) for _, ids in batch)
-                for offset, ((text, ids), row) in enumerate(zip(batch, out)):
-                    line = output_line(first + offset, text, ids, row[width:].tolist(), eos, tokenizer)
+                limits = [max_new_tokens if limit is None else limit for _, _, limit in batch]
+                out = np.asarray(generate([ids for _, ids, _ in batch],
+                                          limits[0] if len(set(limits)) == 1 else limits))
+                width = max(len(ids) for _, ids, _ in batch)
+                for offset, ((text, ids, _), limit, row) in enumerate(zip(batch, limits, out)):
+                    new = row[width:width + limit].tolist()
+                    line = output_line(first + offset, text, ids, new, eos, tokenizer)
                     new_tokens += len(line["output_ids"])
                     f.write(json.dumps(line) + "\n")
         os.replace(tmp, path)

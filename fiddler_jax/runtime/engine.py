@@ -28,7 +28,8 @@ from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.generate import (
-    GenerationStats, cache_length, check_sampling, check_token_ids, decode_loop, eos_token_ids, prompt_batch,
+    GenerationStats, beam_limit, cache_length, check_sampling, check_token_ids, decode_loop, eos_token_ids,
+    fill_token, prompt_batch, row_limits,
 )
 from fiddler_jax.runtime.host_experts import HostExperts, check_host_memory, size_pinned_pool
 from fiddler_jax.runtime.lanes.cpu import CpuLane
@@ -307,6 +308,7 @@ class Engine:
                                             top_p=top_p, eos_token_id=eos_token_id, kv_slots=kv_slots,
                                             attention_mask=attention_mask)[0]
         ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
+        max_new_tokens = beam_limit(max_new_tokens, len(ids))
         if max_new_tokens == 0:
             return ids
 
@@ -330,14 +332,15 @@ class Engine:
         compiled shape (a short warm-up then compiles what a long run needs)."""
         ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
-        if max_new_tokens == 0:
-            return ids, GenerationStats(prompt_tokens=ids.shape[1])
-        slots = self._kv_slots(ids.shape[1], max_new_tokens, kv_slots)
+        most, limits = row_limits(max_new_tokens, len(ids))
+        if most == 0:
+            return ids, GenerationStats(prompt_tokens=ids.shape[1], row_new_tokens=[0] * len(ids))
+        slots = self._kv_slots(ids.shape[1], most, kv_slots)
         self._check_kv_reserve(ids.shape[0], slots, "generate")
         with self.resources.lock:
             out = decode_loop(self._forward_last, self.model.init_cache(ids.shape[0], slots, pad), ids,
-                              max_new_tokens, self._eos(eos_token_id), do_sample=do_sample, seed=seed,
-                              temperature=temperature, top_p=top_p)
+                              most, self._eos(eos_token_id), do_sample=do_sample, seed=seed,
+                              temperature=temperature, top_p=top_p, limits=limits, fill=fill_token(self.config))
             self.step_loop.drain()
         return out
 

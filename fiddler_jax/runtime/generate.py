@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -52,17 +52,41 @@ def check_token_ids(model: MoeForCausalLM, input_ids, max_new_tokens: int = 0) -
     return ids.astype(np.int32)
 
 
-def prompt_batch(model: MoeForCausalLM, input_ids, attention_mask=None, max_new_tokens: int = 0
+def prompt_batch(model: MoeForCausalLM, input_ids, attention_mask=None, max_new_tokens=0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B, T] int32, pad [B]) of a batch of prompts: an int array, with an optional left-padding
     ``attention_mask``, or a list of id sequences of different lengths (:mod:`.prompt_batch`), validated by
-    :func:`check_token_ids`."""
+    :func:`check_token_ids` (``max_new_tokens``: an int, or one per row -- :func:`row_limits`)."""
     if not isinstance(model, MoeForCausalLM):
         raise InvalidInputError(f"expected a fiddler_jax model (from load_pretrained), got {type(model).__name__}")
-    cfg = model.config
-    fill = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
-    ids, pad = left_padded(input_ids, attention_mask, fill)
-    return check_token_ids(model, ids, max_new_tokens), pad
+    ids, pad = left_padded(input_ids, attention_mask, fill_token(model.config))
+    most, _ = row_limits(max_new_tokens, ids.shape[0] if ids.ndim == 2 else 1)
+    return check_token_ids(model, ids, most), pad
+
+
+def fill_token(cfg) -> int:
+    """The token that pads a batch: left of short prompts, and right of a row that reached its own
+    ``max_new_tokens`` before the others: config.json's pad token, else its (first) EOS, else 0."""
+    return int(cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0])
+
+
+def row_limits(max_new_tokens, rows: int) -> tuple[int, np.ndarray | None]:
+    """(the most new tokens of any row, each row's limit or None when all rows share one) of ``max_new_tokens``:
+    a non-negative int, or a sequence of ``rows`` of them (one per prompt of the batch)."""
+    if isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool):
+        if max_new_tokens < 0:
+            raise InvalidInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        return int(max_new_tokens), None
+    if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+        limits = list(np.asarray(max_new_tokens, dtype=object).ravel()) if np.ndim(max_new_tokens) else []
+        if (np.ndim(max_new_tokens) != 1 or len(limits) != rows
+                or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in limits)):
+            raise InvalidInputError(f"max_new_tokens must be a non-negative integer or a list of {rows} of them "
+                                    f"(one per prompt), got {max_new_tokens!r}")
+        limits = np.asarray(limits, np.int64)
+        return int(limits.max()), (None if (limits == limits[0]).all() else limits)
+    raise InvalidInputError(f"max_new_tokens must be a non-negative integer or a list of one per prompt, got "
+                            f"{max_new_tokens!r}")
 
 
 def eos_token_ids(config, eos_token_id=None) -> tuple[int, ...]:
@@ -119,7 +143,8 @@ class GenerationStats:
     length) is timed apart, so ``decode_tokens_per_s`` is the steady-state rate over the remaining steps."""
 
     prompt_tokens: int = 0
-    new_tokens: int = 0
+    new_tokens: int = 0  # decode steps run (columns of new tokens in the output)
+    row_new_tokens: list = field(default_factory=list)  # each row's own new tokens (EOS included)
     prefill_s: float = 0.0
     first_step_s: float = 0.0
     decode_s: float = 0.0
@@ -139,6 +164,7 @@ def generate(model: MoeForCausalLM, input_ids, max_new_tokens: int, do_sample: b
     beam_search.check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
     if num_beams > 1:
         ids, pad = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
+        max_new_tokens = beam_limit(max_new_tokens, len(ids))
         eos = eos_token_ids(model.config, eos_token_id)
         graphdef, state = nnx.split(model)
         return beam_search.beam_search(
@@ -161,20 +187,32 @@ def generate_with_stats(model: MoeForCausalLM, input_ids, max_new_tokens: int, d
     (:mod:`.prompt_batch`), and each row equals what its prompt alone would give. Greedy unless ``do_sample``;
     sampling uses ``temperature`` and nucleus ``top_p`` with a ``seed``ed key, so equal seeds give equal outputs.
     Generation stops early once every row has emitted an end-of-sequence token (``eos_token_id``, default from
-    config.json); rows that finish first are padded with their EOS token."""
+    config.json); rows that finish first are padded with their EOS token. ``max_new_tokens``: an int, or one per
+    row (a row that reaches its own is padded after it with the batch's fill token, :func:`fill_token`); the stats'
+    ``row_new_tokens`` count each row's tokens (up to and including its EOS)."""
     ids, pad = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
     check_sampling(do_sample, temperature, top_p)
     eos = eos_token_ids(model.config, eos_token_id)
-    if max_new_tokens == 0:
-        return ids, GenerationStats(prompt_tokens=ids.shape[1])
+    most, limits = row_limits(max_new_tokens, len(ids))
+    if most == 0:
+        return ids, GenerationStats(prompt_tokens=ids.shape[1], row_new_tokens=[0] * len(ids))
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(ids.shape[0], cache_length(ids.shape[1], max_new_tokens, model.config), pad)
+    cache = model.init_cache(ids.shape[0], cache_length(ids.shape[1], most, model.config), pad)
 
     def forward_last(tokens, cache, start):
         return _forward_last(graphdef, state, cache, tokens, jnp.int32(start))
 
-    return decode_loop(forward_last, cache, ids, max_new_tokens, eos, do_sample=do_sample, seed=seed,
-                       temperature=temperature, top_p=top_p)
+    return decode_loop(forward_last, cache, ids, most, eos, do_sample=do_sample, seed=seed,
+                       temperature=temperature, top_p=top_p, limits=limits, fill=fill_token(model.config))
+
+
+def beam_limit(max_new_tokens, rows: int) -> int:
+    """Beam search's one ``max_new_tokens`` (per-row limits are for greedy and sampled generation)."""
+    most, limits = row_limits(max_new_tokens, rows)
+    if limits is not None:
+        raise InvalidInputError("beam search takes one max_new_tokens for every prompt; per-row limits are for "
+                                "greedy and sampled generation (num_beams=1)")
+    return most
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, cfg) -> int:
@@ -192,56 +230,72 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
 READ_BEHIND = 4  # decode steps the host reads the chosen tokens behind the device
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def next_tokens(last_logits, key, temperature: float, top_p: float, done, previous, eos):
+@functools.partial(jax.jit, static_argnums=(2, 3, 8))
+def next_tokens(last_logits, key, temperature: float, top_p: float, done, previous, eos, exhausted, fill: int):
     """One decode step's tokens [B] int32 and the rows done after it: :func:`pick_next`, except that a row
-    already done repeats its previous token (its EOS); ``eos`` int32 [n] (n may be 0)."""
+    already done repeats its previous token (its EOS), and a row past its own limit (``exhausted`` [B] bool, or
+    None when rows share one limit) gets ``fill``; ``eos`` int32 [n] (n may be 0)."""
     nxt = jnp.where(done, previous, pick_next(last_logits, key, temperature, top_p).astype(jnp.int32))
+    if exhausted is not None:
+        nxt = jnp.where(exhausted, jnp.int32(fill), nxt)
+        return nxt, done | (jnp.isin(nxt, eos) & ~exhausted)
     return nxt, done | jnp.isin(nxt, eos)
 
 
 def decode_loop(forward_last, cache, ids: np.ndarray, max_new_tokens: int, eos: tuple[int, ...], *,
-                do_sample: bool, seed: int, temperature: float, top_p: float) -> tuple[np.ndarray, GenerationStats]:
+                do_sample: bool, seed: int, temperature: float, top_p: float, limits: np.ndarray | None = None,
+                fill: int = 0) -> tuple[np.ndarray, GenerationStats]:
     """The autoregressive loop shared by the plain model and the hybrid engine.
 
     ``forward_last(tokens [B, t], cache, start) -> (logits of the last position [B, V], cache)`` runs the model
     over new tokens at absolute position ``start``; the first call is the prefill of the whole prompt. The chosen
     tokens stay on the device and feed the next step, the rows' EOS state with them (:func:`next_tokens`); the
     host reads each step's tokens through an asynchronous copy ``READ_BEHIND`` steps later, so the device never
-    waits for the host between tokens. Generation stops once every row is done; the steps dispatched past that
-    point are dropped, so the output is the one a loop that checked every step would give. A key is split per step
-    only when sampling. The first two steps are read at once (the time to the first token, and the first decode
-    step, which compiles, are timed apart)."""
+    waits for the host between tokens. Generation stops once every row is done (its EOS, or its own limit in
+    ``limits`` [B], when rows have different ones; ``max_new_tokens`` is the largest); the steps dispatched past
+    that point are dropped, so the output is the one a loop that checked every step would give. A key is split
+    per step only when sampling. The first two steps are read at once (the time to the first token, and the first
+    decode step, which compiles, are timed apart)."""
     b, t = ids.shape
     stats = GenerationStats(prompt_tokens=t)
     temp = float(temperature) if do_sample else 0.0
     top_p = float(top_p) if do_sample else 1.0
     key = jax.random.key(seed) if do_sample else None
     eos_ids = jnp.asarray(np.asarray(eos, np.int32).reshape(-1))
+    limit = np.full(b, max_new_tokens, np.int64) if limits is None else np.asarray(limits, np.int64)
     picked, read = [], []  # every step's tokens on the device; the steps the host has read, [B] each
+    finished = np.zeros(b, bool)  # rows done in the steps read (their EOS, or their limit)
+    row_tokens = np.zeros(b, np.int64)
     done_rows = jnp.zeros(b, bool)
     tic = time.perf_counter()
     tokens, start = jnp.asarray(ids), 0
 
     def read_next() -> bool:
         """Read the oldest unread step; True when every row is done after it."""
-        step = np.asarray(picked[len(read)])
-        read.append(step)
-        return bool(eos) and bool(np.isin(step, eos).all())  # a done row repeats its EOS
+        step = len(read)
+        tokens_now = np.asarray(picked[step])
+        read.append(tokens_now)
+        live = ~finished & (step < limit)
+        row_tokens[live] += 1
+        finished[live & np.isin(tokens_now, eos)] = True
+        finished[step + 1 >= limit] = True
+        return bool(finished.all())
 
-    finished = False
+    done = False
     for step in range(max_new_tokens):
         sub = None
         if do_sample:
             key, sub = jax.random.split(key)
         last, cache = forward_last(tokens, cache, start)
-        nxt, done_rows = next_tokens(last, sub, temp, top_p, done_rows, tokens[:, -1].astype(jnp.int32), eos_ids)
+        exhausted = None if limits is None else jnp.asarray(step >= limit)
+        nxt, done_rows = next_tokens(last, sub, temp, top_p, done_rows, tokens[:, -1].astype(jnp.int32), eos_ids,
+                                     exhausted, int(fill))
         nxt.copy_to_host_async()
         picked.append(nxt)
         start += tokens.shape[1]
         tokens = nxt[:, None]
         if step < 2:
-            finished = read_next()
+            done = read_next()
             now = time.perf_counter()
             if step == 0:
                 stats.prefill_s = now - tic
@@ -249,11 +303,12 @@ def decode_loop(forward_last, cache, ids: np.ndarray, max_new_tokens: int, eos: 
                 stats.first_step_s = now - tic
             tic = now
         elif step - len(read) >= READ_BEHIND:
-            finished = read_next()
-        if finished:
+            done = read_next()
+        if done:
             break
-    while not finished and len(read) < len(picked):
-        finished = read_next()
+    while not done and len(read) < len(picked):
+        done = read_next()
     stats.new_tokens = len(read)
+    stats.row_new_tokens = row_tokens.tolist()
     stats.decode_s = time.perf_counter() - tic
     return np.concatenate([ids] + [r[:, None] for r in read], axis=1), stats
