@@ -49,6 +49,14 @@ def test_int4_groups_round_to_the_nearest_step_and_pack_two_per_byte(group):
     assert m.nbytes == Q.expert_matrix_bytes(24, 256, "int4", group)
 
 
+def test_int4_rows_shorter_than_the_group_are_one_group():
+    w = _weights(np.random.default_rng(1), inp=64)
+    m = Q.quantize(w, "int4", 128)
+    assert m.group == 64 and m.scales.shape == (24, 1)
+    np.testing.assert_array_equal(Q.dequantize(m), Q.dequantize(Q.quantize(w, "int4", 64)))
+    assert m.nbytes == Q.expert_matrix_bytes(24, 64, "int4", 128)
+
+
 def test_int4_nibble_layout_is_low_first_twos_complement():
     q = np.array([[1, -1, -8, 7, 0, 3]], np.int8)
     packed = Q.pack_int4(q)

@@ -6,7 +6,8 @@ An expert matrix W [out, in] (w1, w3: [ffn, hidden]; w2: [hidden, ffn]) is store
     scale[o] = max_i |W[o, i]| / 127, q[o, i] = round_half_even(W[o, i] / scale[o]) in [-127, 127];
   * ``int4``: q in [-8, 7] packed two per byte along ``in`` (element 2j in the low nibble, 2j + 1 in the high
     nibble, two's complement) as uint8 [out, in / 2], and one float16 scale per group of ``group`` consecutive
-    inputs of a row: scale[o, g] = max over the group of |W| / 7, q = clip(round_half_even(W / scale), -8, 7).
+    inputs of a row (a row shorter than ``group`` is one group): scale[o, g] = max over the group of |W| / 7,
+    q = clip(round_half_even(W / scale), -8, 7).
 A zero row or group gets scale 0 and q 0. Dequantised, W'[o, i] = q[o, i] * scale (of its row or group), in float32
 -- the weights every quantised path (CPU kernel, GPU expert FFN) must reproduce: an expert's output
 y = W' x is Σ_i q[o, i] x[i] times the scale, each exact in float32 up to the summation.
@@ -68,6 +69,7 @@ def quantize(w, precision: str, group: int = DEFAULT_INT4_GROUP) -> QuantizedMat
         raise InvalidInputError("quantize: bf16 is the unquantised format; keep the weights as they are")
     w = _as_matrix(w, "quantize")
     out, inp = w.shape
+    group = min(group, inp)  # a row shorter than a group is one group
     if precision == "int8":
         peak = np.abs(w).max(axis=1)
         scales = (peak / 127.0).astype(np.float32)
@@ -118,4 +120,4 @@ def expert_matrix_bytes(out: int, inp: int, precision: str, group: int = DEFAULT
         return out * inp * bf16_itemsize
     if precision == "int8":
         return out * inp + out * 4
-    return out * inp // 2 + out * (inp // group) * 2
+    return out * inp // 2 + out * (inp // min(group, inp)) * 2
