@@ -291,6 +291,35 @@ def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
     assert all(len(s.spans) > 1 for s in engine.trace.steps)  # synced steps: plan, gpu and cpu spans
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_streamed_overlap_equals_the_synced_engine_on_random_transformers_models(family, tmp_path):
+    """A random transformers model of each family in bfloat16, most experts offloaded, cpu_only: the streamed
+    lane (begin, resident mix, end) and the serial streamed order give the tokens and logits of every step synced,
+    greedy, sampled with one seed, and in beam search."""
+    from tests.conftest import make_family_model
+
+    overrides = {"mixtral": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                 num_local_experts=8, num_experts_per_tok=2),
+                 "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
+                                   num_experts_per_tok=4, norm_topk_prob=True)}[family]
+    make_family_model(family, overrides, seed=5).save_pretrained(tmp_path)
+    engine = E.Engine.from_pretrained(tmp_path, gpu_budget=10**9, planner="cpu_only", resident_experts=2,
+                                      dtype="bfloat16", max_batch=2, progress=False)
+    ids = np.random.default_rng(2).integers(3, 97, (1, 9))
+    runs = {}
+    for name, options in (("overlap", EngineOptions()), ("serial", EngineOptions(streamed_overlap=False)),
+                          ("synced", EngineOptions(streamed_cpu_lane=False))):
+        e = engine.with_planner("cpu_only", options=options)
+        runs[name] = (e.generate(ids, 8, eos_token_id=[]), e.generate(ids, 8, do_sample=True, seed=3, eos_token_id=[]),
+                      e.generate(ids, 5, num_beams=2, eos_token_id=[]), np.asarray(e.logits(ids[:, :1])))
+        if name == "overlap":
+            assert any(set(s.spans) == {"cpu"} for s in e.trace.steps)  # decode steps streamed
+    for name in ("overlap", "serial"):
+        for got, want in zip(runs[name], runs["synced"]):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_a_pass_that_raises_between_begin_and_end_leaves_the_lane_usable(monkeypatch):
     """An error after a streamed step's begin (here: the resident mix's dispatch) abandons the begun call; the
     next forward pass pairs its begins and ends again and gives the logits of an engine that never failed."""
