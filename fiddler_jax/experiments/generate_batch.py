@@ -5,9 +5,10 @@ The file is either JSON lines (``.jsonl``: an object per line with ``"prompt"``,
 list of token ids, and optionally ``"max_new_tokens"``, that prompt's own limit) or plain text, one prompt per
 non-empty line (``\n``, ``\t`` and ``\\`` stand for newline, tab and backslash). Consecutive prompts form a
 batch of different lengths (:mod:`fiddler_jax.runtime.prompt_batch`: left-padded; each row is what its prompt
-alone would give). The output file holds, in the file's order, one object per prompt: ``index``, ``prompt`` (the text, or null), ``prompt_ids``, ``output_ids`` (the new tokens
-without padding, up to and including an end-of-sequence token), ``text`` (their decoding, when the model has a
-tokenizer) and ``finish`` (``"eos"`` or ``"length"``). It is written to a temporary name and renamed when every
+alone would give). The output file holds, in the file's order, one object per prompt: ``index``, ``prompt`` (the
+text, or null), ``prompt_ids``, ``output_ids`` (the new tokens without padding, up to and including an
+end-of-sequence token), ``text`` (their decoding, when the model has a tokenizer) and ``finish`` (``"eos"`` or
+``"length"``). It is written to a temporary name and renamed when every
 prompt is done, so a file under the final name is complete.
 """
 from __future__ import annotations
