@@ -132,13 +132,15 @@ def test_begin_and_end_pair_in_dispatch_order_across_layers_with_one_compile():
             weights = rng.random((T, k)).astype(np.float32)
             calls.append((x, experts, weights, n % 2, begin(put(x), put(experts), put(weights), np.int32(ids[n % 2]))))
         assert begin._cache_size() == 1
+        if device.platform == "cpu":  # the ticket names its call: ends may come in another order
+            calls = calls[::-1]
         for x, experts, weights, layer, ticket in calls:
             out = np.asarray(S.end(ticket, T, H))
             ref = _reference(x, experts, weights, layers[layer])
             assert np.linalg.norm(out - ref) <= 1e-2 * np.linalg.norm(ref)
         with pytest.raises(Exception, match="no open streamed_cpu_begin"):
             S.end(calls[0][-1], T, H).block_until_ready()
-        x, experts, weights = (put(a) for a in calls[0][:3])
+        x, experts, weights = (put(a) for a in calls[-1][:3])
         begin(x, experts, weights, np.int32(ids[0])).block_until_ready()
         assert S.abandon() == 1 and S.abandon() == 0
         with pytest.raises(Exception, match="no open streamed_cpu_begin"):

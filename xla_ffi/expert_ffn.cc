@@ -672,6 +672,7 @@ const char* ReadProbe(const void* const* p, const int64_t* bytes, int64_t n, uin
   c.words = words.data();
   c.n = n;
   std::memset(c.sums, 0, sizeof(c.sums));
+  rt.pool->SetIdleSpin(rt.spin_us);
   rt.pool->Run(ProbeRun, &c);
   uint64_t s = 0;
   for (uint64_t v : c.sums) s += v;

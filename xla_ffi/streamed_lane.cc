@@ -7,13 +7,15 @@
 //   1. the assignments (t, experts[t, j], weights[t, j]) whose expert the layer's table holds on the host are
 //      kept (the others are GPU-resident: the engine's resident mix covers them);
 //   2. out = their grouped expert FFN (GroupedExpertFfnTables over the pinned weights), zero where a token has none.
-// Every begin is paired with the next end the same thread enqueues (a FIFO of open calls: XLA runs a device's
-// programs in the order they were dispatched, and the engine dispatches begin, the resident mix, end).
-// On the "cpu" platform begin runs steps 1-2 in place and end copies the result out. On "CUDA" both are queued on
-// XLA's stream, where the host cannot wait for anything: begin copies `packed` into a pinned slot
-// (cuMemcpyDtoHAsync) and queues a host function (cuLaunchHostFunc) that hands the slot to the lane's worker thread
-// and returns at once, so the stream goes on to the next work (the resident experts' mix); end queues a host
-// function that waits until the worker has run the slot, then the copy of the output back (cuMemcpyHtoDAsync).
+// On the "cpu" platform begin runs steps 1-2 in place and writes its slot and use into the ticket, and end copies
+// that slot's result out (XLA:CPU may run a program before an earlier one whose inputs are not ready, so ends find
+// their begins by ticket). On "CUDA" both are queued on XLA's stream, where the host cannot wait for anything:
+// begin copies `packed` into a pinned slot (cuMemcpyDtoHAsync) and queues a host function (cuLaunchHostFunc) that
+// hands the slot to the lane's worker thread and returns at once, so the stream goes on to the next work (the
+// resident experts' mix); end pairs with the oldest open begin (the stream runs a device's programs in dispatch
+// order, and the engine dispatches begin, the resident mix, end) and queues a host function that waits until the
+// worker has run the slot -- spinning briefly, then asleep, so it does not hold a core for the whole run -- then
+// the copy of the output back (cuMemcpyHtoDAsync). Padding (weight 0) is neither counted nor run.
 // The CUDA driver is found at run time (dlopen of libcuda.so.1, which JAX has loaded), so this file needs no CUDA
 // headers and the library still loads on machines without a GPU.
 // A host function cannot return an error to XLA: its first error is kept (fj_streamed_lane_error) and its output
@@ -63,7 +65,9 @@ struct LayerTables {
 };
 
 std::mutex g_tables_mu;
-std::vector<std::shared_ptr<const LayerTables>> g_tables;  // by id
+// The globals below live on the heap and are never destroyed: the detached worker may still use them while the
+// process exits.
+std::vector<std::shared_ptr<const LayerTables>>& g_tables = *new std::vector<std::shared_ptr<const LayerTables>>;
 
 std::shared_ptr<const LayerTables> FindTables(int64_t id) {
   std::lock_guard<std::mutex> lock(g_tables_mu);
@@ -85,12 +89,12 @@ struct Record {
 
 constexpr size_t kRecordRing = 8192;
 std::mutex g_records_mu;
-std::deque<Record> g_records;  // at most kRecordRing, oldest dropped
+std::deque<Record>& g_records = *new std::deque<Record>;  // at most kRecordRing, oldest dropped
 int64_t g_records_dropped = 0;
 int64_t g_records_made = 0;
 
 std::mutex g_error_mu;
-std::string g_error;
+std::string& g_error = *new std::string;
 
 void SetError(const std::string& msg) {
   std::lock_guard<std::mutex> lock(g_error_mu);
@@ -124,6 +128,7 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
               std::to_string(tables->E) + ")";
         return msg.c_str();
       }
+      if (weights[t * k + j] == 0.0f) continue;  // a row's left padding: no token, no work
       if (rec.counts[e] != UINT16_MAX) rec.counts[e] += 1;
       if (tables->w1[e] == nullptr) continue;  // GPU-resident
       tok.push_back(static_cast<int32_t>(t)), exp.push_back(e), wts.push_back(weights[t * k + j]);
@@ -176,6 +181,7 @@ std::string CheckBegin(const ffi::AnyBuffer& packed, const ffi::AnyBuffer& ticke
   std::string e;
   if (!(e = fiddler::Check(op, "packed", packed, ffi::DataType::U8, 1)).empty()) return e;
   if (!(e = fiddler::Check(op, "ticket", ticket, ffi::DataType::S32, 1)).empty()) return e;
+  if (ticket.dimensions()[0] != 2) return std::string(op) + ": ticket must hold 2 int32, got " + fiddler::Shape(ticket);
   if (T < 1 || k < 1 || H < 1)
     return std::string(op) + ": tokens, top_k and hidden must be positive, got " + std::to_string(T) + ", " +
            std::to_string(k) + ", " + std::to_string(H);
@@ -229,6 +235,7 @@ struct Driver {
   CUresult (*event_record)(CUevent, CUstream) = nullptr;
   CUresult (*event_query)(CUevent) = nullptr;
   CUresult (*event_elapsed)(float*, CUevent, CUevent) = nullptr;
+  CUresult (*stream_query)(CUstream) = nullptr;
   CUresult (*error_string)(CUresult, const char**) = nullptr;
   std::string missing;  // non-empty: why the driver is unusable
 
@@ -264,6 +271,7 @@ const Driver& GetDriver() {
     get(d.event_record, "cuEventRecord");
     get(d.event_query, "cuEventQuery");
     get(d.event_elapsed, "cuEventElapsedTime");
+    get(d.stream_query, "cuStreamQuery");
     get(d.error_string, "cuGetErrorString");
     return d;
   }();
@@ -287,30 +295,72 @@ struct Slot {
   std::atomic<int64_t> issued{0};  // begins enqueued
   std::atomic<int64_t> ran{0};     // runs finished by the worker (or in place)
   std::atomic<int64_t> ended{0};   // ends that have waited (CUDA) or copied (cpu), or abandoned
+  std::atomic<int64_t> handed{0};  // uses begin's host function handed to the worker (CUDA)
   CUevent events[kEvents] = {};
   bool timed = false;                      // this use records the events
   std::atomic<int64_t> events_use{0};      // the use whose four events are all recorded (set by end)
   std::atomic<int64_t> landed_ns{0};       // when begin's host function ran: the input copy had just landed
   int64_t record_seq = -1;                 // this use's record, while its events are unresolved
   CUcontext ctx = nullptr;                 // the stream's context (the events' queries make it current)
+  CUstream stream = nullptr;               // the stream of this use (CUDA)
 };
 
 constexpr int kSlots = 128;
-Slot g_slots[kSlots];
+Slot* const g_slots = new Slot[kSlots];
 std::mutex g_slots_mu;      // enqueuing (begin, end, abandon): one thread at a time
 int64_t g_next_slot = 0;
-std::deque<Slot*> g_open;   // begun, not yet ended, oldest first
+std::deque<Slot*>& g_open = *new std::deque<Slot*>;  // begun, not yet ended, oldest first (CUDA)
 std::atomic<bool> g_timing{false};
 
 size_t Align(size_t n) { return (n + 63) / 64 * 64; }
 
 bool ResolveSpans(Record& rec);
+const Driver& GetDriver();
+
+// Signalled after every run (a slot's `ran` stored): end's host function sleeps on it.
+struct RanSignal {
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+RanSignal& Ran() {
+  static RanSignal* signal = new RanSignal;  // never destroyed (the detached worker signals it)
+  return *signal;
+}
+
+// Whether the slot's stream is in an error state (then its host functions never run). Makes the stream's context
+// current if no context is.
+bool StreamFailed(const Slot& s) {
+  if (!s.stream) return false;
+  const Driver& cu = GetDriver();
+  CUcontext current = nullptr;
+  const bool push = (cu.ctx_get_current(&current) != 0 || current == nullptr) && s.ctx != nullptr;
+  if (push && cu.ctx_push(s.ctx) != 0) return false;
+  const CUresult r = cu.stream_query(s.stream);
+  if (push) cu.ctx_pop(&current);
+  return r != 0 && r != 600 /* CUDA_ERROR_NOT_READY */;
+}
+
+// Waits until the slot's last use has ended. On a failed stream (its end's host function will never run) it waits
+// only for a run the worker already holds, then marks the use ended and returns false.
+bool WaitEnded(Slot& s) {
+  const int64_t use = s.issued.load(std::memory_order_relaxed);
+  for (int polls = 1; s.ended.load(std::memory_order_acquire) < use; ++polls) {
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+    if (polls % 500 == 0 && StreamFailed(s)) {
+      while (s.handed.load(std::memory_order_acquire) == use && s.ran.load(std::memory_order_acquire) < use)
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      s.ended.store(use, std::memory_order_release);
+      return false;
+    }
+  }
+  return true;
+}
 
 // Waits until a slot's previous use has ended (and its events, if timed, have resolved into its record), then
 // sizes its buffer for `need` bytes. "" or an error message.
 std::string Reserve(Slot& s, size_t need, bool pinned, const Driver* cu) {
-  while (s.ended.load(std::memory_order_acquire) < s.issued.load(std::memory_order_relaxed))
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  if (!WaitEnded(s)) return "the GPU stream failed (its host functions no longer run); restart the process";
   if (s.record_seq >= 0) {  // the events are about to be recorded again: resolve the last use's now
     // wait for its last event without the records' lock (the worker needs that lock to finish a call the stream
     // may be waiting for)
@@ -366,6 +416,9 @@ void RunSlot(Slot* s) {
     std::memset(out, 0, sizeof(float) * s->T * s->hidden);
   }
   s->ran.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
+  RanSignal& signal = Ran();
+  { std::lock_guard<std::mutex> lock(signal.mu); }  // a waiter between its check and its sleep sees the store
+  signal.cv.notify_all();
 }
 
 // -- the worker thread: runs begun slots in order (CUDA) ---------------------------------------------------------
@@ -405,7 +458,9 @@ void StartWorker() {
 }
 
 void BeginHostFn(void* arg) {  // hands the slot to the worker and returns: the stream goes on
-  static_cast<Slot*>(arg)->landed_ns.store(NowNs(), std::memory_order_release);
+  Slot* slot = static_cast<Slot*>(arg);
+  slot->landed_ns.store(NowNs(), std::memory_order_release);
+  slot->handed.store(slot->issued.load(std::memory_order_relaxed), std::memory_order_release);
   WorkQueue& q = Work();
   {
     std::lock_guard<std::mutex> lock(q.mu);
@@ -417,27 +472,36 @@ void BeginHostFn(void* arg) {  // hands the slot to the worker and returns: the 
 void EndHostFn(void* arg) {  // holds the stream until the worker has run the slot
   Slot* s = static_cast<Slot*>(arg);
   const int64_t use = s->issued.load(std::memory_order_relaxed);  // stable: the slot is not reused before this ends
-  uint32_t spins = 0;
-  while (s->ran.load(std::memory_order_acquire) < use) {
+  // spin a little (a short run), then sleep until the worker signals: a spinning callback thread would take a
+  // core from the kernel pool for the whole run
+  for (uint32_t spins = 0; spins < (1u << 12) && s->ran.load(std::memory_order_acquire) < use; ++spins)
     __asm__ volatile("pause" ::: "memory");
-    if (++spins > (1u << 10)) std::this_thread::yield();
+  if (s->ran.load(std::memory_order_acquire) < use) {
+    RanSignal& signal = Ran();
+    std::unique_lock<std::mutex> lock(signal.mu);
+    signal.cv.wait(lock, [&] { return s->ran.load(std::memory_order_acquire) >= use; });
   }
   s->ended.store(use, std::memory_order_release);
 }
 
 // Pushes/pops the FIFO of open calls; an end that finds none, or a call of another shape, is refused.
-std::string PopOpen(int64_t T, int64_t H, Slot*& out) {
-  if (g_open.empty())
-    return "streamed_cpu_end: no open streamed_cpu_begin to end (every begin is followed by one end)";
-  Slot* s = g_open.front();
+// The open call an end of [T, H] ends: `named` (the CPU platform's ticket names its slot), else the oldest (CUDA:
+// the stream runs begins and ends in dispatch order). "" and `out` set, or why there is none.
+std::string FindOpen(int64_t T, int64_t H, Slot* named, Slot*& out) {
+  auto it = named ? std::find(g_open.begin(), g_open.end(), named) : g_open.begin();
+  if (it == g_open.end())
+    return "streamed_cpu_end: no open streamed_cpu_begin to end (every begin is followed by one end; this one "
+           "was ended or abandoned already, or never begun)";
+  Slot* s = *it;
   if (s->T != T || s->hidden != H)
     return "streamed_cpu_end: the open call has " + std::to_string(s->T) + " tokens of hidden " +
            std::to_string(s->hidden) + ", this end expects " + std::to_string(T) + " x " + std::to_string(H) +
            " (begin and end must pair up in dispatch order)";
-  g_open.pop_front();
   out = s;
   return "";
 }
+
+void CloseOpen(Slot* s) { g_open.erase(std::find(g_open.begin(), g_open.end(), s)); }
 
 ffi::Error BeginCpu(ffi::AnyBuffer packed, ffi::Result<ffi::AnyBuffer> ticket, int64_t tokens, int64_t top_k,
                     int64_t hidden) {
@@ -456,22 +520,34 @@ ffi::Error BeginCpu(ffi::AnyBuffer packed, ffi::Result<ffi::AnyBuffer> ticket, i
   if (!err.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + err);
   s.T = tokens, s.k = top_k, s.hidden = hidden, s.off_out = off_out, s.timed = false;
   std::memcpy(s.host, packed.untyped_data(), p.bytes);
-  s.issued.fetch_add(1, std::memory_order_relaxed);
+  const int64_t use = s.issued.fetch_add(1, std::memory_order_relaxed) + 1;
   RunSlot(&s);
   g_open.push_back(&s);
-  std::memset(ticket->untyped_data(), 0, ticket->size_bytes());
+  // the ticket names the slot and its use: the CPU platform may run a later program before an earlier one whose
+  // inputs are not ready, so the end finds its begin by ticket, not by order
+  int32_t* t = static_cast<int32_t*>(ticket->untyped_data());
+  t[0] = static_cast<int32_t>(&s - g_slots), t[1] = static_cast<int32_t>(use & 0x7fffffff);
   return ffi::Error::Success();
 }
 
 ffi::Error EndCpu(ffi::AnyBuffer ticket, ffi::Result<ffi::AnyBuffer> out) {
   std::string bad = fiddler::Check("streamed_cpu_end", "output", *out, ffi::DataType::F32, 2);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
-  (void)ticket;
+  if (ticket.element_type() != ffi::DataType::S32 || ticket.element_count() != 2)
+    return ffi::Error::InvalidArgument("streamed_cpu_end: ticket must be the int32[2] a streamed_cpu_begin made");
+  const int32_t* t = static_cast<const int32_t*>(ticket.untyped_data());
+  if (t[0] < 0 || t[0] >= kSlots)
+    return ffi::Error::InvalidArgument("streamed_cpu_end: ticket names no slot; pass the ticket a begin made");
   std::lock_guard<std::mutex> lock(g_slots_mu);
+  Slot* named = &g_slots[t[0]];
   Slot* s = nullptr;
-  bad = PopOpen(out->dimensions()[0], out->dimensions()[1], s);
-  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  const bool current = (named->issued.load(std::memory_order_relaxed) & 0x7fffffff) == t[1];
+  bad = FindOpen(out->dimensions()[0], out->dimensions()[1], current ? named : nullptr, s);
+  if (!current || !bad.empty())
+    return ffi::Error::InvalidArgument(!bad.empty() ? bad : "streamed_cpu_end: no open streamed_cpu_begin to end "
+                                       "(this ticket's call was ended or abandoned already)");
   std::memcpy(out->untyped_data(), s->host + s->off_out, sizeof(float) * s->T * s->hidden);
+  CloseOpen(s);
   s->ended.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
   return ffi::Error::Success();
 }
@@ -561,7 +637,7 @@ ffi::Error BeginCuda(CUstream stream, ffi::AnyBuffer packed, ffi::Result<ffi::An
   if (!err.empty()) return ffi::Error::Internal("streamed_cpu_begin: " + err);
   s.T = tokens, s.k = top_k, s.hidden = hidden, s.off_out = off_out;
   s.timed = g_timing.load(std::memory_order_relaxed);
-  s.ctx = guard.ctx;
+  s.ctx = guard.ctx, s.stream = stream;
   if (s.timed && !(err = RecordEvent(cu, s, 0, stream)).empty())
     return ffi::Error::Internal("streamed_cpu_begin: " + err);
   CUresult r = cu.memcpy_dtoh(s.host, reinterpret_cast<CUdeviceptr>(packed.untyped_data()), p.bytes, stream);
@@ -587,13 +663,15 @@ ffi::Error EndCuda(CUstream stream, ffi::AnyBuffer ticket, ffi::Result<ffi::AnyB
   if (!guard.error.empty()) return ffi::Error::Internal("streamed_cpu_end: " + guard.error);
   std::lock_guard<std::mutex> lock(g_slots_mu);
   Slot* s = nullptr;
-  bad = PopOpen(out->dimensions()[0], out->dimensions()[1], s);
+  bad = FindOpen(out->dimensions()[0], out->dimensions()[1], nullptr, s);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  // the call stays open (abandon can free it) until its wait is queued: from then on that wait ends it
   std::string err;
   if (s->timed && !(err = RecordEvent(cu, *s, 2, stream)).empty())
     return ffi::Error::Internal("streamed_cpu_end: " + err);
   CUresult r = cu.launch_host_func(stream, EndHostFn, s);
   if (r != 0) return ffi::Error::Internal("streamed_cpu_end: cuLaunchHostFunc: " + cu.Describe(r));
+  CloseOpen(s);
   r = cu.memcpy_htod(reinterpret_cast<CUdeviceptr>(out->untyped_data()), s->host + s->off_out,
                      sizeof(float) * s->T * s->hidden, stream);
   if (r != 0) return ffi::Error::Internal("streamed_cpu_end: cuMemcpyHtoDAsync: " + cu.Describe(r));
@@ -694,8 +772,19 @@ int64_t fj_streamed_lane_abandon(void) {
   int64_t n = 0;
   for (Slot* s : g_open) {
     const int64_t use = s->issued.load(std::memory_order_relaxed);
-    while (s->ran.load(std::memory_order_acquire) < use)  // the stream reaches its begin by itself
+    // the stream reaches its begin by itself, unless it failed (then only a run the worker holds is waited for)
+    for (int polls = 1; s->ran.load(std::memory_order_acquire) < use; ++polls) {
       std::this_thread::sleep_for(std::chrono::microseconds(20));
+      if (polls % 500 == 0 && StreamFailed(*s) && s->handed.load(std::memory_order_acquire) < use) break;
+    }
+    if (s->record_seq >= 0) {  // its end never came: its record has no GPU times
+      std::lock_guard<std::mutex> records(g_records_mu);
+      if (!g_records.empty() && s->record_seq >= g_records.front().seq) {
+        Record& rec = g_records[s->record_seq - g_records.front().seq];
+        if (rec.pending == s) rec.pending = nullptr;
+      }
+      s->record_seq = -1;
+    }
     s->ended.store(use, std::memory_order_release);
     ++n;
   }

@@ -11,7 +11,8 @@ queues that copy and a host function that hands the work to the lane's worker th
 goes on to whatever is queued next; end queues a host function that waits for the worker, then the copy of the
 output back. Each begin pairs with the next end dispatched (dispatch them in order, every begin followed by its
 end; :func:`abandon` forgets begun calls after an error between them). On the CPU platform begin runs the lane in
-place and end copies the result. ``streamed_cpu_mix`` is the two back to back.
+place and end copies the result; there the ticket names its call (XLA:CPU may run a program before an earlier one
+whose inputs are not ready), on CUDA the stream keeps dispatch order. ``streamed_cpu_mix`` is the two back to back.
 
 A host function cannot fail its XLA call: its first error is kept and :func:`raise_pending_error` raises it
 (the engine's streamed lane calls it when it drains the records: at the start of each forward pass and after each
@@ -112,7 +113,7 @@ def streamed_cpu_begin(x, experts, weights, tables) -> jax.Array:
     T, k = experts.shape
     packed = jnp.concatenate([_bytes(x), _bytes(experts), _bytes(weights),
                               _bytes(jnp.asarray(tables, jnp.int32).reshape(1))])
-    ticket = jax.ShapeDtypeStruct((1,), jnp.int32)
+    ticket = jax.ShapeDtypeStruct((2,), jnp.int32)  # on the CPU platform: the call's slot and use
     return jax.ffi.ffi_call(BEGIN_TARGET, ticket, has_side_effect=True)(
         packed, tokens=np.int64(T), top_k=np.int64(k), hidden=np.int64(x.shape[1]))
 

@@ -308,6 +308,7 @@ def decode_loop(forward_last, cache, ids: np.ndarray, max_new_tokens: int, eos: 
             break
     while not done and len(read) < len(picked):
         done = read_next()
+    picked[-1].block_until_ready()  # the steps dispatched past the end have run (their trace records, their errors)
     stats.new_tokens = len(read)
     stats.row_new_tokens = row_tokens.tolist()
     stats.decode_s = time.perf_counter() - tic

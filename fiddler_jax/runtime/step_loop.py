@@ -46,10 +46,17 @@ class StepLoop:
         start = jnp.int32(start)
         self.executor.pcie.pool.clear()  # copies left by a forward pass that raised
         pending = (self.segments.embed(jax.device_put(tokens, self.device)),)
+        self._queued = pending
         try:
             pending, new_cache = self._layers(pending, cache, start, math.prod(np.shape(tokens)))
         except BaseException:
-            self.streamed.abandon()  # a streamed step begun whose end was never queued
+            # a streamed step may have begun without its end queued: once the pieces queued so far have run
+            # (their begins and ends reached the device), forget the open calls
+            try:
+                jax.block_until_ready(self._queued)
+            except Exception:  # noqa: BLE001 - the error being raised is the one that matters
+                pass
+            self.streamed.abandon()
             raise
         # the streamed steps run so far join the trace (and a streamed call's error surfaces) while the device works
         # through this pass, not before its first dispatch
@@ -82,6 +89,7 @@ class StepLoop:
                                                                                           prefetching)
                 pending = (h,) + self._synced_moe(layer, moe_in, routing, shared, sync, prefetching)
             new_cache.append(kv)
+            self._queued = pending
         return pending, new_cache
 
     def _synced_moe(self, layer: int, moe_in, routing, shared, sync, predicts: bool):

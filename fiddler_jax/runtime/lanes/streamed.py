@@ -109,18 +109,20 @@ class StreamedLane:
         return out
 
     def abandon(self) -> None:
-        """After a forward pass raised between a step's begin and its end: forget the begun calls, once they have
-        run (a dispatched begin may not have reached the device yet)."""
-        if self.open:
-            from fiddler_jax.kernels import streamed_lane
+        """After a forward pass raised: forget the begun calls whose end was not queued, once they have run (a
+        dispatched begin may not have reached the device yet). Asks the kernel library even when no ticket is
+        known here (a begin can open a call and its program still fail, or an interrupt land before the ticket is
+        kept)."""
+        from fiddler_jax.kernels import streamed_lane
 
-            for ticket in self.open:
-                try:
-                    ticket.block_until_ready()
-                except Exception:  # noqa: BLE001 - a begin that failed opened nothing
-                    pass
+        for ticket in self.open:
+            try:
+                ticket.block_until_ready()
+            except Exception:  # noqa: BLE001 - a begin that failed opened nothing
+                pass
+        self.open.clear()
+        if self.registrations.ids:
             streamed_lane.abandon()
-            self.open.clear()
 
     def drain(self, trace: Trace, num_experts: int) -> None:
         """Raise the first error of a streamed call, and add a trace record for each streamed call that has run:
