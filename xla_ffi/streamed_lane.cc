@@ -88,10 +88,15 @@ struct Record {
 };
 
 constexpr size_t kRecordRing = 8192;
+// The worker adds records to `g_incoming` under its own mutex and never takes `g_records_mu`: readers move them to
+// `g_records` (AbsorbIncoming) and may query CUDA events under `g_records_mu`, so a driver call there can never wait
+// on a worker that a stream's host function waits on. Lock order: g_records_mu, then g_incoming_mu.
 std::mutex g_records_mu;
 std::deque<Record>& g_records = *new std::deque<Record>;  // at most kRecordRing, oldest dropped
-int64_t g_records_dropped = 0;
-int64_t g_records_made = 0;
+std::mutex g_incoming_mu;
+std::deque<Record>& g_incoming = *new std::deque<Record>;  // at most kRecordRing, oldest dropped
+int64_t g_records_dropped = 0;  // under g_incoming_mu
+int64_t g_records_made = 0;     // under g_incoming_mu
 
 std::mutex g_error_mu;
 std::string& g_error = *new std::string;
@@ -152,14 +157,35 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
 
 // Adds a record to the ring; returns its number.
 int64_t PushRecord(Record&& rec) {
-  std::lock_guard<std::mutex> lock(g_records_mu);
+  std::lock_guard<std::mutex> lock(g_incoming_mu);
   rec.seq = g_records_made++;
-  if (g_records.size() >= kRecordRing) {
-    g_records.pop_front();
+  if (g_incoming.size() >= kRecordRing) {
+    g_incoming.pop_front();
     ++g_records_dropped;
   }
-  g_records.push_back(std::move(rec));
-  return g_records.back().seq;
+  g_incoming.push_back(std::move(rec));
+  return g_incoming.back().seq;
+}
+
+// Moves the worker's new records into the ring (call with g_records_mu held).
+void AbsorbIncoming() {
+  std::lock_guard<std::mutex> lock(g_incoming_mu);
+  for (Record& rec : g_incoming) {
+    if (g_records.size() >= kRecordRing) {
+      g_records.pop_front();
+      ++g_records_dropped;
+    }
+    g_records.push_back(std::move(rec));
+  }
+  g_incoming.clear();
+}
+
+// The record numbered `seq` in the ring, or null (call with g_records_mu held; seqs ascend, with gaps where
+// records were dropped).
+Record* FindRecord(int64_t seq) {
+  auto it = std::lower_bound(g_records.begin(), g_records.end(), seq,
+                             [](const Record& r, int64_t v) { return r.seq < v; });
+  return it != g_records.end() && it->seq == seq ? &*it : nullptr;
 }
 
 // The packed input's parts (bytes from the start of the buffer), for T tokens, top-k routing and hidden size H:
@@ -362,17 +388,15 @@ bool WaitEnded(Slot& s) {
 std::string Reserve(Slot& s, size_t need, bool pinned, const Driver* cu) {
   if (!WaitEnded(s)) return "the GPU stream failed (its host functions no longer run); restart the process";
   if (s.record_seq >= 0) {  // the events are about to be recorded again: resolve the last use's now
-    // wait for its last event without the records' lock (the worker needs that lock to finish a call the stream
-    // may be waiting for)
+    // wait for its last event without the records' lock (a reader draining records must not wait on the stream)
     const int64_t use = s.issued.load(std::memory_order_relaxed);
     if (cu && s.events_use.load(std::memory_order_acquire) == use)
       while (cu->event_query(s.events[3]) == 600 /* CUDA_ERROR_NOT_READY */)
         std::this_thread::sleep_for(std::chrono::microseconds(20));
     std::lock_guard<std::mutex> lock(g_records_mu);
-    if (!g_records.empty() && s.record_seq >= g_records.front().seq) {
-      Record& rec = g_records[s.record_seq - g_records.front().seq];
-      if (rec.pending == &s && !ResolveSpans(rec)) rec.pending = nullptr;  // its end never came: untimed
-    }
+    AbsorbIncoming();
+    if (Record* rec = FindRecord(s.record_seq))
+      if (rec->pending == &s && !ResolveSpans(*rec)) rec->pending = nullptr;  // its end never came: untimed
     s.record_seq = -1;
   }
   if (need <= s.capacity && pinned == s.pinned) return "";
@@ -744,6 +768,7 @@ int fj_streamed_lane_error(char* err, int err_len) {
 
 int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_t* dropped) {
   std::lock_guard<std::mutex> lock(g_records_mu);
+  AbsorbIncoming();
   int64_t n = std::min<int64_t>(capacity, g_records.size());
   for (int64_t i = 0; i < n; ++i) {
     Record& r = g_records.front();
@@ -760,8 +785,11 @@ int64_t fj_streamed_lane_records(FjStreamedRecord* out, int64_t capacity, int64_
     std::copy(r.gpu_ns, r.gpu_ns + 4, o.gpu_ns);
     g_records.pop_front();
   }
-  *dropped = g_records_dropped;
-  g_records_dropped = 0;
+  {
+    std::lock_guard<std::mutex> incoming(g_incoming_mu);
+    *dropped = g_records_dropped;
+    g_records_dropped = 0;
+  }
   return n;
 }
 
@@ -779,10 +807,9 @@ int64_t fj_streamed_lane_abandon(void) {
     }
     if (s->record_seq >= 0) {  // its end never came: its record has no GPU times
       std::lock_guard<std::mutex> records(g_records_mu);
-      if (!g_records.empty() && s->record_seq >= g_records.front().seq) {
-        Record& rec = g_records[s->record_seq - g_records.front().seq];
-        if (rec.pending == s) rec.pending = nullptr;
-      }
+      AbsorbIncoming();
+      if (Record* rec = FindRecord(s->record_seq))
+        if (rec->pending == s) rec->pending = nullptr;
       s->record_seq = -1;
     }
     s->ended.store(use, std::memory_order_release);
