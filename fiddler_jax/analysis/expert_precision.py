@@ -39,21 +39,16 @@ def set_expert_precision(experts, precision: str, group: int = Q.DEFAULT_INT4_GR
     """Give every routed expert of ``experts`` (:func:`routed_expert_weights`) the dequantised weights of
     ``precision`` ("bf16": the saved weights back). Returns the stored bytes of one expert at that precision."""
     Q.check_precision(precision, group)
-    nbytes = 0
     for moe, saved in experts:
-        nbytes = 0
         for name in MATRICES:
             w = saved[name]
+            new = w if precision == "bf16" else np.stack([Q.dequantize(Q.quantize(m, precision, group)) for m in w])
             param = getattr(moe, name)
-            if precision == "bf16":
-                new = w
-                nbytes += Q.expert_matrix_bytes(*w.shape[1:], "bf16")
-            else:
-                parts = [Q.quantize(w[e], precision, group) for e in range(w.shape[0])]
-                new = np.stack([Q.dequantize(p) for p in parts])
-                nbytes += parts[0].nbytes
             param.value = jnp.asarray(new, param.value.dtype)
-    return nbytes
+    if not experts:
+        return 0
+    first = experts[0][1]  # every routed expert of a model has one geometry
+    return sum(Q.expert_matrix_bytes(*first[name].shape[1:], precision, group) for name in MATRICES)
 
 
 @functools.partial(jax.jit, static_argnums=1)
