@@ -28,8 +28,8 @@ from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.generate import (
-    GenerationStats, beam_limit, cache_length, check_sampling, check_token_ids, decode_loop, eos_token_ids,
-    fill_token, prompt_batch, row_limits,
+    GenerationStats, cache_length, check_beam_limits, check_sampling, check_token_ids, decode_loop, eos_token_ids,
+    fill_token, prompt_batch,
 )
 from fiddler_jax.runtime.host_experts import HostExperts, check_host_memory, size_pinned_pool
 from fiddler_jax.runtime.lanes.cpu import CpuLane
@@ -307,8 +307,8 @@ class Engine:
             return self.generate_with_stats(input_ids, max_new_tokens, do_sample, seed, temperature=temperature,
                                             top_p=top_p, eos_token_id=eos_token_id, kv_slots=kv_slots,
                                             attention_mask=attention_mask)[0]
-        ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
-        max_new_tokens = beam_limit(max_new_tokens, len(ids))
+        ids, pad, max_new_tokens, limits = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
+        check_beam_limits(limits)
         if max_new_tokens == 0:
             return ids
 
@@ -330,9 +330,8 @@ class Engine:
         steady-state decode rate), like ``fiddler_jax.generate_with_stats``. ``kv_slots``: the KV-cache length
         (default: prompt + new tokens rounded up); runs of different lengths given the same value share every
         compiled shape (a short warm-up then compiles what a long run needs)."""
-        ids, pad = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
+        ids, pad, most, limits = prompt_batch(self.model, input_ids, attention_mask, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
-        most, limits = row_limits(max_new_tokens, len(ids))
         if most == 0:
             return ids, GenerationStats(prompt_tokens=ids.shape[1], row_new_tokens=[0] * len(ids))
         slots = self._kv_slots(ids.shape[1], most, kv_slots)

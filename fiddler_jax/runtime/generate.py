@@ -53,15 +53,16 @@ def check_token_ids(model: MoeForCausalLM, input_ids, max_new_tokens: int = 0) -
 
 
 def prompt_batch(model: MoeForCausalLM, input_ids, attention_mask=None, max_new_tokens=0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, T] int32, pad [B]) of a batch of prompts: an int array, with an optional left-padding
-    ``attention_mask``, or a list of id sequences of different lengths (:mod:`.prompt_batch`), validated by
-    :func:`check_token_ids` (``max_new_tokens``: an int, or one per row -- :func:`row_limits`)."""
+                 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """(ids [B, T] int32, pad [B], the most new tokens of a row, each row's limit or None) of a batch of prompts:
+    an int array, with an optional left-padding ``attention_mask``, or a list of id sequences of different lengths
+    (:mod:`.prompt_batch`), validated by :func:`check_token_ids`; ``max_new_tokens``: an int, or one per row
+    (:func:`row_limits`)."""
     if not isinstance(model, MoeForCausalLM):
         raise InvalidInputError(f"expected a fiddler_jax model (from load_pretrained), got {type(model).__name__}")
     ids, pad = left_padded(input_ids, attention_mask, fill_token(model.config))
-    most, _ = row_limits(max_new_tokens, ids.shape[0] if ids.ndim == 2 else 1)
-    return check_token_ids(model, ids, most), pad
+    most, limits = row_limits(max_new_tokens, ids.shape[0] if ids.ndim == 2 else 1)
+    return check_token_ids(model, ids, most), pad, most, limits
 
 
 def fill_token(cfg) -> int:
@@ -163,8 +164,8 @@ def generate(model: MoeForCausalLM, input_ids, max_new_tokens: int, do_sample: b
     True / False / "never"; the prompt plus ``max_new_tokens`` must fit in max_position_embeddings)."""
     beam_search.check_beam_args(num_beams, length_penalty, early_stopping, do_sample)
     if num_beams > 1:
-        ids, pad = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
-        max_new_tokens = beam_limit(max_new_tokens, len(ids))
+        ids, pad, max_new_tokens, limits = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
+        check_beam_limits(limits)
         eos = eos_token_ids(model.config, eos_token_id)
         graphdef, state = nnx.split(model)
         return beam_search.beam_search(
@@ -190,10 +191,9 @@ def generate_with_stats(model: MoeForCausalLM, input_ids, max_new_tokens: int, d
     config.json); rows that finish first are padded with their EOS token. ``max_new_tokens``: an int, or one per
     row (a row that reaches its own is padded after it with the batch's fill token, :func:`fill_token`); the stats'
     ``row_new_tokens`` count each row's tokens (up to and including its EOS)."""
-    ids, pad = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
+    ids, pad, most, limits = prompt_batch(model, input_ids, attention_mask, max_new_tokens)
     check_sampling(do_sample, temperature, top_p)
     eos = eos_token_ids(model.config, eos_token_id)
-    most, limits = row_limits(max_new_tokens, len(ids))
     if most == 0:
         return ids, GenerationStats(prompt_tokens=ids.shape[1], row_new_tokens=[0] * len(ids))
     graphdef, state = nnx.split(model)
@@ -206,13 +206,12 @@ def generate_with_stats(model: MoeForCausalLM, input_ids, max_new_tokens: int, d
                        temperature=temperature, top_p=top_p, limits=limits, fill=fill_token(model.config))
 
 
-def beam_limit(max_new_tokens, rows: int) -> int:
-    """Beam search's one ``max_new_tokens`` (per-row limits are for greedy and sampled generation)."""
-    most, limits = row_limits(max_new_tokens, rows)
+def check_beam_limits(limits: np.ndarray | None) -> None:
+    """Refuse per-row limits (:func:`prompt_batch`'s) for beam search: they are for greedy and sampled
+    generation."""
     if limits is not None:
         raise InvalidInputError("beam search takes one max_new_tokens for every prompt; per-row limits are for "
                                 "greedy and sampled generation (num_beams=1)")
-    return most
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, cfg) -> int:
