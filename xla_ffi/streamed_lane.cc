@@ -354,50 +354,85 @@ RanSignal& Ran() {
   return *signal;
 }
 
+// A context made current for driver calls, when the calling thread has none: `known`, else the stream's (XLA's
+// enqueuing thread usually has one already; the Python thread that drains records may not).
+struct ContextGuard {
+  const Driver& cu;
+  CUcontext ctx = nullptr;
+  bool pushed = false;
+  std::string error;
+  ContextGuard(const Driver& d, CUstream stream, CUcontext known = nullptr) : cu(d) {
+    if (cu.ctx_get_current(&ctx) == 0 && ctx != nullptr) return;
+    ctx = known;
+    if (!ctx) {
+      CUresult r = cu.stream_get_ctx(stream, &ctx);
+      if (r != 0) {
+        error = "cuStreamGetCtx: " + cu.Describe(r);
+        return;
+      }
+    }
+    CUresult r = cu.ctx_push(ctx);
+    if (r != 0) {
+      error = "cuCtxPushCurrent: " + cu.Describe(r);
+      return;
+    }
+    pushed = true;
+  }
+  ~ContextGuard() {
+    if (pushed) cu.ctx_pop(&ctx);
+  }
+};
+
 // Whether the slot's stream is in an error state (then its host functions never run). Makes the stream's context
 // current if no context is.
 bool StreamFailed(const Slot& s) {
   if (!s.stream) return false;
   const Driver& cu = GetDriver();
-  CUcontext current = nullptr;
-  const bool push = (cu.ctx_get_current(&current) != 0 || current == nullptr) && s.ctx != nullptr;
-  if (push && cu.ctx_push(s.ctx) != 0) return false;
+  ContextGuard guard(cu, s.stream, s.ctx);
+  if (!guard.error.empty()) return false;
   const CUresult r = cu.stream_query(s.stream);
-  if (push) cu.ctx_pop(&current);
   return r != 0 && r != 600 /* CUDA_ERROR_NOT_READY */;
 }
 
-// Waits until the slot's last use has ended. On a failed stream (its end's host function will never run) it waits
-// only for a run the worker already holds, then marks the use ended and returns false.
-bool WaitEnded(Slot& s) {
+// Waits until `count` (the slot's `ran` or `ended`) reaches the slot's last use: true. On a failed stream (its host
+// functions never run) it waits only for a run the worker already holds, and returns false.
+bool WaitUse(Slot& s, const std::atomic<int64_t>& count) {
   const int64_t use = s.issued.load(std::memory_order_relaxed);
-  for (int polls = 1; s.ended.load(std::memory_order_acquire) < use; ++polls) {
+  for (int polls = 1; count.load(std::memory_order_acquire) < use; ++polls) {
     std::this_thread::sleep_for(std::chrono::microseconds(20));
     if (polls % 500 == 0 && StreamFailed(s)) {
       while (s.handed.load(std::memory_order_acquire) == use && s.ran.load(std::memory_order_acquire) < use)
         std::this_thread::sleep_for(std::chrono::microseconds(20));
-      s.ended.store(use, std::memory_order_release);
       return false;
     }
   }
   return true;
 }
 
+// A timed use's record, before its slot is reused or abandoned: its GPU times filled in (`resolve`: the events have
+// completed) or the record left untimed.
+void SettleSpans(Slot& s, bool resolve) {
+  if (s.record_seq < 0) return;
+  std::lock_guard<std::mutex> lock(g_records_mu);
+  AbsorbIncoming();
+  if (Record* rec = FindRecord(s.record_seq))
+    if (rec->pending == &s && !(resolve && ResolveSpans(*rec))) rec->pending = nullptr;
+  s.record_seq = -1;
+}
+
 // Waits until a slot's previous use has ended (and its events, if timed, have resolved into its record), then
 // sizes its buffer for `need` bytes. "" or an error message.
 std::string Reserve(Slot& s, size_t need, bool pinned, const Driver* cu) {
-  if (!WaitEnded(s)) return "the GPU stream failed (its host functions no longer run); restart the process";
+  if (!WaitUse(s, s.ended)) {
+    s.ended.store(s.issued.load(std::memory_order_relaxed), std::memory_order_release);
+    return "the GPU stream failed (its host functions no longer run); restart the process";
+  }
   if (s.record_seq >= 0) {  // the events are about to be recorded again: resolve the last use's now
     // wait for its last event without the records' lock (a reader draining records must not wait on the stream)
-    const int64_t use = s.issued.load(std::memory_order_relaxed);
-    if (cu && s.events_use.load(std::memory_order_acquire) == use)
+    if (cu && s.events_use.load(std::memory_order_acquire) == s.issued.load(std::memory_order_relaxed))
       while (cu->event_query(s.events[3]) == 600 /* CUDA_ERROR_NOT_READY */)
         std::this_thread::sleep_for(std::chrono::microseconds(20));
-    std::lock_guard<std::mutex> lock(g_records_mu);
-    AbsorbIncoming();
-    if (Record* rec = FindRecord(s.record_seq))
-      if (rec->pending == &s && !ResolveSpans(*rec)) rec->pending = nullptr;  // its end never came: untimed
-    s.record_seq = -1;
+    SettleSpans(s, /*resolve=*/true);  // a use whose end never came stays untimed
   }
   if (need <= s.capacity && pinned == s.pinned) return "";
   void* p = nullptr;
@@ -488,7 +523,7 @@ void BeginHostFn(void* arg) {  // hands the slot to the worker and returns: the 
   WorkQueue& q = Work();
   {
     std::lock_guard<std::mutex> lock(q.mu);
-    q.slots.push_back(static_cast<Slot*>(arg));
+    q.slots.push_back(slot);
   }
   q.cv.notify_one();
 }
@@ -508,7 +543,6 @@ void EndHostFn(void* arg) {  // holds the stream until the worker has run the sl
   s->ended.store(use, std::memory_order_release);
 }
 
-// Pushes/pops the FIFO of open calls; an end that finds none, or a call of another shape, is refused.
 // The open call an end of [T, H] ends: `named` (the CPU platform's ticket names its slot), else the oldest (CUDA:
 // the stream runs begins and ends in dispatch order). "" and `out` set, or why there is none.
 std::string FindOpen(int64_t T, int64_t H, Slot* named, Slot*& out) {
@@ -576,31 +610,6 @@ ffi::Error EndCpu(ffi::AnyBuffer ticket, ffi::Result<ffi::AnyBuffer> out) {
   return ffi::Error::Success();
 }
 
-// The stream's context made current for the enqueuing calls (XLA's thread usually has it already).
-struct ContextGuard {
-  const Driver& cu;
-  CUcontext ctx = nullptr;
-  bool pushed = false;
-  std::string error;
-  ContextGuard(const Driver& d, CUstream stream) : cu(d) {
-    if (cu.ctx_get_current(&ctx) == 0 && ctx != nullptr) return;
-    CUresult r = cu.stream_get_ctx(stream, &ctx);
-    if (r != 0) {
-      error = "cuStreamGetCtx: " + cu.Describe(r);
-      return;
-    }
-    r = cu.ctx_push(ctx);
-    if (r != 0) {
-      error = "cuCtxPushCurrent: " + cu.Describe(r);
-      return;
-    }
-    pushed = true;
-  }
-  ~ContextGuard() {
-    if (pushed) cu.ctx_pop(&ctx);
-  }
-};
-
 // Records event i of a timed slot on the stream (the events are created on first use).
 std::string RecordEvent(const Driver& cu, Slot& s, int i, CUstream stream) {
   if (!s.events[i]) {
@@ -618,20 +627,11 @@ bool ResolveSpans(Record& rec) {
   Slot& s = *rec.pending;
   const Driver& cu = GetDriver();
   if (s.events_use.load(std::memory_order_acquire) != rec.use) return false;
-  CUcontext current = nullptr;
-  const bool push = (cu.ctx_get_current(&current) != 0 || current == nullptr) && s.ctx != nullptr;
-  if (push && cu.ctx_push(s.ctx) != 0) {
+  ContextGuard guard(cu, s.stream, s.ctx);
+  if (!guard.error.empty()) {
     rec.pending = nullptr;
     return true;
   }
-  struct Pop {
-    const Driver& cu;
-    bool on;
-    ~Pop() {
-      CUcontext c;
-      if (on) cu.ctx_pop(&c);
-    }
-  } pop{cu, push};
   CUresult r = cu.event_query(s.events[3]);
   if (r == 600 /* CUDA_ERROR_NOT_READY */) return false;
   rec.pending = nullptr;
@@ -799,20 +799,9 @@ int64_t fj_streamed_lane_abandon(void) {
   std::lock_guard<std::mutex> lock(g_slots_mu);
   int64_t n = 0;
   for (Slot* s : g_open) {
-    const int64_t use = s->issued.load(std::memory_order_relaxed);
-    // the stream reaches its begin by itself, unless it failed (then only a run the worker holds is waited for)
-    for (int polls = 1; s->ran.load(std::memory_order_acquire) < use; ++polls) {
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
-      if (polls % 500 == 0 && StreamFailed(*s) && s->handed.load(std::memory_order_acquire) < use) break;
-    }
-    if (s->record_seq >= 0) {  // its end never came: its record has no GPU times
-      std::lock_guard<std::mutex> records(g_records_mu);
-      AbsorbIncoming();
-      if (Record* rec = FindRecord(s->record_seq))
-        if (rec->pending == s) rec->pending = nullptr;
-      s->record_seq = -1;
-    }
-    s->ended.store(use, std::memory_order_release);
+    WaitUse(*s, s->ran);  // the stream reaches its begin by itself, unless it failed
+    SettleSpans(*s, /*resolve=*/false);  // its end never came: its record has no GPU times
+    s->ended.store(s->issued.load(std::memory_order_relaxed), std::memory_order_release);
     ++n;
   }
   g_open.clear();
