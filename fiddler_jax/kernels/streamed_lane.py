@@ -15,8 +15,8 @@ place and end copies the result; there the ticket names its call (XLA:CPU may ru
 whose inputs are not ready), on CUDA the stream keeps dispatch order. ``streamed_cpu_mix`` is the two back to back.
 
 A host function cannot fail its XLA call: its first error is kept and :func:`raise_pending_error` raises it
-(the engine's streamed lane calls it when it drains the records: at the start of each forward pass and after each
-logits or generate call).
+(the engine's streamed lane calls it when it drains the records: once each forward pass has queued its layers,
+and after each logits or generate call).
 
 Each call leaves a record (:func:`drain_records`) with the tokens routed to each of the layer's experts; the C
 record holds ``STREAMED_MAX_EXPERTS`` (256) counts, so a layer with more experts is refused at registration. With
