@@ -151,6 +151,8 @@ def test_bad_input_messages(tmp_path):
         bench.prompt_text(str(empty))
     with pytest.raises(InvalidInputError, match=r"kernel.spin_us must be >= 0, got -1"):
         build.set_kernel("auto", -1)
+    with pytest.raises(InvalidInputError, match=r"kernel.streamed_spin_us must be >= 0, got -3"):
+        build.set_kernel("auto", 50, -3)
     r = cli("bench", "model=mixtral_8x7b", f"model.path={tmp_path}", *COMMON, cwd=tmp_path)
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
     r = cli("bench", "model=mixtral_8x7b", *COMMON, cwd=tmp_path)
