@@ -128,10 +128,14 @@ class Case:
         t1, t3, t2 = (ffi.cast("uint64_t*", t.ctypes.data) for t in p.tables)
         exps = [ffi.cast("int32_t*", e.ctypes.data) for e in c.exps]
         fn, err, A = lib.lib.fj_grouped_expert_ffn_tables, lib.err, c.n * c.k
+        # bf16 tables: a library with weight formats takes (format, group1, group2) and a scale table (NULL) after
+        # each weight table; an older one (--before-lib) takes the three weight tables alone
+        formats = len(ffi.typeof(fn).args) > 16
+        tables = (0, 0, 0, t1, ffi.NULL, t3, ffi.NULL, t2, ffi.NULL) if formats else (t1, t3, t2)
 
         def call():
             c.i = (c.i + 1) % c.cycle
-            rc = fn(x, c.n, p.hidden, p.ffn, p.E, tok, exps[c.i], wts, A, t1, t3, t2, out, 1, err, 512)
+            rc = fn(x, c.n, p.hidden, p.ffn, p.E, tok, exps[c.i], wts, A, *tables, out, 1, err, 512)
             if rc != 0:
                 lib.check(-1, "grouped call")
         return call

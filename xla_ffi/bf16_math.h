@@ -47,6 +47,26 @@ static inline float FastExp(float x) {
   return p * scale;
 }
 
+// IEEE half (the int4 scales) to float32, exactly (subnormals included); no F16C needed.
+static inline float F16ToF32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while (!(man & 0x400u)) man <<= 1, --exp;
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 static inline float Silu(float g) { return g / (1.0f + FastExp(-g)); }
 
 // Preserve NaN through the clamp in FastExp: x*sigmoid(x) with x NaN is NaN anyway (g / ...).

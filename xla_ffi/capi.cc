@@ -93,12 +93,15 @@ int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t 
 
 int fj_grouped_expert_ffn_tables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
                                  const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
-                                 int64_t A, const uint64_t* w1, const uint64_t* w3, const uint64_t* w2, void* y,
-                                 int out_f32, char* err, int err_len) {
-  auto table = [](const uint64_t* t) { return reinterpret_cast<const uint16_t* const*>(t); };
-  static_assert(sizeof(uint64_t) == sizeof(const uint16_t*), "pointer tables are arrays of 64-bit addresses");
-  return Report(fiddler::GroupedExpertFfnTables(x, T, hidden, ffn, E, token_idx, expert_idx, weights, A, table(w1),
-                                                table(w3), table(w2), y, out_f32 != 0),
+                                 int64_t A, int format, int64_t group1, int64_t group2, const uint64_t* w1,
+                                 const uint64_t* s1, const uint64_t* w3, const uint64_t* s3, const uint64_t* w2,
+                                 const uint64_t* s2, void* y, int out_f32, char* err, int err_len) {
+  auto table = [](const uint64_t* t) { return reinterpret_cast<const void* const*>(t); };
+  static_assert(sizeof(uint64_t) == sizeof(const void*), "pointer tables are arrays of 64-bit addresses");
+  return Report(fiddler::GroupedExpertFfnTables(x, T, hidden, ffn, E, token_idx, expert_idx, weights, A,
+                                                static_cast<fiddler::WeightFormat>(format), group1, group2,
+                                                table(w1), table(s1), table(w3), table(s3), table(w2), table(s2), y,
+                                                out_f32 != 0),
                 err, err_len);
 }
 

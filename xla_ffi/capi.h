@@ -61,17 +61,22 @@ int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t 
                           const int32_t* token_idx, const int32_t* expert_idx, const float* weights, int64_t A,
                           const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y, int out_f32,
                           char* err, int err_len);
-/* The same with per-expert weights: w1, w3, w2 are tables of E addresses (0 for experts no assignment uses). */
+/* The same with per-expert weights: w1, w3, w2 are tables of E addresses (0 for experts no assignment uses), at
+   weight format `format` (0 bf16, 1 int8, 2 int4: xla_ffi/kernels.h); s1, s3, s2: tables of the experts' scales
+   (quantised formats; NULL for bf16); group1, group2: int4's inputs per scale in w1 / w3 and in w2. */
 int fj_grouped_expert_ffn_tables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
                                  const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
-                                 int64_t A, const uint64_t* w1, const uint64_t* w3, const uint64_t* w2, void* y,
-                                 int out_f32, char* err, int err_len);
+                                 int64_t A, int format, int64_t group1, int64_t group2, const uint64_t* w1,
+                                 const uint64_t* s1, const uint64_t* w3, const uint64_t* s3, const uint64_t* w2,
+                                 const uint64_t* s2, void* y, int out_f32, char* err, int err_len);
 
-/* The streamed CPU lane's layers: tables of E addresses (0 for GPU-resident experts); returns the id the custom
-   call names, -1 when an expert has some but not all of its three matrices, -2 when E is not in
-   [1, kFjStreamedMaxExperts]. */
-int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const uint64_t* w1, const uint64_t* w3,
-                                  const uint64_t* w2);
+/* The streamed CPU lane's layers: tables of E addresses (0 for GPU-resident experts) at a weight format, with
+   scale tables and groups as fj_grouped_expert_ffn_tables; returns the id the custom call names, -1 when an
+   expert has some but not all of its matrices (and scales), -2 when E is not in [1, kFjStreamedMaxExperts], -3
+   for an unknown format. */
+int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, int format, int64_t group1,
+                                  int64_t group2, const uint64_t* w1, const uint64_t* s1, const uint64_t* w3,
+                                  const uint64_t* s3, const uint64_t* w2, const uint64_t* s2);
 void fj_streamed_lane_unregister(int64_t id);
 /* The first error of a host function since the last call (then cleared): -1 and the message, else 0. */
 int fj_streamed_lane_error(char* err, int err_len);

@@ -14,6 +14,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "bf16_math.h"
@@ -278,7 +279,9 @@ inline void WaitUntil(Pred pred) {
 // One expert's share of a call (an active expert of a grouped call, or the single expert).
 struct alignas(64) Segment {
   const PathKernels* k;
-  const uint16_t *w1, *w3, *w2;  // this expert's weights
+  const QuantKernels* qk;        // quantised weights: the path's quantised phases (null: bfloat16 weights)
+  const uint16_t *w1, *w3, *w2;  // this expert's weights (bfloat16)
+  QuantMatrix q1, q3, q2;        // this expert's weights (quantised)
   int64_t n;                     // tokens routed to it
   int64_t first;                 // grouped: position of its first row in the expert-sorted assignment order
   const int32_t* idx;            // tokens of x to pack (nullptr: rows 0..n-1)
@@ -418,7 +421,11 @@ void RunTasks(void* p, int, int) {
       if (sg.pack_units) WaitUntil([&] { return sg.packed.load(std::memory_order_acquire) == sg.pack_units; });
       const int64_t r0 = (i - sg.first1) * sg.rows1;
       const int64_t r1 = r0 + sg.rows1 < c.ffn ? r0 + sg.rows1 : c.ffn;
-      sg.k->phase1(sg.x_act, sg.n, c.hidden, sg.w1, sg.w3, c.ffn, r0, r1, sg.h_act);
+      if (sg.qk) {
+        sg.qk->phase1(sg.x_act, sg.n, c.hidden, sg.q1, sg.q3, c.ffn, r0, r1, sg.h_act);
+      } else {
+        sg.k->phase1(sg.x_act, sg.n, c.hidden, sg.w1, sg.w3, c.ffn, r0, r1, sg.h_act);
+      }
       sg.done1.fetch_add(1, std::memory_order_acq_rel);
     } else if (i < c.end2) {
       while (s2 + 1 < c.nseg && c.seg[s2 + 1].first2 <= i) ++s2;
@@ -426,7 +433,11 @@ void RunTasks(void* p, int, int) {
       WaitUntil([&] { return sg.done1.load(std::memory_order_acquire) == sg.chunks1; });
       const int64_t r0 = (i - sg.first2) * sg.rows2;
       const int64_t r1 = r0 + sg.rows2 < c.hidden ? r0 + sg.rows2 : c.hidden;
-      sg.k->phase2(sg.h_act, sg.n, c.ffn, sg.w2, c.hidden, r0, r1, sg.out);
+      if (sg.qk) {
+        sg.qk->phase2(sg.h_act, sg.n, c.ffn, sg.q2, c.hidden, r0, r1, sg.out);
+      } else {
+        sg.k->phase2(sg.h_act, sg.n, c.ffn, sg.w2, c.hidden, r0, r1, sg.out);
+      }
       c.done2.fetch_add(1, std::memory_order_acq_rel);
     } else {
       const int64_t chunks2 = c.end2 - c.end1;
@@ -503,6 +514,14 @@ const char* PathName(Path path) {
     case Path::kAmx: return "amx";
   }
   return "?";
+}
+
+const QuantKernels* GetQuantKernels(Path path) {
+  switch (path) {
+    case Path::kGeneric: return &generic::kQuantKernels;
+    case Path::kAvx512Bf16: return &avx512::kQuantKernels;
+    default: return nullptr;
+  }
 }
 
 const PathKernels* GetPathKernels(Path path) {
@@ -712,6 +731,7 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
   if (!ws) return Errorf("expert_ffn: cannot allocate %zu bytes of workspace", xb + hb);
   Segment sg;
   sg.k = k;
+  sg.qk = nullptr;
   sg.w1 = w1;
   sg.w3 = w3;
   sg.w2 = w2;
@@ -737,17 +757,48 @@ const char* ExpertFfn(const uint16_t* x, int64_t n, int64_t hidden, int64_t ffn,
 
 namespace {
 
-// Where expert e's weights are: one stack with a fixed stride, or a table of per-expert pointers.
+// Where expert e's weights are: one bfloat16 stack with a fixed stride, or tables of per-expert pointers
+// (bfloat16, or quantised with a table of scale pointers per matrix).
 struct ExpertWeights {
   const uint16_t *w1, *w3, *w2;  // stacks (tables == false)
-  const uint16_t* const *t1, *const *t3, *const *t2;  // per-expert tables (tables == true)
+  const void* const *t1, *const *t3, *const *t2;  // per-expert tables (tables == true)
+  const void* const *s1, *const *s3, *const *s2;  // their scales (quantised formats)
   bool tables;
   int64_t stride;  // ffn * hidden
+  WeightFormat format;
+  int64_t group1, group2;  // int4: inputs per scale of w1 / w3 (rows of hidden) and of w2 (rows of ffn)
 
-  const uint16_t* W1(int64_t e) const { return tables ? t1[e] : w1 + e * stride; }
-  const uint16_t* W3(int64_t e) const { return tables ? t3[e] : w3 + e * stride; }
-  const uint16_t* W2(int64_t e) const { return tables ? t2[e] : w2 + e * stride; }
+  const uint16_t* W1(int64_t e) const { return tables ? static_cast<const uint16_t*>(t1[e]) : w1 + e * stride; }
+  const uint16_t* W3(int64_t e) const { return tables ? static_cast<const uint16_t*>(t3[e]) : w3 + e * stride; }
+  const uint16_t* W2(int64_t e) const { return tables ? static_cast<const uint16_t*>(t2[e]) : w2 + e * stride; }
+  bool quantised() const { return format != WeightFormat::kBf16; }
+  bool Held(int64_t e) const {
+    return t1[e] && t3[e] && t2[e] && (!quantised() || (s1[e] && s3[e] && s2[e]));
+  }
+  QuantMatrix Q(const void* const* t, const void* const* sc, int64_t e, int64_t group) const {
+    return QuantMatrix{t[e], sc[e], format, group};
+  }
 };
+
+// Why a quantised format's groups do not fit the matrices, or nullptr (int4: a group divides its rows and is a
+// multiple of 32 inputs, or the whole row: kernels.h).
+const char* CheckGroups(const char* op, const ExpertWeights& ew, int64_t hidden, int64_t ffn) {
+  if (ew.format != WeightFormat::kInt4) return nullptr;
+  for (auto [name, group, k] : {std::tuple<const char*, int64_t, int64_t>{"w1/w3", ew.group1, hidden},
+                                {"w2", ew.group2, ffn}}) {
+    if (group < 1 || k % group != 0 || (group % 32 != 0 && group != k) || k % 2 != 0)
+      return Errorf("%s: int4 group %lld does not fit %s rows of %lld inputs (a group must divide the row and be "
+                    "a multiple of 32, or the whole row; rows have an even length)", op, (long long)group, name,
+                    (long long)k);
+  }
+  return nullptr;
+}
+
+// The path of a quantised call: AVX512_BF16 where the CPU has it (unless generic is forced), else generic.
+Path QuantPath(const Runtime& rt) {
+  if (rt.forced == Path::kGeneric || !PathSupported(Path::kAvx512Bf16)) return Path::kGeneric;
+  return Path::kAvx512Bf16;
+}
 
 const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
                         const int32_t* token_idx, const int32_t* expert_idx, const float* weights, int64_t A,
@@ -758,6 +809,8 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   if (A > INT32_MAX || T > INT32_MAX || Overflows(T, hidden) || Overflows(ffn, hidden) ||
       Overflows(E, ffn * hidden) || Overflows(A, hidden) || Overflows(A, ffn))
     return Errorf("%s: sizes too large", op);
+  if (ew.quantised() && !ew.tables) return Errorf("%s: quantised experts come as tables", op);
+  if (const char* err = CheckGroups(op, ew, hidden, ffn)) return err;
   // Validate every assignment before touching anything it indexes.
   for (int64_t a = 0; a < A; ++a) {
     if (token_idx[a] < 0 || token_idx[a] >= T)
@@ -771,7 +824,7 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
       return Errorf("%s: weights[%lld] = %g: routing weights must be finite and >= 0", op, (long long)a,
                     static_cast<double>(w));
     const int32_t e = expert_idx[a];
-    if (ew.tables && (!ew.t1[e] || !ew.t3[e] || !ew.t2[e]))
+    if (ew.tables && !ew.Held(e))
       return Errorf("%s: expert_idx[%lld] = %d has no weights (null table entry): that expert is not held on "
                     "the host", op, (long long)a, e);
   }
@@ -831,13 +884,22 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   for (int64_t e = 0; e < E; ++e) {
     const int64_t cnt = exp_off[e + 1] - exp_off[e];
     if (cnt == 0) continue;
-    const Path path = rt.Choose(cnt);
+    const Path path = ew.quantised() ? QuantPath(rt) : rt.Choose(cnt);
     if (!PathSupported(path)) return Errorf("%s: path %s not supported by this CPU", op, PathName(path));
     Segment& s = *new (&seg[nseg++]) Segment();
     s.k = GetPathKernels(path);
-    s.w1 = ew.W1(e);
-    s.w3 = ew.W3(e);
-    s.w2 = ew.W2(e);
+    s.qk = nullptr;
+    if (ew.quantised()) {
+      s.qk = GetQuantKernels(path);
+      s.q1 = ew.Q(ew.t1, ew.s1, e, ew.group1);
+      s.q3 = ew.Q(ew.t3, ew.s3, e, ew.group1);
+      s.q2 = ew.Q(ew.t2, ew.s2, e, ew.group2);
+      s.w1 = s.w3 = s.w2 = nullptr;
+    } else {
+      s.w1 = ew.W1(e);
+      s.w3 = ew.W3(e);
+      s.w2 = ew.W2(e);
+    }
     s.n = cnt;
     s.first = exp_off[e];
     s.idx = gather + s.first;
@@ -891,19 +953,27 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
                              const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
                              int64_t A, const uint16_t* w1, const uint16_t* w3, const uint16_t* w2, void* y,
                              bool out_f32) {
-  const ExpertWeights ew{w1, w3, w2, nullptr, nullptr, nullptr, false, ffn * hidden};
+  const ExpertWeights ew{w1,      w3,      w2,    nullptr,      nullptr,      nullptr, nullptr, nullptr,
+                         nullptr, false,   ffn * hidden, WeightFormat::kBf16, 0,       0};
   return GroupedImpl("grouped_expert_ffn", x, T, hidden, ffn, E, token_idx, expert_idx, weights, A, ew, y,
                      out_f32);
 }
 
 const char* GroupedExpertFfnTables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
                                    const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
-                                   int64_t A, const uint16_t* const* w1, const uint16_t* const* w3,
-                                   const uint16_t* const* w2, void* y, bool out_f32) {
-  if (E > 0 && A > 0 && (!w1 || !w3 || !w2)) return Errorf("grouped_expert_ffn_tables: null weight table");
-  const ExpertWeights ew{nullptr, nullptr, nullptr, w1, w3, w2, true, ffn * hidden};
-  return GroupedImpl("grouped_expert_ffn_tables", x, T, hidden, ffn, E, token_idx, expert_idx, weights, A, ew, y,
-                     out_f32);
+                                   int64_t A, WeightFormat format, int64_t group1, int64_t group2,
+                                   const void* const* w1, const void* const* s1, const void* const* w3,
+                                   const void* const* s3, const void* const* w2, const void* const* s2, void* y,
+                                   bool out_f32) {
+  const char* op = "grouped_expert_ffn_tables";
+  const bool quantised = format != WeightFormat::kBf16;
+  if (format != WeightFormat::kBf16 && format != WeightFormat::kInt8 && format != WeightFormat::kInt4)
+    return Errorf("%s: unknown weight format %d (0 bf16, 1 int8, 2 int4)", op, static_cast<int>(format));
+  if (E > 0 && A > 0 && (!w1 || !w3 || !w2)) return Errorf("%s: null weight table", op);
+  if (E > 0 && A > 0 && quantised && (!s1 || !s3 || !s2)) return Errorf("%s: null scale table", op);
+  const ExpertWeights ew{nullptr, nullptr, nullptr, w1,     w3,     w2,     s1,    s3,
+                         s2,      true,    ffn * hidden, format, group1, group2};
+  return GroupedImpl(op, x, T, hidden, ffn, E, token_idx, expert_idx, weights, A, ew, y, out_f32);
 }
 
 }  // namespace fiddler

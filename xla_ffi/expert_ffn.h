@@ -24,12 +24,17 @@ const char* GroupedExpertFfn(const uint16_t* x, int64_t T, int64_t hidden, int64
                              bool out_f32);
 
 // GroupedExpertFfn with the experts' weights given as tables of E pointers (w1[e], w3[e] [ffn, hidden],
-// w2[e] [hidden, ffn]): experts held in separate allocations (the engine's pinned host buffers). A null entry
-// is allowed for experts that no assignment uses; an assignment to one is an error.
+// w2[e] [hidden, ffn]): experts held in separate allocations (the engine's pinned host buffers), at a weight
+// format (kernels.h): bfloat16 (scale tables unused, may be null), int8 or int4, with tables of each matrix's
+// scales; group1 / group2: int4's inputs per scale in w1 / w3 (rows of hidden) and in w2 (rows of ffn).
+// Quantised calls run on AVX512_BF16 where the CPU has it, else generic. A null entry is allowed for experts
+// that no assignment uses; an assignment to one is an error.
 const char* GroupedExpertFfnTables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
                                    const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
-                                   int64_t A, const uint16_t* const* w1, const uint16_t* const* w3,
-                                   const uint16_t* const* w2, void* y, bool out_f32);
+                                   int64_t A, WeightFormat format, int64_t group1, int64_t group2,
+                                   const void* const* w1, const void* const* s1, const void* const* w3,
+                                   const void* const* s3, const void* const* w2, const void* const* s2, void* y,
+                                   bool out_f32);
 
 // Configuration (all thread-safe; they wait for a running call to finish).
 // Forces a path (kAuto = choose by n and CPU). Returns false if the CPU cannot run it.

@@ -49,6 +49,35 @@ struct PathKernels {
 // Returns the kernels of a path; nullptr for kAuto. Callers must check CPU support first.
 const PathKernels* GetPathKernels(Path path);
 
+// Quantised expert weights (fiddler_jax/models/quantization.py states the formats):
+//   kInt8: data int8 [rows, k], scales float32 [rows] (one per row);
+//   kInt4: data uint8 [rows, k / 2] (element 2j in the low nibble, 2j + 1 in the high, two's complement),
+//          scales float16 [rows, k / group] (group = k when k is shorter than a group).
+// A kernel computes with W'[r, c] = bf16(float32(q[r, c]) * scale), rounded to nearest even: the bfloat16
+// weights the GPU's dequantised expert FFN uses too, so both lanes compute one function. Phases as above.
+enum class WeightFormat : int { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+
+struct QuantMatrix {
+  const void* data;
+  const void* scales;
+  WeightFormat format;
+  int64_t group;  // kInt4: inputs per scale
+};
+
+struct QuantKernels {
+  void (*phase1)(const void* x_act, int64_t n, int64_t hidden, const QuantMatrix& w1, const QuantMatrix& w3,
+                 int64_t F, int64_t r0, int64_t r1, void* h_act);
+  void (*phase2)(const void* h_act, int64_t n, int64_t F, const QuantMatrix& w2, int64_t hidden, int64_t r0,
+                 int64_t r1, OutView out);
+};
+
+// The quantised phases of a path, in that path's activation layout; nullptr where the path has none (AVX2 and
+// AMX: quantised calls run on AVX512_BF16, or generic where the CPU lacks it).
+const QuantKernels* GetQuantKernels(Path path);
+
+namespace generic { extern const QuantKernels kQuantKernels; }
+namespace avx512 { extern const QuantKernels kQuantKernels; }
+
 namespace generic { extern const PathKernels kKernels; }
 namespace avx2 { extern const PathKernels kKernels; }
 namespace avx512 { extern const PathKernels kKernels; }

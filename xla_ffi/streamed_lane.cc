@@ -61,7 +61,10 @@ namespace {
 // -- registered layers ----------------------------------------------------------------------------------------
 struct LayerTables {
   int64_t E = 0, hidden = 0, ffn = 0;
-  std::vector<const uint16_t*> w1, w3, w2;  // null: the expert is not on the host (GPU-resident)
+  fiddler::WeightFormat format = fiddler::WeightFormat::kBf16;
+  int64_t group1 = 0, group2 = 0;       // int4: inputs per scale in w1 / w3 and in w2
+  std::vector<const void*> w1, w3, w2;  // null: the expert is not on the host (GPU-resident)
+  std::vector<const void*> s1, s3, s2;  // their scales (quantised formats; else null)
 };
 
 std::mutex g_tables_mu;
@@ -145,9 +148,11 @@ const char* RunLane(int64_t id, const LayerTables* tables, const uint16_t* x, in
     std::memset(out, 0, sizeof(float) * T * tables->hidden);
   } else {
     fiddler::StreamedCallScope hot;  // the next layer's call comes soon: the pool keeps spinning for it
-    err = fiddler::GroupedExpertFfnTables(x, T, tables->hidden, tables->ffn, tables->E, tok.data(), exp.data(),
-                                          wts.data(), rec.assignments, tables->w1.data(), tables->w3.data(),
-                                          tables->w2.data(), out, /*out_f32=*/true);
+    const LayerTables& t = *tables;
+    err = fiddler::GroupedExpertFfnTables(x, T, t.hidden, t.ffn, t.E, tok.data(), exp.data(), wts.data(),
+                                          rec.assignments, t.format, t.group1, t.group2, t.w1.data(), t.s1.data(),
+                                          t.w3.data(), t.s3.data(), t.w2.data(), t.s2.data(), out,
+                                          /*out_f32=*/true);
   }
   rec.start_ns = start;
   rec.end_ns = NowNs();
@@ -736,17 +741,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FiddlerStreamedEndCuda, EndCuda,
 
 extern "C" {
 
-int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const uint64_t* w1, const uint64_t* w3,
-                                  const uint64_t* w2) {
+int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, int format, int64_t group1,
+                                  int64_t group2, const uint64_t* w1, const uint64_t* s1, const uint64_t* w3,
+                                  const uint64_t* s3, const uint64_t* w2, const uint64_t* s2) {
   if (E < 1 || E > kFjStreamedMaxExperts) return -2;  // the records' counts hold kFjStreamedMaxExperts
+  if (format < 0 || format > 2) return -3;
   auto t = std::make_shared<LayerTables>();
   t->E = E, t->hidden = hidden, t->ffn = ffn;
+  t->format = static_cast<fiddler::WeightFormat>(format), t->group1 = group1, t->group2 = group2;
+  const bool quantised = format != 0;
+  auto at = [](const uint64_t* table, int64_t e) {
+    return table ? reinterpret_cast<const void*>(static_cast<uintptr_t>(table[e])) : nullptr;
+  };
   for (int64_t e = 0; e < E; ++e) {
-    t->w1.push_back(reinterpret_cast<const uint16_t*>(w1[e]));
-    t->w3.push_back(reinterpret_cast<const uint16_t*>(w3[e]));
-    t->w2.push_back(reinterpret_cast<const uint16_t*>(w2[e]));
+    t->w1.push_back(at(w1, e)), t->w3.push_back(at(w3, e)), t->w2.push_back(at(w2, e));
+    t->s1.push_back(at(s1, e)), t->s3.push_back(at(s3, e)), t->s2.push_back(at(s2, e));
     bool any = t->w1[e] || t->w3[e] || t->w2[e], all = t->w1[e] && t->w3[e] && t->w2[e];
-    if (any && !all) return -1;  // an expert is on the host with all three matrices or not at all
+    if (quantised) all = all && t->s1[e] && t->s3[e] && t->s2[e];
+    if (any && !all) return -1;  // an expert is on the host with all its matrices (and scales) or not at all
   }
   std::lock_guard<std::mutex> lock(g_tables_mu);
   g_tables.push_back(std::move(t));

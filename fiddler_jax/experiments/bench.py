@@ -100,7 +100,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     offloaded = sum(int(((s.counts > 0) & ~resident[s.layer]).sum()) for s in steps)
     tokens = len(steps) / engine.config.num_hidden_layers
     per_token = offloaded / tokens
-    expert = expert_bytes(engine.config, np.dtype(engine.model.dtype).itemsize)
+    expert = engine.host.expert_nbytes or expert_bytes(engine.config, np.dtype(engine.model.dtype).itemsize)
     cpu_experts = sum(int(((s.counts > 0) & (s.lanes == Lane.CPU)).sum()) for s in steps if "cpu" in s.spans)
     cpu_busy = sum(s.busy_s("cpu") for s in steps if "cpu" in s.spans)
     lanes_per_s = 1.0 / engine.latency.cpu(1) + 1.0 / engine.latency.transfer_s

@@ -186,27 +186,27 @@ def engine_lane_bandwidths(engine, read_bytes: int = PROBE_READ_BYTES, copy_byte
     held = np.argwhere(engine.host.held)
     if not len(held):
         return {}
-    expert = engine.placement.memory.expert
+    expert = engine.host.expert_nbytes
     experts, copies = max(8, -(-read_bytes // expert)), max(3, -(-copy_bytes // expert))
     picked = held[np.linspace(0, len(held) - 1, min(experts, len(held))).round().astype(int)]
-    views = [table[int(e)] for l, e in picked for table in engine.host.tables(int(l))]
+    views = [view for l, e in picked for view in engine.host.buffers(int(l), int(e))]
     host = host_read_bandwidths(views, reps)
     if engine.staging_slots < 1:
         return {**host, "experts_read": len(picked)}
     moved = [engine.host.arrays(int(l), int(e)) for l, e in picked[:copies]]
-    device = next(iter(moved[0]["w1"].devices()))
+    device = next(iter(jax.tree.leaves(moved[0])[0].devices()))
     target = jax.sharding.SingleDeviceSharding(device, memory_kind=DEVICE)
 
     def copy_one(pinned) -> int:
         jax.block_until_ready({w: jax.device_put(pinned[w], target) for w in WEIGHTS})
-        return sum(a.nbytes for a in pinned.values())
+        return sum(a.nbytes for a in jax.tree.leaves(pinned))
 
     def copy_all():
         for pinned in moved:
             copy_one(pinned)
 
     seconds = median_of(copy_all, reps)
-    nbytes = sum(a.nbytes for pinned in moved for a in pinned.values())
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(moved))
     turns = itertools.cycle(moved)
     together = lanes_together(views, lambda: copy_one(next(turns)), reps)
     return {**host, "pinned_h2d": nbytes / seconds, **together, "experts_read": len(picked),

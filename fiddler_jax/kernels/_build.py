@@ -55,10 +55,12 @@ int fj_grouped_expert_ffn(const uint16_t* x, int64_t T, int64_t hidden, int64_t 
                           char* err, int err_len);
 int fj_grouped_expert_ffn_tables(const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
                                  const int32_t* token_idx, const int32_t* expert_idx, const float* weights,
-                                 int64_t A, const uint64_t* w1, const uint64_t* w3, const uint64_t* w2, void* y,
-                                 int out_f32, char* err, int err_len);
-int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, const uint64_t* w1, const uint64_t* w3,
-                                  const uint64_t* w2);
+                                 int64_t A, int format, int64_t group1, int64_t group2, const uint64_t* w1,
+                                 const uint64_t* s1, const uint64_t* w3, const uint64_t* s3, const uint64_t* w2,
+                                 const uint64_t* s2, void* y, int out_f32, char* err, int err_len);
+int64_t fj_streamed_lane_register(int64_t E, int64_t hidden, int64_t ffn, int format, int64_t group1,
+                                  int64_t group2, const uint64_t* w1, const uint64_t* s1, const uint64_t* w3,
+                                  const uint64_t* s3, const uint64_t* w2, const uint64_t* s2);
 void fj_streamed_lane_unregister(int64_t id);
 int fj_streamed_lane_error(char* err, int err_len);
 typedef struct FjStreamedRecord {

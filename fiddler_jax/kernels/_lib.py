@@ -346,51 +346,99 @@ def expert_ffn_numpy(x, w1, w3, w2, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _expert_table(name: str, experts, shape: tuple[int, int]) -> tuple[np.ndarray, list]:
-    """Addresses of per-expert bf16 matrices (0 for None), after checking each one's dtype, shape and layout."""
-    addresses = np.zeros(len(experts), np.uint64)
+# Weight formats as the C++ kernel numbers them (xla_ffi/kernels.h: WeightFormat).
+WEIGHT_FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+
+
+def _held_buffer(name: str, w, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """The address of one held buffer after checking its dtype, shape and layout (read in place: never copied)."""
+    if not isinstance(w, np.ndarray) or w.dtype != dtype or w.shape != shape:
+        raise KernelError(f"{name} must be a numpy {dtype} array of shape {shape}, got "
+                          f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+    if not w.flags.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous (a copy would defeat holding experts once)")
+    if not w.flags.aligned:
+        raise KernelError(f"{name} must be aligned to {dtype.itemsize} bytes, got address {w.ctypes.data:#x} (a "
+                          "copy would defeat holding experts once)")
+    return w.ctypes.data
+
+
+def _matrix_format(w) -> tuple[str, int]:
+    """(precision, group) of a table entry: a numpy bfloat16 matrix, or a ``QuantizedMatrix``."""
+    from fiddler_jax.models.quantization import QuantizedMatrix
+
+    if isinstance(w, QuantizedMatrix):
+        return w.precision, int(w.group or 0)
+    return "bf16", 0
+
+
+def _expert_table(name: str, experts, shape: tuple[int, int], precision: str,
+                  group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Addresses of per-expert matrices and of their scales (0 for None; scales 0 for bf16), after checking each
+    one's format, dtype, shape and layout."""
+    from fiddler_jax.models.quantization import QuantizedMatrix
+
+    data, scales = np.zeros(len(experts), np.uint64), np.zeros(len(experts), np.uint64)
+    out, inp = shape
     for e, w in enumerate(experts):
         if w is None:
             continue
-        if not isinstance(w, np.ndarray) or w.dtype != ml_dtypes.bfloat16 or w.shape != shape:
-            raise KernelError(f"{name}[{e}] must be a numpy bfloat16 array of shape {shape}, got "
-                              f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
-        if not w.flags.c_contiguous:
-            raise KernelError(f"{name}[{e}] must be C-contiguous (a copy would defeat holding experts once)")
-        if not w.flags.aligned:
-            raise KernelError(f"{name}[{e}] must be aligned to 2 bytes, got address {w.ctypes.data:#x} (a copy "
-                              "would defeat holding experts once)")
-        addresses[e] = w.ctypes.data
-    return addresses, list(experts)
+        if _matrix_format(w) != (precision, group if precision == "int4" else 0):
+            raise KernelError(f"{name}[{e}] is {_matrix_format(w)[0]} (group {_matrix_format(w)[1]}), but the "
+                              f"tables hold {precision} experts (group {group}): every expert of a call has one "
+                              "format")
+        if precision == "bf16":
+            data[e] = _held_buffer(f"{name}[{e}]", w, _BF16, shape)
+            continue
+        assert isinstance(w, QuantizedMatrix)
+        if tuple(w.shape) != shape:
+            raise KernelError(f"{name}[{e}] is a quantised matrix of shape {tuple(w.shape)}, expected {shape}")
+        if precision == "int8":
+            data[e] = _held_buffer(f"{name}[{e}].q", w.q, np.dtype(np.int8), shape)
+            scales[e] = _held_buffer(f"{name}[{e}].scales", w.scales, _F32, (out,))
+        else:
+            if inp % 2 or inp % group or (group % 32 and group != inp):
+                raise KernelError(f"{name}[{e}]: int4 group {group} does not fit rows of {inp} inputs (a group "
+                                  "divides the row and is a multiple of 32, or is the whole row)")
+            data[e] = _held_buffer(f"{name}[{e}].q", w.q, np.dtype(np.uint8), (out, inp // 2))
+            scales[e] = _held_buffer(f"{name}[{e}].scales", w.scales, np.dtype(np.float16), (out, inp // group))
+    return data, scales
 
 
 class ExpertTables:
     """One call's per-expert matrices -- w1s, w3s [ffn, hidden] and w2s [hidden, ffn], sequences of E numpy bfloat16
-    matrices, None for experts not held -- checked once, with their addresses ready for the kernel. Repeated calls
-    over the same experts (the engine's CPU lane, every layer step) pass it as ``w1`` of
-    :func:`grouped_expert_ffn_numpy` and skip the per-call checks (about 0.1 ms per call on the H100 machine's
-    host). It keeps references to the matrices, so they live as long as it does."""
+    matrices or of E ``QuantizedMatrix`` (int8 / int4, :mod:`fiddler_jax.models.quantization`; one format for all),
+    None for experts not held -- checked once, with their addresses ready for the kernel. Repeated calls over the
+    same experts (the engine's CPU lane, every layer step) pass it as ``w1`` of :func:`grouped_expert_ffn_numpy`
+    and skip the per-call checks (about 0.1 ms per call on the H100 machine's host). It keeps references to the
+    matrices, so they live as long as it does. ``precision``, ``group1`` / ``group2`` (int4's inputs per scale of
+    w1 / w3 and of w2) describe the format."""
 
     def __init__(self, w1s, w3s, w2s, *, hidden: int):
         E = len(w1s)
         if len(w3s) != E or len(w2s) != E:
             raise KernelError(f"weight tables have {len(w1s)}, {len(w3s)}, {len(w2s)} entries; they must be equal")
-        first = next((w for w in w1s if w is not None), None)
+        first, first2 = (next((w for w in ws if w is not None), None) for ws in (w1s, w2s))
         self.hidden, self.num_experts = int(hidden), E
-        self.ffn = first.shape[0] if isinstance(first, np.ndarray) and first.ndim == 2 else 0
-        t1, self._keep1 = _expert_table("w1", w1s, (self.ffn, self.hidden))
-        t3, self._keep3 = _expert_table("w3", w3s, (self.ffn, self.hidden))
-        t2, self._keep2 = _expert_table("w2", w2s, (self.hidden, self.ffn))
-        self._addresses = (t1, t3, t2)
+        shape = getattr(first, "shape", ())
+        self.ffn = int(shape[0]) if len(shape) == 2 else 0
+        self.precision, self.group1 = _matrix_format(first)
+        self.group2 = _matrix_format(first2)[1]
+        self._keep = (list(w1s), list(w3s), list(w2s))
+        t1, s1 = _expert_table("w1", w1s, (self.ffn, self.hidden), self.precision, self.group1)
+        t3, s3 = _expert_table("w3", w3s, (self.ffn, self.hidden), self.precision, self.group1)
+        t2, s2 = _expert_table("w2", w2s, (self.hidden, self.ffn), self.precision, self.group2)
+        self.format = WEIGHT_FORMATS[self.precision]
+        self._addresses = (t1, s1, t3, s3, t2, s2)
         self.pointers = tuple(_ptr("uint64_t*", t) for t in self._addresses)
 
 
 def grouped_expert_ffn_numpy(hidden, token_idx, expert_idx, weights, w1, w3, w2, out: np.ndarray) -> np.ndarray:
     """out[:] = grouped expert FFN (numpy), computed in place by the C++ kernel.
 
-    w1, w3 [E, ffn, hidden] and w2 [E, hidden, ffn] are stacks, or sequences of E per-expert matrices
-    (None for experts that no assignment uses) — experts held in separate buffers are read where they are — or
-    ``w1`` is an :class:`ExpertTables` of them made once (w3, w2 then None).
+    w1, w3 [E, ffn, hidden] and w2 [E, hidden, ffn] are stacks, or sequences of E per-expert matrices (bfloat16, or
+    quantised: :class:`ExpertTables`; None for experts that no assignment uses) — experts held in separate buffers
+    are read where they are — or ``w1`` is an :class:`ExpertTables` of them made once (w3, w2 then None).
 
     token_idx, expert_idx: int32, or another integer dtype (or a list of ints) whose values are all in range --
     checked before the cast to int32, so 2**32 cannot wrap to 0; floats and bools are refused. weights: a numpy
@@ -426,8 +474,8 @@ def grouped_expert_ffn_numpy(hidden, token_idx, expert_idx, weights, w1, w3, w2,
     else:
         rc = _lib.fj_grouped_expert_ffn_tables(
             _ptr("uint16_t*", x), T, hdim, tables.ffn, tables.num_experts, _ptr("int32_t*", tok),
-            _ptr("int32_t*", exp), _ptr("float*", wts), tok.shape[0], *tables.pointers, _ptr("void*", out),
-            int(out.dtype == np.float32), err, 512)
+            _ptr("int32_t*", exp), _ptr("float*", wts), tok.shape[0], tables.format, tables.group1, tables.group2,
+            *tables.pointers, _ptr("void*", out), int(out.dtype == np.float32), err, 512)
     if rc != 0:
         raise KernelError(_ffi.string(err).decode())
     return out

@@ -63,13 +63,14 @@ def register_layer(tables: ExpertTables, device: jax.Device) -> int:
         raise KernelError(f"register_layer: the streamed CPU lane takes layers of 1 to {STREAMED_MAX_EXPERTS} "
                           f"experts (its records count tokens per expert); this layer has {tables.num_experts}")
     _register_target(device.platform)
-    w1, w3, w2 = tables.pointers
-    tid = int(_lib.fj_streamed_lane_register(tables.num_experts, tables.hidden, tables.ffn, w1, w3, w2))
+    tid = int(_lib.fj_streamed_lane_register(tables.num_experts, tables.hidden, tables.ffn, tables.format,
+                                             tables.group1, tables.group2, *tables.pointers))
     if tid == -2:
         raise KernelError(f"register_layer: the kernel library takes layers of 1 to {STREAMED_MAX_EXPERTS} experts; "
                           f"this layer has {tables.num_experts}")
     if tid < 0:
-        raise KernelError("register_layer: an expert holds some but not all of w1, w3, w2 on the host")
+        raise KernelError("register_layer: an expert holds some but not all of w1, w3, w2 (and their scales) on the "
+                          "host")
     _held[tid] = tables
     return tid
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fiddler_jax.errors import CheckpointError, InvalidInputError
 from fiddler_jax.models.causal_lm import MoeForCausalLM
 from fiddler_jax.models.config import ModelConfig
+from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP, check_precision
 from fiddler_jax.models.safetensors_io import (DTYPES, FLOAT_DTYPES, SafetensorsFile, all_finite, count_nonfinite,
                                                unreadable)
 from fiddler_jax.units import parse_bytes
@@ -289,10 +290,21 @@ def _params(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Param]]:
             yield path, node
 
 
-def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool = True) -> MoeForCausalLM:
+def load_pretrained(path: str | os.PathLike, dtype="float32", *, progress: bool = True,
+                    expert_precision: str = "bf16", int4_group: int = DEFAULT_INT4_GROUP) -> MoeForCausalLM:
     """Load an HF checkpoint folder of a supported family into an NNX module on the default device, weights cast
-    to ``dtype``."""
-    return load_split(path, dtype, progress=progress)[0]
+    to ``dtype``. ``expert_precision`` "int8" / "int4" (groups of ``int4_group`` inputs) gives the routed experts
+    the dequantised weights of that format (:mod:`fiddler_jax.models.quantized_experts`): the model an engine of
+    that precision computes."""
+    from fiddler_jax.models.quantized_experts import apply_expert_precision, check_model_precision
+
+    check_precision(expert_precision, int4_group)
+    if expert_precision == "int4":  # the group must fit the experts' rows: refused before the weights are read
+        cfg = Checkpoint(path).config
+        check_model_precision(cfg.hidden_size, cfg.moe_intermediate_size, expert_precision, int4_group)
+    model = load_split(path, dtype, progress=progress)[0]
+    apply_expert_precision(model, expert_precision, int4_group)
+    return model
 
 
 class ExpertReader:

@@ -52,6 +52,22 @@ def check_precision(precision: str, group: int | None = None) -> None:
                                 f"{', '.join(map(str, INT4_GROUPS))}")
 
 
+def precision_tag(precision: str, group: int = DEFAULT_INT4_GROUP) -> str:
+    """A precision as one name ("bf16", "int8", "int4g64"): what a latency model and its file record."""
+    check_precision(precision, group)
+    return f"int4g{group}" if precision == "int4" else precision
+
+
+def parse_precision_tag(tag: str) -> tuple[str, int]:
+    """(precision, int4 group) of a :func:`precision_tag`."""
+    if isinstance(tag, str) and tag.startswith("int4g") and tag[5:].isdigit():
+        precision, group = "int4", int(tag[5:])
+    else:
+        precision, group = tag, DEFAULT_INT4_GROUP
+    check_precision(precision, group)
+    return precision, group
+
+
 def _as_matrix(w, who: str) -> np.ndarray:
     w = np.asarray(w)
     if w.ndim != 2 or not w.size:

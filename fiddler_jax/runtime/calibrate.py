@@ -28,6 +28,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
+from fiddler_jax.models.quantization import (
+    DEFAULT_INT4_GROUP, expert_matrix_bytes, parse_precision_tag, precision_tag,
+)
+from fiddler_jax.models.quantized_experts import check_model_precision
 from fiddler_jax.provenance import cpu_model
 from fiddler_jax.random_bits import random_bf16, random_bf16_on_device
 from fiddler_jax.runtime.latency import Geometry, LatencyModel, Machine, PiecewiseLinear
@@ -69,7 +73,8 @@ def machine_identity(device=None) -> Machine:
     return Machine(cpu=f"{cpu_model()} ({cpus} CPUs)", gpu=str(device.device_kind))
 
 
-def check_args(hidden, ffn, dtype, ns, experts, budget_s) -> tuple[Geometry, tuple[int, ...]]:
+def check_args(hidden, ffn, dtype, ns, experts, budget_s, expert_precision: str = "bf16",
+               int4_group: int = DEFAULT_INT4_GROUP) -> tuple[Geometry, tuple[int, ...]]:
     """The geometry and sorted distinct token counts, or one InvalidInputError naming what is wrong."""
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)} (the engine's expert dtypes); got {dtype!r}")
@@ -82,7 +87,9 @@ def check_args(hidden, ffn, dtype, ns, experts, budget_s) -> tuple[Geometry, tup
         raise InvalidInputError(f"ns must be a non-empty list of positive token counts; got {ns!r}")
     if not (isinstance(budget_s, (int, float)) and np.isfinite(budget_s) and budget_s > 0):
         raise InvalidInputError(f"budget_s must be a positive number of seconds; got {budget_s!r}")
-    return Geometry(int(hidden), int(ffn), dtype), tuple(sorted({int(n) for n in ns}))
+    check_model_precision(int(hidden), int(ffn), expert_precision, int4_group)
+    return (Geometry(int(hidden), int(ffn), dtype, precision_tag(expert_precision, int4_group)),
+            tuple(sorted({int(n) for n in ns})))
 
 
 def host_weights(geometry: Geometry, experts: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -112,8 +119,9 @@ def pinned_experts(geometry: Geometry, experts: int, seed: int = 0):
     from fiddler_jax.runtime.host_experts import HostExperts
 
     stacks = host_weights(geometry, experts, seed)
+    precision, group = parse_precision_tag(geometry.precision)
     return HostExperts.pin(lambda _, e: {k: v[e] for k, v in stacks.items()}, np.ones((1, experts), bool),
-                           progress=False)
+                           progress=False, precision=precision, group=group)
 
 
 def measure_cpu(geometry: Geometry, ns: Sequence[int], host, row_budget_s: float,
@@ -227,22 +235,26 @@ def _report(progress, lane: str, n: int | None, times: list[float]) -> None:
 
 
 def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] = DEFAULT_NS, experts: int = 4,
-              budget_s: float = DEFAULT_BUDGET_S,
-              progress: bool | Callable[[str], None] = True) -> tuple[LatencyModel, Measurements]:
+              budget_s: float = DEFAULT_BUDGET_S, progress: bool | Callable[[str], None] = True,
+              expert_precision: str = "bf16",
+              int4_group: int = DEFAULT_INT4_GROUP) -> tuple[LatencyModel, Measurements]:
     """Measure the four lanes on this machine for one expert of (hidden, ffn, dtype) and fit the latency model.
+    ``expert_precision`` / ``int4_group``: how the offloaded experts are held (the CPU lane reads, and the PCIe
+    lane copies, that format; the GPU computes with bf16 weights either way).
 
     ``ns`` are the token counts timed (the curves' knots), ``experts`` the number of distinct random experts the
     timed calls rotate over, ``budget_s`` the timing seconds shared out over all rows (each row still gets at
     least a few repetitions; setup and compilation come on top). Returns the model, with this machine and the
     geometry as provenance, and the raw measurements."""
-    geometry, ns = check_args(hidden, ffn, dtype, ns, experts, budget_s)
+    geometry, ns = check_args(hidden, ffn, dtype, ns, experts, budget_s, expert_precision, int4_group)
     import jax
 
     say = progress if callable(progress) else (lambda line: print(line, flush=True)) if progress else None
     row_budget = budget_s / (2 * len(ns) + 2)
     machine = machine_identity()
     if say:
-        nbytes = 3 * geometry.hidden * geometry.ffn * np_dtype(geometry.dtype).itemsize
+        nbytes = sum(expert_matrix_bytes(*shape, expert_precision, int4_group, np_dtype(geometry.dtype).itemsize)
+                     for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn)))
         say(f"calibrating {geometry} (one expert = {nbytes / 1e6:.1f} MB) on {machine.cpu} + {machine.gpu} "
             f"({jax.devices()[0].platform}); {experts} experts rotated, ~{budget_s:g} s of timing")
     host = pinned_experts(geometry, experts)
@@ -275,11 +287,13 @@ def table(model: LatencyModel, measurements: Measurements) -> str:
     return "\n".join(lines)
 
 
-def geometry_of(config, dtype) -> Geometry:
-    """The expert geometry of a ``ModelConfig`` run in ``dtype`` (a name or a numpy/jax dtype)."""
+def geometry_of(config, dtype, expert_precision: str = "bf16", int4_group: int = DEFAULT_INT4_GROUP) -> Geometry:
+    """The expert geometry of a ``ModelConfig`` run in ``dtype`` (a name or a numpy/jax dtype) with its offloaded
+    experts held at ``expert_precision``."""
     from fiddler_jax.models.checkpoint import resolve_dtype
 
-    return Geometry(hidden=config.hidden_size, ffn=config.moe_intermediate_size, dtype=resolve_dtype(dtype).name)
+    return Geometry(hidden=config.hidden_size, ffn=config.moe_intermediate_size, dtype=resolve_dtype(dtype).name,
+                    precision=precision_tag(expert_precision, int4_group))
 
 
 def load_calibrated(geometry: Geometry, root: str | os.PathLike | None = None) -> LatencyModel:

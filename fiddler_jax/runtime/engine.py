@@ -24,6 +24,8 @@ import numpy as np
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.checkpoint import load_split, resolve_dtype
 from fiddler_jax.models.config import ModelConfig
+from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP, expert_matrix_bytes
+from fiddler_jax.models.quantized_experts import apply_expert_precision, check_model_precision, expert_matrix_shapes
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
@@ -131,13 +133,18 @@ class Engine:
                         cache_slots: int = 0, dtype="bfloat16", profile: str | os.PathLike | None = None,
                         latency: str | os.PathLike | None = None, max_batch: int = 1, max_context: int | None = None,
                         max_step_tokens: int | None = None, seed: int = 0, progress: bool = True,
-                        options: EngineOptions | None = None, **planner_params) -> Engine:
+                        options: EngineOptions | None = None, expert_precision: str = "bf16",
+                        int4_group: int = DEFAULT_INT4_GROUP, **planner_params) -> Engine:
         """Place, load and pin a checkpoint folder. ``latency``: "auto" (this machine, calibrated once and
         cached), a latency JSON file, or None (the H100 machine's design numbers, with a warning;
         :mod:`latency_source`). ``profile``: a routing profile from ``fiddler-jax profile``. ``options``: how the
         lanes run (:class:`EngineOptions`). ``max_step_tokens``: the most tokens (rows × positions) one forward
         step holds, which sizes the activation workspace (default ``max_batch × max_context``); a longer prompt
-        batch runs as several steps of consecutive positions, with the same result."""
+        batch runs as several steps of consecutive positions, with the same result. ``expert_precision``: "bf16"
+        (the checkpoint's weights), "int8" or "int4" (groups of ``int4_group`` inputs): the routed experts are
+        quantised at load (:mod:`fiddler_jax.models.quantization`), the offloaded ones held quantised in pinned
+        memory (both lanes read those fewer bytes) and the resident ones given the same dequantised weights, so
+        the engine computes what ``fj.load_pretrained(path, expert_precision=...)`` computes."""
         cfg = ModelConfig.from_pretrained(path)
 
         def load(resident):
@@ -147,7 +154,8 @@ class Engine:
                           resident_experts=resident_experts, staging_slots=staging_slots, cache_slots=cache_slots,
                           dtype=dtype, profile=profile, latency=latency, max_batch=max_batch,
                           max_context=max_context, max_step_tokens=max_step_tokens, seed=seed, progress=progress,
-                          options=options, planner_params=planner_params)
+                          options=options, expert_precision=expert_precision, int4_group=int4_group,
+                          planner_params=planner_params)
 
     @classmethod
     def from_random(cls, config: ModelConfig, *, weight_seed: int = 0, router_bias: float = 0.0,
@@ -167,10 +175,11 @@ class Engine:
     def _build(cls, cfg: ModelConfig, load, *, gpu_budget="24GiB", planner="fiddler_overlap",
                placement="popularity", resident_experts=None, staging_slots=DEFAULT_STAGING_SLOTS, cache_slots=0,
                dtype="bfloat16", profile=None, latency=None, max_batch=1, max_context=None, max_step_tokens=None,
-               seed=0, progress=True, options=None, planner_params=None) -> Engine:
+               seed=0, progress=True, options=None, expert_precision="bf16", int4_group=DEFAULT_INT4_GROUP,
+               planner_params=None) -> Engine:
         """Planner, options, placement, the pinned pool's size, and the latency model (all before anything is
-        loaded); then ``load(resident) -> (model, offloaded-expert source)`` and the pinning of the offloaded
-        experts."""
+        loaded); then ``load(resident) -> (model, offloaded-expert source)``, the resident experts given the
+        precision's weights and the pinning of the offloaded experts (quantised on the way)."""
         options = options or EngineOptions()
         if not isinstance(options, EngineOptions):
             raise InvalidInputError(f"options must be an EngineOptions; got {type(options).__name__}")
@@ -178,23 +187,31 @@ class Engine:
                                     resident_experts=resident_experts, staging_slots=staging_slots,
                                     cache_slots=cache_slots, dtype=dtype, profile=profile, max_batch=max_batch,
                                     max_context=max_context, max_step_tokens=max_step_tokens, seed=seed,
+                                    expert_precision=expert_precision, int4_group=int4_group,
                                     planner_params=planner_params)
-        offloaded_bytes = int((~placed.resident).sum()) * placed.memory.expert
+        held = sum(expert_matrix_bytes(*shape, expert_precision, int4_group, resolve_dtype(dtype).itemsize)
+                   for shape in expert_matrix_shapes(cfg))
+        offloaded_bytes = int((~placed.resident).sum()) * held
         check_host_memory(offloaded_bytes)
         size_pinned_pool(offloaded_bytes)  # before JAX starts, if it has not
-        lat = resolve_latency(latency, geometry_of(cfg, dtype), progress=progress)  # "auto" may calibrate: JAX starts
+        geometry = geometry_of(cfg, dtype, expert_precision, int4_group)
+        lat = resolve_latency(latency, geometry, progress=progress)  # "auto" may calibrate: JAX starts
         model, source = load(placed.resident)
-        host = HostExperts.pin(source, ~placed.resident, progress=progress)
+        apply_expert_precision(model, expert_precision, int4_group)
+        host = HostExperts.pin(source, ~placed.resident, progress=progress, precision=expert_precision,
+                               group=int4_group)
         resources = EngineResources.build(model, host, placed, staging_slots=staging_slots,
                                           cache_slots=bound.cache_slots, transfer_s=lat.transfer_s)
         return cls(resources, bound, lat, options)
 
     @classmethod
     def _placed(cls, cfg: ModelConfig, *, gpu_budget, planner, placement, resident_experts, staging_slots,
-                cache_slots, dtype, profile, max_batch, max_context, max_step_tokens, seed,
-                planner_params) -> tuple[BoundPlanner, Placement]:
+                cache_slots, dtype, profile, max_batch, max_context, max_step_tokens, seed, expert_precision,
+                int4_group, planner_params) -> tuple[BoundPlanner, Placement]:
         """The planner bound to its parameters and the placement (a profile of another model refused), checked
-        against each other: everything :meth:`_build` decides before it loads anything."""
+        against each other, and the expert precision against the model's geometry: everything :meth:`_build`
+        decides before it loads anything."""
+        check_model_precision(cfg.hidden_size, cfg.moe_intermediate_size, expert_precision, int4_group)
         bound = bind_planner(planner, planner_params, staging_slots, cache_slots)
         counts = None
         if profile is not None:  # refuses a profile of another model, before anything is loaded

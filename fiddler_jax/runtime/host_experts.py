@@ -12,7 +12,10 @@ Why one array per expert and not a stack per layer: slicing a pinned stack insid
 dispatch blocked the Python thread for 5 ms (measured), which would serialise the lanes.
 
 Loading pins one expert at a time from a source callable (a checkpoint's mmap reader, or random weights) and
-drops the source arrays, so the host never holds a second full copy. JAX's pinned allocator is capped by
+drops the source arrays, so the host never holds a second full copy. At an ``expert_precision`` of int8 or int4
+each expert is quantised on the way (on the default device, :mod:`fiddler_jax.models.quantized_experts`) and its
+matrices are held as {"q", "scales"} pairs: both lanes read those bytes (the CPU kernel dequantises in registers,
+the PCIe lane copies them and dequantises on the GPU into its staging stack). JAX's pinned allocator is capped by
 ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` (default 64 GiB); ``fiddler_jax`` raises that cap to the machine's RAM
 at import, before JAX starts its GPU client.
 """
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fiddler_jax.errors import FiddlerError
 from fiddler_jax.memory_kinds import DEVICE, PINNED_HOST
+from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP, QuantizedMatrix, check_precision
 from fiddler_jax.units import format_bytes
 
 WEIGHTS = ("w1", "w3", "w2")
@@ -89,25 +93,50 @@ def _host_view(array: jax.Array) -> np.ndarray:
     return view
 
 
+def _matrix_view(held) -> np.ndarray | QuantizedMatrix:
+    """The zero-copy host view of one held matrix: a numpy array, or a ``QuantizedMatrix`` of views."""
+    if not isinstance(held, dict):
+        return _host_view(held)
+    q, scales = _host_view(held["q"]), _host_view(held["scales"])
+    if q.dtype == np.int8:
+        return QuantizedMatrix(q, scales, "int8", q.shape)
+    shape = (q.shape[0], 2 * q.shape[1])
+    return QuantizedMatrix(q, scales, "int4", shape, shape[1] // scales.shape[1])
+
+
 class HostExperts:
     """Pinned host copies of the offloaded experts: ``arrays(l, e)`` for the PCIe lane, ``tables(l)`` for the
-    CPU kernel (per-expert numpy views, None for experts not held here)."""
+    CPU kernel (per-expert numpy views -- or ``QuantizedMatrix`` of views -- None for experts not held here).
+    ``precision``: how the experts are held ("bf16", "int8", "int4"); ``dtype``: the model's dtype, which the
+    experts' weights W' have on every lane."""
 
-    def __init__(self, arrays: dict[tuple[int, int], dict[str, jax.Array]], num_layers: int, num_experts: int):
+    def __init__(self, arrays: dict[tuple[int, int], dict], num_layers: int, num_experts: int,
+                 precision: str = "bf16", dtype=None):
         self._arrays = arrays
+        self.precision = precision
         self.held = np.zeros((num_layers, num_experts), bool)
         for layer, expert in arrays:
             self.held[layer, expert] = True
-        views = {key: {w: _host_view(a[w]) for w in WEIGHTS} for key, a in arrays.items()}
+        views = {key: {w: _matrix_view(a[w]) for w in WEIGHTS} for key, a in arrays.items()}
         self._tables = [tuple([views[layer, e][w] if (layer, e) in views else None for e in range(num_experts)]
                               for w in WEIGHTS) for layer in range(num_layers)]
-        self._kernel_tables = {}  # layer -> kernels.ExpertTables (bfloat16 experts), made on first use
+        first = next(iter(views.values()), None)
+        if dtype is None:
+            dtype = first["w1"].dtype if first is not None and precision == "bf16" else np.float32
+        self.dtype = np.dtype(dtype)
+        # the bfloat16 matrices the PCIe lane stages each expert as: {w: (shape, dtype)}
+        self.staged = {} if first is None else {w: (tuple(first[w].shape), self.dtype) for w in WEIGHTS}
+        self._kernel_tables = {}  # layer -> kernels.ExpertTables (bfloat16 models), made on first use
 
     @classmethod
     def pin(cls, source: Callable[[int, int], dict[str, np.ndarray]], offloaded: np.ndarray,
-            device: jax.Device | None = None, progress: bool = True) -> HostExperts:
+            device: jax.Device | None = None, progress: bool = True, precision: str = "bf16",
+            group: int = DEFAULT_INT4_GROUP) -> HostExperts:
         """Put every expert with ``offloaded[l, e]`` into pinned memory of ``device``, one at a time from
-        ``source(l, e)`` → {"w1", "w3", "w2"} numpy arrays."""
+        ``source(l, e)`` → {"w1", "w3", "w2"} numpy arrays, quantised first at an int8 / int4 ``precision``."""
+        from fiddler_jax.models.quantized_experts import quantize_expert
+
+        check_precision(precision, group)
         device = device or jax.devices()[0]
         kinds = {m.kind for m in device.addressable_memories()}
         if PINNED_HOST not in kinds:
@@ -116,13 +145,19 @@ class HostExperts:
         sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=PINNED_HOST)
         keys = [(int(l), int(e)) for l, e in zip(*np.nonzero(offloaded))]
         arrays: dict[tuple[int, int], dict[str, jax.Array]] = {}
-        pinned_bytes = 0
-        with tqdm(keys, desc="pinning offloaded experts", unit="expert", disable=not progress or not keys,
-                  leave=False) as bar:
+        pinned_bytes, dtype = 0, None
+        desc = "pinning offloaded experts" + ("" if precision == "bf16" else f" ({precision})")
+        with tqdm(keys, desc=desc, unit="expert", disable=not progress or not keys, leave=False) as bar:
             for key in bar:
                 weights = source(*key)
+                dtype = weights["w1"].dtype
                 try:
-                    arrays[key] = {w: jax.device_put(np.ascontiguousarray(weights[w]), sharding) for w in WEIGHTS}
+                    if precision == "bf16":
+                        arrays[key] = {w: jax.device_put(np.ascontiguousarray(weights[w]), sharding) for w in WEIGHTS}
+                    else:
+                        quantized = quantize_expert(weights, precision, group)
+                        arrays[key] = {w: {"q": jax.device_put(q, sharding), "scales": jax.device_put(sc, sharding)}
+                                       for w, (q, sc) in quantized.items()}
                     jax.block_until_ready(arrays[key])
                 except Exception as exc:  # XlaRuntimeError: RESOURCE_EXHAUSTED from the pinned allocator
                     if "RESOURCE_EXHAUSTED" not in str(exc) and "out of memory" not in str(exc).lower():
@@ -133,15 +168,23 @@ class HostExperts:
                         f"({format_bytes(pinned_bytes)} pinned, about {format_bytes(need)} needed): raise "
                         f"{HOST_LIMIT_VAR} before JAX starts (fiddler_jax sets it to the machine's RAM unless it is "
                         "already set), free host memory, or give the GPU a larger gpu_budget") from exc
-                pinned_bytes += sum(a.nbytes for a in arrays[key].values())
-        return cls(arrays, *offloaded.shape)
+                pinned_bytes += sum(a.nbytes for a in jax.tree.leaves(arrays[key]))
+        return cls(arrays, *offloaded.shape, precision=precision, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for weights in self._arrays.values() for a in weights.values())
+        return sum(a.nbytes for a in jax.tree.leaves(self._arrays))
 
-    def arrays(self, layer: int, expert: int) -> dict[str, jax.Array]:
-        """The pinned JAX arrays of one expert (what the PCIe lane copies)."""
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes one held expert takes (what a lane reads or copies per expert: fewer when quantised); 0 when
+        nothing is held."""
+        first = next(iter(self._arrays.values()), None)
+        return 0 if first is None else sum(a.nbytes for a in jax.tree.leaves(first))
+
+    def arrays(self, layer: int, expert: int) -> dict:
+        """The pinned JAX arrays of one expert (what the PCIe lane copies): {w: array}, or {w: {"q", "scales"}}
+        for quantised experts."""
         try:
             return self._arrays[layer, expert]
         except KeyError:
@@ -151,14 +194,23 @@ class HostExperts:
         """Per-expert numpy views of one layer, (w1s, w3s, w2s), None where the expert is not held here."""
         return self._tables[layer]
 
+    def buffers(self, layer: int, expert: int) -> list[np.ndarray]:
+        """The host views of every buffer one expert holds (its matrices, or their q and scales)."""
+        views = []
+        for table in self._tables[layer]:
+            m = table[expert]
+            views += [m.q, m.scales] if isinstance(m, QuantizedMatrix) else [m]
+        return views
+
     def kernel_tables(self, layer: int):
-        """The C++ kernel's checked tables of one layer's bfloat16 experts (``kernels.ExpertTables``, made once),
-        or None when the layer holds no bfloat16 experts (float32 parity runs take the numpy path)."""
+        """The C++ kernel's checked tables of one layer's experts (``kernels.ExpertTables``, made once) in a
+        bfloat16 model, or None when the layer holds none or the model is float32 (parity runs take the numpy
+        path, with W' in float32)."""
         if layer not in self._kernel_tables:
             w1s, w3s, w2s = self._tables[layer]
             first = next((w for w in w1s if w is not None), None)
             prepared = None
-            if first is not None and first.dtype != np.float32:
+            if first is not None and self.dtype != np.float32:
                 from fiddler_jax.kernels import ExpertTables
 
                 prepared = ExpertTables(w1s, w3s, w2s, hidden=first.shape[1])

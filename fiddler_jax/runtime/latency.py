@@ -112,11 +112,13 @@ class Machine:
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """The expert shape a latency model was measured for."""
+    """The expert shape a latency model was measured for: its size, the model's dtype and how the offloaded experts
+    are held (``precision``: "bf16" unquantised, "int8", or "int4g<group>"; ``quantization.precision_tag``)."""
 
     hidden: int
     ffn: int
     dtype: str
+    precision: str = "bf16"
 
 
 MIXTRAL_8X7B_BF16 = Geometry(hidden=4096, ffn=14336, dtype="bfloat16")
@@ -213,12 +215,14 @@ class LatencyModel:
 
 def default_path(machine: Machine, geometry: Geometry, root: str | os.PathLike | None = None) -> str:
     """Where a calibration for this machine and geometry is kept: ``root`` (default ``$XDG_CACHE_HOME`` or
-    ``~/.cache``, then ``fiddler-jax/latency``) / ``latency_<hidden>x<ffn>_<dtype>_<machine hash>.json``."""
+    ``~/.cache``, then ``fiddler-jax/latency``) / ``latency_<hidden>x<ffn>_<dtype>[_<precision>]_<machine
+    hash>.json`` (the precision named when it is not bf16)."""
     if root is None:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(cache, "fiddler-jax", "latency")
     machine_hash = hashlib.sha1(f"{machine.cpu}\n{machine.gpu}".encode()).hexdigest()[:10]
-    name = f"latency_{geometry.hidden}x{geometry.ffn}_{geometry.dtype}_{machine_hash}.json"
+    precision = "" if geometry.precision == "bf16" else f"_{geometry.precision}"
+    name = f"latency_{geometry.hidden}x{geometry.ffn}_{geometry.dtype}{precision}_{machine_hash}.json"
     return os.path.join(os.fspath(root), name)
 
 

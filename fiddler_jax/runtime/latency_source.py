@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from fiddler_jax.models.quantization import parse_precision_tag
 from fiddler_jax.runtime.latency import Geometry, LatencyModel, default_path
 
 
@@ -46,9 +47,12 @@ def load_or_calibrate(geometry: Geometry, root: str | os.PathLike | None = None,
     from tqdm.auto import tqdm
 
     rows = 2 * len(DEFAULT_NS) + 3  # the header, cpu and gpu per token count, then copy and sync
-    with tqdm(total=rows, desc=f"calibrating this machine for {geometry.hidden}x{geometry.ffn} {geometry.dtype}",
+    with tqdm(total=rows, desc=f"calibrating this machine for {geometry.hidden}x{geometry.ffn} {geometry.dtype} "
+                                         f"{geometry.precision}",
               unit="row", disable=not progress, leave=False) as bar:
-        model, _ = calibrate(geometry.hidden, geometry.ffn, geometry.dtype, progress=lambda line: bar.update(1))
+        precision, group = parse_precision_tag(geometry.precision)
+        model, _ = calibrate(geometry.hidden, geometry.ffn, geometry.dtype, progress=lambda line: bar.update(1),
+                             expert_precision=precision, int4_group=group)
     model.save(path)
     if progress:
         print(f"calibrated this machine's latency model: {path}", flush=True)

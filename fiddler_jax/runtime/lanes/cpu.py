@@ -1,9 +1,10 @@
 """The CPU lane: offloaded experts computed where they live, in pinned host memory.
 
 ``cpu_expert_mix`` is the lane's arithmetic: float32 [N, hidden] = Σ weight · FFN_expert(moe_in[token]) over the
-step's CPU assignments. bfloat16 weights run through our C++ kernel (every expert of the call at once, over all
-cores, reading the weights in place); float32 weights (parity runs) through numpy in float32. ``xla_expert_mix``
-is the same through XLA's own CPU dot (``cpu_backend="xla"``, the ablation baseline).
+step's CPU assignments. A bfloat16 model's experts (bfloat16, or int8 / int4 ``QuantizedMatrix``) run through our
+C++ kernel (every expert of the call at once, over all cores, reading the weights in place); a float32 model's
+(parity runs) through numpy in float32, quantised ones dequantised first. ``xla_expert_mix`` is the same through
+XLA's own CPU dot (``cpu_backend="xla"``, the ablation baseline).
 
 ``CpuLane`` runs one layer step's share: the activations come to the host (with the step's sync for small steps,
 else fetched; large ones by one DMA into pinned memory, :mod:`fiddler_jax.runtime.pinned_activations`), the
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiddler_jax.models.quantization import QuantizedMatrix, dequantize
 from fiddler_jax.runtime.host_experts import HostExperts
 from fiddler_jax.runtime.pinned_activations import PinnedActivations
 
@@ -30,7 +32,7 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
     """The module docstring's mix, with ``tables`` = (w1s, w3s, w2s) per-expert host arrays (None where an expert
     is not on the host). ``prepared``: the same tables as ``kernels.ExpertTables`` made once, which skips the
     per-call checks. ``out``: where to write the result (every row is written), else a new array."""
-    kernel = prepared is not None or (len(token) > 0 and tables[0][int(expert[0])].dtype != np.float32)
+    kernel = prepared is not None or (len(token) > 0 and moe_in.dtype != np.float32)
     if out is None:
         out = np.zeros(moe_in.shape, np.float32)
     elif not (kernel and len(token)):  # the kernel writes every row; numpy accumulates into zeros
@@ -42,8 +44,9 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
         for e in np.unique(expert):
             rows = expert == e
             x = moe_in[token[rows]]
-            gate, up = x @ w1s[e].T, x @ w3s[e].T
-            y = (gate / (1 + np.exp(-gate)) * up) @ w2s[e].T
+            w1, w3, w2 = (dense(t[e], np.float32) for t in (w1s, w3s, w2s))
+            gate, up = x @ w1.T, x @ w3.T
+            y = (gate / (1 + np.exp(-gate)) * up) @ w2.T
             np.add.at(out, token[rows], y * weight[rows, None])
         return out
     from fiddler_jax.kernels import grouped_expert_ffn_numpy
@@ -52,6 +55,11 @@ def cpu_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, we
         w1s, w3s, w2s = prepared, None, None
     return grouped_expert_ffn_numpy(np.ascontiguousarray(moe_in), token.astype(np.int32), expert.astype(np.int32),
                                     weight.astype(np.float32), w1s, w3s, w2s, out=out)
+
+
+def dense(w, dtype) -> np.ndarray:
+    """A held matrix as a plain array: itself, or a quantised one's W' (float32 q · scale, then ``dtype``)."""
+    return dequantize(w).astype(dtype) if isinstance(w, QuantizedMatrix) else w
 
 
 @jax.jit
@@ -65,13 +73,14 @@ def _xla_expert_ffn(x, w1, w3, w2):
 def xla_expert_mix(moe_in: np.ndarray, token: np.ndarray, expert: np.ndarray, weight: np.ndarray,
                    tables: tuple[list, list, list]) -> np.ndarray:
     """The mix through XLA's CPU dot: each expert's FFN is a jitted computation on the JAX CPU device over the
-    same pinned weights (``device_put`` of an aligned host view aliases it, no copy)."""
+    same pinned weights (``device_put`` of an aligned host view aliases it, no copy; quantised experts are
+    dequantised to a copy first)."""
     cpu = jax.devices("cpu")[0]
     out = np.zeros(moe_in.shape, np.float32)
     for e in np.unique(expert):
         rows = expert == e
         x = jax.device_put(np.ascontiguousarray(moe_in[token[rows]]), cpu)
-        y = np.asarray(_xla_expert_ffn(x, *(jax.device_put(t[e], cpu) for t in tables)))
+        y = np.asarray(_xla_expert_ffn(x, *(jax.device_put(dense(t[e], moe_in.dtype), cpu) for t in tables)))
         np.add.at(out, token[rows], y * weight[rows, None])
     return out
 

@@ -51,7 +51,7 @@ import numpy as np
 
 from fiddler_jax.errors import FiddlerError
 from fiddler_jax.memory_kinds import DEVICE
-from fiddler_jax.runtime.host_experts import HostExperts, WEIGHTS
+from fiddler_jax.runtime.host_experts import HostExperts
 from fiddler_jax.runtime.planning import PlannerError
 from fiddler_jax.runtime.segments import stage_copy, staged_mix
 
@@ -107,11 +107,10 @@ class StagingPool:
     def _allocate(self) -> dict | None:
         """Zeroed device arrays {"w1", "w3", "w2"} [slots, ...] in the held experts' shapes and dtype (None with
         no slots or no host experts)."""
-        held = np.argwhere(self.host.held)
-        if self.slots < 1 or not len(held):
+        if self.slots < 1 or not self.host.held.any():
             return None
-        like = self.host.arrays(*(int(i) for i in held[0]))
-        return {w: jnp.zeros((self.slots, *like[w].shape), like[w].dtype, device=self._target) for w in WEIGHTS}
+        return {w: jnp.zeros((self.slots, *shape), dtype, device=self._target)
+                for w, (shape, dtype) in self.host.staged.items()}
 
     @property
     def nbytes(self) -> int:

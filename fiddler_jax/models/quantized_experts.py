@@ -1,0 +1,115 @@
+"""Quantised experts on a JAX device: the formats of :mod:`fiddler_jax.models.quantization` computed with jax.numpy
+(on the GPU at load time, where numpy would take minutes for Mixtral-8x7B), and a model's routed experts given the
+weights of a precision.
+
+``quantize_matrix`` follows the numpy reference ``quantization.quantize`` operation for operation (a division by 127
+or 7, a float16 scale for int4, round half to even, a clip), but XLA may divide by multiplying with a reciprocal
+(XLA:CPU does), so a scale can differ by one ulp and a q sitting on a rounding tie by one step: the engine and the
+plain model both quantise through this function, on the same device, and so hold the same weights.
+``dequantize_matrix`` gives W' = q · scale in float32, rounded once to the model's dtype: the weights every lane
+computes with -- the CPU kernel rounds them to bfloat16 in registers, the PCIe lane writes them into its bfloat16
+staging stack, resident experts hold them.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fiddler_jax.models import quantization as Q
+
+MATRICES = ("w1", "w3", "w2")
+
+
+def expert_matrix_shapes(config) -> tuple[tuple[int, int], ...]:
+    """(out, in) of a routed expert's w1, w3 and w2 in a ``ModelConfig``."""
+    h, f = config.hidden_size, config.moe_intermediate_size
+    return (f, h), (f, h), (h, f)
+
+
+def effective_group(inputs: int, precision: str, group: int) -> int:
+    """The group an int4 matrix of ``inputs`` columns uses (a row shorter than a group is one group); 0 for int8."""
+    return min(group, inputs) if precision == "int4" else 0
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "group"))
+def quantize_matrix(w, *, precision: str, group: int = Q.DEFAULT_INT4_GROUP):
+    """W [out, in] -> (q, scales) at ``precision`` (int8: int8 [out, in], float32 [out]; int4: uint8 [out, in / 2],
+    float16 [out, in / group]), as ``quantization.quantize``. ``in`` must be a multiple of the int4 group."""
+    w = w.astype(jnp.float32)
+    out, inp = w.shape
+    if precision == "int8":
+        scales = jnp.max(jnp.abs(w), axis=1) / jnp.float32(127.0)
+        safe = jnp.where(scales > 0, scales, jnp.float32(1.0))[:, None]
+        return jnp.clip(jnp.rint(w / safe), -127, 127).astype(jnp.int8), scales
+    group = min(group, inp)
+    grouped = w.reshape(out, inp // group, group)
+    scales = (jnp.max(jnp.abs(grouped), axis=2) / jnp.float32(7.0)).astype(jnp.float16)
+    s32 = scales.astype(jnp.float32)
+    safe = jnp.where(s32 > 0, s32, jnp.float32(1.0))[:, :, None]
+    q = jnp.clip(jnp.rint(grouped / safe), -8, 7).astype(jnp.int8).reshape(out, inp)
+    nib = (q.astype(jnp.int16) & 0xF).astype(jnp.uint8)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4), scales
+
+
+def dequantize_matrix(q, scales, dtype):
+    """W' [out, in] in ``dtype`` from a quantised matrix (q int8 [out, in] with scales [out]; or packed int4 uint8
+    [out, in / 2] with scales [out, groups]). Traceable: the PCIe lane calls it inside its copy."""
+    if q.dtype == jnp.int8:
+        return (q.astype(jnp.float32) * scales.astype(jnp.float32)[:, None]).astype(dtype)
+    out, half = q.shape
+    low = (q & 0xF).astype(jnp.int8)
+    high = (q >> 4).astype(jnp.int8)
+    nibbles = jnp.stack([low, high], axis=-1).reshape(out, 2 * half)
+    values = jnp.where(nibbles > 7, nibbles - 16, nibbles).astype(jnp.float32)
+    groups = scales.shape[1]
+    w = values.reshape(out, groups, -1) * scales.astype(jnp.float32)[:, :, None]
+    return w.reshape(out, 2 * half).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "group"))
+def _roundtrip_stack(stack, *, precision: str, group: int):
+    """W' (in the stack's dtype) of every expert of a stack [E, out, in], one expert at a time (bounded memory)."""
+    def one(w):
+        return dequantize_matrix(*quantize_matrix(w, precision=precision, group=group), stack.dtype)
+    return jax.lax.map(one, stack)
+
+
+def check_model_precision(hidden: int, ffn: int, precision: str, group: int) -> None:
+    """Refuse a precision, or an int4 group that does not divide the expert matrices' rows (w1 / w3 rows have
+    ``hidden`` inputs, w2 rows ``ffn``), with the groups that would."""
+    Q.check_precision(precision, group)
+    if precision != "int4":
+        return
+    for name, inputs in (("hidden_size", hidden), ("moe_intermediate_size", ffn)):
+        g = effective_group(inputs, precision, group)
+        if inputs % g or inputs % 2 or (g % 32 and g != inputs):
+            fits = [str(c) for c in Q.INT4_GROUPS if inputs % min(c, inputs) == 0]
+            raise Q.InvalidInputError(
+                f"int4 group {group} does not fit the experts' rows of {inputs} inputs ({name}); use int4_group "
+                f"among {', '.join(fits) or 'none (use int8)'}")
+
+
+def apply_expert_precision(model, precision: str, group: int = Q.DEFAULT_INT4_GROUP) -> None:
+    """Give every routed expert stack of ``model`` (the plain model, or an engine's resident experts) the weights
+    W' of ``precision``, in place; "bf16" leaves them as they are. The router, attention and shared experts keep
+    theirs."""
+    cfg = model.config
+    check_model_precision(cfg.hidden_size, cfg.moe_intermediate_size, precision, group)
+    if precision == "bf16":
+        return
+    for layer in model.layers:
+        if not getattr(layer, "is_sparse", False):
+            continue
+        for name in MATRICES:
+            param = getattr(layer.mlp, name)
+            if param.value.shape[0]:
+                param.value = _roundtrip_stack(param.value, precision=precision, group=group)
+
+
+def quantize_expert(weights: dict, precision: str, group: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """One expert {"w1", "w3", "w2": [out, in] arrays} -> {name: (q, scales)} on the default device."""
+    return {name: quantize_matrix(jnp.asarray(np.ascontiguousarray(weights[name])), precision=precision,
+                                  group=group) for name in MATRICES}
