@@ -1,10 +1,11 @@
 // AVX512_BF16 phases for quantised experts (kernels.h: WeightFormat): the bfloat16 path's row streaming
-// (row_kernel_phases.inc) over int8 or int4 weight rows, dequantised in registers. Each 32-weight step loads
-// 32 (int8) or 16 (int4) bytes of a row, widens them to 32-bit integers, converts to float32, multiplies by the
-// row's (int8) or group's (int4) scale and rounds to bfloat16 (vcvtne2ps2bf16, nearest even): exactly the
-// weights W' the GPU's dequantised FFN uses. Then vdpbf16ps with the tokens' bf16 activations, as for bf16
-// weights. Decode is memory-bound, so reading 2x (int8) or ~4x (int4) fewer bytes per weight is the point; the
-// dequantisation costs a few instructions per step per row, shared by the step's tokens.
+// (row_kernel_phases.inc) over int8 or int4 weight rows. The integers q go into bf16 lanes exactly (int8 through
+// a conversion, int4 as 128 + u by bit operations alone), vdpbf16ps dots them with the tokens' bf16 activations
+// (exact products, float32 sums), and the scale multiplies the sum: once per row (int8) or once per 32-input step
+// (int4). So the kernel computes with the exact weights q * scale, where the GPU's dequantised FFN rounds them to
+// bf16 first: the two lanes agree to bf16 rounding, as for bf16 experts. Decode is memory-bound, so reading 2x
+// (int8) or ~4x (int4) fewer bytes per weight is the point; unpacking costs a few instructions per step and row,
+// shared by the step's tokens.
 //
 // int4 nibbles come out de-interleaved (lanes 0..15: elements 0, 2, .., 30; lanes 16..31: 1, 3, .., 31), so the
 // activations of each step are permuted the same way once (vpermw), not every row's weights.
@@ -59,32 +60,28 @@ struct Int4Rows {
   Row row(int64_t j) const { return {q + j * (k / 2), scales + j * (k / group), group}; }
 };
 
-// 16 int32 lanes -> float32 -> times s; the two halves of a step -> 32 bf16 (lo in lanes 0..15).
-inline __m512bh ScaleToBf16(__m512i lo, __m512i hi, __m512 s) {
-  return _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), s), _mm512_mul_ps(_mm512_cvtepi32_ps(lo), s));
+// 32 int8 weights (two 16-byte halves) -> 32 bf16 holding the same integers (exact: |q| <= 127 < 2^8).
+inline __m512bh Int8Step(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-inline __m512bh Int8Step(__m256i b, __m512 s) {
-  return ScaleToBf16(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)),
-                     _mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)), s);
+inline __m512bh Int8StepMasked(const int8_t* p, __mmask32 m) {
+  const __m256i b = _mm256_maskz_loadu_epi8(m, p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// 16 bytes of packed nibbles -> lanes 0..15 the low (even) elements, 16..31 the high (odd), sign-extended.
-inline __m512bh Int4Step(__m128i b, __m512 s) {
-  const __m512i v = _mm512_cvtepu8_epi32(b);
-  const __m512i lo = _mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28);
-  const __m512i hi = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 28);
-  return ScaleToBf16(lo, hi, s);
-}
-
-// out[r * TB + t] = <W'[r], x[t]> for int8 rows (fixed operation order; a masked last step).
+// out[r * TB + t] = scale[r] * sum_c q[r, c] x[t, c] for int8 rows: the integers dotted exactly (bf16 q times bf16 x
+// is exact in float32), the row's scale applied once to the sum (fixed operation order; a masked last step).
 template <int R, int TB>
 inline void Dot(const Int8Row* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t pf, float* out) {
-  __m512 acc[R][TB], s[R];
-  for (int r = 0; r < R; ++r) {
-    s[r] = _mm512_set1_ps(w[r].scale);
+  __m512 acc[R][TB];
+  for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  }
   int64_t c = 0;
   for (; c + 32 <= k; c += 32) {
     if (pf) {
@@ -93,7 +90,7 @@ inline void Dot(const Int8Row* w, const uint16_t* x, int64_t ldx, int64_t k, int
     __m512bh xv[TB];
     for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * ldx + c);
     for (int r = 0; r < R; ++r) {
-      const __m512bh wv = Int8Step(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r].q + c)), s[r]);
+      const __m512bh wv = Int8Step(w[r].q + c);
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
     }
   }
@@ -102,12 +99,12 @@ inline void Dot(const Int8Row* w, const uint16_t* x, int64_t ldx, int64_t k, int
     __m512bh xv[TB];
     for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * ldx + c);
     for (int r = 0; r < R; ++r) {
-      const __m512bh wv = Int8Step(_mm256_maskz_loadu_epi8(m, w[r].q + c), s[r]);
+      const __m512bh wv = Int8StepMasked(w[r].q + c, m);
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) out[r * TB + t] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < TB; ++t) out[r * TB + t] = w[r].scale * _mm512_reduce_add_ps(acc[r][t]);
 }
 
 // The even elements of a step to lanes 0..15 and the odd ones to 16..31, as Int4Step lays out the weights.
@@ -117,17 +114,32 @@ inline __m512i EvenOddIndex() {
   return _mm512_load_si512(idx);
 }
 
-// out[r * TB + t] = <W'[r], x[t]> for int4 rows. A step lies inside one group (groups are multiples of 32
-// inputs, or the whole row), so each row's scale changes only at a group boundary.
+// 16 bytes of packed nibbles -> 32 bf16 values 128 + u, u = q + 8 in [0, 15] (the two's-complement nibble with
+// its top bit flipped): lanes 0..15 from the low nibbles (even elements), 16..31 from the high (odd). Each byte is
+// widened to a 16-bit lane, shifted for the high half, and one ternary-logic op keeps the nibble, flips bit 3
+// and sets the bf16 pattern of 128 (0x4300; 128 + u is exact in bf16): no conversion instructions.
+inline __m512bh Int4Step(__m128i b) {
+  const __m256i words = _mm256_cvtepu8_epi16(b);
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(words), _mm256_srli_epi16(words, 4), 1);
+  // (both & 0x000F) ^ 0x4308
+  return (__m512bh)_mm512_ternarylogic_epi32(both, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4308), 0x6A);
+}
+
+// out[r * TB + t] = sum over groups g of scale[r, g] * sum_{c in g} q[r, c] x[t, c] for int4 rows. Each 32-input
+// step lies inside one group (groups are multiples of 32 inputs, or the whole row); per step and token the sum
+// sum (128 + u_c) x_c comes from one vdpbf16ps started at -136 (x_c pairs) -- computed once per token and step
+// for all rows -- so it is sum (u_c - 8) x_c = sum q_c x_c, and that times the group's scale goes into the
+// accumulator (one FMA). Exact products; float32 sums.
 template <int R, int TB>
 inline void Dot(const Int4Row* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t pf, float* out) {
   const __m512i perm = EvenOddIndex();
+  const __m512bh minus136 = (__m512bh)_mm512_set1_epi16(static_cast<int16_t>(0xC308));  // bf16 -136
   const int64_t group = w[0].group;
   __m512 acc[R][TB], s[R];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  int64_t c = 0, g = -1, group_end = 0;
-  for (; c < k; c += 32) {
+  int64_t g = -1, group_end = 0;
+  for (int64_t c = 0; c < k; c += 32) {
     if (c >= group_end) {  // a new group: its scales
       ++g;
       group_end += group;
@@ -140,11 +152,15 @@ inline void Dot(const Int4Row* w, const uint16_t* x, int64_t ldx, int64_t k, int
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r].q + (c + pf) / 2), _MM_HINT_T1);
     }
     __m512bh xv[TB];
-    for (int t = 0; t < TB; ++t)
+    __m512 base[TB];  // -136 x summed in each lane's pair: the offset's share of this step
+    for (int t = 0; t < TB; ++t) {
       xv[t] = (__m512bh)_mm512_permutexvar_epi16(perm, _mm512_maskz_loadu_epi16(m, x + t * ldx + c));
+      base[t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), minus136, xv[t]);
+    }
     for (int r = 0; r < R; ++r) {
-      const __m512bh wv = Int4Step(_mm_maskz_loadu_epi8(mb, w[r].q + c / 2), s[r]);
-      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+      // masked-off bytes read as 0, i.e. u = 8: their x is 0, so they add nothing
+      const __m512bh wv = Int4Step(_mm_maskz_loadu_epi8(mb, w[r].q + c / 2));
+      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(_mm512_dpbf16_ps(base[t], wv, xv[t]), s[r], acc[r][t]);
     }
   }
   for (int r = 0; r < R; ++r)

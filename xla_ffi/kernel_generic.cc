@@ -56,20 +56,19 @@ void Phase2(const void* h_act, int64_t n, int64_t F, const uint16_t* w2, int64_t
   }
 }
 
-// Row j of a quantised [rows, k] matrix as the float32 values of its bfloat16 weights W' (kernels.h).
+// Row j of a quantised [rows, k] matrix as float32 weights q * scale (kernels.h).
 void DequantRow(const QuantMatrix& m, int64_t k, int64_t j, float* row) {
   if (m.format == WeightFormat::kInt8) {
     const int8_t* q = static_cast<const int8_t*>(m.data) + j * k;
     const float s = static_cast<const float*>(m.scales)[j];
-    for (int64_t c = 0; c < k; ++c) row[c] = Bf16ToF32(F32ToBf16(static_cast<float>(q[c]) * s));
+    for (int64_t c = 0; c < k; ++c) row[c] = static_cast<float>(q[c]) * s;
     return;
   }
   const uint8_t* q = static_cast<const uint8_t*>(m.data) + j * (k / 2);
   const uint16_t* s = static_cast<const uint16_t*>(m.scales) + j * (k / m.group);
   for (int64_t c = 0; c < k; ++c) {
     const int nib = (q[c / 2] >> (4 * (c & 1))) & 0xF;
-    const float v = static_cast<float>(nib >= 8 ? nib - 16 : nib) * F16ToF32(s[c / m.group]);
-    row[c] = Bf16ToF32(F32ToBf16(v));
+    row[c] = static_cast<float>(nib >= 8 ? nib - 16 : nib) * F16ToF32(s[c / m.group]);
   }
 }
 

@@ -53,8 +53,8 @@ const PathKernels* GetPathKernels(Path path);
 //   kInt8: data int8 [rows, k], scales float32 [rows] (one per row);
 //   kInt4: data uint8 [rows, k / 2] (element 2j in the low nibble, 2j + 1 in the high, two's complement),
 //          scales float16 [rows, k / group] (group = k when k is shorter than a group).
-// A kernel computes with W'[r, c] = bf16(float32(q[r, c]) * scale), rounded to nearest even: the bfloat16
-// weights the GPU's dequantised expert FFN uses too, so both lanes compute one function. Phases as above.
+// A kernel computes with the exact weights q[r, c] * scale (the GPU's dequantised expert FFN rounds them to bf16
+// first: the lanes agree to bf16 rounding, as for bf16 experts). Phases as above.
 enum class WeightFormat : int { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
 
 struct QuantMatrix {

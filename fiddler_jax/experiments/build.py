@@ -132,7 +132,8 @@ def engine_kwargs(cfg, config, size: dict, pk: dict, **extra) -> dict:
     planner's (:func:`planner_kwargs`)."""
     pl = cfg.placement
     return dict(size, placement=pl.policy, dtype=cfg.model.dtype, profile=pl.profile, seed=pl.seed,
-                resident_experts=resident_count(config, pl), **pk, **extra)
+                resident_experts=resident_count(config, pl), expert_precision=cfg.model.expert_precision,
+                int4_group=cfg.model.int4_group, **pk, **extra)
 
 
 def check_engine(cfg) -> None:

@@ -84,11 +84,13 @@ def main(cfg) -> None:
 
     hidden, ffn, source = resolve_geometry(cfg)
     ns = OmegaConf.to_container(cfg.ns)
-    geometry, _ = check_args(hidden, ffn, cfg.model.dtype, ns, cfg.experts, cfg.budget_s)  # fail before any setup
+    precision = dict(expert_precision=cfg.model.expert_precision, int4_group=cfg.model.int4_group)
+    geometry, _ = check_args(hidden, ffn, cfg.model.dtype, ns, cfg.experts, cfg.budget_s,
+                             **precision)  # fail before any setup
     out, measurements_path, png = output_paths(cfg, geometry)
     print(f"expert geometry from {source}")
     model, measurements = calibrate(hidden, ffn, cfg.model.dtype, ns=ns, experts=cfg.experts,
-                                    budget_s=cfg.budget_s)
+                                    budget_s=cfg.budget_s, **precision)
     write_output(out, "the latency model", model.save)
     print(f"wrote {out}")
 

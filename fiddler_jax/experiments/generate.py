@@ -83,7 +83,9 @@ def main(cfg) -> None:
     else:
         engine = None
         source = checkpoint_path(cfg.model)
-        model, tokenizer = fj.load_pretrained(source, dtype=cfg.model.dtype), fj.load_tokenizer(source)
+        model = fj.load_pretrained(source, dtype=cfg.model.dtype, expert_precision=cfg.model.expert_precision,
+                                   int4_group=cfg.model.int4_group)
+        tokenizer = fj.load_tokenizer(source)
     if cfg.prompts_file:
         generate_file(cfg, engine, model, tokenizer, out_file)
     else:

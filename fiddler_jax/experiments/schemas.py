@@ -26,6 +26,8 @@ class ModelSchema:
     weight_seed: int = 0
     router_bias: float = 0.0
     geometry: Optional[dict[str, Any]] = None  # config.json keys of the random model
+    expert_precision: str = "bf16"  # bf16 | int8 | int4: how the routed experts are held and computed
+    int4_group: int = 64  # int4: inputs per scale (32, 64, 128)
 
 
 @dataclass
@@ -198,6 +200,9 @@ OPTION_HELP = {
     "model.weight_seed": "seed of the random weights (model.random)",
     "model.router_bias": "random weights: > 0 skews routing towards some experts; 0 = near-uniform routing",
     "model.geometry": "the random model's config.json keys",
+    "model.expert_precision": "the routed experts' precision: bf16 (as loaded) | int8 (per-row scales) | int4 "
+                              "(group scales); quantised at load, offloaded experts held quantised",
+    "model.int4_group": "int4: inputs per scale, 32 | 64 | 128",
     "placement.policy": "popularity (most-routed first by placement.profile) | first | random (set it with "
                         "placement=<option>)",
     "placement.resident_experts": "the number of GPU-resident experts; null = as many as the GPU budget holds",

@@ -6,9 +6,11 @@ weights of a precision.
 or 7, a float16 scale for int4, round half to even, a clip), but XLA may divide by multiplying with a reciprocal
 (XLA:CPU does), so a scale can differ by one ulp and a q sitting on a rounding tie by one step: the engine and the
 plain model both quantise through this function, on the same device, and so hold the same weights.
-``dequantize_matrix`` gives W' = q · scale in float32, rounded once to the model's dtype: the weights every lane
-computes with -- the CPU kernel rounds them to bfloat16 in registers, the PCIe lane writes them into its bfloat16
-staging stack, resident experts hold them.
+``dequantize_matrix`` gives W' = q · scale in float32, rounded once to the model's dtype: the weights the GPU
+computes with -- the PCIe lane writes them into its staging stack, resident experts hold them. The CPU kernel
+computes with q · scale exactly (its float32 sums of exact products, times the scale), so in a bfloat16 model the
+lanes agree to bf16 rounding, as they do for unquantised experts; in a float32 model (parity runs) the CPU lane's
+numpy path uses W' itself.
 """
 from __future__ import annotations
 
