@@ -33,13 +33,29 @@ def gpu_budget(hardware) -> str | int:
     return int(limit * 0.95) if limit else "1024TiB"
 
 
-def set_kernel(path: str, spin_us: int = 50, streamed_spin_us: int | None = None) -> None:
+_THREADS_SET = []  # whether a job of this process set kernel.threads (the next job without it restores the default)
+
+
+def set_kernel(path: str, spin_us: int = 50, streamed_spin_us: int | None = None,
+               threads: int | None = None) -> None:
     """Apply the ``kernel`` group's process-wide settings: the CPU kernel's path (``xla`` keeps the kernel on
-    ``auto``: that lane runs XLA's dot instead), the kernel pool's spin and its spin after a streamed-lane call
-    (None: the same as ``spin_us``)."""
+    ``auto``: that lane runs XLA's dot instead), the kernel pool's spin, its spin after a streamed-lane call
+    (None: the same as ``spin_us``) and its thread count (None: the default, FIDDLER_KERNEL_THREADS or one per
+    physical core)."""
+    import os
+
     from fiddler_jax import kernels
 
     kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
+    if threads is not None:
+        if threads < 1:
+            raise InvalidInputError(f"kernel.threads must be >= 1 (or null for the default), got {threads}")
+        kernels.set_num_threads(threads)
+        _THREADS_SET[:] = [True]
+    elif _THREADS_SET:
+        env = os.environ.get("FIDDLER_KERNEL_THREADS", "")
+        kernels.set_num_threads(int(env) if env.strip().isdigit() else 0)
+        _THREADS_SET.clear()
     for name, value in (("spin_us", spin_us), ("streamed_spin_us", streamed_spin_us)):
         if value is not None and value < 0:
             raise InvalidInputError(f"kernel.{name} must be >= 0, got {value}")
@@ -103,7 +119,7 @@ def build_engine(cfg):
     GPU buffers agree."""
     from fiddler_jax.runtime.engine import Engine
 
-    set_kernel(cfg.kernel.path, cfg.kernel.spin_us, cfg.kernel.get("streamed_spin_us"))
+    set_kernel(cfg.kernel.path, cfg.kernel.spin_us, cfg.kernel.get("streamed_spin_us"), cfg.kernel.get("threads"))
     options = engine_options(cfg.kernel)
     size = engine_size(cfg)
     pk = planner_kwargs(cfg.planner)

@@ -57,6 +57,7 @@ class KernelSchema:
     path: str = "auto"  # auto | avx512_bf16 | amx | avx2 | generic | xla
     spin_us: int = 50  # the kernel pool's spin before its workers sleep (kernels.set_pool; an ablation knob)
     streamed_spin_us: Optional[int] = None  # its spin after a streamed-lane call (one per layer); null: spin_us
+    threads: Optional[int] = None  # the kernel pool's threads; null: FIDDLER_KERNEL_THREADS, else physical cores
     pinned_activations: bool = True  # large CPU-lane activations cross PCIe through pinned memory
     #                                  (EngineOptions.pinned_activations; false: pageable numpy, an ablation)
     streamed_lane: bool = True  # steps whose plan no routing can change skip the host sync
@@ -226,6 +227,8 @@ OPTION_HELP = {
     "kernel.spin_us": "microseconds the kernel pool's workers spin before they sleep",
     "kernel.streamed_spin_us": "microseconds they spin after a streamed-lane call (the next layer's comes soon); "
                                "null = kernel.spin_us",
+    "kernel.threads": "the CPU kernel's threads (fewer leave cores to the engine's Python and XLA threads); null = "
+                      "FIDDLER_KERNEL_THREADS, else one per physical core",
     "kernel.pinned_activations": "large CPU-lane activations cross PCIe through pinned memory (false: pageable "
                                  "numpy, an ablation)",
     "kernel.streamed_lane": "decode steps whose plan no routing can change skip the host sync (false: every step "

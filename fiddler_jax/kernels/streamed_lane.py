@@ -136,8 +136,17 @@ def _end_jit(tokens: int, hidden: int):
 
 
 def streamed_cpu_mix(x, experts, weights, *, tables: int) -> jax.Array:
-    """Begin and end back to back, one dispatch: the CPU experts' share of one step (the module docstring's call)."""
+    """Begin and end back to back, one dispatch: the CPU experts' share of one step (the module docstring's call).
+    ``tables`` is checked here against the registered layers (on a GPU the host function would only find it later,
+    when nothing can raise)."""
     _check_dtypes("streamed_cpu_mix", x, experts, weights)
+    held = _held.get(int(tables))
+    if held is None:
+        raise KernelError(f"streamed_cpu_mix: no layer tables registered under id {int(tables)} (register_layer "
+                          "gives the ids)")
+    if held.hidden != x.shape[-1]:
+        raise KernelError(f"streamed_cpu_mix: x has hidden size {x.shape[-1]}, but layer {int(tables)} was "
+                          f"registered with hidden size {held.hidden}")
     return _streamed_cpu_mix(x, experts, weights, np.int32(tables))
 
 
