@@ -205,3 +205,4 @@ def restore_kernel_settings():
     K.set_kernel_path("auto")
     K.set_num_threads(0)
     K.set_pool(spin_us=50, wait_all=False, streamed_spin_us=-1)
+    K.set_quant_dense_min_tokens(None)

@@ -53,6 +53,7 @@ int fj_set_path(int path) {
 int fj_get_path(void) { return static_cast<int>(fiddler::GetForcedPath()); }
 int fj_path_for_tokens(int64_t n) { return static_cast<int>(fiddler::PathForTokens(n)); }
 void fj_set_amx_min_tokens(int64_t n) { fiddler::SetAmxMinTokens(n); }
+void fj_set_quant_dense_min_tokens(int64_t n) { fiddler::SetQuantDenseMinTokens(n); }
 int64_t fj_get_amx_min_tokens(void) { return fiddler::GetAmxMinTokens(); }
 int fj_set_num_threads(int64_t n, int pin, char* err, int err_len) {
   return Report(fiddler::SetNumThreads(n, pin != 0), err, err_len);

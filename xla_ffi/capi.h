@@ -38,6 +38,7 @@ int fj_set_path(int path); /* 0 on success, -1 if unsupported */
 int fj_get_path(void);
 int fj_path_for_tokens(int64_t n);
 void fj_set_amx_min_tokens(int64_t n);
+void fj_set_quant_dense_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
 /* The thread pool: these return 0 on success, else -1 and the message in err (a count above fj_max_threads(), a
    refused FIDDLER_KERNEL_THREADS, threads that cannot start); fj_get_num_threads returns the size or -1. */

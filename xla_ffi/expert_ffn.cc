@@ -15,6 +15,7 @@
 #include <system_error>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "bf16_math.h"
@@ -120,6 +121,9 @@ struct Runtime {
   int chunks_per_thread = 4;  // work claimed dynamically in this many chunks per thread (robust to a busy core)
   Path forced = Path::kAuto;
   int64_t amx_min_n = 8;  // measured on the device's Xeon: AMX beats AVX512_BF16 from n = 8
+  // Quantised experts with at least this many tokens run dense: rows dequantised to bf16 blocks, then the bf16
+  // path (AMX where present); < 0: auto (amx_min_n on an AMX CPU, else never).
+  int64_t quant_dense_min_n = -1;
   Workspace ws_index, ws_data;
 
   Runtime() {
@@ -132,6 +136,7 @@ struct Runtime {
     chunks_per_thread = EnvInt("FIDDLER_KERNEL_CHUNKS", 4);
     if (chunks_per_thread < 1) chunks_per_thread = 1;
     amx_min_n = EnvInt("FIDDLER_AMX_MIN_N", 8);
+    quant_dense_min_n = EnvInt("FIDDLER_QUANT_DENSE_MIN_N", -1);
     if (spin_us < 0) spin_us = 0;
     if (spin_us > kMaxSpinUs) spin_us = kMaxSpinUs;
     g_amx_variant = ClampVariant(EnvInt("FIDDLER_AMX_VARIANT", 0));
@@ -554,6 +559,12 @@ Path PathForTokens(int64_t n) {
   return rt.Choose(n);
 }
 
+void SetQuantDenseMinTokens(int64_t n) {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  rt.quant_dense_min_n = n < 0 ? -1 : n;
+}
+
 void SetAmxMinTokens(int64_t n) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
@@ -794,10 +805,59 @@ const char* CheckGroups(const char* op, const ExpertWeights& ew, int64_t hidden,
   return nullptr;
 }
 
-// The path of a quantised call: AVX512_BF16 where the CPU has it (unless generic is forced), else generic.
-Path QuantPath(const Runtime& rt) {
-  if (rt.forced == Path::kGeneric || !PathSupported(Path::kAvx512Bf16)) return Path::kGeneric;
-  return Path::kAvx512Bf16;
+// Quantised rows through a bf16 path's phases: [r0, r1) dequantised to bf16 (avx512::DequantRowsBf16) a block
+// of kDenseRows rows at a time into per-thread memory, and the path's phase run on each block. The phase indexes
+// rows by their number in the matrix, so it gets the block's address moved back by the block's first row (only
+// rows [j0, j1) are read). Blocks start on multiples of kDenseRows, so every path's row granule is kept.
+constexpr int64_t kDenseRows = 128;
+
+const uint16_t* RowsFrom(const uint16_t* block, int64_t first_row, int64_t k) {
+  return reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(block) - first_row * k * sizeof(uint16_t));
+}
+
+thread_local Workspace tl_dense;
+
+template <const PathKernels* K>
+void DensePhase1(const void* x_act, int64_t n, int64_t hidden, const QuantMatrix& w1, const QuantMatrix& w3,
+                 int64_t F, int64_t r0, int64_t r1, void* h_act) {
+  auto* buf = static_cast<uint16_t*>(tl_dense.Get(2 * kDenseRows * hidden * sizeof(uint16_t)));
+  for (int64_t j0 = r0; j0 < r1; j0 += kDenseRows) {
+    const int64_t j1 = j0 + kDenseRows < r1 ? j0 + kDenseRows : r1;
+    avx512::DequantRowsBf16(w1, hidden, j0, j1, buf);
+    avx512::DequantRowsBf16(w3, hidden, j0, j1, buf + kDenseRows * hidden);
+    K->phase1(x_act, n, hidden, RowsFrom(buf, j0, hidden), RowsFrom(buf + kDenseRows * hidden, j0, hidden), F, j0,
+              j1, h_act);
+  }
+}
+
+template <const PathKernels* K>
+void DensePhase2(const void* h_act, int64_t n, int64_t F, const QuantMatrix& w2, int64_t hidden, int64_t r0,
+                 int64_t r1, OutView out) {
+  auto* buf = static_cast<uint16_t*>(tl_dense.Get(kDenseRows * F * sizeof(uint16_t)));
+  for (int64_t i0 = r0; i0 < r1; i0 += kDenseRows) {
+    const int64_t i1 = i0 + kDenseRows < r1 ? i0 + kDenseRows : r1;
+    avx512::DequantRowsBf16(w2, F, i0, i1, buf);
+    K->phase2(h_act, n, F, RowsFrom(buf, i0, F), hidden, i0, i1, out);
+  }
+}
+
+const QuantKernels kDenseAmx = {DensePhase1<&amx::kKernels>, DensePhase2<&amx::kKernels>};
+const QuantKernels kDenseAvx512 = {DensePhase1<&avx512::kKernels>, DensePhase2<&avx512::kKernels>};
+
+// How a quantised segment of n tokens runs: its path and its phases. Few tokens: the quantised phases of
+// AVX512_BF16 (generic where the CPU lacks it or generic is forced). From quant_dense_min_n tokens (auto: AMX's
+// threshold, on an AMX CPU) the rows go dense to the bf16 path the call would choose (AMX, or AVX512_BF16).
+std::pair<Path, const QuantKernels*> QuantChoice(const Runtime& rt, int64_t n) {
+  if (rt.forced == Path::kGeneric || !PathSupported(Path::kAvx512Bf16))
+    return {Path::kGeneric, GetQuantKernels(Path::kGeneric)};
+  const bool amx = GetCpuFeatures().can_amx();
+  const int64_t dense_from = rt.quant_dense_min_n >= 0 ? rt.quant_dense_min_n : (amx ? rt.amx_min_n : INT64_MAX);
+  if (n >= dense_from) {
+    const Path p = rt.Choose(n);
+    if (p == Path::kAmx) return {p, &kDenseAmx};
+    if (p == Path::kAvx512Bf16) return {p, &kDenseAvx512};
+  }
+  return {Path::kAvx512Bf16, GetQuantKernels(Path::kAvx512Bf16)};
 }
 
 const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hidden, int64_t ffn, int64_t E,
@@ -884,13 +944,12 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   for (int64_t e = 0; e < E; ++e) {
     const int64_t cnt = exp_off[e + 1] - exp_off[e];
     if (cnt == 0) continue;
-    const Path path = ew.quantised() ? QuantPath(rt) : rt.Choose(cnt);
+    const auto [path, qk] = ew.quantised() ? QuantChoice(rt, cnt) : std::make_pair(rt.Choose(cnt), nullptr);
     if (!PathSupported(path)) return Errorf("%s: path %s not supported by this CPU", op, PathName(path));
     Segment& s = *new (&seg[nseg++]) Segment();
     s.k = GetPathKernels(path);
-    s.qk = nullptr;
+    s.qk = qk;
     if (ew.quantised()) {
-      s.qk = GetQuantKernels(path);
       s.q1 = ew.Q(ew.t1, ew.s1, e, ew.group1);
       s.q3 = ew.Q(ew.t3, ew.s3, e, ew.group1);
       s.q2 = ew.Q(ew.t2, ew.s2, e, ew.group2);

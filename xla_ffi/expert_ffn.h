@@ -44,6 +44,9 @@ Path GetForcedPath();
 Path PathForTokens(int64_t n);
 bool PathSupported(Path path);
 const char* PathName(Path path);
+// Token count from which quantised experts run dense (rows dequantised to bf16 blocks, then the bf16 path the
+// call would choose: AMX or AVX512_BF16); < 0: auto (the AMX threshold on an AMX CPU, else never).
+void SetQuantDenseMinTokens(int64_t n);
 // Token count from which the automatic choice uses AMX (when present).
 void SetAmxMinTokens(int64_t n);
 int64_t GetAmxMinTokens();

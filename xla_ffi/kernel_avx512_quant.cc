@@ -203,5 +203,37 @@ void Phase2Q(const void* h_act, int64_t n, int64_t F, const QuantMatrix& w2, int
 
 const QuantKernels kQuantKernels = {Phase1Q, Phase2Q};
 
+void DequantRowsBf16(const QuantMatrix& m, int64_t k, int64_t r0, int64_t r1, uint16_t* out) {
+  alignas(64) uint16_t idx[32];  // interleave: lane 2j <- j (low nibbles), lane 2j + 1 <- 16 + j (high)
+  for (int j = 0; j < 16; ++j) idx[2 * j] = static_cast<uint16_t>(j), idx[2 * j + 1] = static_cast<uint16_t>(16 + j);
+  const __m512i interleave = _mm512_load_si512(idx);
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* dst = out + (r - r0) * k;
+    for (int64_t c = 0; c < k; c += 32) {
+      const bool full = c + 32 <= k;
+      const __mmask32 m32 = full ? ~__mmask32{0} : static_cast<__mmask32>((1ull << (k - c)) - 1);
+      __m512i v;
+      if (m.format == WeightFormat::kInt8) {
+        const int8_t* q = static_cast<const int8_t*>(m.data) + r * k + c;
+        const __m512 s = _mm512_set1_ps(static_cast<const float*>(m.scales)[r]);
+        const __m256i b = _mm256_maskz_loadu_epi8(m32, q);
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))), s);
+        v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      } else {
+        const uint8_t* q = static_cast<const uint8_t*>(m.data) + r * (k / 2) + c / 2;
+        const uint16_t* sc = static_cast<const uint16_t*>(m.scales) + r * (k / m.group);
+        const __m512 s = _mm512_set1_ps(_cvtsh_ss(sc[c / m.group]));
+        const __mmask16 m16 = full ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << ((k - c) / 2)) - 1);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m16, q));
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28)), s);
+        v = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      _mm512_mask_storeu_epi16(dst + c, m32, v);
+    }
+  }
+}
+
 }  // namespace avx512
 }  // namespace fiddler

@@ -76,7 +76,12 @@ struct QuantKernels {
 const QuantKernels* GetQuantKernels(Path path);
 
 namespace generic { extern const QuantKernels kQuantKernels; }
-namespace avx512 { extern const QuantKernels kQuantKernels; }
+namespace avx512 {
+extern const QuantKernels kQuantKernels;
+// Rows [r0, r1) of a quantised [rows, k] matrix as bf16 W' = bf16(q * scale) (nearest even), row-major into
+// out [(r1 - r0), k]: what a bf16 path computes with when a quantised call has many tokens (expert_ffn.cc).
+void DequantRowsBf16(const QuantMatrix& m, int64_t k, int64_t r0, int64_t r1, uint16_t* out);
+}  // namespace avx512
 
 namespace generic { extern const PathKernels kKernels; }
 namespace avx2 { extern const PathKernels kKernels; }

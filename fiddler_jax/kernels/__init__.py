@@ -23,6 +23,7 @@ from fiddler_jax.kernels._lib import (
     set_kernel_path,
     set_num_threads,
     set_pool,
+    set_quant_dense_min_tokens,
     set_tuning,
 )
 from fiddler_jax.kernels._ops import expert_ffn, grouped_expert_ffn
@@ -47,5 +48,6 @@ __all__ = [
     "set_kernel_path",
     "set_num_threads",
     "set_pool",
+    "set_quant_dense_min_tokens",
     "set_tuning",
 ]

@@ -37,6 +37,7 @@ int fj_set_path(int path);
 int fj_get_path(void);
 int fj_path_for_tokens(int64_t n);
 void fj_set_amx_min_tokens(int64_t n);
+void fj_set_quant_dense_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
 int fj_set_num_threads(int64_t n, int pin, char* err, int err_len);
 int fj_max_threads(void);

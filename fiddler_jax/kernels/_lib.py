@@ -177,6 +177,14 @@ def set_amx_min_tokens(n: int) -> None:
     _lib.fj_set_amx_min_tokens(_int_arg("set_amx_min_tokens: n", n, *_INT64, "an integer token count"))
 
 
+def set_quant_dense_min_tokens(n: int | None) -> None:
+    """Token count from which a quantised expert runs dense: its rows dequantised to bf16 blocks, then the bf16
+    path the call would choose (AMX or AVX512_BF16) instead of the quantised AVX512_BF16 phases
+    (FIDDLER_QUANT_DENSE_MIN_N). None: auto (the AMX threshold on an AMX CPU, else never)."""
+    _lib.fj_set_quant_dense_min_tokens(-1 if n is None else _int_arg("set_quant_dense_min_tokens: n", n, 0,
+                                                                     _INT64[1], "a token count >= 0 or None"))
+
+
 def set_tuning(prefetch_bytes: int | None = None, amx_group_kib: int | None = None,
                amx_variant: int | None = None, amx_kc: int | None = None, amx_mb: int | None = None,
                amx_pass: int | None = None, amx_prefetch: bool | None = None,
