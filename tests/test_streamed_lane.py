@@ -296,8 +296,9 @@ def test_streamed_engine_equals_the_synced_engine_on_the_bundled_model():
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_streamed_overlap_equals_the_synced_engine_on_random_transformers_models(family, tmp_path):
     """A random transformers model of each family in bfloat16, most experts offloaded, cpu_only: the streamed
-    lane (begin, resident mix, end) and the serial streamed order give the tokens and logits of every step synced,
-    greedy, sampled with one seed, and in beam search."""
+    lane (begin, resident mix, end; the whole pass as one program, and as per-layer dispatches) and the serial
+    streamed order give the tokens and logits of every step synced, greedy, sampled with one seed, and in beam
+    search."""
     from tests.conftest import make_family_model
 
     overrides = {"mixtral": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -310,24 +311,27 @@ def test_streamed_overlap_equals_the_synced_engine_on_random_transformers_models
                                       dtype="bfloat16", max_batch=2, progress=False)
     ids = np.random.default_rng(2).integers(3, 97, (1, 9))
     runs = {}
-    for name, options in (("overlap", EngineOptions()), ("serial", EngineOptions(streamed_overlap=False)),
+    for name, options in (("overlap", EngineOptions()), ("per_layer", EngineOptions(token_program=False)),
+                          ("serial", EngineOptions(streamed_overlap=False)),
                           ("synced", EngineOptions(streamed_cpu_lane=False))):
         e = engine.with_planner("cpu_only", options=options)
         runs[name] = (e.generate(ids, 8, eos_token_id=[]), e.generate(ids, 8, do_sample=True, seed=3, eos_token_id=[]),
                       e.generate(ids, 5, num_beams=2, eos_token_id=[]), np.asarray(e.logits(ids[:, :1])))
         if name == "overlap":
             assert any(set(s.spans) == {"cpu"} for s in e.trace.steps)  # decode steps streamed
-    for name in ("overlap", "serial"):
+    for name in ("overlap", "per_layer", "serial"):
         for got, want in zip(runs[name], runs["synced"]):
             np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_a_pass_that_raises_between_begin_and_end_leaves_the_lane_usable(monkeypatch):
     """An error after a streamed step's begin (here: the resident mix's dispatch) abandons the begun call; the
-    next forward pass pairs its begins and ends again and gives the logits of an engine that never failed."""
+    next forward pass pairs its begins and ends again and gives the logits of an engine that never failed. (The
+    per-layer dispatches: a whole-pass program is one dispatch, tests/test_token_program.py.)"""
     path = default_model_path()
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=8,
-                                      dtype="bfloat16", progress=False)
+                                      dtype="bfloat16", progress=False,
+                                      options=EngineOptions(token_program=False))
     one = np.asarray([[5]])
     want = np.asarray(engine.logits(one))
     gpu = engine.executor.gpu

@@ -69,7 +69,8 @@ def engine_options(kernel):
     return EngineOptions(cpu_backend="xla" if kernel.path == "xla" else "kernel",
                          pinned_activations=bool(kernel.pinned_activations),
                          streamed_cpu_lane=bool(kernel.streamed_lane),
-                         streamed_overlap=bool(kernel.streamed_overlap))
+                         streamed_overlap=bool(kernel.streamed_overlap),
+                         token_program=bool(kernel.get("token_program", True)))
 
 
 def kv_rows(cfg) -> int:

@@ -64,6 +64,8 @@ class KernelSchema:
     #                             (EngineOptions.streamed_cpu_lane; false: every step syncs and plans, an ablation)
     streamed_overlap: bool = True  # a streamed step's CPU lane runs beside its resident mix
     #                                (EngineOptions.streamed_overlap; false: after it, an ablation)
+    token_program: bool = True  # a pass of only fused and streamed steps runs as one jitted program
+    #                             (EngineOptions.token_program; false: per-layer dispatches, an ablation)
 
 
 @dataclass
@@ -233,6 +235,8 @@ OPTION_HELP = {
                                  "numpy, an ablation)",
     "kernel.streamed_lane": "decode steps whose plan no routing can change skip the host sync (false: every step "
                             "syncs and plans, an ablation)",
+    "kernel.token_program": "a forward pass whose every layer step is fused or streamed (decode) runs as one jitted "
+                            "program (false: a dispatch or three per layer, an ablation)",
     "kernel.streamed_overlap": "a streamed step's CPU lane runs beside its resident experts' mix on the GPU "
                                "(false: after it, an ablation)",
     "hardware.name": "the hardware option in use (set it with hardware=<option>)",

@@ -117,7 +117,7 @@ class Engine:
                                                        top_k=cfg.num_experts_per_tok),
                                      overlap=options.streamed_overlap)
         self.step_loop = StepLoop(cfg, r.segments, resident, r.device, self.executor, self.streamed, self._plan,
-                                  self.trace)
+                                  self.trace, token_program=options.token_program)
 
     def _plan(self, counts, layer: int, staged_s=None):
         cache = self.resources.cache

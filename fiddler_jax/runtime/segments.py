@@ -56,6 +56,20 @@ def residual(pending):
     return h + (gpu_out + cpu_out).astype(h.dtype).reshape(h.shape)
 
 
+def attend_and_route(layer, pending, kv, start):
+    """A MoE layer's attention, the MoE input, its routing (a row's left padding -- a batch of prompts of different
+    lengths -- routed with weight 0: the lanes skip (CPU) or zero (GPU) the padding's work) and the shared expert's
+    output; also the mask of real tokens [N, 1] and the KV cache (traceable)."""
+    x = residual(pending)
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+    h, kv = layer.attention_block(x, kv, positions, start)
+    moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+    routing, _ = layer.mlp.route(moe_in)
+    real = (positions[None, :] >= kv.pad[:, None]).reshape(-1, 1)
+    routing = routing._replace(weights=jnp.where(real, routing.weights, 0.0))
+    return h, moe_in, routing, layer.mlp.shared(moe_in), real, kv
+
+
 @functools.cache
 def layer_steps(key, router_key):
     """``(fused_layer, attention_and_router, attention_and_cpu_begin)`` of one layer structure (all MoE layers of
@@ -68,19 +82,6 @@ def layer_steps(key, router_key):
         positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
         x, kv, _ = Split.merge(key, leaves)(x, kv, positions, start)
         return x, kv
-
-    def attend_and_route(layer, pending, kv, start):
-        """Attention, the MoE input, its routing (a row's left padding -- a batch of prompts of different lengths --
-        routed with weight 0: the lanes skip (CPU) or zero (GPU) the padding's work) and the shared expert's output;
-        also the mask of real tokens [N, 1]."""
-        x = residual(pending)
-        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-        h, kv = layer.attention_block(x, kv, positions, start)
-        moe_in = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
-        routing, _ = layer.mlp.route(moe_in)
-        real = (positions[None, :] >= kv.pad[:, None]).reshape(-1, 1)
-        routing = routing._replace(weights=jnp.where(real, routing.weights, 0.0))
-        return h, moe_in, routing, layer.mlp.shared(moe_in), real, kv
 
     @functools.partial(jax.jit, donate_argnums=2)
     def attention_and_router(leaves, pending, kv, start, lookahead):

@@ -12,7 +12,9 @@ For each layer:
     one sync brings the counts and the routing to the host (:mod:`fiddler_jax.runtime.routing_sync`), the plan
     comes from the memo (:class:`~fiddler_jax.runtime.planning.PlanMemo`) or from behind the dynamic cache, the
     executor runs it over the lanes (:mod:`fiddler_jax.runtime.executor`) and the step's record joins the trace.
-The lanes' outputs join the residual at the start of the next jitted call.
+The lanes' outputs join the residual at the start of the next jitted call. A pass whose every layer is fused or
+streamed runs as one program instead (:mod:`fiddler_jax.runtime.token_program`; ``token_program=False``: the
+per-layer dispatches above).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.lanes.streamed import StreamedLane
 from fiddler_jax.runtime.planning import Plan
 from fiddler_jax.runtime.segments import ModelSegments
+from fiddler_jax.runtime.token_program import token_program
 from fiddler_jax.runtime.trace import StepRecord, Trace
 
 
@@ -35,20 +38,26 @@ class StepLoop:
     staged_s=None) -> Plan`` (the memo, or the dynamic cache's planning)."""
 
     def __init__(self, config, segments: ModelSegments, resident: np.ndarray, device: jax.Device,
-                 executor: Executor, streamed: StreamedLane, plan, trace: Trace):
+                 executor: Executor, streamed: StreamedLane, plan, trace: Trace, token_program: bool = True):
         self.config, self.segments, self.resident, self.device = config, segments, resident, device
         self.executor, self.streamed, self.plan, self.trace = executor, streamed, plan, trace
         self.all_resident = [bool(row.all()) for row in resident]
+        self.token_program = token_program
+        self._programs: dict[tuple, tuple] = {}  # the layers' table ids (None: fused) -> the program's arguments
 
     def forward(self, tokens, cache, start: int, *, last_only: bool = False):
         """Logits [B, T, V] float32 of ``tokens`` at absolute positions start.. ([B, V] of the last position with
         ``last_only``), and the updated KV cache."""
         start = jnp.int32(start)
         self.executor.pcie.pool.clear()  # copies left by a forward pass that raised
+        rows = math.prod(np.shape(tokens))
+        program = self.program_for(rows)
+        if program is not None:
+            return self._run_program(program, tokens, cache, start, last_only)
         pending = (self.segments.embed(jax.device_put(tokens, self.device)),)
         self._queued = pending
         try:
-            pending, new_cache = self._layers(pending, cache, start, math.prod(np.shape(tokens)))
+            pending, new_cache = self._layers(pending, cache, start, rows)
         except BaseException:
             # a streamed step may have begun without its end queued: once the pieces queued so far have run
             # (their begins and ends reached the device), forget the open calls
@@ -63,6 +72,44 @@ class StepLoop:
         self.drain()
         logits = self.segments.head(pending, last_only)
         self.executor.cpu.settle()  # the CPU lane's output copies have landed; no GPU memory held between passes
+        return logits, tuple(new_cache)
+
+    def program_for(self, rows: int):
+        """(streamed layers, resident mixes, residents, table ids on the device) when a pass of ``rows`` tokens runs
+        as one program -- every layer fused or streamed (asked of the streamed lane each pass, as the per-layer
+        path does), the CPU lane begun before the mix -- else None."""
+        if not (self.token_program and self.streamed.overlap):
+            return None
+        tables = []
+        for layer, fused in enumerate(self.all_resident):
+            found = None if fused else self.streamed.tables_id(layer, rows)
+            if not fused and found is None:
+                return None
+            tables.append(found)
+        key = tuple(tables)
+        if key not in self._programs:
+            streamed = tuple(t is not None for t in tables)
+            residents = [self.executor.gpu.resident_arrays(layer) if s else None for layer, s in enumerate(streamed)]
+            ids = jax.device_put(np.asarray([t or 0 for t in tables], np.int32), self.device)
+            self._programs[key] = (streamed, tuple(r is not None for r in residents), residents, ids)
+        return self._programs[key]
+
+    def _run_program(self, program, tokens, cache, start, last_only: bool):
+        """The pass as one program (module docstring); the streamed calls' records join the trace after it is
+        queued."""
+        streamed, mixes, residents, ids = program
+        seg = self.segments
+        run = token_program(tuple(part.key for part in seg.layers), seg.embed_part.key, seg.norm_part.key,
+                            None if seg.head_part is None else seg.head_part.key, streamed, mixes, last_only)
+        try:
+            logits, new_cache = run(seg.embed_part.leaves, seg.norm_part.leaves,
+                                    None if seg.head_part is None else seg.head_part.leaves,
+                                    [part.leaves for part in seg.layers], tuple(cache),
+                                    jax.device_put(tokens, self.device), start, residents, ids)
+        except BaseException:
+            self.streamed.abandon()  # a program that failed to run may have begun calls no end followed
+            raise
+        self.drain()
         return logits, tuple(new_cache)
 
     def _layers(self, pending, cache, start, rows: int):

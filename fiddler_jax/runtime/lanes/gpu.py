@@ -32,6 +32,10 @@ class GpuLane:
             return stack_mix(moe_in, routing, self._slot_of[layer], *self._stacks[layer], shared)
         return self.zeros(moe_in.shape) if shared is None else shared
 
+    def resident_arrays(self, layer: int):
+        """(slot map, w1, w3, w2) of the layer's resident experts, or None when it has none."""
+        return (self._slot_of[layer], *self._stacks[layer]) if self.resident[layer].any() else None
+
     def zeros(self, shape, *, host: bool = False):
         """Float32 zeros made once per (place, shape): arrays are immutable (the numpy one is made read-only), so a
         lane with no share reuses them instead of making a fill every step. On the device they are committed (the
