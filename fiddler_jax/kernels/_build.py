@@ -98,5 +98,9 @@ ffibuilder.set_source(
 if __name__ == "__main__":
     # Intermediate files go to build/ (ignored); the extension is copied next to this file.
     built = ffibuilder.compile(tmpdir=os.path.join(_ROOT, "build", "cffi"), verbose=True)
-    shutil.copy(built, _HERE)
-    print("built", os.path.join(_HERE, os.path.basename(built)))
+    target = os.path.join(_HERE, os.path.basename(built))
+    # a new file renamed over the old one: a process that has the old library loaded keeps its pages (copying
+    # over it in place would change the code under that process)
+    shutil.copy(built, target + ".new")
+    os.replace(target + ".new", target)
+    print("built", target)
