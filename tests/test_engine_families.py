@@ -80,7 +80,14 @@ def test_streamed_lane_equals_the_synced_lane_bf16(bf16_shared):
     synced = engine.with_planner("cpu_only", options=EngineOptions(streamed_cpu_lane=False))
     np.testing.assert_array_equal(synced.generate(ids, 10, eos_token_id=[]), streamed)
     one = ids[:, :1]
-    np.testing.assert_array_equal(synced.logits(one), engine.logits(one))
+    # the per-layer streamed dispatches give the synced logits bit for bit; the whole-pass program (the default)
+    # is compiled as one computation, so in bf16 it agrees to bf16 rounding (runtime/token_program.py)
+    per_layer = engine.with_planner("cpu_only", options=EngineOptions(token_program=False))
+    np.testing.assert_array_equal(synced.logits(one), per_layer.logits(one))
+    assert engine.step_loop.program_for(1) is not None
+    got, want = engine.logits(one), synced.logits(one)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     reference = fj.load_pretrained(bf16_shared, dtype="bfloat16", progress=False)
     ref = fj.logits(reference, ids)
     out = engine.logits(ids)

@@ -124,7 +124,7 @@ struct Runtime {
   // Quantised experts with at least this many tokens run dense: rows dequantised to bf16 blocks, then the bf16
   // path (AMX where present); < 0: auto (amx_min_n on an AMX CPU, else never).
   int64_t quant_dense_min_n = -1;
-  Workspace ws_index, ws_data;
+  Workspace ws_index, ws_data, ws_dense;
 
   Runtime() {
     ParseThreadsEnv();
@@ -320,6 +320,8 @@ struct Call {
   const float* ybuf = nullptr;        // [A, hidden] fp32, expert-sorted (phase 2's output)
   void* out = nullptr;
   bool out_f32 = true;
+  char* dense_ws = nullptr;  // dense quantised segments: one block area of dense_slot bytes per pool slot
+  size_t dense_slot = 0;
   alignas(64) std::atomic<int64_t> next{0};   // the next unclaimed task
   alignas(64) std::atomic<int64_t> done2{0};  // phase-2 chunks finished (all segments)
 };
@@ -407,10 +409,15 @@ void CombineColumns(const Call& c, int64_t c0, int64_t c1) {
   }
 }
 
+// The calling pool slot's block memory (the call's dense workspace, RunTasks sets it): 2 x kDenseRows x
+// max(hidden, ffn) bf16 per slot, allocated before the call so a failed allocation is an error, not a crash.
+thread_local uint16_t* tl_dense_block = nullptr;
+
 // The pool's slot function: claims tasks until none is left (module comment above).
-void RunTasks(void* p, int, int) {
+void RunTasks(void* p, int slot, int) {
   auto* cp = static_cast<Call*>(p);
   Call& c = *cp;
+  tl_dense_block = c.dense_ws ? reinterpret_cast<uint16_t*>(c.dense_ws + slot * c.dense_slot) : nullptr;
   int64_t sp = 0, s1 = 0, s2 = 0;  // segment cursors per stage: this thread's claims only grow
   for (int64_t i = c.next.fetch_add(1); i < c.ntasks; i = c.next.fetch_add(1)) {
     if (i < c.end_pack) {
@@ -810,17 +817,23 @@ const char* CheckGroups(const char* op, const ExpertWeights& ew, int64_t hidden,
 // rows by their number in the matrix, so it gets the block's address moved back by the block's first row (only
 // rows [j0, j1) are read). Blocks start on multiples of kDenseRows, so every path's row granule is kept.
 constexpr int64_t kDenseRows = 128;
+// The AMX phases read whole tiles of 16 rows (32 in phase 2) from a block's first row, bounded by the matrix's
+// rows, not the block's: with blocks of a multiple of 32 rows every such read stays inside the block's memory.
+static_assert(kDenseRows % 32 == 0, "dense blocks must hold whole AMX row tiles");
 
 const uint16_t* RowsFrom(const uint16_t* block, int64_t first_row, int64_t k) {
   return reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(block) - first_row * k * sizeof(uint16_t));
 }
 
-thread_local Workspace tl_dense;
+
+size_t DenseSlotBytes(int64_t hidden, int64_t ffn) {
+  return Align64(2 * kDenseRows * static_cast<size_t>(hidden > ffn ? hidden : ffn) * sizeof(uint16_t));
+}
 
 template <const PathKernels* K>
 void DensePhase1(const void* x_act, int64_t n, int64_t hidden, const QuantMatrix& w1, const QuantMatrix& w3,
                  int64_t F, int64_t r0, int64_t r1, void* h_act) {
-  auto* buf = static_cast<uint16_t*>(tl_dense.Get(2 * kDenseRows * hidden * sizeof(uint16_t)));
+  uint16_t* buf = tl_dense_block;  // 2 x kDenseRows x hidden
   for (int64_t j0 = r0; j0 < r1; j0 += kDenseRows) {
     const int64_t j1 = j0 + kDenseRows < r1 ? j0 + kDenseRows : r1;
     avx512::DequantRowsBf16(w1, hidden, j0, j1, buf);
@@ -833,7 +846,7 @@ void DensePhase1(const void* x_act, int64_t n, int64_t hidden, const QuantMatrix
 template <const PathKernels* K>
 void DensePhase2(const void* h_act, int64_t n, int64_t F, const QuantMatrix& w2, int64_t hidden, int64_t r0,
                  int64_t r1, OutView out) {
-  auto* buf = static_cast<uint16_t*>(tl_dense.Get(kDenseRows * F * sizeof(uint16_t)));
+  uint16_t* buf = tl_dense_block;  // kDenseRows x F
   for (int64_t i0 = r0; i0 < r1; i0 += kDenseRows) {
     const int64_t i1 = i0 + kDenseRows < r1 ? i0 + kDenseRows : r1;
     avx512::DequantRowsBf16(w2, F, i0, i1, buf);
@@ -1001,6 +1014,15 @@ const char* GroupedImpl(const char* op, const uint16_t* x, int64_t T, int64_t hi
   c.ybuf = ybuf;
   c.out = y;
   c.out_f32 = out_f32;
+  bool dense = false;
+  for (int64_t s = 0; s < nseg; ++s) dense = dense || seg[s].qk == &kDenseAmx || seg[s].qk == &kDenseAvx512;
+  if (dense) {
+    c.dense_slot = DenseSlotBytes(hidden, ffn);
+    c.dense_ws = static_cast<char*>(rt.ws_dense.Get(c.dense_slot * static_cast<size_t>(pool.size())));
+    if (!c.dense_ws)
+      return Errorf("%s: cannot allocate %zu bytes for dequantised weight blocks", op,
+                    c.dense_slot * static_cast<size_t>(pool.size()));
+  }
   PlanTasks(c, pool.size(), rt.chunks_per_thread, kCombineElems);
   pool.Run(RunTasks, &c);
   return nullptr;

@@ -47,14 +47,19 @@ def set_kernel(path: str, spin_us: int = 50, streamed_spin_us: int | None = None
     from fiddler_jax import kernels
 
     kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
+    pin = os.environ.get("FIDDLER_KERNEL_PIN", "0").strip()
+    pin = pin.lstrip("-").isdigit() and int(pin) != 0  # as the kernel reads it: an integer, not 0
     if threads is not None:
         if threads < 1:
             raise InvalidInputError(f"kernel.threads must be >= 1 (or null for the default), got {threads}")
-        kernels.set_num_threads(threads)
+        kernels.set_num_threads(threads, pin=pin)
         _THREADS_SET[:] = [True]
-    elif _THREADS_SET:
-        env = os.environ.get("FIDDLER_KERNEL_THREADS", "")
-        kernels.set_num_threads(int(env) if env.strip().isdigit() else 0)
+    elif _THREADS_SET:  # back to the default: FIDDLER_KERNEL_THREADS, else one thread per physical core
+        env = os.environ.get("FIDDLER_KERNEL_THREADS", "").strip()
+        if env and not env.lstrip("-").isdigit():
+            raise InvalidInputError(f"FIDDLER_KERNEL_THREADS = {env!r} is not an integer; set it to a thread count, "
+                                    "or unset it for one thread per physical core")
+        kernels.set_num_threads(int(env) if env else 0, pin=pin)
         _THREADS_SET.clear()
     for name, value in (("spin_us", spin_us), ("streamed_spin_us", streamed_spin_us)):
         if value is not None and value < 0:

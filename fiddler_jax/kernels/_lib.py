@@ -405,7 +405,7 @@ def _expert_table(name: str, experts, shape: tuple[int, int], precision: str,
             data[e] = _held_buffer(f"{name}[{e}].q", w.q, np.dtype(np.int8), shape)
             scales[e] = _held_buffer(f"{name}[{e}].scales", w.scales, _F32, (out,))
         else:
-            if inp % 2 or inp % group or (group % 32 and group != inp):
+            if group < 1 or inp % 2 or inp % group or (group % 32 and group != inp):
                 raise KernelError(f"{name}[{e}]: int4 group {group} does not fit rows of {inp} inputs (a group "
                                   "divides the row and is a multiple of 32, or is the whole row)")
             data[e] = _held_buffer(f"{name}[{e}].q", w.q, np.dtype(np.uint8), (out, inp // 2))

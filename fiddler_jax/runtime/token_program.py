@@ -14,8 +14,12 @@ inputs through a barrier with the begin's ticket, and the end reads the ticket t
 output. So on the GPU's stream the host runs the offloaded experts while the GPU runs the resident ones, as the
 per-layer dispatches do.
 
-The program is compiled once per (layer structure, streamed layers, tokens, last_only) and computes what the
-step loop's per-layer pieces compute (the same functions of the same arrays).
+The program is compiled once per (layer structure, streamed layers, tokens, last_only) and computes the functions
+the step loop's per-layer pieces compute, of the same arrays. In float32 it gives their numbers exactly; in bf16 up
+to bf16 rounding, since XLA compiles the whole pass as one computation (other fusions; a bf16 value a per-layer
+piece stores may stay float32 inside the program: XLA's default "excess precision"). On a random bf16 Qwen2-MoE
+of the tests: the same greedy tokens, and logits at most 1.4e-2 (0.6% of the largest logit) from the per-layer
+ones (tests/test_engine_families.py); on the tests' other models, the same bits.
 """
 from __future__ import annotations
 
