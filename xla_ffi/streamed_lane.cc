@@ -13,9 +13,9 @@
 // begin copies `packed` into a pinned slot (cuMemcpyDtoHAsync) and queues a host function (cuLaunchHostFunc) that
 // hands the slot to the lane's worker thread and returns at once, so the stream goes on to the next work (the
 // resident experts' mix); end pairs with the oldest open begin (the stream runs a device's programs in dispatch
-// order, and the engine dispatches begin, the resident mix, end) and queues a host function that waits until the
-// worker has run the slot -- spinning briefly, then asleep, so it does not hold a core for the whole run -- then
-// the copy of the output back (cuMemcpyHtoDAsync). Padding (weight 0) is neither counted nor run.
+// order, and the engine dispatches begin, the resident mix, end) and queues a host function that runs the slot
+// itself if the worker has not picked it up yet, else waits until the worker has run it -- spinning briefly, then
+// asleep, so it does not hold a core for the whole run -- then the copy of the output back (cuMemcpyHtoDAsync). Padding (weight 0) is neither counted nor run.
 // The CUDA driver is found at run time (dlopen of libcuda.so.1, which JAX has loaded), so this file needs no CUDA
 // headers and the library still loads on machines without a GPU.
 // A host function cannot return an error to XLA: its first error is kept (fj_streamed_lane_error) and its output
@@ -533,9 +533,23 @@ void BeginHostFn(void* arg) {  // hands the slot to the worker and returns: the 
   q.cv.notify_one();
 }
 
-void EndHostFn(void* arg) {  // holds the stream until the worker has run the slot
+// Takes `s` out of the worker's queue if the worker has not taken it yet: the caller then runs it.
+bool ClaimQueued(Slot* s) {
+  WorkQueue& q = Work();
+  std::lock_guard<std::mutex> lock(q.mu);
+  auto it = std::find(q.slots.begin(), q.slots.end(), s);
+  if (it == q.slots.end()) return false;
+  q.slots.erase(it);
+  return true;
+}
+
+void EndHostFn(void* arg) {  // holds the stream until the slot has run
   Slot* s = static_cast<Slot*>(arg);
   const int64_t use = s->issued.load(std::memory_order_relaxed);  // stable: the slot is not reused before this ends
+  // A slot the worker has not picked up yet (it was asleep, or its core busy: the kernel pool spins on every core
+  // after a call) runs here, on the stream's callback thread, instead of waiting for the worker to wake: the
+  // serial order (begin right before end) then costs no hand-off at all.
+  if (ClaimQueued(s)) RunSlot(s);
   // spin a little (a short run), then sleep until the worker signals: a spinning callback thread would take a
   // core from the kernel pool for the whole run
   for (uint32_t spins = 0; spins < (1u << 12) && s->ran.load(std::memory_order_acquire) < use; ++spins)
