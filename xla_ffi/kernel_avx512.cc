@@ -31,38 +31,15 @@ inline __m512bh AsBf16(__m512i v) {
 #endif
 }
 
-// out[r * TB + t] = <w[r], x[t]> over k; full 32-element steps, then one masked step (pf > 0: each full step
-// also prefetches w[r] + c + pf into L2; row_kernel_phases.inc says why). The sequence of
-// operations on each accumulator is the same for every R and TB, so results do not depend on blocking.
-template <int R, int TB>
-inline void Dot(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t pf, float* out) {
-  __m512 acc[R][TB];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (; c + 32 <= k; c += 32) {
-    if (pf) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + pf), _MM_HINT_T1);
-    }
-    __m512bh xv[TB];
-    for (int t = 0; t < TB; ++t) xv[t] = AsBf16(_mm512_loadu_si512(x + t * ldx + c));
-    for (int r = 0; r < R; ++r) {
-      __m512bh wv = AsBf16(_mm512_loadu_si512(w[r] + c));
-      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
-    }
-  }
-  if (c < k) {
-    const __mmask32 m = static_cast<__mmask32>((1ull << (k - c)) - 1);
-    __m512bh xv[TB];
-    for (int t = 0; t < TB; ++t) xv[t] = AsBf16(_mm512_maskz_loadu_epi16(m, x + t * ldx + c));
-    for (int r = 0; r < R; ++r) {
-      __m512bh wv = AsBf16(_mm512_maskz_loadu_epi16(m, w[r] + c));
-      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) out[r * TB + t] = _mm512_reduce_add_ps(acc[r][t]);
+// A bf16 row is its pointer (avx512_dot.inc's accessors).
+inline __m512bh RowWeights(const uint16_t* w, int64_t c) { return AsBf16(_mm512_loadu_si512(w + c)); }
+inline __m512bh RowWeightsMasked(const uint16_t* w, int64_t c, __mmask32 m) {
+  return AsBf16(_mm512_maskz_loadu_epi16(m, w + c));
 }
+inline const uint16_t* RowAt(const uint16_t* w, int64_t i) { return w + i; }
+inline float RowSum(const uint16_t*, float sum) { return sum; }
+
+#include "avx512_dot.inc"
 
 size_t ActBytes(int64_t n, int64_t k) { return static_cast<size_t>(n * k) * sizeof(uint16_t); }
 

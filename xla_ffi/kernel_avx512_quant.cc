@@ -60,52 +60,27 @@ struct Int4Rows {
   Row row(int64_t j) const { return {q + j * (k / 2), scales + j * (k / group), group}; }
 };
 
-// 32 int8 weights (two 16-byte halves) -> 32 bf16 holding the same integers (exact: |q| <= 127 < 2^8).
-inline __m512bh Int8Step(const int8_t* p) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  const __m512 hi =
-      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-  return _mm512_cvtne2ps_pbh(hi, lo);
+// Two 16-byte halves of int8 weights -> 32 bf16 holding the same integers (exact: |q| <= 127 < 2^8).
+inline __m512bh Int8Bf16(__m128i lo, __m128i hi) {
+  return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)));
 }
 
-inline __m512bh Int8StepMasked(const int8_t* p, __mmask32 m) {
-  const __m256i b = _mm256_maskz_loadu_epi8(m, p);
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-  return _mm512_cvtne2ps_pbh(hi, lo);
+// An int8 row for avx512_dot.inc: the integers dotted exactly (bf16 q times bf16 x is exact in float32), the
+// row's scale applied once to the sum.
+inline __m512bh AsBf16(__m512i v) { return (__m512bh)v; }
+inline __m512bh RowWeights(const Int8Row& w, int64_t c) {
+  return Int8Bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + c)),
+                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + c + 16)));
 }
+inline __m512bh RowWeightsMasked(const Int8Row& w, int64_t c, __mmask32 m) {
+  const __m256i b = _mm256_maskz_loadu_epi8(m, w.q + c);
+  return Int8Bf16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+inline const int8_t* RowAt(const Int8Row& w, int64_t i) { return w.q + i; }
+inline float RowSum(const Int8Row& w, float sum) { return w.scale * sum; }
 
-// out[r * TB + t] = scale[r] * sum_c q[r, c] x[t, c] for int8 rows: the integers dotted exactly (bf16 q times bf16 x
-// is exact in float32), the row's scale applied once to the sum (fixed operation order; a masked last step).
-template <int R, int TB>
-inline void Dot(const Int8Row* w, const uint16_t* x, int64_t ldx, int64_t k, int64_t pf, float* out) {
-  __m512 acc[R][TB];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (; c + 32 <= k; c += 32) {
-    if (pf) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r].q + c + pf), _MM_HINT_T1);
-    }
-    __m512bh xv[TB];
-    for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * ldx + c);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh wv = Int8Step(w[r].q + c);
-      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
-    }
-  }
-  if (c < k) {
-    const __mmask32 m = static_cast<__mmask32>((1ull << (k - c)) - 1);
-    __m512bh xv[TB];
-    for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * ldx + c);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh wv = Int8StepMasked(w[r].q + c, m);
-      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) out[r * TB + t] = w[r].scale * _mm512_reduce_add_ps(acc[r][t]);
-}
+#include "avx512_dot.inc"
 
 // The even elements of a step to lanes 0..15 and the odd ones to 16..31, as Int4Step lays out the weights.
 inline __m512i EvenOddIndex() {
