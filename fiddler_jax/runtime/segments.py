@@ -70,6 +70,34 @@ def attend_and_route(layer, pending, kv, start):
     return h, moe_in, routing, layer.mlp.shared(moe_in), real, kv
 
 
+def fused_step(layer, pending, kv, start):
+    """A layer whose experts are all resident (or a dense layer) on its pending input: (output, KV cache)
+    (traceable)."""
+    x = residual(pending)
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+    x, kv, _ = layer(x, kv, positions, start)
+    return x, kv
+
+
+def final_logits(embed, norm, lm_head, pending, last_only: bool):
+    """Logits [B, T, V] float32 of the last layer's pending output, or [B, V] of the last position only;
+    ``lm_head`` None: the head is tied to the ``embed`` module (traceable)."""
+    x = residual(pending)
+    if last_only:
+        x = x[:, -1]
+    x = norm(x)
+    if lm_head is None:
+        return embed.attend(x)
+    return lm_head(x, out_dtype=jnp.float32)
+
+
+def mix_with_base(moe_in, routing, slot_of, w1, w3, w2, base=None):
+    """The MoE share of the experts in a stack of GPU weights (``slot_of``: each expert's row, -1 where it is not
+    in the stack), added to ``base`` (the shared expert's output, or None) (traceable)."""
+    out = sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
+    return out if base is None else base + out
+
+
 @functools.cache
 def layer_steps(key, router_key):
     """``(fused_layer, attention_and_router, attention_and_cpu_begin)`` of one layer structure (all MoE layers of
@@ -78,10 +106,7 @@ def layer_steps(key, router_key):
 
     @functools.partial(jax.jit, donate_argnums=2)
     def fused_layer(leaves, pending, kv, start):
-        x = residual(pending)
-        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-        x, kv, _ = Split.merge(key, leaves)(x, kv, positions, start)
-        return x, kv
+        return fused_step(Split.merge(key, leaves), pending, kv, start)
 
     @functools.partial(jax.jit, donate_argnums=2)
     def attention_and_router(leaves, pending, kv, start, lookahead):
@@ -129,21 +154,13 @@ def model_ends(embed_key, norm_key, head_key):
     @functools.partial(jax.jit, static_argnames="last_only")
     def head(embed_leaves, norm_leaves, head_leaves, pending, last_only=False):
         """Logits [B, T, V] float32, or [B, V] of the last position only."""
-        x = residual(pending)
-        if last_only:
-            x = x[:, -1]
-        x = Split.merge(norm_key, norm_leaves)(x)
-        if head_key is None:
-            return Split.merge(embed_key, embed_leaves).attend(x)
-        return Split.merge(head_key, head_leaves)(x, out_dtype=jnp.float32)
+        return final_logits(Split.merge(embed_key, embed_leaves), Split.merge(norm_key, norm_leaves),
+                            None if head_key is None else Split.merge(head_key, head_leaves), pending, last_only)
 
     return embed, head
 
 
-@jax.jit
-def stack_mix(moe_in, routing, slot_of, w1, w3, w2, base=None):
-    out = sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
-    return out if base is None else base + out
+stack_mix = jax.jit(mix_with_base)
 
 
 @jax.jit

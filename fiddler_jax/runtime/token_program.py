@@ -28,8 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fiddler_jax.models.moe import sparse_expert_mix
-from fiddler_jax.runtime.segments import Split, attend_and_route, residual
+from fiddler_jax.runtime.segments import Split, attend_and_route, final_logits, fused_step, mix_with_base
 
 
 @functools.cache
@@ -42,14 +41,13 @@ def token_program(layer_keys: tuple, embed_key, norm_key, head_key, streamed: tu
     def run(embed_leaves, norm_leaves, head_leaves, layer_leaves, kv, tokens, start, residents, table_ids):
         from fiddler_jax.kernels.streamed_lane import streamed_cpu_begin, streamed_cpu_end
 
-        pending = (Split.merge(embed_key, embed_leaves)(tokens),)
+        embed = Split.merge(embed_key, embed_leaves)
+        pending = (embed(tokens),)
         new_kv = []
         for layer, key in enumerate(layer_keys):
             module = Split.merge(key, layer_leaves[layer])
             if not streamed[layer]:
-                x = residual(pending)
-                positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-                x, cache, _ = module(x, kv[layer], positions, start)
+                x, cache = fused_step(module, pending, kv[layer], start)
                 pending = (x,)
                 new_kv.append(cache)
                 continue
@@ -57,22 +55,14 @@ def token_program(layer_keys: tuple, embed_key, norm_key, head_key, streamed: tu
             ticket = streamed_cpu_begin(moe_in, routing.experts, routing.weights, table_ids[layer])
             ticket, moe_in, routing = jax.lax.optimization_barrier((ticket, moe_in, routing))
             if mixes[layer]:
-                slot_of, w1, w3, w2 = residents[layer]
-                gpu = sparse_expert_mix(moe_in, routing, w1, w3, w2, slot_of)
-                gpu = gpu if shared is None else shared + gpu
+                gpu = mix_with_base(moe_in, routing, *residents[layer], shared)
             else:
                 gpu = jnp.zeros(moe_in.shape, jnp.float32) if shared is None else shared
             ticket, gpu = jax.lax.optimization_barrier((ticket, gpu))
             pending = (h, gpu, streamed_cpu_end(ticket, *moe_in.shape))
             new_kv.append(cache)
-        x = residual(pending)
-        if last_only:
-            x = x[:, -1]
-        x = Split.merge(norm_key, norm_leaves)(x)
-        if head_key is None:
-            logits = Split.merge(embed_key, embed_leaves).attend(x)
-        else:
-            logits = Split.merge(head_key, head_leaves)(x, out_dtype=jnp.float32)
+        logits = final_logits(embed, Split.merge(norm_key, norm_leaves),
+                              None if head_key is None else Split.merge(head_key, head_leaves), pending, last_only)
         return logits, tuple(new_kv)
 
     return run
