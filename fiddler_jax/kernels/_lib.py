@@ -384,7 +384,7 @@ def _expert_table(name: str, experts, shape: tuple[int, int], precision: str,
                   group: int) -> tuple[np.ndarray, np.ndarray]:
     """Addresses of per-expert matrices and of their scales (0 for None; scales 0 for bf16), after checking each
     one's format, dtype, shape and layout."""
-    from fiddler_jax.models.quantization import QuantizedMatrix
+    from fiddler_jax.models.quantization import QuantizedMatrix, int4_group_fits
 
     data, scales = np.zeros(len(experts), np.uint64), np.zeros(len(experts), np.uint64)
     out, inp = shape
@@ -405,7 +405,7 @@ def _expert_table(name: str, experts, shape: tuple[int, int], precision: str,
             data[e] = _held_buffer(f"{name}[{e}].q", w.q, np.dtype(np.int8), shape)
             scales[e] = _held_buffer(f"{name}[{e}].scales", w.scales, _F32, (out,))
         else:
-            if group < 1 or inp % 2 or inp % group or (group % 32 and group != inp):
+            if group < 1 or group > inp or not int4_group_fits(inp, group):
                 raise KernelError(f"{name}[{e}]: int4 group {group} does not fit rows of {inp} inputs (a group "
                                   "divides the row and is a multiple of 32, or is the whole row)")
             data[e] = _held_buffer(f"{name}[{e}].q", w.q, np.dtype(np.uint8), (out, inp // 2))

@@ -52,6 +52,14 @@ def check_precision(precision: str, group: int | None = None) -> None:
                                 f"{', '.join(map(str, INT4_GROUPS))}")
 
 
+def int4_group_fits(inputs: int, group: int) -> bool:
+    """Whether int4 groups of ``group`` inputs (a row shorter than a group being one group) fit rows of ``inputs``:
+    an even row, the group dividing it, and a multiple of 32 inputs or the whole row (what the CPU kernel steps
+    through, 32 inputs at a time inside one group)."""
+    g = min(group, inputs)
+    return g >= 1 and inputs % 2 == 0 and inputs % g == 0 and (g % 32 == 0 or g == inputs)
+
+
 def precision_tag(precision: str, group: int = DEFAULT_INT4_GROUP) -> str:
     """A precision as one name ("bf16", "int8", "int4g64"): what a latency model and its file record."""
     check_precision(precision, group)

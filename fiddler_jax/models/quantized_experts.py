@@ -31,11 +31,6 @@ def expert_matrix_shapes(config) -> tuple[tuple[int, int], ...]:
     return (f, h), (f, h), (h, f)
 
 
-def effective_group(inputs: int, precision: str, group: int) -> int:
-    """The group an int4 matrix of ``inputs`` columns uses (a row shorter than a group is one group); 0 for int8."""
-    return min(group, inputs) if precision == "int4" else 0
-
-
 @functools.partial(jax.jit, static_argnames=("precision", "group"))
 def quantize_matrix(w, *, precision: str, group: int = Q.DEFAULT_INT4_GROUP):
     """W [out, in] -> (q, scales) at ``precision`` (int8: int8 [out, in], float32 [out]; int4: uint8 [out, in / 2],
@@ -86,9 +81,8 @@ def check_model_precision(hidden: int, ffn: int, precision: str, group: int) -> 
     if precision != "int4":
         return
     for name, inputs in (("hidden_size", hidden), ("moe_intermediate_size", ffn)):
-        g = effective_group(inputs, precision, group)
-        if inputs % g or inputs % 2 or (g % 32 and g != inputs):
-            fits = [str(c) for c in Q.INT4_GROUPS if inputs % min(c, inputs) == 0]
+        if not Q.int4_group_fits(inputs, group):
+            fits = [str(c) for c in Q.INT4_GROUPS if Q.int4_group_fits(inputs, c)]
             raise Q.InvalidInputError(
                 f"int4 group {group} does not fit the experts' rows of {inputs} inputs ({name}); use int4_group "
                 f"among {', '.join(fits) or 'none (use int8)'}")
