@@ -140,6 +140,24 @@ def test_random_geometry_model_and_xla_kernel(tmp_path):
     assert len(result["engine"]["routing_counts"]) == 2
 
 
+@pytest.mark.usefixtures("restore_kernel_settings")
+def test_kernel_threads_set_the_pool_and_null_restores_the_default(monkeypatch):
+    """kernel.threads sizes the kernel pool for a job and keeps its pinning; the next job without it gets the
+    start-up count back (FIDDLER_KERNEL_THREADS, read again); 0 is refused."""
+    import fiddler_jax.kernels as K
+
+    monkeypatch.setenv("FIDDLER_KERNEL_THREADS", "2")
+    build.set_kernel("auto", threads=1)
+    assert K.get_num_threads() == 1
+    build.set_kernel("auto", threads=None)
+    assert K.get_num_threads() == 2
+    monkeypatch.setenv("FIDDLER_KERNEL_THREADS", "1")
+    K.reset_num_threads()
+    assert K.get_num_threads() == 1
+    with pytest.raises(InvalidInputError, match=r"kernel.threads must be >= 1 .*got 0"):
+        build.set_kernel("auto", threads=0)
+
+
 def test_bad_input_messages(tmp_path):
     with pytest.raises(InvalidInputError, match="no result.json under"):
         report.report(str(tmp_path))

@@ -56,8 +56,9 @@ void fj_set_amx_min_tokens(int64_t n) { fiddler::SetAmxMinTokens(n); }
 void fj_set_quant_dense_min_tokens(int64_t n) { fiddler::SetQuantDenseMinTokens(n); }
 int64_t fj_get_amx_min_tokens(void) { return fiddler::GetAmxMinTokens(); }
 int fj_set_num_threads(int64_t n, int pin, char* err, int err_len) {
-  return Report(fiddler::SetNumThreads(n, pin != 0), err, err_len);
+  return Report(fiddler::SetNumThreads(n, pin), err, err_len);
 }
+int fj_reset_num_threads(char* err, int err_len) { return Report(fiddler::ResetNumThreads(), err, err_len); }
 int fj_max_threads(void) { return fiddler::MaxThreads(); }
 int fj_get_num_threads(char* err, int err_len) {
   const char* msg = nullptr;

@@ -42,7 +42,8 @@ void fj_set_quant_dense_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
 /* The thread pool: these return 0 on success, else -1 and the message in err (a count above fj_max_threads(), a
    refused FIDDLER_KERNEL_THREADS, threads that cannot start); fj_get_num_threads returns the size or -1. */
-int fj_set_num_threads(int64_t n, int pin, char* err, int err_len); /* n <= 0: physical cores */
+int fj_set_num_threads(int64_t n, int pin, char* err, int err_len); /* n <= 0: physical cores; pin < 0: kept */
+int fj_reset_num_threads(char* err, int err_len);                   /* FIDDLER_KERNEL_THREADS's count again */
 int fj_max_threads(void);
 int fj_get_num_threads(char* err, int err_len);
 /* spin_us, wait_all < 0: unchanged; streamed_spin_us (after a streamed-lane call): -1 = spin_us, < -1 unchanged */

@@ -612,7 +612,7 @@ const char* RebuildPool(Runtime& rt, int old_threads, bool old_pin, int old_spin
 
 }  // namespace
 
-const char* SetNumThreads(int64_t n, bool pin) {
+const char* SetNumThreads(int64_t n, int pin) {
   Runtime& rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mu);
   const std::string refused = CheckThreadCount("set_num_threads: n", static_cast<long long>(n));
@@ -620,8 +620,22 @@ const char* SetNumThreads(int64_t n, bool pin) {
   const int old_threads = rt.want_threads;
   const bool old_pin = rt.pin;
   rt.want_threads = n > 0 ? static_cast<int>(n) : 0;
-  rt.pin = pin;
+  if (pin >= 0) rt.pin = pin != 0;
   return RebuildPool(rt, old_threads, old_pin, rt.spin_us, rt.wait_all);
+}
+
+const char* ResetNumThreads() {
+  Runtime& rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  const int old_threads = rt.want_threads;
+  rt.want_threads = 0;
+  rt.config_error.clear();
+  rt.ParseThreadsEnv();
+  if (!rt.config_error.empty()) {
+    rt.pool.reset();
+    return nullptr;
+  }
+  return RebuildPool(rt, old_threads, rt.pin, rt.spin_us, rt.wait_all);
 }
 
 StreamedCallScope::StreamedCallScope() : saved_(t_call_spin_us) {

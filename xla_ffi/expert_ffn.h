@@ -50,9 +50,13 @@ void SetQuantDenseMinTokens(int64_t n);
 // Token count from which the automatic choice uses AMX (when present).
 void SetAmxMinTokens(int64_t n);
 int64_t GetAmxMinTokens();
-// Thread count (<= 0: physical cores) and pinning of pool threads to one CPU per physical core. The pool is
-// rebuilt now: an error (a count above MaxThreads(), or threads that cannot start) keeps the previous settings.
-const char* SetNumThreads(int64_t n, bool pin);
+// Thread count (<= 0: physical cores) and pinning of pool threads to one CPU per physical core (pin < 0: as it
+// is). The pool is rebuilt now: an error (a count above MaxThreads(), or threads that cannot start) keeps the
+// previous settings.
+const char* SetNumThreads(int64_t n, int pin);
+// The thread count back to the start-up default (FIDDLER_KERNEL_THREADS, else physical cores; a refused value is
+// reported by every call that needs the pool, as at start-up), the pinning as it is.
+const char* ResetNumThreads();
 // The most threads SetNumThreads and FIDDLER_KERNEL_THREADS accept: max(64, 8 x logical CPUs).
 int MaxThreads();
 // The pool's size (starting it if needed), or -1 and *err when it cannot start.

@@ -33,34 +33,21 @@ def gpu_budget(hardware) -> str | int:
     return int(limit * 0.95) if limit else "1024TiB"
 
 
-_THREADS_SET = []  # whether a job of this process set kernel.threads (the next job without it restores the default)
-
-
 def set_kernel(path: str, spin_us: int = 50, streamed_spin_us: int | None = None,
                threads: int | None = None) -> None:
     """Apply the ``kernel`` group's process-wide settings: the CPU kernel's path (``xla`` keeps the kernel on
     ``auto``: that lane runs XLA's dot instead), the kernel pool's spin, its spin after a streamed-lane call
     (None: the same as ``spin_us``) and its thread count (None: the default, FIDDLER_KERNEL_THREADS or one per
     physical core)."""
-    import os
-
     from fiddler_jax import kernels
 
     kernels.set_kernel_path("auto" if path == "xla" else path)  # an unsupported path is a clear KernelError
-    pin = os.environ.get("FIDDLER_KERNEL_PIN", "0").strip()
-    pin = pin.lstrip("-").isdigit() and int(pin) != 0  # as the kernel reads it: an integer, not 0
-    if threads is not None:
-        if threads < 1:
-            raise InvalidInputError(f"kernel.threads must be >= 1 (or null for the default), got {threads}")
-        kernels.set_num_threads(threads, pin=pin)
-        _THREADS_SET[:] = [True]
-    elif _THREADS_SET:  # back to the default: FIDDLER_KERNEL_THREADS, else one thread per physical core
-        env = os.environ.get("FIDDLER_KERNEL_THREADS", "").strip()
-        if env and not env.lstrip("-").isdigit():
-            raise InvalidInputError(f"FIDDLER_KERNEL_THREADS = {env!r} is not an integer; set it to a thread count, "
-                                    "or unset it for one thread per physical core")
-        kernels.set_num_threads(int(env) if env else 0, pin=pin)
-        _THREADS_SET.clear()
+    if threads is None:
+        kernels.reset_num_threads()  # a job before this one may have set kernel.threads
+    elif threads < 1:
+        raise InvalidInputError(f"kernel.threads must be >= 1 (or null for the default), got {threads}")
+    else:
+        kernels.set_num_threads(threads, pin=None)
     for name, value in (("spin_us", spin_us), ("streamed_spin_us", streamed_spin_us)):
         if value is not None and value < 0:
             raise InvalidInputError(f"kernel.{name} must be >= 0, got {value}")

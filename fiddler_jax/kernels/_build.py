@@ -40,6 +40,7 @@ void fj_set_amx_min_tokens(int64_t n);
 void fj_set_quant_dense_min_tokens(int64_t n);
 int64_t fj_get_amx_min_tokens(void);
 int fj_set_num_threads(int64_t n, int pin, char* err, int err_len);
+int fj_reset_num_threads(char* err, int err_len);
 int fj_max_threads(void);
 int fj_get_num_threads(char* err, int err_len);
 int fj_set_pool(int64_t spin_us, int wait_all, int64_t streamed_spin_us, char* err, int err_len);

@@ -96,16 +96,25 @@ def max_threads() -> int:
     return int(_lib.fj_max_threads())
 
 
-def set_num_threads(n: int = 0, pin: bool = False) -> None:
+def set_num_threads(n: int = 0, pin: bool | None = False) -> None:
     """Size the persistent thread pool (n <= 0: one thread per physical core; FIDDLER_KERNEL_THREADS sets the
-    initial value) and optionally pin its workers to one CPU per physical core (FIDDLER_KERNEL_PIN=1).
+    initial value) and optionally pin its workers to one CPU per physical core (FIDDLER_KERNEL_PIN=1; None: the
+    pinning as it is).
 
     The pool starts now. A count above :func:`max_threads`, a value that is not an integer, or threads the machine
     cannot start (a process or user thread limit, no memory for their stacks) raise KernelError and keep the
     previous settings."""
     n = _int_arg("set_num_threads: n", n, *_INT64, f"1..{max_threads()}, or 0 for one thread per physical core")
     err = _ffi.new("char[512]")
-    _check_rc(_lib.fj_set_num_threads(n, int(bool(pin)), err, 512), err)
+    _check_rc(_lib.fj_set_num_threads(n, -1 if pin is None else int(bool(pin)), err, 512), err)
+
+
+def reset_num_threads() -> None:
+    """The pool's thread count back to the start-up default (FIDDLER_KERNEL_THREADS, else one per physical core;
+    a refused FIDDLER_KERNEL_THREADS then fails every call that needs the pool, as at start-up), its pinning as it
+    is. Threads that cannot start raise KernelError and keep the previous settings."""
+    err = _ffi.new("char[512]")
+    _check_rc(_lib.fj_reset_num_threads(err, 512), err)
 
 
 def get_num_threads() -> int:
