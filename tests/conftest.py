@@ -206,3 +206,18 @@ def restore_kernel_settings():
     K.set_num_threads(0)
     K.set_pool(spin_us=50, wait_all=False, streamed_spin_us=-1)
     K.set_quant_dense_min_tokens(None)
+
+
+def assert_recovers_from_injected_failure(engine, monkeypatch, owner, name: str, failing) -> None:
+    """A forward pass of ``engine`` whose ``owner.name`` is replaced by ``failing`` (raising "injected ...")
+    raises, leaves no streamed call open, and once ``owner.name`` is back the next pass gives the logits of a pass
+    that never failed."""
+    one = np.asarray([[5]])
+    want = np.asarray(engine.logits(one))
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.logits(one)
+    assert not engine.streamed.open
+    monkeypatch.setattr(owner, name, original)
+    np.testing.assert_array_equal(np.asarray(engine.logits(one)), want)

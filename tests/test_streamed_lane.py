@@ -21,6 +21,7 @@ from fiddler_jax.runtime import planning as P
 from fiddler_jax.runtime.latency import LatencyModel, PiecewiseLinear
 from fiddler_jax.runtime.options import EngineOptions
 from fiddler_jax.runtime.planning.streamed_steps import all_cpu_for_any_routing, count_vectors, _number_of_vectors
+from tests.conftest import assert_recovers_from_injected_failure
 
 BF16 = ml_dtypes.bfloat16
 
@@ -332,20 +333,11 @@ def test_a_pass_that_raises_between_begin_and_end_leaves_the_lane_usable(monkeyp
     engine = E.Engine.from_pretrained(path, gpu_budget=10**9, planner="cpu_only", resident_experts=8,
                                       dtype="bfloat16", progress=False,
                                       options=EngineOptions(token_program=False))
-    one = np.asarray([[5]])
-    want = np.asarray(engine.logits(one))
-    gpu = engine.executor.gpu
-    original = gpu.resident_mix
 
     def failing(*args, **kwargs):
         raise RuntimeError("injected dispatch failure")
 
-    monkeypatch.setattr(gpu, "resident_mix", failing)
-    with pytest.raises(RuntimeError, match="injected"):
-        engine.logits(one)
-    assert not engine.streamed.open
-    monkeypatch.setattr(gpu, "resident_mix", original)
-    np.testing.assert_array_equal(np.asarray(engine.logits(one)), want)
+    assert_recovers_from_injected_failure(engine, monkeypatch, engine.executor.gpu, "resident_mix", failing)
 
 
 def test_fiddler_overlap_streams_decode_when_a_copy_saves_less_than_the_sync(tmp_path):

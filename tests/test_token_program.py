@@ -12,6 +12,7 @@ from fiddler_jax.assets import default_model_path
 from fiddler_jax.runtime import engine as E
 from fiddler_jax.runtime import step_loop as S
 from fiddler_jax.runtime.options import EngineOptions
+from tests.conftest import assert_recovers_from_injected_failure
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +58,9 @@ def test_a_pass_that_needs_the_host_takes_the_per_layer_dispatches():
 
 
 def test_a_program_that_raises_leaves_the_lane_usable(engine, monkeypatch):
-    one = np.asarray([[5]])
-    want = np.asarray(engine.logits(one))
-    original = S.token_program
-
     def failing(*args, **kwargs):
         def run(*a, **k):
             raise RuntimeError("injected program failure")
         return run
 
-    monkeypatch.setattr(S, "token_program", failing)
-    with pytest.raises(RuntimeError, match="injected"):
-        engine.logits(one)
-    assert not engine.streamed.open
-    monkeypatch.setattr(S, "token_program", original)
-    np.testing.assert_array_equal(np.asarray(engine.logits(one)), want)
+    assert_recovers_from_injected_failure(engine, monkeypatch, S, "token_program", failing)
