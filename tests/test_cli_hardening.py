@@ -81,18 +81,20 @@ def test_bench_kernel_bad_arguments(work, args, message):
 
 
 def test_ctrl_c_during_generate_is_one_line(tmp_path):
-    """SIGINT once generation has started (a marker file written by each sampled token says so): `interrupted`,
+    """SIGINT once generation has started (a marker file written by each decode step's dispatch says so, and the
+    step then lingers, as a long generation would, so the signal always lands mid-generation): `interrupted`,
     status 130, no traceback."""
     mark = tmp_path / "generating"
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "import os, sys\n"
+        "import os, sys, time\n"
         "import fiddler_jax.runtime.generate as g\n"
-        "pick = g.pick_next\n"
+        "step = g.next_tokens\n"
         "def marked(*a, **k):\n"
         "    open(os.environ['MARK'], 'w').close()\n"
-        "    return pick(*a, **k)\n"
-        "g.pick_next = marked\n"
+        "    time.sleep(0.5)\n"
+        "    return step(*a, **k)\n"
+        "g.next_tokens = marked\n"
         "from fiddler_jax.cli import main\n"
         "main(sys.argv[1:])\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", MARK=str(mark))
