@@ -16,6 +16,20 @@ TINY = ModelConfig.from_hf_dict(dict(HUB_MIXTRAL_8X7B, hidden_size=64, intermedi
                                        vocab_size=100, max_position_embeddings=64))
 
 
+def test_quantised_residents_are_placed_at_their_stored_size():
+    """A budget holds about 2x the int8 and 3.5x the int4 experts it holds at bf16; the staging slots stay
+    bf16-sized (the PCIe lane writes W' into them)."""
+    placed = {p: P.place(MIXTRAL, "24GiB", max_context=1024, staging_slots=2, expert_precision=p)
+              for p in ("bf16", "int8", "int4")}
+    n = {p: placed[p].memory.resident_count for p in placed}
+    assert placed["int8"].memory.expert == 3 * (4096 * 14336 + 14336 * 4) - 3 * 14336 * 4 + (2 * 14336 + 4096) * 4
+    assert placed["int4"].memory.expert == P.expert_bytes(MIXTRAL, 2, "int4", 64) < P.expert_bytes(MIXTRAL, 2) // 3
+    for p in placed:
+        assert placed[p].memory.slots == 2 * P.expert_bytes(MIXTRAL, 2)
+        assert placed[p].memory.used <= 24 * 2**30 < placed[p].memory.used + placed[p].memory.expert
+    assert 1.9 * n["bf16"] <= n["int8"] <= 2.1 * n["bf16"] and n["int4"] >= 3.3 * n["bf16"], n
+
+
 def test_parse_bytes():
     assert P.parse_bytes("24GiB") == 24 * 2**30
     assert P.parse_bytes("12 MiB") == 12 * 2**20

@@ -16,6 +16,7 @@ from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.models.quantization import QuantizedMatrix
 from fiddler_jax.runtime import engine as E
 from fiddler_jax.runtime.planning import Lane
+from fiddler_jax.models.quantized_experts import QuantizedStack
 from tests.conftest import GEOMETRIES, make_hf_model, token_ids
 
 GROUP = 64  # hidden 48 and moe ffn 56 are both shorter than 64: one group a row (32 divides neither)
@@ -64,6 +65,12 @@ def test_hybrid_equals_the_plain_model_at_the_same_precision(checkpoint, plain, 
         assert isinstance(m, QuantizedMatrix) and m.precision == precision
         assert m.q.dtype == (np.int8 if precision == "int8" else np.uint8)
 
+    # the resident experts stay quantised on the device: q and scales, no float32 stack
+    for layer in engine.model.layers:
+        stack = layer.mlp.w1.get_value()
+        assert isinstance(stack, QuantizedStack) and stack.shape == (2, 56, 48)
+        assert stack.q.dtype == (np.int8 if precision == "int8" else np.uint8)
+
     ids = token_ids(97, (2, 20), seed=1)
     ref = fj.logits(plain[precision], ids)
     out = engine.logits(ids)
@@ -79,6 +86,21 @@ def test_hybrid_equals_the_plain_model_at_the_same_precision(checkpoint, plain, 
     off_gpu = set(lanes[lanes != Lane.GPU].tolist())
     expected = {"cpu_only": {Lane.CPU}, "transfer": {Lane.TRANSFER}}.get(planner)
     assert off_gpu and (expected is None or off_gpu == expected)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_an_all_resident_quantised_engine_equals_the_plain_model(checkpoint, plain, precision):
+    """Every expert resident and quantised: each layer runs fused (and a decode token as one program), reading
+    its experts from the quantised stacks, with the plain model's logits and tokens."""
+    engine = E.Engine.from_pretrained(checkpoint, gpu_budget=10**9, planner="gpu_only", dtype="float32",
+                                      expert_precision=precision, int4_group=GROUP, progress=False)
+    assert engine.placement.resident.all() and engine.host.nbytes == 0
+    ids = token_ids(97, (2, 20), seed=2)
+    ref = fj.logits(plain[precision], ids)
+    assert np.abs(engine.logits(ids) - ref).max() <= 1e-5 * np.abs(ref).max()
+    prompt = ids[:1, :5]
+    np.testing.assert_array_equal(engine.generate(prompt, 12, eos_token_id=[]),
+                                  fj.generate(plain[precision], prompt, 12, eos_token_id=[]))
 
 
 def test_the_quantised_plain_models_hold_the_dequantised_experts(checkpoint, plain):

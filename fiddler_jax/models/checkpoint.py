@@ -328,14 +328,16 @@ class ExpertReader:
 
 
 def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray | None = None,
-               progress: bool = True) -> tuple[MoeForCausalLM, ExpertReader | None]:
+               progress: bool = True, store=None) -> tuple[MoeForCausalLM, ExpertReader | None]:
     """Load a checkpoint with the routed experts split between the device and the host.
 
     With ``resident`` (bool [layers, experts]; the rows of dense layers are ignored) each MoE layer's stacked
     expert parameters (w1, w3, w2) hold only its resident experts, in expert order; the offloaded experts are
     checked (names, shapes, dtypes) but not read, and the second result reads them on demand
     (:class:`ExpertReader`, which checks them for NaN/inf). Without it, everything goes to the device and the
-    second result is None. float16 only without it: the engine's CPU lane has no float16 (:func:`resolve_dtype`)."""
+    second result is None. float16 only without it: the engine's CPU lane has no float16 (:func:`resolve_dtype`).
+    ``store``: applied to each resident expert stack as soon as it is on the device (the engine's quantised
+    residents: :func:`~fiddler_jax.models.quantized_experts.resident_stack_store`)."""
     dtype = resolve_dtype(dtype, allow_float16=resident is None)
     ckpt = Checkpoint(path)
     cfg = ckpt.config
@@ -385,7 +387,8 @@ def load_split(path: str | os.PathLike, dtype="float32", *, resident: np.ndarray
                 used.add(name)
                 bar.update()
             if parts:
-                param.value = jax.device_put(np.stack(parts))
+                param.value = jax.device_put(np.stack(parts)) if store is None else store(
+                    jax.device_put(np.stack(parts)))
             else:
                 param.value = jnp.zeros((0,) + tuple(param.shape[1:]), dtype)
     unused = sorted(set(ckpt.names()) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))

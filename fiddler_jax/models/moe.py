@@ -15,6 +15,8 @@ Routing algorithm (as in transformers' Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE):
      token; it is never routed, so the runtime keeps it on the GPU beside the resident experts.
 
 The runtime later splits step 3 between GPU-resident experts and offloaded ones; steps 1, 2 and 4 stay the same.
+Every function that takes stacked expert weights also takes a ``QuantizedStack`` (an engine's resident experts at
+int8 / int4): the row-wise form dequantises the rows it reads inside its reduction, the others a transient W'.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fiddler_jax.models.layers import DenseMlp, Linear, matmul_precision, normal_init
+from fiddler_jax.models.quantized_experts import dense_stack, pick_expert
 
 ROWWISE_MAX_ROWS = 16  # the decode form unrolls one row per assignment; beyond this many the grouped product runs
 
@@ -79,6 +82,7 @@ def grouped_expert_ffn(x_sorted: jax.Array, sizes: jax.Array, w1: jax.Array, w3:
     """All experts at once: rows of ``x_sorted`` [M, hidden] come in contiguous groups of ``sizes`` [E] rows,
     group e through expert e (stacked w1, w3 [E, ffn, hidden], w2 [E, hidden, ffn]). Returns float32 [M, hidden]."""
     prec = matmul_precision(w1.dtype)
+    w1, w3, w2 = dense_stack(w1), dense_stack(w3), dense_stack(w2)
 
     def rdot(lhs, rhs):
         return jax.lax.ragged_dot_general(lhs, rhs, sizes, _ROWS_BY_FFN_HIDDEN, precision=prec,
@@ -114,7 +118,7 @@ def rowwise_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array, 
 
     rows = []
     for m in range(x_rows.shape[0]):
-        pick = lambda w: jax.lax.dynamic_index_in_dim(w, expert_ids[m], keepdims=False)  # noqa: E731
+        pick = lambda w: pick_expert(w, expert_ids[m])  # noqa: E731
         x = x_rows[m]
         act = (jax.nn.silu(matvec(pick(w1), x)) * matvec(pick(w3), x)).astype(w2.dtype)
         rows.append(matvec(pick(w2), act))
@@ -126,6 +130,7 @@ def dense_expert_mix(flat: jax.Array, routing: Routing, w1: jax.Array, w3: jax.A
     out_t = Σ_e g_{t,e} FFN_e(x_t). E/k times the FLOPs of the sparse forms but plain dense matmuls, which
     trains faster on GPUs for small models. Returns float32 [N, hidden]."""
     num_experts = w1.shape[0]
+    w1, w3, w2 = dense_stack(w1), dense_stack(w3), dense_stack(w2)
     gates = jnp.sum(jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32) * routing.weights[..., None],
                     axis=1)  # [N, E]
     y = jax.vmap(expert_ffn, in_axes=(None, 0, 0, 0))(flat, w1, w3, w2)  # [E, N, hidden]

@@ -66,6 +66,74 @@ def dequantize_matrix(q, scales, dtype):
     return w.reshape(out, 2 * half).astype(dtype)
 
 
+@jax.tree_util.register_pytree_node_class
+class QuantizedStack:
+    """A stack of experts' matrices kept quantised on the device: ``q`` [S, out, in] int8 with ``scales`` [S, out]
+    float32, or packed int4 ``q`` [S, out, in / 2] uint8 with ``scales`` [S, out, groups] float16 (the formats of
+    :func:`quantize_matrix`), computed with as W' = q · scale in ``dtype`` (:func:`dequantize_matrix`). The
+    expert functions of :mod:`fiddler_jax.models.moe` take it wherever they take a stacked weight: a decode step
+    dequantises only the rows it reads, inside the reduction that reads them (:meth:`pick`), so the GPU holds
+    and reads the quantised bytes; a many-token step dequantises the stack once into a transient (:meth:`dense`).
+    A pytree (``q`` and ``scales`` are its leaves; ``dtype`` is static), so it sits in an ``nnx.Param``."""
+
+    def __init__(self, q, scales, dtype):
+        self.q, self.scales, self.dtype = q, scales, jnp.dtype(dtype)
+
+    def tree_flatten(self):
+        return (self.q, self.scales), self.dtype
+
+    @classmethod
+    def tree_unflatten(cls, dtype, leaves):
+        return cls(*leaves, dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The logical shape [S, out, in] of the weights it stands for."""
+        s, out, held = self.q.shape
+        return s, out, held if self.q.dtype == jnp.int8 else 2 * held
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+    def __getitem__(self, index):
+        """``stack[...]`` (what an ``nnx.Param`` read gives) is the stack itself; ``stack[ids]`` the W' of the
+        experts ``ids`` [M] int32, [M, out, in] (gathered, then dequantised)."""
+        if index is Ellipsis:
+            return self
+        return jax.vmap(lambda q, s: dequantize_matrix(q, s, self.dtype))(self.q[index], self.scales[index])
+
+    def pick(self, i) -> jax.Array:
+        """W' [out, in] of the expert in row ``i`` (a traced scalar): a dynamic slice of the quantised rows, so
+        XLA fuses the slice and the dequantisation into the product that reads them."""
+        q = jax.lax.dynamic_index_in_dim(self.q, i, keepdims=False)
+        s = jax.lax.dynamic_index_in_dim(self.scales, i, keepdims=False)
+        return dequantize_matrix(q, s, self.dtype)
+
+    def dense(self) -> jax.Array:
+        """W' of every expert, [S, out, in] in ``dtype`` (a transient for the grouped product)."""
+        return jax.vmap(lambda q, s: dequantize_matrix(q, s, self.dtype))(self.q, self.scales)
+
+
+def pick_expert(stack, i) -> jax.Array:
+    """The weights [out, in] of row ``i`` (a traced scalar) of a stacked weight or a :class:`QuantizedStack`."""
+    if isinstance(stack, QuantizedStack):
+        return stack.pick(i)
+    return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+
+
+def dense_stack(stack) -> jax.Array:
+    """A stacked weight [S, out, in] as an array (a :class:`QuantizedStack` dequantised)."""
+    return stack.dense() if isinstance(stack, QuantizedStack) else stack
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "group"))
+def quantize_stack(stack, *, precision: str, group: int) -> QuantizedStack:
+    """A stack [E, out, in] quantised one expert at a time (bounded memory), computing as W' in its dtype."""
+    q, scales = jax.lax.map(lambda w: quantize_matrix(w, precision=precision, group=group), stack)
+    return QuantizedStack(q, scales, stack.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("precision", "group"))
 def _roundtrip_stack(stack, *, precision: str, group: int):
     """W' (in the stack's dtype) of every expert of a stack [E, out, in], one expert at a time (bounded memory)."""
@@ -89,9 +157,9 @@ def check_model_precision(hidden: int, ffn: int, precision: str, group: int) -> 
 
 
 def apply_expert_precision(model, precision: str, group: int = Q.DEFAULT_INT4_GROUP) -> None:
-    """Give every routed expert stack of ``model`` (the plain model, or an engine's resident experts) the weights
-    W' of ``precision``, in place; "bf16" leaves them as they are. The router, attention and shared experts keep
-    theirs."""
+    """Give every routed expert stack of the plain model the weights W' of ``precision``, in place; "bf16" leaves
+    them as they are. The router, attention and shared experts keep theirs. (An engine's resident experts are
+    quantised as they load instead, into :class:`QuantizedStack`: :func:`resident_stack_store`.)"""
     cfg = model.config
     check_model_precision(cfg.hidden_size, cfg.moe_intermediate_size, precision, group)
     if precision == "bf16":
@@ -101,8 +169,18 @@ def apply_expert_precision(model, precision: str, group: int = Q.DEFAULT_INT4_GR
             continue
         for name in MATRICES:
             param = getattr(layer.mlp, name)
-            if param.value.shape[0]:
-                param.value = _roundtrip_stack(param.value, precision=precision, group=group)
+            stack = param.get_value()
+            if stack.shape[0]:
+                param.set_value(_roundtrip_stack(stack, precision=precision, group=group))
+
+
+def resident_stack_store(precision: str, group: int = Q.DEFAULT_INT4_GROUP):
+    """What a loader does with each resident expert stack once it is on the device: None at "bf16" (kept), else
+    quantise it into a :class:`QuantizedStack` at once, so the bf16 copy of only one stack is alive at a time."""
+    Q.check_precision(precision, group)
+    if precision == "bf16":
+        return None
+    return lambda stack: quantize_stack(stack, precision=precision, group=group) if stack.shape[0] else stack
 
 
 def quantize_expert(weights: dict, precision: str, group: int) -> dict[str, tuple[jax.Array, jax.Array]]:

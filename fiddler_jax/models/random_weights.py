@@ -61,9 +61,9 @@ class RandomExperts:
 
 
 def random_split_model(cfg: ModelConfig, dtype="bfloat16", *, resident: np.ndarray, seed: int = 0,
-                       router_bias: float = 0.0) -> tuple[MoeForCausalLM, RandomExperts]:
+                       router_bias: float = 0.0, store=None) -> tuple[MoeForCausalLM, RandomExperts]:
     """The seeded random model with only the ``resident`` experts (bool [layers, experts]) on the device, and
-    the source of the offloaded ones (module docstring)."""
+    the source of the offloaded ones (module docstring). ``store``: as :func:`checkpoint.load_split`'s."""
     dtype = resolve_dtype(dtype)
     resident = np.asarray(resident, bool)
     model = nnx.eval_shape(lambda: MoeForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -75,7 +75,10 @@ def random_split_model(cfg: ModelConfig, dtype="bfloat16", *, resident: np.ndarr
             layer, weight = int(path[1]), str(path[-1])
             rows = [experts(layer, e)[weight] for e in np.flatnonzero(resident[layer])]
             shape = (0,) + tuple(param.shape[1:])
-            param.value = jax.device_put(np.stack(rows)) if rows else jnp.zeros(shape, dtype)
+            if not rows:
+                param.value = jnp.zeros(shape, dtype)
+            else:
+                param.value = jax.device_put(np.stack(rows)) if store is None else store(jax.device_put(np.stack(rows)))
             continue
         value = random_tensor(names[0], tuple(param.shape), dtype, seed, cfg.initializer_range)
         if router_bias and names[0] == "model.embed_tokens.weight":

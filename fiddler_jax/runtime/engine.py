@@ -25,7 +25,7 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.checkpoint import load_split, resolve_dtype
 from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP, expert_matrix_bytes
-from fiddler_jax.models.quantized_experts import apply_expert_precision, check_model_precision, expert_matrix_shapes
+from fiddler_jax.models.quantized_experts import check_model_precision, expert_matrix_shapes, resident_stack_store
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
@@ -143,12 +143,13 @@ class Engine:
         batch runs as several steps of consecutive positions, with the same result. ``expert_precision``: "bf16"
         (the checkpoint's weights), "int8" or "int4" (groups of ``int4_group`` inputs): the routed experts are
         quantised at load (:mod:`fiddler_jax.models.quantization`), the offloaded ones held quantised in pinned
-        memory (both lanes read those fewer bytes) and the resident ones given the same dequantised weights, so
-        the engine computes what ``fj.load_pretrained(path, expert_precision=...)`` computes."""
+        memory (both lanes read those fewer bytes) and the resident ones kept quantised on the GPU (placement counts
+        their stored bytes, so more fit the budget) and computed with as the same dequantised weights, so the
+        engine computes what ``fj.load_pretrained(path, expert_precision=...)`` computes."""
         cfg = ModelConfig.from_pretrained(path)
 
-        def load(resident):
-            return load_split(path, dtype, resident=resident, progress=progress)
+        def load(resident, store):
+            return load_split(path, dtype, resident=resident, progress=progress, store=store)
 
         return cls._build(cfg, load, gpu_budget=gpu_budget, planner=planner, placement=placement,
                           resident_experts=resident_experts, staging_slots=staging_slots, cache_slots=cache_slots,
@@ -167,8 +168,8 @@ class Engine:
 
         dtype = kwargs.get("dtype", "bfloat16")
         planner_params = {k: kwargs.pop(k) for k in list(kwargs) if k not in inspect.signature(cls._build).parameters}
-        return cls._build(config, lambda resident: random_split_model(config, dtype, resident=resident,
-                                                                      seed=weight_seed, router_bias=router_bias),
+        return cls._build(config, lambda resident, store: random_split_model(
+                              config, dtype, resident=resident, seed=weight_seed, router_bias=router_bias, store=store),
                           planner_params=planner_params, **kwargs)
 
     @classmethod
@@ -178,8 +179,9 @@ class Engine:
                seed=0, progress=True, options=None, expert_precision="bf16", int4_group=DEFAULT_INT4_GROUP,
                planner_params=None) -> Engine:
         """Planner, options, placement, the pinned pool's size, and the latency model (all before anything is
-        loaded); then ``load(resident) -> (model, offloaded-expert source)``, the resident experts given the
-        precision's weights and the pinning of the offloaded experts (quantised on the way)."""
+        loaded); then ``load(resident, store) -> (model, offloaded-expert source)``, ``store`` quantising each
+        resident stack as it lands on the device (None at bf16), and the pinning of the offloaded experts
+        (quantised on the way)."""
         options = options or EngineOptions()
         if not isinstance(options, EngineOptions):
             raise InvalidInputError(f"options must be an EngineOptions; got {type(options).__name__}")
@@ -196,8 +198,7 @@ class Engine:
         size_pinned_pool(offloaded_bytes)  # before JAX starts, if it has not
         geometry = geometry_of(cfg, dtype, expert_precision, int4_group)
         lat = resolve_latency(latency, geometry, progress=progress)  # "auto" may calibrate: JAX starts
-        model, source = load(placed.resident)
-        apply_expert_precision(model, expert_precision, int4_group)
+        model, source = load(placed.resident, resident_stack_store(expert_precision, int4_group))
         host = HostExperts.pin(source, ~placed.resident, progress=progress, precision=expert_precision,
                                group=int4_group)
         resources = EngineResources.build(model, host, placed, staging_slots=staging_slots,
@@ -219,7 +220,7 @@ class Engine:
         placed = place(cfg, gpu_budget, itemsize=resolve_dtype(dtype).itemsize, policy=placement, profile=counts,
                        resident_experts=resident_experts, max_batch=max_batch, max_context=max_context,
                        max_step_tokens=max_step_tokens, staging_slots=staging_slots, cache_slots=bound.cache_slots,
-                       seed=seed)
+                       seed=seed, expert_precision=expert_precision, int4_group=int4_group)
         check_planner_fits(bound, placed.resident)
         return bound, placed
 

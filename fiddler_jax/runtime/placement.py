@@ -7,7 +7,9 @@ Algorithm (Fiddler §3, with the accounting made explicit):
   2. Reserve the KV cache for ``max_batch`` sequences of ``max_context`` tokens, an activation workspace for the
      largest step, and one expert-sized buffer for each PCIe staging slot (shared by all layers) and each
      dynamic-cache slot (``cache_slots`` per layer).
-  3. Fill what is left with whole experts in the order of the placement policy:
+  3. Fill what is left with whole experts -- at their stored size: a quantised expert (``expert_precision``
+     int8 / int4) stays quantised on the GPU, 2-4 x smaller, while the staging and cache slots hold the
+     dequantised weights the PCIe lane writes -- in the order of the placement policy:
      ``popularity`` — most-routed (layer, expert) first by an offline profile; ties, and the case with no
      profile, follow the *spread* order (expert 0 of every layer, then expert 1 of every layer, ...), so every
      layer gets the same share; ``first`` — (layer, expert) in checkpoint order; ``random`` — a seeded shuffle.
@@ -26,6 +28,7 @@ import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.config import ModelConfig
+from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP, expert_matrix_bytes
 from fiddler_jax.units import format_bytes, parse_bytes
 
 POLICIES = ("popularity", "first", "random")
@@ -38,7 +41,7 @@ class MemoryPlan:
     kv_cache: int
     workspace: int
     slots: int  # staging buffers + dynamic-cache buffers of every layer
-    expert: int  # one expert (w1, w3, w2)
+    expert: int  # one resident expert (w1, w3, w2) as stored: quantised bytes at int8 / int4
     resident_count: int
     autotune: int = 0  # XLA's autotuning scratch for the largest resident stack (depends on the placement)
     step_tokens: int = 0  # the most tokens one forward step may hold (rows x columns): the workspace's size
@@ -97,9 +100,11 @@ def non_expert_bytes(cfg: ModelConfig, itemsize: int) -> int:
     return (layers + embed + h) * itemsize
 
 
-def expert_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """One routed expert's w1, w3 and w2."""
-    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * itemsize
+def expert_bytes(cfg: ModelConfig, itemsize: int, precision: str = "bf16", group: int = DEFAULT_INT4_GROUP) -> int:
+    """One routed expert's w1, w3 and w2 as stored at ``precision`` ("bf16": ``itemsize`` bytes a weight; int8 /
+    int4 with their scales)."""
+    h, f = cfg.hidden_size, cfg.moe_intermediate_size
+    return sum(expert_matrix_bytes(out, inp, precision, group, itemsize) for out, inp in ((f, h), (f, h), (h, f)))
 
 
 def kv_cache_bytes(cfg: ModelConfig, itemsize: int, max_batch: int, max_context: int) -> int:
@@ -165,7 +170,8 @@ def _two_sizes(budget: int, minimum: int) -> str:
 def place(cfg: ModelConfig, gpu_budget: int | str, *, itemsize: int = 2, policy: str = "popularity",
           profile: np.ndarray | None = None, resident_experts: int | None = None, max_batch: int = 1,
           max_context: int | None = None, max_step_tokens: int | None = None, staging_slots: int = 0,
-          cache_slots: int = 0, seed: int = 0) -> Placement:
+          cache_slots: int = 0, seed: int = 0, expert_precision: str = "bf16",
+          int4_group: int = DEFAULT_INT4_GROUP) -> Placement:
     """Choose the GPU-resident experts for ``gpu_budget`` (see the module docstring for the algorithm)."""
     budget = parse_bytes(gpu_budget)
     context = cfg.max_position_embeddings if max_context is None else max_context
@@ -178,11 +184,12 @@ def place(cfg: ModelConfig, gpu_budget: int | str, *, itemsize: int = 2, policy:
     if step_tokens < max_batch:
         raise InvalidInputError(f"max_step_tokens={step_tokens} is below max_batch={max_batch}: a decode step holds "
                                 "one token of every row; raise max_step_tokens or lower max_batch")
-    expert = expert_bytes(cfg, itemsize)
+    expert = expert_bytes(cfg, itemsize, expert_precision, int4_group)
+    slot = expert_bytes(cfg, itemsize)  # a staging / cache slot holds W' in the model's dtype
     memory = MemoryPlan(budget=budget, non_expert=non_expert_bytes(cfg, itemsize),
                         kv_cache=kv_cache_bytes(cfg, itemsize, max_batch, context),
                         workspace=workspace_bytes(cfg, itemsize, step_tokens, min(context, step_tokens)),
-                        slots=(staging_slots + cache_slots * len(cfg.moe_layers)) * expert, expert=expert,
+                        slots=(staging_slots + cache_slots * len(cfg.moe_layers)) * slot, expert=expert,
                         resident_count=0, step_tokens=step_tokens)
     if budget < memory.fixed:
         raise InvalidInputError(
