@@ -26,21 +26,21 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 def test_a_local_launcher_sweep_runs_each_job_in_its_own_process_and_report_names_the_failed_one(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fiddler_jax.cli", "bench", "-m", "planner=cpu_only,fiddler,gpu_only",
+    cmd = [sys.executable, "-m", "fiddler_jax.cli", "bench", "-m", "planner=cpu_only,gpu_only",
            "placement.resident_experts=4", "repeats=1", "warmup=0", "scenario.input_tokens=16",
            "scenario.output_tokens=3", "hydra/launcher=local", "hydra.sweeper.max_batch_size=1",
            f"hydra.sweep.dir={sweep}"]
     subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert (sweep / "0" / "result.json").is_file() and (sweep / "1" / "result.json").is_file()
+    assert (sweep / "0" / "result.json").is_file() and not (sweep / "1" / "result.json").exists()
     jobs = {p.name for p in (sweep / ".submitit").iterdir() if p.name != "%j"}
-    assert len(jobs) == 3  # one submitit job (process) per run
-    assert "gpu_only" in (sweep / "2" / "error.txt").read_text()
+    assert len(jobs) == 2  # one submitit job (process) per run
+    assert "gpu_only" in (sweep / "1" / "error.txt").read_text()
     runs = report.collect(str(sweep))
-    assert sorted(r["config"]["planner"]["name"] for _, r in runs.results) == ["cpu_only", "fiddler"]
+    assert [r["config"]["planner"]["name"] for _, r in runs.results] == ["cpu_only"]
     status = dict(runs.jobs)
-    assert status["0"] == status["1"] == "ok"
-    assert status["2"].startswith("failed (planner=gpu_only") and "not on the GPU" in status["2"]
+    assert status["0"] == "ok"
+    assert status["1"].startswith("failed (planner=gpu_only") and "not on the GPU" in status["1"]
 
 
 def test_the_slurm_launcher_asks_for_a_whole_node_one_gpu_and_the_pinned_experts(tmp_path, monkeypatch):
