@@ -6,7 +6,7 @@ REAL=$OUT; OUT=/tmp; source benchmarks/device_setup.sh; OUT=$REAL
 BEFORE=${BEFORE:-wheels/before}
 timeout ${STEP_TIMEOUT:-600} python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml --out $OUT/head > $OUT/head.log 2>&1
 echo "head rc=$?"; grep -E "^\[|decode_tokens_per_s" $OUT/head.log
-( cd "$BEFORE" && export PYTHONPATH=/tmp/site:$PWD FIDDLER_GIT_SHA=before && \
+( cd "$BEFORE" && export PYTHONPATH=/tmp/site:$PWD FIDDLER_GIT_SHA=${BEFORE_SHA:-$(basename "$BEFORE")} && \
   python3 fiddler_jax/kernels/_build.py > $OUT/before_build.log 2>&1 && \
   timeout ${STEP_TIMEOUT:-600} python3 -m fiddler_jax.cli bench-jobs "$OLDPWD/benchmarks/decode_ab/before.yaml" --out $OUT/before > $OUT/before.log 2>&1
   echo "before rc=$?" )
