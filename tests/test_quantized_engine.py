@@ -66,10 +66,11 @@ def test_hybrid_equals_the_plain_model_at_the_same_precision(checkpoint, plain, 
         assert m.q.dtype == (np.int8 if precision == "int8" else np.uint8)
 
     # the resident experts stay quantised on the device: q and scales, no float32 stack
-    for layer in engine.model.layers:
-        stack = layer.mlp.w1.get_value()
-        assert isinstance(stack, QuantizedStack) and stack.shape == (2, 56, 48)
-        assert stack.q.dtype == (np.int8 if precision == "int8" else np.uint8)
+    for n, layer in enumerate(engine.model.layers):
+        stack, held = layer.mlp.w1.get_value(), int(engine.placement.resident[n].sum())
+        if held:
+            assert isinstance(stack, QuantizedStack) and stack.shape == (held, 56, 48)
+            assert stack.q.dtype == (np.int8 if precision == "int8" else np.uint8)
 
     ids = token_ids(97, (2, 20), seed=1)
     ref = fj.logits(plain[precision], ids)

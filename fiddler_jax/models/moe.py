@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fiddler_jax.models.layers import DenseMlp, Linear, matmul_precision, normal_init
-from fiddler_jax.models.quantized_experts import dense_stack, pick_expert
+from fiddler_jax.models.quantized_experts import dense_stack, expert_matvec
 
 ROWWISE_MAX_ROWS = 16  # the decode form unrolls one row per assignment; beyond this many the grouped product runs
 
@@ -110,18 +110,13 @@ def rowwise_expert_ffn(x_rows: jax.Array, expert_ids: jax.Array, w1: jax.Array, 
     the few rows of a decode step) every product is a multiply-and-sum over the expert's weights, e.g.
     gate_f = Σ_h w1[e, f, h]·x_h in float32, with the expert picked by a dynamic slice that XLA fuses into the
     reduction. Nothing expert-sized is materialised (the indexing form copies the chosen experts: k × 352 MB of
-    transient for a Mixtral decode step, beyond the budget) and each weight is read once."""
-    f32 = jnp.float32
-
-    def matvec(w, v):  # w [out, in] (one expert's rows), v [in] -> [out] float32
-        return jnp.sum(w.astype(f32) * v.astype(f32)[None, :], axis=-1)
-
+    transient for a Mixtral decode step, beyond the budget) and each weight is read once; a quantised stack's
+    rows are dequantised inside the same reduction (:func:`expert_matvec`)."""
     rows = []
     for m in range(x_rows.shape[0]):
-        pick = lambda w: pick_expert(w, expert_ids[m])  # noqa: E731
-        x = x_rows[m]
-        act = (jax.nn.silu(matvec(pick(w1), x)) * matvec(pick(w3), x)).astype(w2.dtype)
-        rows.append(matvec(pick(w2), act))
+        e, x = expert_ids[m], x_rows[m]
+        act = (jax.nn.silu(expert_matvec(w1, e, x)) * expert_matvec(w3, e, x)).astype(w2.dtype)
+        rows.append(expert_matvec(w2, e, act))
     return jnp.stack(rows)
 
 

@@ -72,7 +72,7 @@ class QuantizedStack:
     float32, or packed int4 ``q`` [S, out, in / 2] uint8 with ``scales`` [S, out, groups] float16 (the formats of
     :func:`quantize_matrix`), computed with as W' = q · scale in ``dtype`` (:func:`dequantize_matrix`). The
     expert functions of :mod:`fiddler_jax.models.moe` take it wherever they take a stacked weight: a decode step
-    dequantises only the rows it reads, inside the reduction that reads them (:meth:`pick`), so the GPU holds
+    dequantises only the rows it reads, inside the reduction that reads them (:meth:`matvec`), so the GPU holds
     and reads the quantised bytes; a many-token step dequantises the stack once into a transient (:meth:`dense`).
     A pytree (``q`` and ``scales`` are its leaves; ``dtype`` is static), so it sits in an ``nnx.Param``."""
 
@@ -103,23 +103,48 @@ class QuantizedStack:
             return self
         return jax.vmap(lambda q, s: dequantize_matrix(q, s, self.dtype))(self.q[index], self.scales[index])
 
-    def pick(self, i) -> jax.Array:
-        """W' [out, in] of the expert in row ``i`` (a traced scalar): a dynamic slice of the quantised rows, so
-        XLA fuses the slice and the dequantisation into the product that reads them."""
+    def matvec(self, i, v) -> jax.Array:
+        """W'_i · v in float32 ([out]) for the expert in row ``i`` (a traced scalar) and v [in]: each product is
+        W'[o, j] · v[j] with W' = q · scale rounded to ``dtype`` as :func:`dequantize_matrix` rounds it, summed in
+        float32 -- written as elementwise work on the quantised rows feeding one reduction, so XLA reads the q
+        bytes once and materialises nothing of the expert's size. int4's packed pairs are not interleaved back
+        into rows: the low nibbles multiply v's even inputs and the high nibbles its odd ones, group by group.
+        In a float32 model this is W' · v to float32 summation order; in a bfloat16 one the backend may drop the
+        rounding inside the fused loop (XLA:CPU does), computing with q · scale itself -- as the CPU kernel does
+        -- so it agrees with a W' stack to bf16 rounding."""
+        f32 = jnp.float32
         q = jax.lax.dynamic_index_in_dim(self.q, i, keepdims=False)
-        s = jax.lax.dynamic_index_in_dim(self.scales, i, keepdims=False)
-        return dequantize_matrix(q, s, self.dtype)
+        s = jax.lax.dynamic_index_in_dim(self.scales, i, keepdims=False).astype(f32)
+        v = v.astype(f32)
+        if q.dtype == jnp.int8:
+            w = (q.astype(f32) * s[:, None]).astype(self.dtype).astype(f32)
+            return jnp.sum(w * v[None, :], axis=-1)
+        out, half = q.shape
+        groups = s.shape[1]
+        q = q.reshape(out, groups, half // groups)
+        pairs = v.reshape(groups, half // groups, 2)
+
+        def signed(nibble):  # 0..15 -> -8..7
+            n = nibble.astype(jnp.int8)
+            return jnp.where(n > 7, n - 16, n).astype(f32)
+
+        low = (signed(q & 0xF) * s[:, :, None]).astype(self.dtype).astype(f32)
+        high = (signed(q >> 4) * s[:, :, None]).astype(self.dtype).astype(f32)
+        return jnp.sum(low * pairs[None, :, :, 0] + high * pairs[None, :, :, 1], axis=(1, 2))
 
     def dense(self) -> jax.Array:
         """W' of every expert, [S, out, in] in ``dtype`` (a transient for the grouped product)."""
         return jax.vmap(lambda q, s: dequantize_matrix(q, s, self.dtype))(self.q, self.scales)
 
 
-def pick_expert(stack, i) -> jax.Array:
-    """The weights [out, in] of row ``i`` (a traced scalar) of a stacked weight or a :class:`QuantizedStack`."""
+def expert_matvec(stack, i, v) -> jax.Array:
+    """W_i · v in float32 ([out]) for row ``i`` (a traced scalar) of a stacked weight or a
+    :class:`QuantizedStack`, and v [in]: one multiply-and-sum over the row's weights (the row picked by a dynamic
+    slice that XLA fuses into the reduction)."""
     if isinstance(stack, QuantizedStack):
-        return stack.pick(i)
-    return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+        return stack.matvec(i, v)
+    w = jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+    return jnp.sum(w.astype(jnp.float32) * v.astype(jnp.float32)[None, :], axis=-1)
 
 
 def dense_stack(stack) -> jax.Array:
