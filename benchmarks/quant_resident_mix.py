@@ -1,5 +1,6 @@
 """The GPU's resident mix on quantised stacks: does a decode step read int8 / int4 bytes, dequantised inside the
-product (``QuantizedStack.matvec``: elementwise work on the quantised rows feeding the row-wise reduction), as fast as the device reads memory?
+product (``QuantizedStack.matvec``: elementwise work on the quantised rows feeding the row-wise reduction), as
+fast as the device reads memory?
 
     python benchmarks/quant_resident_mix.py [--shapes mixtral,qwen3] [--slots 8] [--tokens 1,4] [--iters 50]
                                             [--json PATH]
