@@ -82,6 +82,15 @@ def test_host_memory_covers_every_expert_when_the_budget_is_the_gpus_and_falls_b
     assert cluster.pinned_expert_bytes(model, None, "bfloat16") == every
     assert cluster.host_memory_gb(auto) == cluster.BASE_GB + math.ceil(every * 1.25 / 2**30)
     assert cluster.host_memory_gb(folder) == cluster.FALLBACK_GB
+    # int8 experts are pinned at half the bytes, and at a budget more of them are resident
+    int8_expert = 3 * 2048 * 768 + (768 + 768 + 2048) * 4  # q bytes, and a float32 scale per output row
+    assert cluster.pinned_expert_bytes(model, None, "bfloat16", "int8") == 48 * 128 * int8_expert
+    bf16, int8 = (cluster.pinned_expert_bytes(model, "16GiB", "bfloat16", p) for p in ("bf16", "int8"))
+    assert int8 < bf16 / 2
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        quantised = compose("bench", overrides=["model=qwen3_30b_a3b_random", "hardware=auto",
+                                                "model.expert_precision=int4"])
+    assert cluster.host_memory_gb(quantised) - cluster.BASE_GB < (cluster.host_memory_gb(auto) - cluster.BASE_GB) / 3
 
 
 def _tiny_tables(root) -> str:

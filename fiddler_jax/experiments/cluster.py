@@ -19,8 +19,9 @@ FALLBACK_GB = 64
 GIB = 1 << 30
 
 
-def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str) -> int:
-    """Bytes of the experts a job at ``gpu_budget`` (None: unknown) keeps in host memory."""
+def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str, precision: str = "bf16", group: int = 64) -> int:
+    """Bytes of the experts a job at ``gpu_budget`` (None: unknown) keeps in host memory, at their stored size for
+    ``precision`` (quantised experts are pinned quantised, and more of them are resident)."""
     import numpy as np
 
     from fiddler_jax.runtime.placement import expert_bytes, place
@@ -28,8 +29,9 @@ def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str) -> int:
     itemsize = np.dtype("float32" if dtype == "float32" else "uint16").itemsize
     total = len(model_cfg.moe_layers) * model_cfg.num_experts
     if gpu_budget is None:
-        return total * expert_bytes(model_cfg, itemsize)
-    placed = place(model_cfg, gpu_budget, itemsize=itemsize, max_context=min(4096, model_cfg.max_position_embeddings))
+        return total * expert_bytes(model_cfg, itemsize, precision, group)
+    placed = place(model_cfg, gpu_budget, itemsize=itemsize, max_context=min(4096, model_cfg.max_position_embeddings),
+                   expert_precision=precision, int4_group=group)
     return placed.offloaded_count * placed.memory.expert
 
 
@@ -45,7 +47,8 @@ def host_memory_gb(_root_) -> int:
     try:
         model = _root_.model
         cfg = model_config(model)
-        pinned = pinned_expert_bytes(cfg, _root_.hardware.gpu_budget, model.dtype)
+        pinned = pinned_expert_bytes(cfg, _root_.hardware.gpu_budget, model.dtype,
+                                     model.get("expert_precision", "bf16"), model.get("int4_group", 64))
     except (FiddlerError, OSError, AttributeError, KeyError):  # no model here (another app), or not readable here
         return FALLBACK_GB
     return BASE_GB + math.ceil(pinned * (1 + MARGIN) / GIB)
