@@ -1,13 +1,29 @@
 # Decode of this tree against another commit's, each in its own process on one device machine (the other
 # commit's kernels built from its own sources): benchmarks/decode_ab/{head,before}.yaml.
-#   here:       git archive <rev> | tar -x -C wheels/before    (wheels/ is git-ignored; carry it with the wheels)
-#   on device:  BEFORE=wheels/before [STEP_TIMEOUT=s] bash benchmarks/decode_ab.sh   (results: $OUT/head, $OUT/before)
+#   here:       mkdir -p wheels/before && git archive <rev> | tar -x -C wheels/before
+#               (wheels/ is git-ignored and holds the py3.12 wheels device_setup.sh installs; carry it)
+#   on device:  FIDDLER_GIT_SHA=<this tree's sha> BEFORE=wheels/before [BEFORE_SHA=<rev>] [STEP_TIMEOUT=s] \
+#                 bash benchmarks/decode_ab.sh
+# Each side's bench-jobs results go to /tmp/decode_ab/{head,before} on the device; $OUT gets the two logs and
+# the two report.md tables (few files: a call brings back only some), and the tokens/s lines are printed.
 REAL=$OUT; OUT=/tmp; source benchmarks/device_setup.sh; OUT=$REAL
 BEFORE=${BEFORE:-wheels/before}
-timeout ${STEP_TIMEOUT:-600} python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml --out $OUT/head > $OUT/head.log 2>&1
-echo "head rc=$?"; grep -E "^\[|decode_tokens_per_s" $OUT/head.log
-( cd "$BEFORE" && export PYTHONPATH=/tmp/site:$PWD FIDDLER_GIT_SHA=${BEFORE_SHA:-$(basename "$BEFORE")} && \
-  python3 fiddler_jax/kernels/_build.py > $OUT/before_build.log 2>&1 && \
-  timeout ${STEP_TIMEOUT:-600} python3 -m fiddler_jax.cli bench-jobs "$OLDPWD/benchmarks/decode_ab/before.yaml" --out $OUT/before > $OUT/before.log 2>&1
+STEP_TIMEOUT=${STEP_TIMEOUT:-270}  # each side; the whole call must stay under the device's 600 s
+RESULTS=/tmp/decode_ab
+rm -rf "$RESULTS"
+timeout "$STEP_TIMEOUT" python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml --out "$RESULTS/head" \
+  > "$OUT/head.log" 2>&1
+echo "head rc=$?"
+( cd "$BEFORE" || exit 1
+  export PYTHONPATH=/tmp/site:$PWD FIDDLER_GIT_SHA=${BEFORE_SHA:-$(basename "$BEFORE")}
+  if ! python3 fiddler_jax/kernels/_build.py > "$OUT/before_build.log" 2>&1; then
+    echo "before: its kernel build failed (before_build.log)"; exit 1
+  fi
+  timeout "$STEP_TIMEOUT" python3 -m fiddler_jax.cli bench-jobs "$OLDPWD/benchmarks/decode_ab/before.yaml" \
+    --out "$RESULTS/before" > "$OUT/before.log" 2>&1
   echo "before rc=$?" )
-grep -E "^\[|decode_tokens_per_s" $OUT/before.log
+for side in head before; do
+  [ -f "$RESULTS/$side/report.md" ] && cp "$RESULTS/$side/report.md" "$OUT/${side}_report.md"
+  [ -f "$OUT/$side.log" ] && grep -E "^\[|decode_tokens_per_s" "$OUT/$side.log"
+done
+true

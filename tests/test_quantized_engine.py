@@ -14,9 +14,9 @@ from fiddler_jax.errors import CheckpointError, InvalidInputError
 from fiddler_jax.models import quantization as Q
 from fiddler_jax.models.config import ModelConfig
 from fiddler_jax.models.quantization import QuantizedMatrix
+from fiddler_jax.models.quantized_experts import QuantizedStack
 from fiddler_jax.runtime import engine as E
 from fiddler_jax.runtime.planning import Lane
-from fiddler_jax.models.quantized_experts import QuantizedStack
 from tests.conftest import GEOMETRIES, make_hf_model, token_ids
 
 GROUP = 64  # hidden 48 and moe ffn 56 are both shorter than 64: one group a row (32 divides neither)

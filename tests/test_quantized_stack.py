@@ -30,6 +30,8 @@ def test_shape_bytes_and_rows(precision, group):
     for e in range(3):
         np.testing.assert_array_equal(dense[e], np.asarray(dequantize_matrix(qs.q[e], qs.scales[e], jnp.float32)))
     np.testing.assert_array_equal(np.asarray(qs[jnp.array([2, 0])]), dense[[2, 0]])
+    np.testing.assert_array_equal(np.asarray(qs[1]), dense[1])
+    np.testing.assert_array_equal(np.asarray(qs[jnp.int32(2)]), dense[2])
     # the stack is a pytree: through jit and back
     again = jax.jit(lambda s: s)(qs)
     assert isinstance(again, QuantizedStack) and again.dtype == qs.dtype

@@ -7,7 +7,8 @@ or 7, a float16 scale for int4, round half to even, a clip), but XLA may divide 
 (XLA:CPU does), so a scale can differ by one ulp and a q sitting on a rounding tie by one step: the engine and the
 plain model both quantise through this function, on the same device, and so hold the same weights.
 ``dequantize_matrix`` gives W' = q · scale in float32, rounded once to the model's dtype: the weights the GPU
-computes with -- the PCIe lane writes them into its staging stack, resident experts hold them. The CPU kernel
+computes with -- the PCIe lane writes them into its staging stack; resident experts are held quantised
+(:class:`QuantizedStack`) and computed with as W'. The CPU kernel
 computes with q · scale exactly (its float32 sums of exact products, times the scale), so in a bfloat16 model the
 lanes agree to bf16 rounding, as they do for unquantised experts; in a float32 model (parity runs) the CPU lane's
 numpy path uses W' itself.
@@ -97,10 +98,13 @@ class QuantizedStack:
         return self.q.nbytes + self.scales.nbytes
 
     def __getitem__(self, index):
-        """``stack[...]`` (what an ``nnx.Param`` read gives) is the stack itself; ``stack[ids]`` the W' of the
-        experts ``ids`` [M] int32, [M, out, in] (gathered, then dequantised)."""
+        """``stack[...]`` (what an ``nnx.Param`` read gives) is the stack itself; ``stack[e]`` (a scalar) expert e's
+        W' [out, in]; ``stack[ids]`` the W' of the experts ``ids`` [M] int32, [M, out, in] (gathered, then
+        dequantised)."""
         if index is Ellipsis:
             return self
+        if isinstance(index, (int, np.integer)) or getattr(index, "ndim", None) == 0:
+            return dequantize_matrix(self.q[index], self.scales[index], self.dtype)
         return jax.vmap(lambda q, s: dequantize_matrix(q, s, self.dtype))(self.q[index], self.scales[index])
 
     def matvec(self, i, v) -> jax.Array:

@@ -240,7 +240,9 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
               int4_group: int = DEFAULT_INT4_GROUP) -> tuple[LatencyModel, Measurements]:
     """Measure the four lanes on this machine for one expert of (hidden, ffn, dtype) and fit the latency model.
     ``expert_precision`` / ``int4_group``: how the offloaded experts are held (the CPU lane reads, and the PCIe
-    lane copies, that format; the GPU computes with bf16 weights either way).
+    lane copies, that format). The GPU's curve is measured on bf16 weights at every precision: a copied expert
+    runs from the bf16 staging stack, while resident quantised experts (which the planner never moves) run
+    their own dequantising product, not modelled here.
 
     ``ns`` are the token counts timed (the curves' knots), ``experts`` the number of distinct random experts the
     timed calls rotate over, ``budget_s`` the timing seconds shared out over all rows (each row still gets at

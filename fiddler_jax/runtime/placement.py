@@ -17,7 +17,8 @@ Algorithm (Fiddler §3, with the accounting made explicit):
      experts to place; the rows of dense layers (Qwen's ``mlp_only_layers``) are all True: nothing of them is
      offloaded.
   4. XLA's autotuner needs scratch for one weight of the largest per-layer resident stack when it compiles
-     (``autotune_bytes``): drop experts from the end of the order until that fits too.
+     (``autotune_bytes``), and a quantised stack's many-token steps dequantise it into transient bf16 weights
+     (``dequantized_bytes``): drop experts from the end of the order until those fit too.
 A budget below step 1 + 2 is an error that states the minimum. Pure Python: no JAX, no device needed.
 """
 from __future__ import annotations
@@ -44,11 +45,12 @@ class MemoryPlan:
     expert: int  # one resident expert (w1, w3, w2) as stored: quantised bytes at int8 / int4
     resident_count: int
     autotune: int = 0  # XLA's autotuning scratch for the largest resident stack (depends on the placement)
+    dequantized: int = 0  # a quantised resident stack's transient W' in a many-token step (depends on it too)
     step_tokens: int = 0  # the most tokens one forward step may hold (rows x columns): the workspace's size
 
     @property
     def fixed(self) -> int:
-        return self.non_expert + self.kv_cache + self.workspace + self.slots + self.autotune
+        return self.non_expert + self.kv_cache + self.workspace + self.slots + self.autotune + self.dequantized
 
     @property
     def used(self) -> int:
@@ -57,8 +59,10 @@ class MemoryPlan:
     def __str__(self) -> str:
         f = format_bytes
         return (f"budget {f(self.budget)}: non-expert {f(self.non_expert)}, KV cache {f(self.kv_cache)}, "
-                f"workspace {f(self.workspace)}, autotuning {f(self.autotune)}, slots {f(self.slots)}, {self.resident_count} resident experts "
-                f"x {f(self.expert)} = {f(self.resident_count * self.expert)}; used {f(self.used)}")
+                f"workspace {f(self.workspace)}, autotuning {f(self.autotune)}, "
+                + (f"dequantised stack {f(self.dequantized)}, " if self.dequantized else "")
+                + f"slots {f(self.slots)}, {self.resident_count} resident experts x {f(self.expert)} = "
+                f"{f(self.resident_count * self.expert)}; used {f(self.used)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,9 +221,9 @@ def place(cfg: ModelConfig, gpu_budget: int | str, *, itemsize: int = 2, policy:
         resident[list(dense_layers)] = True
         for layer, e in order[:count]:
             resident[layer, e] = True
-        planned = dataclasses.replace(memory, resident_count=count,
-                                      autotune=autotune_bytes(cfg, itemsize,
-                                                              int(resident[list(moe_layers)].sum(axis=1).max())))
+        widest = int(resident[list(moe_layers)].sum(axis=1).max())
+        planned = dataclasses.replace(memory, resident_count=count, autotune=autotune_bytes(cfg, itemsize, widest),
+                                      dequantized=dequantized_bytes(cfg, itemsize, widest, expert_precision))
         if planned.used <= budget or resident_experts is not None or count == 0:
             break
         count -= 1
@@ -236,3 +240,12 @@ def autotune_bytes(cfg: ModelConfig, itemsize: int, layer_resident: int) -> int:
     without room every run failed to compile. Reserved: the weight and a quarter more."""
     weight = layer_resident * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
     return weight + weight // 4
+
+
+def dequantized_bytes(cfg: ModelConfig, itemsize: int, layer_resident: int, precision: str) -> int:
+    """A quantised resident stack runs a many-token step (prefill, a wide batch) through the grouped product on
+    its dequantised weights W': w1, w3 and w2 of the layer's ``layer_resident`` experts in the model's dtype,
+    all three counted (XLA may keep them alive together). 0 at bf16: the stack itself is the operand."""
+    if precision == "bf16":
+        return 0
+    return 3 * layer_resident * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
