@@ -98,8 +98,11 @@ def test_ctrl_c_during_generate_is_one_line(tmp_path):
         "from fiddler_jax.cli import main\n"
         "main(sys.argv[1:])\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", MARK=str(mark))
+    # started as a foreground command is: with SIGINT's default disposition (a suite run in the background of a
+    # non-interactive shell has SIGINT ignored, and a child would inherit that and never see the signal)
     p = subprocess.Popen([PY, str(driver), "generate", "max_new_tokens=1900"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not mark.exists():
