@@ -87,7 +87,10 @@ def test_ctrl_c_during_generate_is_one_line(tmp_path):
     mark = tmp_path / "generating"
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "import os, sys, time\n"
+        "import os, signal, sys, time\n"
+        # as a foreground command has it: a suite run in the background of a non-interactive shell has SIGINT
+        # ignored, which this child would inherit and so never see the signal
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import fiddler_jax.runtime.generate as g\n"
         "step = g.next_tokens\n"
         "def marked(*a, **k):\n"
@@ -98,11 +101,8 @@ def test_ctrl_c_during_generate_is_one_line(tmp_path):
         "from fiddler_jax.cli import main\n"
         "main(sys.argv[1:])\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", MARK=str(mark))
-    # started as a foreground command is: with SIGINT's default disposition (a suite run in the background of a
-    # non-interactive shell has SIGINT ignored, and a child would inherit that and never see the signal)
     p = subprocess.Popen([PY, str(driver), "generate", "max_new_tokens=1900"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not mark.exists():
