@@ -26,12 +26,6 @@ from fiddler_jax.models import quantization as Q
 MATRICES = ("w1", "w3", "w2")
 
 
-def expert_matrix_shapes(config) -> tuple[tuple[int, int], ...]:
-    """(out, in) of a routed expert's w1, w3 and w2 in a ``ModelConfig``."""
-    h, f = config.hidden_size, config.moe_intermediate_size
-    return (f, h), (f, h), (h, f)
-
-
 @functools.partial(jax.jit, static_argnames=("precision", "group"))
 def quantize_matrix(w, *, precision: str, group: int = Q.DEFAULT_INT4_GROUP):
     """W [out, in] -> (q, scales) at ``precision`` (int8: int8 [out, in], float32 [out]; int4: uint8 [out, in / 2],

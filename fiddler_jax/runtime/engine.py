@@ -24,8 +24,8 @@ import numpy as np
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.models.checkpoint import load_split, resolve_dtype
 from fiddler_jax.models.config import ModelConfig
-from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP, expert_matrix_bytes
-from fiddler_jax.models.quantized_experts import check_model_precision, expert_matrix_shapes, resident_stack_store
+from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP
+from fiddler_jax.models.quantized_experts import check_model_precision, resident_stack_store
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.calibrate import geometry_of
 from fiddler_jax.runtime.executor import Executor
@@ -191,9 +191,7 @@ class Engine:
                                     max_context=max_context, max_step_tokens=max_step_tokens, seed=seed,
                                     expert_precision=expert_precision, int4_group=int4_group,
                                     planner_params=planner_params)
-        held = sum(expert_matrix_bytes(*shape, expert_precision, int4_group, resolve_dtype(dtype).itemsize)
-                   for shape in expert_matrix_shapes(cfg))
-        offloaded_bytes = int((~placed.resident).sum()) * held
+        offloaded_bytes = int((~placed.resident).sum()) * placed.memory.expert  # host and GPU hold one format
         check_host_memory(offloaded_bytes)
         size_pinned_pool(offloaded_bytes)  # before JAX starts, if it has not
         geometry = geometry_of(cfg, dtype, expert_precision, int4_group)
