@@ -221,3 +221,17 @@ def assert_recovers_from_injected_failure(engine, monkeypatch, owner, name: str,
     assert not engine.streamed.open
     monkeypatch.setattr(owner, name, original)
     np.testing.assert_array_equal(np.asarray(engine.logits(one)), want)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs_after_each_module():
+    """The suite compiles thousands of XLA programs in one process; each holds memory mappings until released,
+    and past the kernel's cap (``vm.max_map_count``) XLA:CPU crashes inside a compile
+    (:mod:`fiddler_jax.runtime.compiled_programs`). A test module's programs are released when it ends."""
+    yield
+    import sys
+
+    if "jax" in sys.modules:
+        from fiddler_jax.runtime.compiled_programs import release_compiled_programs
+
+        release_compiled_programs()

@@ -34,7 +34,10 @@ def interrupted() -> SystemExit:
 def clear_errors(task):
     """Run a command's task; a FiddlerError prints ``error: <message>`` and exits with status 2 (no traceback), as
     do a required option left unset and a file the system refuses (permission denied, read-only, no such
-    folder: the path and the reason). Ctrl-C prints ``interrupted`` and exits with status 130."""
+    folder: the path and the reason). Ctrl-C prints ``interrupted`` and exits with status 130. After the task --
+    each job of a multirun, which Hydra's basic launcher runs in this process -- the compiled programs nothing
+    references any more are released (:func:`~fiddler_jax.runtime.compiled_programs.release_compiled_programs`:
+    jobs that share a process would otherwise reach the kernel's cap on memory mappings)."""
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
@@ -53,6 +56,11 @@ def clear_errors(task):
             message = f"{e.filename}: {e.strerror or e}"
         except KeyboardInterrupt:
             raise interrupted() from None
+        finally:
+            if "jax" in sys.modules:  # a command that never loaded JAX compiled nothing
+                from fiddler_jax.runtime.compiled_programs import release_compiled_programs
+
+                release_compiled_programs()
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,0 +1,63 @@
+"""Compiled XLA programs hold memory mappings until released; the commands release them after each job, so a
+process running many jobs stays far from the kernel's cap on mappings."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fiddler_jax.experiments.common import clear_errors
+from fiddler_jax.runtime.compiled_programs import mapping_count, mapping_limit, release_compiled_programs
+
+PROGRAMS = 40
+
+pytestmark = pytest.mark.skipif(mapping_count() is None, reason="needs /proc/self/maps (Linux)")
+
+
+def compile_programs(tag: int) -> None:
+    """``PROGRAMS`` distinct programs, each compiled and run (a new shape is a new program)."""
+    for n in range(1, PROGRAMS + 1):
+        jax.jit(lambda x: jnp.sin(x) * tag + n)(jnp.ones(n + 1000 * tag)).block_until_ready()
+
+
+@pytest.fixture(autouse=True)
+def started_backend():
+    """JAX's CPU client started before counting (its threads and arenas are mappings of their own)."""
+    jax.jit(jnp.sin)(jnp.ones(3)).block_until_ready()
+
+
+def test_release_unmaps_the_programs_nothing_references():
+    release_compiled_programs()
+    start = mapping_count()
+    compile_programs(1)
+    grown = mapping_count()
+    assert grown - start >= PROGRAMS, (start, grown)  # at least a mapping a program: the growth is real
+    release_compiled_programs()
+    assert mapping_count() - start < PROGRAMS // 4, (start, grown, mapping_count())
+
+
+def test_a_command_task_releases_its_programs_when_it_ends():
+    release_compiled_programs()
+    start = mapping_count()
+    clear_errors(compile_programs)(2)
+    assert mapping_count() - start < PROGRAMS // 4, (start, mapping_count())
+
+
+def test_a_failing_command_task_also_releases_them(capsys):
+    from fiddler_jax.errors import InvalidInputError
+
+    def task():
+        compile_programs(3)
+        raise InvalidInputError("bad option")
+
+    release_compiled_programs()
+    start = mapping_count()
+    with pytest.raises(SystemExit):
+        clear_errors(task)()
+    assert "error: bad option" in capsys.readouterr().err
+    assert mapping_count() - start < PROGRAMS // 4, (start, mapping_count())
+
+
+def test_the_limit_is_read_where_the_kernel_has_one():
+    limit = mapping_limit()
+    assert limit is None or limit > mapping_count()
