@@ -99,7 +99,7 @@ class QuantizedStack:
             return self
         if isinstance(index, (int, np.integer)) or getattr(index, "ndim", None) == 0:
             return dequantize_matrix(self.q[index], self.scales[index], self.dtype)
-        return jax.vmap(lambda q, s: dequantize_matrix(q, s, self.dtype))(self.q[index], self.scales[index])
+        return QuantizedStack(self.q[index], self.scales[index], self.dtype).dense()
 
     def matvec(self, i, v) -> jax.Array:
         """W'_i · v in float32 ([out]) for the expert in row ``i`` (a traced scalar) and v [in]: each product is
