@@ -3,6 +3,7 @@ process running many jobs stays far from the kernel's cap on mappings."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -61,3 +62,22 @@ def test_a_failing_command_task_also_releases_them(capsys):
 def test_the_limit_is_read_where_the_kernel_has_one():
     limit = mapping_limit()
     assert limit is None or limit > mapping_count()
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_an_engine_build_makes_room_only_near_the_limit(monkeypatch, near):
+    """Past half the cap an engine build releases the compiled programs before it compiles its own (a notebook
+    building engine after engine never crashes); below it, it keeps them."""
+    from fiddler_jax.assets import default_model_path
+    from fiddler_jax.runtime import compiled_programs
+    from fiddler_jax.runtime.engine import Engine
+
+    released = []
+    real_count = compiled_programs.mapping_count
+    monkeypatch.setattr(compiled_programs, "mapping_limit", (lambda: real_count() + 100) if near
+                        else lambda: 10**9)
+    monkeypatch.setattr(compiled_programs, "release_compiled_programs", lambda: released.append(real_count()))
+    engine = Engine.from_pretrained(default_model_path(), gpu_budget=10**9, planner="cpu_only",
+                                    resident_experts=4, dtype="float32", progress=False, latency=None)
+    assert len(released) == (1 if near else 0)
+    assert engine.generate(np.array([[1, 5, 9]]), 2, eos_token_id=[]).shape == (1, 5)

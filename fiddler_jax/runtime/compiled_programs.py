@@ -10,7 +10,9 @@ configs, the test suite -- reaches the cap after some tens of engines.
 
 ``release_compiled_programs`` clears JAX's caches and collects garbage, so the programs that nothing references
 any more are freed and their mappings unmapped. Programs still referenced (a live engine's jitted functions) are
-compiled again on their next call; results do not change. The commands call it after each job.
+compiled again on their next call; results do not change. The commands call it after each job, and an engine
+build calls ``release_if_near_mapping_limit`` first (a notebook building engine after engine never reaches the
+cap).
 """
 from __future__ import annotations
 
@@ -42,3 +44,14 @@ def release_compiled_programs() -> None:
 
     jax.clear_caches()
     gc.collect()
+
+
+def release_if_near_mapping_limit(fraction: float = 0.5) -> bool:
+    """Release the compiled programs when this process holds more than ``fraction`` of the kernel's cap on
+    mappings, leaving room for what comes next (an engine build compiles a few hundred programs). Returns whether
+    it released; where either count is unknown it does nothing."""
+    count, limit = mapping_count(), mapping_limit()
+    if count is None or limit is None or count <= fraction * limit:
+        return False
+    release_compiled_programs()
+    return True

@@ -28,6 +28,7 @@ from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP
 from fiddler_jax.models.quantized_experts import check_model_precision, resident_stack_store
 from fiddler_jax.runtime.beam_search import beam_search, check_beam_args, check_kv_reserve
 from fiddler_jax.runtime.calibrate import geometry_of
+from fiddler_jax.runtime.compiled_programs import release_if_near_mapping_limit
 from fiddler_jax.runtime.executor import Executor
 from fiddler_jax.runtime.generate import (
     GenerationStats, cache_length, check_beam_limits, check_sampling, check_token_ids, decode_loop, eos_token_ids,
@@ -196,6 +197,7 @@ class Engine:
         size_pinned_pool(offloaded_bytes)  # before JAX starts, if it has not
         geometry = geometry_of(cfg, dtype, expert_precision, int4_group)
         lat = resolve_latency(latency, geometry, progress=progress)  # "auto" may calibrate: JAX starts
+        release_if_near_mapping_limit()  # the build compiles; a process that built many engines makes room first
         model, source = load(placed.resident, resident_stack_store(expert_precision, int4_group))
         host = HostExperts.pin(source, ~placed.resident, progress=progress, precision=expert_precision,
                                group=int4_group)
