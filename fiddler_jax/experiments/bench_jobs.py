@@ -37,7 +37,7 @@ from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments import CONF_DIR
 from fiddler_jax.experiments.bench_config import compose, parse_jobs
 from fiddler_jax.experiments.manifest import MANIFEST, TOOL, _now, load_manifest, write_manifest
-from fiddler_jax.runtime.compiled_programs import release_compiled_programs
+from fiddler_jax.runtime.compiled_programs import release_if_near_mapping_limit
 
 
 
@@ -252,7 +252,7 @@ def run_jobs(common: list[str], jobs: list[list[str]], out: str, *, replace: boo
             print(f"job {n} failed: {line}", flush=True)
             status.append((folder, line))
             entry.update(status="failed", error=line)
-        release_compiled_programs()  # the job's engine is gone; its programs need not hold memory mappings
+        release_if_near_mapping_limit()  # not after every job: the next job may reuse this job's engine and programs
         write_manifest(out, manifest)
     manifest["finished"] = _now()
     write_manifest(out, manifest)

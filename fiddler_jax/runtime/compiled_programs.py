@@ -10,9 +10,9 @@ configs, the test suite -- reaches the cap after some tens of engines.
 
 ``release_compiled_programs`` clears JAX's caches and collects garbage, so the programs that nothing references
 any more are freed and their mappings unmapped. Programs still referenced (a live engine's jitted functions) are
-compiled again on their next call; results do not change. The commands call it after each job, and an engine
-build calls ``release_if_near_mapping_limit`` first (a notebook building engine after engine never reaches the
-cap).
+compiled again on their next call; results do not change. The Hydra commands call it after each job; an engine
+build, and ``bench-jobs`` between jobs (which may share an engine), call ``release_if_near_mapping_limit`` (a
+notebook building engine after engine never reaches the cap).
 """
 from __future__ import annotations
 
