@@ -81,3 +81,15 @@ def test_an_engine_build_makes_room_only_near_the_limit(monkeypatch, near):
                                     resident_experts=4, dtype="float32", progress=False, latency=None)
     assert len(released) == (1 if near else 0)
     assert engine.generate(np.array([[1, 5, 9]]), 2, eos_token_id=[]).shape == (1, 5)
+
+
+def test_a_process_without_jax_releases_without_loading_it():
+    """The commands release after every task; one that never loaded JAX (report, bench-kernel) must not pay for
+    importing it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fiddler_jax.runtime.compiled_programs import release_compiled_programs\n"
+            "release_compiled_programs()\nassert 'jax' not in sys.modules, 'jax was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

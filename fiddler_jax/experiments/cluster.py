@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 
+from fiddler_jax.models.quantization import DEFAULT_INT4_GROUP
+
 MARGIN = 0.25  # of the pinned experts' bytes: the pool's rounding, staging copies, allocator slack
 BASE_GB = 16  # the process, the non-expert weights on the host while loading, the kernel's buffers
 FALLBACK_GB = 64
 GIB = 1 << 30
 
 
-def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str, precision: str = "bf16", group: int = 64) -> int:
+def pinned_expert_bytes(model_cfg, gpu_budget, dtype: str, precision: str = "bf16",
+                        group: int = DEFAULT_INT4_GROUP) -> int:
     """Bytes of the experts a job at ``gpu_budget`` (None: unknown) keeps in host memory, at their stored size for
     ``precision`` (quantised experts are pinned quantised, and more of them are resident)."""
     import numpy as np
@@ -48,7 +51,7 @@ def host_memory_gb(_root_) -> int:
         model = _root_.model
         cfg = model_config(model)
         pinned = pinned_expert_bytes(cfg, _root_.hardware.gpu_budget, model.dtype,
-                                     model.get("expert_precision", "bf16"), model.get("int4_group", 64))
+                                     model.get("expert_precision", "bf16"), model.get("int4_group", DEFAULT_INT4_GROUP))
     except (FiddlerError, OSError, AttributeError, KeyError):  # no model here (another app), or not readable here
         return FALLBACK_GB
     return BASE_GB + math.ceil(pinned * (1 + MARGIN) / GIB)

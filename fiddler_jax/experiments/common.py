@@ -57,10 +57,9 @@ def clear_errors(task):
         except KeyboardInterrupt:
             raise interrupted() from None
         finally:
-            if "jax" in sys.modules:  # a command that never loaded JAX compiled nothing
-                from fiddler_jax.runtime.compiled_programs import release_compiled_programs
+            from fiddler_jax.runtime.compiled_programs import release_compiled_programs
 
-                release_compiled_programs()
+            release_compiled_programs()
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

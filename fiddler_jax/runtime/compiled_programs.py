@@ -17,6 +17,7 @@ notebook building engine after engine never reaches the cap).
 from __future__ import annotations
 
 import gc
+import sys
 
 
 def mapping_count() -> int | None:
@@ -39,9 +40,11 @@ def mapping_limit() -> int | None:
 
 def release_compiled_programs() -> None:
     """Clear JAX's compilation caches and collect garbage: the compiled programs nobody references are freed
-    (module docstring). Cheap when little was compiled; the next call of each jitted function compiles again."""
-    import jax
-
+    (module docstring). Cheap when little was compiled; the next call of each jitted function compiles again.
+    Nothing to do in a process that never imported JAX (it compiled nothing)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return
     jax.clear_caches()
     gc.collect()
 
