@@ -8,10 +8,10 @@
 # the two report.md tables (few files: a call brings back only some), and the tokens/s lines are printed.
 REAL=$OUT; OUT=/tmp; source benchmarks/device_setup.sh; OUT=$REAL
 BEFORE=${BEFORE:-wheels/before}
-STEP_TIMEOUT=${STEP_TIMEOUT:-270}  # each side; the whole call must stay under the device's 600 s
+STEP_TIMEOUT=${STEP_TIMEOUT:-270}  # each side (HEAD_TIMEOUT / BEFORE_TIMEOUT apart); the call stays under 600 s
 RESULTS=/tmp/decode_ab
 rm -rf "$RESULTS"
-timeout "$STEP_TIMEOUT" python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml --out "$RESULTS/head" \
+timeout "${HEAD_TIMEOUT:-$STEP_TIMEOUT}" python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml --out "$RESULTS/head" \
   > "$OUT/head.log" 2>&1
 echo "head rc=$?"
 ( cd "$BEFORE" || exit 1
@@ -19,7 +19,7 @@ echo "head rc=$?"
   if ! python3 fiddler_jax/kernels/_build.py > "$OUT/before_build.log" 2>&1; then
     echo "before: its kernel build failed (before_build.log)"; exit 1
   fi
-  timeout "$STEP_TIMEOUT" python3 -m fiddler_jax.cli bench-jobs "$OLDPWD/benchmarks/decode_ab/before.yaml" \
+  timeout "${BEFORE_TIMEOUT:-$STEP_TIMEOUT}" python3 -m fiddler_jax.cli bench-jobs "$OLDPWD/benchmarks/decode_ab/before.yaml" \
     --out "$RESULTS/before" > "$OUT/before.log" 2>&1
   echo "before rc=$?" )
 for side in head before; do
