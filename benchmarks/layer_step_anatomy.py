@@ -5,9 +5,10 @@
         [--profile fiddler_overlap/synced] [--json PATH]
 
 The model is a random-weight preset of ``fiddler_jax/conf/model/`` (its exact geometry, weights made in memory),
-the latency model this machine's calibration (``latency=auto``). A variant is ``planner`` or ``planner/synced``
-(the streamed lane off: every MoE step syncs and plans). For each variant, after a warm-up that compiles every
-shape, one greedy decode of ``--tokens`` tokens with the trace on, and per decode token:
+the latency model this machine's calibration (``latency=auto``). A variant is ``planner`` or ``planner/<mode>``:
+``synced`` (the streamed lane off: every MoE step syncs and plans), ``perlayer`` (streamed steps dispatched layer by
+layer, not as one program per token), ``serial`` (a streamed step's CPU lane after its resident mix). For each
+variant, after a warm-up that compiles every shape, one greedy decode of ``--tokens`` tokens with the trace on, and per decode token:
   * tok/s (steady state, ``GenerationStats``) and ms per token;
   * layer steps that synced and planned / that streamed, experts per lane;
   * per synced step: the ``plan`` span (waiting for the routing sync, then planning), the ``cpu``, ``pcie`` and
@@ -35,8 +36,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the engine's methods that dispatch device work or hand work to a lane, counted per token under --profile
-DISPATCHERS = ("attention_and_router", "fused_layer", "resident_mix", "mix", "_dispatch", "copy_and_mix", "run",
-               "submit", "unpack", "to_device", "fetch", "head", "embed")
+DISPATCHERS = ("attention_and_router", "attention_and_cpu_begin", "end", "fused_layer", "resident_mix", "mix",
+               "_dispatch", "copy_and_mix", "run", "_run_program", "submit", "unpack", "to_device", "fetch", "head",
+               "embed")
 
 
 def log(msg: str) -> None:
@@ -64,9 +66,11 @@ def variant_engine(engine, variant: str):
     from fiddler_jax.runtime.options import EngineOptions
 
     planner, _, mode = variant.partition("/")
-    if mode not in ("", "synced"):
-        raise SystemExit(f"error: variant {variant!r}: the mode after / must be 'synced'")
-    return engine.with_planner(planner, options=EngineOptions(streamed_cpu_lane=mode != "synced"))
+    modes = {"": {}, "synced": dict(streamed_cpu_lane=False), "perlayer": dict(token_program=False),
+             "serial": dict(streamed_overlap=False)}
+    if mode not in modes:
+        raise SystemExit(f"error: variant {variant!r}: the mode after / must be one of synced, perlayer, serial")
+    return engine.with_planner(planner, options=EngineOptions(**modes[mode]))
 
 
 def anatomy(engine, steps, tokens: int, token_s: float, top_k: int) -> dict:
