@@ -5,7 +5,8 @@
 #   on device:  FIDDLER_GIT_SHA=<this tree's sha> BEFORE=wheels/before [BEFORE_SHA=<rev>] [STEP_TIMEOUT=s] \
 #                 bash benchmarks/decode_ab.sh
 # Each side's bench-jobs results go to /tmp/decode_ab/{head,before} on the device; $OUT gets the two logs and
-# the two report.md tables (few files: a call brings back only some), and the tokens/s lines are printed.
+# the two report.md tables, the traced job's trace (gzip) and decode_ab.json (benchmarks/decode_ab_summary.py: every
+# job's tokens/s, limit and streamed-call medians), whose table is printed last.
 REAL=$OUT; OUT=/tmp; source benchmarks/device_setup.sh; OUT=$REAL
 BEFORE=${BEFORE:-wheels/before}
 STEP_TIMEOUT=${STEP_TIMEOUT:-270}  # each side (HEAD_TIMEOUT / BEFORE_TIMEOUT apart); the call stays under 600 s
@@ -24,6 +25,7 @@ echo "head rc=$?"
   echo "before rc=$?" )
 for side in head before; do
   [ -f "$RESULTS/$side/report.md" ] && cp "$RESULTS/$side/report.md" "$OUT/${side}_report.md"
-  [ -f "$OUT/$side.log" ] && grep -E "^\[|decode_tokens_per_s" "$OUT/$side.log"
 done
+for trace in "$RESULTS"/head/*/trace.json; do [ -f "$trace" ] && gzip -c "$trace" > "$OUT/head_trace.json.gz"; done
+python3 benchmarks/decode_ab_summary.py "$RESULTS" --json "$OUT/decode_ab.json"
 true
