@@ -12,16 +12,16 @@ BEFORE=${BEFORE:-wheels/before}
 STEP_TIMEOUT=${STEP_TIMEOUT:-270}  # each side (HEAD_TIMEOUT / BEFORE_TIMEOUT apart); the call stays under 600 s
 RESULTS=/tmp/decode_ab
 rm -rf "$RESULTS"
-timeout "${HEAD_TIMEOUT:-$STEP_TIMEOUT}" python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml --out "$RESULTS/head" \
-  > "$OUT/head.log" 2>&1
+timeout "${HEAD_TIMEOUT:-$STEP_TIMEOUT}" python3 -m fiddler_jax.cli bench-jobs benchmarks/decode_ab/head.yaml \
+  --out "$RESULTS/head" > "$OUT/head.log" 2>&1
 echo "head rc=$?"
 ( cd "$BEFORE" || exit 1
   export PYTHONPATH=/tmp/site:$PWD FIDDLER_GIT_SHA=${BEFORE_SHA:-$(basename "$BEFORE")}
   if ! python3 fiddler_jax/kernels/_build.py > "$OUT/before_build.log" 2>&1; then
     echo "before: its kernel build failed (before_build.log)"; exit 1
   fi
-  timeout "${BEFORE_TIMEOUT:-$STEP_TIMEOUT}" python3 -m fiddler_jax.cli bench-jobs "$OLDPWD/benchmarks/decode_ab/before.yaml" \
-    --out "$RESULTS/before" > "$OUT/before.log" 2>&1
+  timeout "${BEFORE_TIMEOUT:-$STEP_TIMEOUT}" python3 -m fiddler_jax.cli bench-jobs \
+    "$OLDPWD/benchmarks/decode_ab/before.yaml" --out "$RESULTS/before" > "$OUT/before.log" 2>&1
   echo "before rc=$?" )
 for side in head before; do
   [ -f "$RESULTS/$side/report.md" ] && cp "$RESULTS/$side/report.md" "$OUT/${side}_report.md"

@@ -8,7 +8,8 @@ The model is a random-weight preset of ``fiddler_jax/conf/model/`` (its exact ge
 the latency model this machine's calibration (``latency=auto``). A variant is ``planner`` or ``planner/<mode>``:
 ``synced`` (the streamed lane off: every MoE step syncs and plans), ``perlayer`` (streamed steps dispatched layer by
 layer, not as one program per token), ``serial`` (a streamed step's CPU lane after its resident mix). For each
-variant, after a warm-up that compiles every shape, one greedy decode of ``--tokens`` tokens with the trace on, and per decode token:
+variant, after a warm-up that compiles every shape, one greedy decode of ``--tokens`` tokens with the trace on,
+and per decode token:
   * tok/s (steady state, ``GenerationStats``) and ms per token;
   * layer steps that synced and planned / that streamed, experts per lane;
   * per synced step: the ``plan`` span (waiting for the routing sync, then planning), the ``cpu``, ``pcie`` and

@@ -3,8 +3,8 @@ process running many jobs stays far from the kernel's cap on mappings."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fiddler_jax.experiments.common import clear_errors
