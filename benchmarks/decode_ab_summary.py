@@ -57,6 +57,9 @@ def main() -> None:
         if os.path.isfile(trace):
             row.update(streamed_calls(trace))
         rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: no <side>/<job>/result.json under {args.results}: neither side of decode_ab.sh "
+                         f"finished a job (see head.log and before.log)")
     with open(args.json, "w") as f:
         json.dump({"rows": rows}, f, indent=1)
     print(f"{'side':<9}{'job':<48}{'tok/s':>8}{'limit':>8}  streamed-call medians (ms)")
