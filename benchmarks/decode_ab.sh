@@ -5,7 +5,8 @@
 #   on device:  FIDDLER_GIT_SHA=<this tree's sha> BEFORE=wheels/before [BEFORE_SHA=<rev>] [STEP_TIMEOUT=s] \
 #                 bash benchmarks/decode_ab.sh
 # Each side's bench-jobs results go to /tmp/decode_ab/{head,before} on the device; $OUT gets the two logs and
-# the two report.md tables, the traced job's trace (gzip) and decode_ab.json (benchmarks/decode_ab_summary.py: every
+# the two report.md tables, the latency models the two sides calibrated (latency/), the traced job's trace (gzip)
+# and decode_ab.json (benchmarks/decode_ab_summary.py: every
 # job's tokens/s, limit and streamed-call medians), whose table is printed last.
 REAL=$OUT; OUT=/tmp; source benchmarks/device_setup.sh; OUT=$REAL
 BEFORE=${BEFORE:-wheels/before}
@@ -26,6 +27,7 @@ echo "head rc=$?"
 for side in head before; do
   [ -f "$RESULTS/$side/report.md" ] && cp "$RESULTS/$side/report.md" "$OUT/${side}_report.md"
 done
+mkdir -p "$OUT/latency" && cp ~/.cache/fiddler-jax/latency/*.json "$OUT/latency/" 2>/dev/null  # both sides' models
 for trace in "$RESULTS"/head/*/trace.json; do [ -f "$trace" ] && gzip -c "$trace" > "$OUT/head_trace.json.gz"; done
 python3 benchmarks/decode_ab_summary.py "$RESULTS" --json "$OUT/decode_ab.json"
 true

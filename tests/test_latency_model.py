@@ -89,7 +89,8 @@ def test_design_preset_has_the_design_numbers():
 @pytest.fixture
 def calibrated():
     return LatencyModel(cpu=PiecewiseLinear.fit([1, 1, 8, 64], [0.01, 0.012, 0.02, 0.1]),
-                        gpu=PiecewiseLinear((1, 512), (1e-4, 3e-4)), transfer_s=0.006, sync_s=2e-4,
+                        gpu=PiecewiseLinear((1, 512), (1e-4, 3e-4)), transfer_s=0.006, transfer_busy_s=0.011,
+                        sync_s=2e-4,
                         machine=Machine("Test CPU 9000", "Test GPU X"), geometry=Geometry(64, 128, "float32"))
 
 
@@ -98,7 +99,7 @@ def test_json_round_trip(tmp_path, calibrated):
     calibrated.save(path)
     loaded = LatencyModel.load(path, expect_machine=calibrated.machine, expect_geometry=calibrated.geometry)
     assert loaded == calibrated
-    assert json.loads(path.read_text())["format"] == 1
+    assert json.loads(path.read_text())["format"] == 2 and loaded.transfer_busy_s == 0.011
     assert loaded.cpu(100) == calibrated.cpu(100)
     assert not [p for p in os.listdir(path.parent) if ".tmp" in p]
 
@@ -135,11 +136,30 @@ def test_bad_constants_are_refused(calibrated):
 
     with pytest.raises(InvalidInputError, match="transfer_s"):
         dataclasses.replace(calibrated, transfer_s=-1.0)
+    with pytest.raises(InvalidInputError, match="transfer_busy_s"):
+        dataclasses.replace(calibrated, transfer_busy_s=float("nan"))
+
+
+def test_a_format_1_file_is_refused_as_older_and_copies_beside_cpu_default_to_copies_alone(tmp_path, calibrated):
+    import dataclasses
+
+    data = calibrated.to_dict()
+    del data["transfer_busy_s"]
+    data["format"] = 1
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(LatencyModelError, match=r"format 1 is not 2 \(made before copies beside CPU work.*calibrate"):
+        LatencyModel.load(path)
+    alone = LatencyModel.from_design_numbers()
+    assert alone.copy_beside_cpu_s == alone.transfer_s
+    assert dataclasses.replace(alone, transfer_s=1.0).copy_s(True) == 1.0  # unmeasured: follows the copy alone
+    assert calibrated.copy_s(True) == 0.011 and calibrated.copy_s(False) == 0.006
+    assert calibrated.copy_s(np.array([True, False])).tolist() == [0.011, 0.006]
 
 
 def test_default_path_depends_on_machine_and_geometry(tmp_path, calibrated):
     a = default_path(calibrated.machine, calibrated.geometry, root=tmp_path)
-    assert a.startswith(str(tmp_path)) and a.endswith(".json")
+    assert a.startswith(str(tmp_path)) and a.endswith(".json") and os.path.basename(a).startswith("latency_v2_")
     assert a != default_path(Machine("x", "y"), calibrated.geometry, root=tmp_path)
     assert a != default_path(calibrated.machine, Geometry(64, 128, "bfloat16"), root=tmp_path)
 

@@ -30,13 +30,15 @@ def none_resident(e=8):
 
 def reference_makespan(lat, counts, on_gpu, transfer_seq, slots):
     """Concurrent makespan by direct simulation (written apart from the module): resident GPU work first, copies
-    back to back in ``transfer_seq`` order, copy i waits for slot i % slots to be free, CPU lane in parallel."""
+    back to back in ``transfer_seq`` order, copy i waits for slot i % slots to be free, CPU lane in parallel;
+    a copy takes transfer_busy_s when the CPU lane has work, else transfer_s."""
     active = [e for e in range(len(counts)) if counts[e] > 0]
     gpu_t = sum(lat.gpu(counts[e]) for e in active if on_gpu[e])
     cpu_t = sum(lat.cpu(counts[e]) for e in active if not on_gpu[e] and e not in transfer_seq)
+    copy = lat.copy_beside_cpu_s if cpu_t > 0 else lat.transfer_s
     copy_end, slot_busy_until = 0.0, [0.0] * slots
     for i, e in enumerate(transfer_seq):
-        copy_end = max(copy_end, slot_busy_until[i % slots]) + lat.transfer_s
+        copy_end = max(copy_end, slot_busy_until[i % slots]) + copy
         gpu_t = max(gpu_t, copy_end) + lat.gpu(counts[e])
         slot_busy_until[i % slots] = gpu_t
     return lat.sync_s + max(cpu_t, gpu_t)
@@ -129,9 +131,10 @@ def test_overlap_prediction_matches_a_direct_simulation():
             reference_makespan(LAT, counts, resident, plan.transfer_order.tolist(), slots), rel=1e-12)
 
 
-@pytest.mark.parametrize("latency", ["design", "gpu_slower_than_copy"])
+@pytest.mark.parametrize("latency", ["design", "gpu_slower_than_copy", "copies_slower_beside_cpu"])
 def test_exact_search_is_optimal_over_every_assignment_and_copy_order(latency):
-    lat = LAT if latency == "design" else dataclasses.replace(LAT, gpu=PiecewiseLinear((1, 512), (1 * MS, 40 * MS)))
+    lat = {"design": LAT, "gpu_slower_than_copy": dataclasses.replace(LAT, gpu=PiecewiseLinear((1, 512), (1 * MS, 40 * MS))),
+           "copies_slower_beside_cpu": dataclasses.replace(LAT, transfer_busy_s=3 * LAT.transfer_s)}[latency]
     rng = np.random.default_rng(2)
     for _ in range(40):
         counts = rng.integers(0, 600, 5) * (rng.random(5) < 0.8)
@@ -141,6 +144,36 @@ def test_exact_search_is_optimal_over_every_assignment_and_copy_order(latency):
         best = min(reference_makespan(lat, counts, resident, list(seq), 4)
                    for k in range(min(4, len(candidates)) + 1) for seq in itertools.permutations(candidates, k))
         assert plan.predicted_s == pytest.approx(best, rel=1e-12)
+
+
+def qwen3_decode_step():
+    """One decode token of a 128-expert top-8 layer with 26 resident experts, two of the token's eight among
+    them, and the H100 machine's Qwen3-30B-A3B costs: CPU 0.13 ms an expert, GPU 0.05 ms, sync 0.05 ms, a copy
+    0.5 ms alone (18.8 GB/s) and 1.0 ms beside the CPU lane (9.2 GB/s, both measured there)."""
+    resident = np.zeros(128, bool)
+    resident[:26] = True
+    counts = np.zeros(128, int)
+    counts[[3, 11, 40, 52, 77, 90, 101, 127]] = 1
+    lat = dataclasses.replace(LAT, cpu=PiecewiseLinear((1, 8), (0.13 * MS, 0.3 * MS)),
+                              gpu=PiecewiseLinear((1, 8), (0.05 * MS, 0.06 * MS)), transfer_s=0.5 * MS,
+                              transfer_busy_s=1.0 * MS, sync_s=0.05 * MS)
+    return counts, resident, lat
+
+
+def test_a_copy_beside_cpu_work_costs_transfer_busy_s():
+    """A decode step with six offloaded experts (0.78 ms of CPU): a copy alone (0.5 ms) would shorten it
+    beside the other five, so a model without the contention copies one; at 1.0 ms beside the CPU lane no copy
+    pays, and the step stays on the streamed lane. A plan whose CPU lane is idle copies at transfer_s."""
+    counts, resident, lat = qwen3_decode_step()
+    blind = dataclasses.replace(lat, transfer_busy_s=lat.transfer_s)
+    assert len(plan_fiddler_overlap(counts, resident, blind, streamable=True).transfer_order) >= 1
+    plan = plan_fiddler_overlap(counts, resident, lat, streamable=True)
+    assert len(plan.transfer_order) == 0 and plan.predicted_s == pytest.approx(6 * 0.13 * MS)
+    everything = plan_transfer(counts, resident, lat, staging_slots=8)
+    assert everything.lane_busy_s["cpu"] == 0 and everything.lane_busy_s["pcie"] == pytest.approx(6 * lat.transfer_s)
+    one_copy = plan_fiddler_overlap(counts, resident, lat, max_transfers=1)  # synced: the sync is paid anyway
+    assert one_copy.predicted_s == pytest.approx(
+        reference_makespan(lat, counts, resident, one_copy.transfer_order.tolist(), 2), rel=1e-12)
 
 
 def test_greedy_agrees_with_exhaustive_search():
@@ -181,9 +214,10 @@ def reference_staged_makespan(lat, counts, on_gpu, staged_s, use, transfer_seq, 
     for e in sorted(use, key=lambda e: (staged_s[e], e)):
         gpu_t = max(gpu_t, staged_s[e]) + lat.gpu(counts[e])
     free = slots - len(staged)
+    copy = lat.copy_beside_cpu_s if cpu_t > 0 else lat.transfer_s
     copy_end, slot_busy_until = max([staged_s[e] for e in staged], default=0.0), [0.0] * max(free, 1)
     for i, e in enumerate(transfer_seq):
-        copy_end = max(copy_end, slot_busy_until[i % free]) + lat.transfer_s
+        copy_end = max(copy_end, slot_busy_until[i % free]) + copy
         gpu_t = max(gpu_t, copy_end) + lat.gpu(counts[e])
         slot_busy_until[i % free] = gpu_t
     return lat.sync_s + max(cpu_t, gpu_t)
@@ -213,7 +247,8 @@ def test_a_landed_prefetch_runs_on_the_gpu_and_a_late_one_on_the_cpu():
 
 def test_prefetched_plans_are_optimal_and_match_a_direct_simulation():
     rng = np.random.default_rng(7)
-    lat = dataclasses.replace(LAT, transfer_s=2.5 * MS)  # copies that sometimes win, so every branch is taken
+    # copies that sometimes win (faster still with the CPU lane idle), so every branch is taken
+    lat = dataclasses.replace(LAT, transfer_s=2.5 * MS, transfer_busy_s=3.5 * MS)
     for _ in range(200):
         counts, resident = random_case(rng, e=6)
         staged_s = np.where(rng.random(6) < 0.4, rng.uniform(0, 8 * MS, 6), np.inf)

@@ -202,12 +202,14 @@ def test_steps_with_too_many_classes_are_refused_quickly():
 
 
 def _random_latency(rng) -> LatencyModel:
-    """A latency model with random increasing CPU and GPU curves, copy and sync times (milliseconds apart)."""
+    """A latency model with random increasing CPU and GPU curves, copy (alone and beside CPU work, either one the
+    faster) and sync times (milliseconds apart)."""
     knots = (1, 2, 4, 8)
     cpu = np.cumsum(rng.uniform(0.05, 2.0, 4)) * MS
     gpu = np.cumsum(rng.uniform(0.0, 0.3, 4)) * MS
     return dataclasses.replace(DESIGN, cpu=PiecewiseLinear(knots, tuple(cpu)), gpu=PiecewiseLinear(knots, tuple(gpu)),
-                               transfer_s=rng.uniform(0.1, 12.0) * MS, sync_s=rng.uniform(0.0, 1.0) * MS)
+                               transfer_s=rng.uniform(0.1, 12.0) * MS, transfer_busy_s=rng.uniform(0.1, 24.0) * MS,
+                               sync_s=rng.uniform(0.0, 1.0) * MS)
 
 
 @pytest.mark.parametrize("experts,top_k,tokens", [(6, 2, 1), (6, 2, 2), (8, 2, 3), (8, 3, 2), (6, 1, 3)])

@@ -11,6 +11,9 @@ Each lane is timed through the engine's own code path, so predictions match exec
               Compilation is excluded (one warm-up call per n).
   transfer_s  one expert's three matrices from pinned host memory into GPU arrays as the engine's PCIe lane
               copies them (``lanes.pcie.StagingPool``: an eager copy), then block
+  transfer_busy_s  the same copies while a thread runs the CPU lane's decode load beside them
+              (``cpu_expert_mix`` on one token, rotating over the pinned experts, back to back): both lanes read
+              host DRAM, and a concurrent plan's copies run beside the CPU lane's work
   sync_s      a tiny jitted op on the device plus ``np.asarray`` of its small result (the routing counts'
               round trip of a planned layer step)
 Every (lane, n) row: one warm-up, then repetitions until ``min_reps`` and the row's share of ``budget_s`` are
@@ -20,9 +23,11 @@ Weights are random (:mod:`fiddler_jax.random_bits`: no model is loaded), the sha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -51,6 +56,7 @@ class Measurements:
     gpu: tuple[tuple[int, ...], tuple[float, ...]]
     transfer: tuple[float, ...]
     sync: tuple[float, ...]
+    transfer_busy: tuple[float, ...] = ()
 
     def curves(self) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
         """The n-dependent lanes, as ``latency.plot`` takes them."""
@@ -59,7 +65,8 @@ class Measurements:
     def to_dict(self) -> dict:
         return {"cpu": {"n": list(self.cpu[0]), "s": list(self.cpu[1])},
                 "gpu": {"n": list(self.gpu[0]), "s": list(self.gpu[1])},
-                "transfer_s": list(self.transfer), "sync_s": list(self.sync)}
+                "transfer_s": list(self.transfer), "transfer_busy_s": list(self.transfer_busy),
+                "sync_s": list(self.sync)}
 
 
 def machine_identity(device=None) -> Machine:
@@ -194,9 +201,10 @@ def measure_gpu(geometry: Geometry, ns: Sequence[int], experts: int, row_budget_
 
 
 def measure_transfer(geometry: Geometry, host, row_budget_s: float,
-                     progress: Callable[[str], None] | None = None) -> list[float]:
+                     progress: Callable[[str], None] | None = None, *, beside_cpu: bool = False) -> list[float]:
     """One expert from pinned host memory into GPU arrays exactly as the engine's PCIe lane copies it
-    (``lanes.pcie.StagingPool.copy``, one slot), then block and free it."""
+    (``lanes.pcie.StagingPool.copy``, one slot), then block and free it. ``beside_cpu``: while another thread runs
+    the CPU lane's one-token calls back to back over the same pinned experts (:func:`cpu_load`)."""
     import jax
 
     from fiddler_jax.runtime.lanes.pcie import StagingPool
@@ -211,9 +219,46 @@ def measure_transfer(geometry: Geometry, host, row_budget_s: float,
         pool.wait(0)
         pool.release(0)
 
-    times = sample(copy, row_budget_s, MIN_REPS, MAX_REPS)
-    _report(progress, "transfer", None, times)
+    if beside_cpu:
+        with cpu_load(geometry, host):
+            times = sample(copy, row_budget_s, MIN_REPS, MAX_REPS)
+    else:
+        times = sample(copy, row_budget_s, MIN_REPS, MAX_REPS)
+    _report(progress, "transfer+cpu" if beside_cpu else "transfer", None, times)
     return times
+
+
+@contextlib.contextmanager
+def cpu_load(geometry: Geometry, host):
+    """A thread running ``cpu_expert_mix`` on one token, rotating over ``host``'s experts, back to back until the
+    block ends (the CPU lane's decode load: it streams expert weights from host DRAM). An error in the thread
+    is raised when the block ends."""
+    from fiddler_jax.runtime.lanes.cpu import cpu_expert_mix
+
+    experts = host.held.shape[1]
+    tables = host.tables(0)
+    x, token, weight = _inputs(geometry, 1, seed=1), np.zeros(1, np.int64), np.ones(1, np.float32)
+    expert_of = [np.full(1, e, np.int32) for e in range(experts)]
+    stop, failed = threading.Event(), []
+
+    def run():
+        calls = 0
+        try:
+            while not stop.is_set():
+                cpu_expert_mix(x, token, expert_of[calls % experts], weight, tables)
+                calls += 1
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="calibrate-cpu-load", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 def measure_sync(row_budget_s: float, progress: Callable[[str], None] | None = None) -> list[float]:
@@ -238,7 +283,7 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
               budget_s: float = DEFAULT_BUDGET_S, progress: bool | Callable[[str], None] = True,
               expert_precision: str = "bf16",
               int4_group: int = DEFAULT_INT4_GROUP) -> tuple[LatencyModel, Measurements]:
-    """Measure the four lanes on this machine for one expert of (hidden, ffn, dtype) and fit the latency model.
+    """Measure the lanes on this machine for one expert of (hidden, ffn, dtype) and fit the latency model.
     ``expert_precision`` / ``int4_group``: how the offloaded experts are held (the CPU lane reads, and the PCIe
     lane copies, that format). The GPU's curve is measured on bf16 weights at every precision: a copied expert
     runs from the bf16 staging stack, while resident quantised experts (which the planner never moves) run
@@ -252,7 +297,7 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
     import jax
 
     say = progress if callable(progress) else (lambda line: print(line, flush=True)) if progress else None
-    row_budget = budget_s / (2 * len(ns) + 2)
+    row_budget = budget_s / (2 * len(ns) + 3)
     machine = machine_identity()
     if say:
         nbytes = sum(expert_matrix_bytes(*shape, expert_precision, int4_group, np_dtype(geometry.dtype).itemsize)
@@ -263,12 +308,13 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
     cpu = measure_cpu(geometry, ns, host, row_budget, say)
     gpu = measure_gpu(geometry, ns, experts, row_budget, say)
     transfer = measure_transfer(geometry, host, row_budget, say)
+    transfer_busy = measure_transfer(geometry, host, row_budget, say, beside_cpu=True)
     sync = measure_sync(row_budget, say)
     model = LatencyModel(cpu=PiecewiseLinear.fit(*cpu), gpu=PiecewiseLinear.fit(*gpu),
-                         transfer_s=statistics.median(transfer), sync_s=statistics.median(sync),
-                         machine=machine, geometry=geometry)
+                         transfer_s=statistics.median(transfer), transfer_busy_s=statistics.median(transfer_busy),
+                         sync_s=statistics.median(sync), machine=machine, geometry=geometry)
     measurements = Measurements(cpu=(tuple(cpu[0]), tuple(cpu[1])), gpu=(tuple(gpu[0]), tuple(gpu[1])),
-                                transfer=tuple(transfer), sync=tuple(sync))
+                                transfer=tuple(transfer), sync=tuple(sync), transfer_busy=tuple(transfer_busy))
     return model, measurements
 
 
@@ -284,6 +330,8 @@ def table(model: LatencyModel, measurements: Measurements) -> str:
                          f"{rows.size:6d}")
     lines.append(f"{'transfer':9s}{'':6s}{model.transfer_s * 1e3:14.4f}{'':11s}{len(measurements.transfer):6d}"
                  "   (one expert host -> GPU)")
+    lines.append(f"{'copy+cpu':9s}{'':6s}{model.copy_beside_cpu_s * 1e3:14.4f}{'':11s}"
+                 f"{len(measurements.transfer_busy):6d}   (the same copy beside the CPU lane's work)")
     lines.append(f"{'sync':9s}{'':6s}{model.sync_s * 1e3:14.4f}{'':11s}{len(measurements.sync):6d}"
                  "   (layer-step host round trip)")
     return "\n".join(lines)

@@ -1,17 +1,20 @@
 """The latency model the planners decide with: how long one expert takes on each lane, fitted from measurements.
 
-Four numbers per machine and model geometry, measured on the machine the engine runs on:
-  cpu(n)      one expert FFN with n tokens on the CPU lane (our kernel)          piecewise linear in n
-  gpu(n)      one expert FFN with n tokens on the GPU                            piecewise linear in n
-  transfer_s  copying one expert's weights host -> GPU (pinned, one staging slot)  constant
-  sync_s      the host round trip of one layer step (routing counts to the host)   constant
+Five numbers per machine and model geometry, measured on the machine the engine runs on:
+  cpu(n)           one expert FFN with n tokens on the CPU lane (our kernel)          piecewise linear in n
+  gpu(n)           one expert FFN with n tokens on the GPU                            piecewise linear in n
+  transfer_s       copying one expert's weights host -> GPU (pinned, one staging slot)  constant
+  transfer_busy_s  the same copy while the CPU lane reads other experts: the two lanes  constant
+                   share host DRAM, so a copy beside CPU work is slower than one alone
+  sync_s           the host round trip of one layer step (routing counts to the host)   constant
 
 Fit (``PiecewiseLinear.fit``): repeated timings per token count n -> the median per n (robust to a noisy shared
 machine) -> isotonic regression (pool adjacent violators) so the curve never decreases, since an expert never
 gets faster with more tokens. The distinct n are the knots. Evaluation interpolates linearly between knots,
 extrapolates beyond the last knot with the last segment's slope and holds the first knot's value below it.
 
-File format (``LatencyModel.save``/``load``): one JSON object, ``format`` = 1, with the two curves as knot lists
+File format (``LatencyModel.save``/``load``): one JSON object, ``format`` = 2, with the two curves as knot lists,
+the three constants (``transfer_busy_s`` null where it was not measured: the copy alone stands in for it)
 and the provenance -- machine (CPU model, GPU name), geometry (hidden, ffn, dtype) and creation time. A file
 measured on another machine or for another geometry is refused: decisions made with it would be wrong.
 Measuring (the lanes) lives elsewhere; this module is pure Python + numpy.
@@ -29,7 +32,7 @@ import numpy as np
 
 from fiddler_jax.errors import InvalidInputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: no transfer_busy_s
 RECALIBRATE = "recalibrate on this machine: `fiddler-jax calibrate`"
 
 
@@ -138,19 +141,34 @@ class LatencyModel:
     geometry: Geometry
     created: str = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    transfer_busy_s: float | None = None  # None: the copy alone, whatever transfer_s is (no contention measured)
 
     def __post_init__(self):
-        for name in ("transfer_s", "sync_s"):
+        for name in ("transfer_s", "transfer_busy_s", "sync_s"):
             value = getattr(self, name)
+            if name == "transfer_busy_s" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
                 raise InvalidInputError(f"LatencyModel.{name} must be a non-negative number of seconds; got {value!r}")
             object.__setattr__(self, name, float(value))
+
+    @property
+    def copy_beside_cpu_s(self) -> float:
+        """One copy's seconds while the CPU lane works: ``transfer_busy_s``, or ``transfer_s`` where that is None."""
+        return self.transfer_s if self.transfer_busy_s is None else self.transfer_busy_s
+
+    def copy_s(self, cpu_busy):
+        """One copy's seconds in a concurrent plan: ``copy_beside_cpu_s`` where the CPU lane has work beside it,
+        else ``transfer_s`` (a bool, or a bool array for many plans at once)."""
+        return np.where(cpu_busy, self.copy_beside_cpu_s, self.transfer_s) if np.ndim(cpu_busy) else (
+            self.copy_beside_cpu_s if cpu_busy else self.transfer_s)
 
     @classmethod
     def from_design_numbers(cls) -> LatencyModel:
         """The H100 machine's design numbers (measured there on 2026-11-22) for one Mixtral-8x7B bf16 expert, for tests and planning
         before calibration. CPU: 3.5 ms at n=1 (a good kernel at the streaming bar), 8 ms at n=64, 59 ms at
-        n=512; GPU: 0.15 ms up to n=128, 0.29 ms at n=512; copy 6.4 ms; layer-step sync 0.3 ms. Used for a
+        n=512; GPU: 0.15 ms up to n=128, 0.29 ms at n=512; copy 6.4 ms (the same beside CPU work: not measured
+        then); layer-step sync 0.3 ms. Used for a
         smaller model it makes the decisions Mixtral would get on that machine (nothing is rescaled)."""
         ms = 1e-3
         return cls(cpu=PiecewiseLinear((1, 64, 512), (3.5 * ms, 8.0 * ms, 59.0 * ms)),
@@ -160,16 +178,19 @@ class LatencyModel:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT_VERSION, "cpu": self.cpu.to_dict(), "gpu": self.gpu.to_dict(),
-                "transfer_s": self.transfer_s, "sync_s": self.sync_s, "machine": dataclasses.asdict(self.machine),
+                "transfer_s": self.transfer_s, "transfer_busy_s": self.transfer_busy_s, "sync_s": self.sync_s,
+                "machine": dataclasses.asdict(self.machine),
                 "geometry": dataclasses.asdict(self.geometry), "created": self.created}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LatencyModel:
         found = d.get("format") if isinstance(d, Mapping) else None
         if found != FORMAT_VERSION:
-            raise LatencyModelError(f"latency-model format {found!r} is not {FORMAT_VERSION}")
+            older = " (made before copies beside CPU work were measured)" if found == 1 else ""
+            raise LatencyModelError(f"latency-model format {found!r} is not {FORMAT_VERSION}{older}; {RECALIBRATE}")
         return cls(cpu=PiecewiseLinear.from_dict(d["cpu"]), gpu=PiecewiseLinear.from_dict(d["gpu"]),
-                   transfer_s=d["transfer_s"], sync_s=d["sync_s"], machine=Machine(**d["machine"]),
+                   transfer_s=d["transfer_s"], transfer_busy_s=d["transfer_busy_s"], sync_s=d["sync_s"],
+                   machine=Machine(**d["machine"]),
                    geometry=Geometry(**d["geometry"]), created=str(d["created"]))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -197,7 +218,10 @@ class LatencyModel:
             if not isinstance(data, Mapping) or "cpu" not in data:
                 raise LatencyModelError(f"{path} is not a latency model (a JSON object with the lanes' curves); "
                                         "pass latency=auto or a file from `fiddler-jax calibrate`")
-            model = cls.from_dict(data)
+            try:
+                model = cls.from_dict(data)
+            except LatencyModelError as e:  # another format
+                raise LatencyModelError(f"{path}: {e}") from None
         except LatencyModelError:
             raise
         except FileNotFoundError:
@@ -215,14 +239,16 @@ class LatencyModel:
 
 def default_path(machine: Machine, geometry: Geometry, root: str | os.PathLike | None = None) -> str:
     """Where a calibration for this machine and geometry is kept: ``root`` (default ``$XDG_CACHE_HOME`` or
-    ``~/.cache``, then ``fiddler-jax/latency``) / ``latency_<hidden>x<ffn>_<dtype>[_<precision>]_<machine
-    hash>.json`` (the precision named when it is not bf16)."""
+    ``~/.cache``, then ``fiddler-jax/latency``) / ``latency_v<format>_<hidden>x<ffn>_<dtype>[_<precision>]_<machine
+    hash>.json`` (the precision named when it is not bf16; the format named so that a release reading another
+    format never finds this file, nor this one its)."""
     if root is None:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(cache, "fiddler-jax", "latency")
     machine_hash = hashlib.sha1(f"{machine.cpu}\n{machine.gpu}".encode()).hexdigest()[:10]
     precision = "" if geometry.precision == "bf16" else f"_{geometry.precision}"
-    name = f"latency_{geometry.hidden}x{geometry.ffn}_{geometry.dtype}{precision}_{machine_hash}.json"
+    name = (f"latency_v{FORMAT_VERSION}_{geometry.hidden}x{geometry.ffn}_{geometry.dtype}{precision}_"
+            f"{machine_hash}.json")
     return os.path.join(os.fspath(root), name)
 
 
@@ -245,6 +271,7 @@ def plot(measurements: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         ax.plot(grid, curve(grid) * 1e3, color="C1", label="fit")
         if model is not None:
             ax.axhline(model.transfer_s * 1e3, color="C2", ls="--", label="copy one expert")
+            ax.axhline(model.copy_beside_cpu_s * 1e3, color="C2", ls="-.", label="copy beside CPU work")
             ax.axhline(model.sync_s * 1e3, color="C3", ls=":", label="layer-step sync")
         ax.set(xscale="log", xlabel="tokens per expert", ylabel="ms", title=f"{lane} lane: one expert")
         ax.legend()

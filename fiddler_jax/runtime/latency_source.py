@@ -46,7 +46,7 @@ def load_or_calibrate(geometry: Geometry, root: str | os.PathLike | None = None,
         return LatencyModel.load(path, expect_machine=machine, expect_geometry=geometry)
     from tqdm.auto import tqdm
 
-    rows = 2 * len(DEFAULT_NS) + 3  # the header, cpu and gpu per token count, then copy and sync
+    rows = 2 * len(DEFAULT_NS) + 4  # the header, cpu and gpu per token count, then copy, copy beside cpu, sync
     with tqdm(total=rows, desc=f"calibrating this machine for {geometry.hidden}x{geometry.ffn} {geometry.dtype} "
                                          f"{geometry.precision}",
               unit="row", disable=not progress, leave=False) as bar:

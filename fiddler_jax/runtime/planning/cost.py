@@ -13,7 +13,8 @@ has finished with the copy that last used that slot.
   concurrent (CPU lane, PCIe lane and GPU at once)
       sync + max(sum cpu(s_e) over CPU, GPU finish), the GPU running resident experts first and each copied
       expert once its copy has landed; the CPU lane is one grouped call costing the sum of its experts (the
-      cores share memory bandwidth).
+      cores share memory bandwidth). A copy takes ``transfer_busy_s`` when the plan gives the CPU lane work (the
+      two lanes share host DRAM; ``LatencyModel.copy_s``), ``transfer_s`` when it does not.
 
 Prefetched experts (``staged_s``): ``staged_s[e]`` is the time until a copy of expert e started during the
 previous layer step lands (0: landed; inf: not staged). Its GPU option needs no new copy: it runs at
@@ -83,10 +84,11 @@ def step_costs(counts, on_gpu, latency: LatencyModel, staged_s=None) -> StepCost
                  np.concatenate([staged, ids]).astype(np.int64), latency, staged_s)
 
 
-def gpu_finish(resident_s: float, job_gpu_s: np.ndarray, chosen: np.ndarray, copy_s: float,
+def gpu_finish(resident_s: float, job_gpu_s: np.ndarray, chosen: np.ndarray, copy_s,
                 staging_slots: int, staged_s=(), pcie_backlog_s: float = 0.0) -> np.ndarray:
     """GPU finish time for each row of ``chosen`` (bool [rows, jobs], jobs in copy order): resident work first,
     each chosen job's compute after its copy lands; a copy waits for the PCIe lane and for its staging slot.
+    ``copy_s``: one copy's seconds, for every row or per row ([rows]).
     The first ``len(staged_s)`` jobs are prefetched copies landing at ``staged_s`` (they need no new copy, and
     new copies queue behind them on the PCIe lane)."""
     rows = np.arange(chosen.shape[0])
@@ -143,12 +145,13 @@ def plan_of(planner: str, step: StepCosts, transfer: np.ndarray, staging_slots: 
     cpu_s = float(step.cpu_s[lanes == CPU].sum())
     copied_gpu_s = step.gpu_s[order].tolist()
     staged_gpu = [(float(step.staged_s[e]), float(step.gpu_s[e])) for e in staged_order]
+    copy_s = lat.copy_s(cpu_s > 0) if concurrent else lat.transfer_s
     busy = {"gpu": resident_s + sum(copied_gpu_s) + sum(g for _, g in staged_gpu), "cpu": cpu_s,
-            "pcie": len(order) * lat.transfer_s}
+            "pcie": len(order) * copy_s}
     streams = concurrent and streamable and not len(order) and not use_staged.any()  # on the streamed lane
     sync_s = 0.0 if streams else lat.sync_s
     if concurrent:
-        gpu_done = gpu_finish_one(resident_s, copied_gpu_s, lat.transfer_s, step.free_slots(staging_slots),
+        gpu_done = gpu_finish_one(resident_s, copied_gpu_s, copy_s, step.free_slots(staging_slots),
                                    staged_gpu, step.pcie_backlog_s)
         predicted = sync_s + max(cpu_s, gpu_done)
     else:

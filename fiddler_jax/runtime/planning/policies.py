@@ -85,7 +85,7 @@ def plan_fiddler_overlap(counts, on_gpu, latency: LatencyModel, *, staging_slots
     cpu_s = (~chosen * step.cpu_s[ids]).sum(1)
     resident_s = float(step.gpu_s[step.active & step.on_gpu].sum())
     n_staged = int(step.staged[ids].sum())
-    makespan = np.maximum(cpu_s, gpu_finish(resident_s, step.gpu_s[ids], chosen, latency.transfer_s,
+    makespan = np.maximum(cpu_s, gpu_finish(resident_s, step.gpu_s[ids], chosen, latency.copy_s(cpu_s > 0),
                                              step.free_slots(staging_slots), step.staged_s[ids[:n_staged]],
                                              step.pcie_backlog_s))
     if streamable:  # the assignments that copy nothing and use no staged copy run without the sync

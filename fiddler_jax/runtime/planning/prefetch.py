@@ -22,7 +22,8 @@ def plan_prefetch(predicted_counts, on_gpu, staged, latency: LatencyModel, *, fr
     (ties: lower id), only predicted (count > 0) ones not on the GPU and not already staged, at most
     min(prefetch, free_slots), and only copies that can still pay: the k-th lands after the lane's backlog and
     k copies, and must land within ``step_s`` (this step's predicted time, after which the next one plans) plus
-    the CPU time of its predicted tokens -- later, the next step runs it on the CPU rather than wait, and a copy
+    the CPU time of its predicted tokens (copies at ``transfer_busy_s``: they run beside this step's CPU lane) --
+    later, the next step runs it on the CPU rather than wait, and a copy
     in the queue would only delay the copies behind it. The engine calls it only when this step's plan leaves
     the PCIe lane idle."""
     predicted_counts = np.asarray(predicted_counts)
@@ -34,7 +35,7 @@ def plan_prefetch(predicted_counts, on_gpu, staged, latency: LatencyModel, *, fr
         raise PlannerError(f"prefetch must be non-negative (experts copied ahead per layer step); got {prefetch}")
     ids = np.flatnonzero((predicted_counts > 0) & ~on_gpu & ~staged)
     ids = ids[np.lexsort((ids, -predicted_counts[ids]))][:max(min(int(prefetch), int(free_slots)), 0)]
-    lands = pcie_backlog_s + latency.transfer_s * np.arange(1, len(ids) + 1)
+    lands = pcie_backlog_s + latency.copy_beside_cpu_s * np.arange(1, len(ids) + 1)
     pays = lands <= step_s + latency.cpu(predicted_counts[ids])
     return ids[:int(np.argmin(pays)) if not pays.all() else len(ids)].astype(np.int32)
 

@@ -164,11 +164,12 @@ def all_cpu_by_bound(planner, latency, resident: np.ndarray, tokens: int, top_k:
       * ``cpu_only`` (concurrent): always.
       * ``fiddler`` with ``concurrent=True``: Algorithm 1 copies an expert of count c iff transfer_s + gpu(c) <
         cpu(c), expert by expert, so never iff that fails for every c in [1, tokens].
-      * ``fiddler_overlap``: a plan copying m experts X costs at least sync + max(S - cpu(X), G, m·transfer_s)
-        (S: the offloaded experts' CPU seconds, G: the resident ones' GPU seconds; copies run one after another),
+      * ``fiddler_overlap``: a plan copying m experts X costs at least sync + max(S - cpu(X), G, m·t) (S: the
+        offloaded experts' CPU seconds, G: the resident ones' GPU seconds; copies run one after another, each at
+        least t = min(transfer_s, transfer_busy_s)),
         and the all-CPU plan of a streamable step costs max(S, G); ties go to fewer copies. So no copy is ever
         chosen if, for every m up to ``max_transfers``, either the most CPU seconds m experts can hold is at
-        most sync_s, or m·transfer_s + sync_s is at least the most CPU seconds any routing can give S (both
+        most sync_s, or m·t + sync_s is at least the most CPU seconds any routing can give S (both
         maxima over counts in [1, tokens] summing to at most tokens·top_k, :func:`_best_sum`).
     Other planners: False."""
     from fiddler_jax.runtime.planning.policies import plan_cpu_only, plan_fiddler, plan_fiddler_overlap
@@ -193,7 +194,8 @@ def all_cpu_by_bound(planner, latency, resident: np.ndarray, tokens: int, top_k:
     cap = params.get("max_transfers")
     copies = most if cap is None else min(most, int(cap))
     busiest = _best_sum(cpu, most, total)  # the most CPU seconds any routing gives the offloaded experts
+    copy = min(latency.transfer_s, latency.copy_beside_cpu_s)
     for m in range(1, copies + 1):
-        if _best_sum(cpu, m, total) > latency.sync_s and m * latency.transfer_s + latency.sync_s < busiest:
+        if _best_sum(cpu, m, total) > latency.sync_s and m * copy + latency.sync_s < busiest:
             return False
     return True
