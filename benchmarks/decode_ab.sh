@@ -6,8 +6,8 @@
 #                 bash benchmarks/decode_ab.sh
 # Each side's bench-jobs results go to /tmp/decode_ab/{head,before} on the device; $OUT gets the two logs and
 # the two report.md tables, the latency models the two sides calibrated (latency/), the traced job's trace (gzip)
-# and decode_ab.json (benchmarks/decode_ab_summary.py: every
-# job's tokens/s, limit and streamed-call medians), whose table is printed last.
+# and decode_ab.json (benchmarks/decode_ab_summary.py: every job's tokens/s, limit and streamed-call medians),
+# whose table is printed last.
 REAL=$OUT; OUT=/tmp; source benchmarks/device_setup.sh; OUT=$REAL
 BEFORE=${BEFORE:-wheels/before}
 STEP_TIMEOUT=${STEP_TIMEOUT:-270}  # each side (HEAD_TIMEOUT / BEFORE_TIMEOUT apart); the call stays under 600 s

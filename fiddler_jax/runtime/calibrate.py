@@ -55,8 +55,8 @@ class Measurements:
     cpu: tuple[tuple[int, ...], tuple[float, ...]]
     gpu: tuple[tuple[int, ...], tuple[float, ...]]
     transfer: tuple[float, ...]
+    transfer_busy: tuple[float, ...]
     sync: tuple[float, ...]
-    transfer_busy: tuple[float, ...] = ()
 
     def curves(self) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
         """The n-dependent lanes, as ``latency.plot`` takes them."""
@@ -131,6 +131,14 @@ def pinned_experts(geometry: Geometry, experts: int, seed: int = 0):
                            progress=False, precision=precision, group=group)
 
 
+def one_expert_calls(geometry: Geometry, n: int, experts: int):
+    """The arguments of ``cpu_expert_mix`` for n tokens all routed to one expert: activations [n, hidden],
+    token rows (as ``np.nonzero`` gives them in the engine), weights, and per expert e < ``experts`` the expert
+    column that routes every token to e."""
+    return (_inputs(geometry, n, seed=n), np.arange(n, dtype=np.int64), np.ones(n, np.float32),
+            [np.full(n, e, np.int32) for e in range(experts)])
+
+
 def measure_cpu(geometry: Geometry, ns: Sequence[int], host, row_budget_s: float,
                 progress: Callable[[str], None] | None = None) -> tuple[list[int], list[float]]:
     """``cpu_expert_mix`` with n tokens on one expert, the expert rotating over the pinned host experts."""
@@ -141,10 +149,7 @@ def measure_cpu(geometry: Geometry, ns: Sequence[int], host, row_budget_s: float
     cycle = iter(range(1 << 62))
     out_n, out_s = [], []
     for n in ns:
-        x = _inputs(geometry, n, seed=n)
-        token = np.arange(n, dtype=np.int64)  # as np.nonzero gives them in the engine
-        weight = np.ones(n, np.float32)
-        expert_of = [np.full(n, e, np.int32) for e in range(experts)]
+        x, token, weight, expert_of = one_expert_calls(geometry, n, experts)
         times = sample(lambda: cpu_expert_mix(x, token, expert_of[next(cycle) % experts], weight, tables),
                        row_budget_s, MIN_REPS, MAX_REPS)
         out_n += [n] * len(times)
@@ -219,10 +224,7 @@ def measure_transfer(geometry: Geometry, host, row_budget_s: float,
         pool.wait(0)
         pool.release(0)
 
-    if beside_cpu:
-        with cpu_load(geometry, host):
-            times = sample(copy, row_budget_s, MIN_REPS, MAX_REPS)
-    else:
+    with cpu_load(geometry, host) if beside_cpu else contextlib.nullcontext():
         times = sample(copy, row_budget_s, MIN_REPS, MAX_REPS)
     _report(progress, "transfer+cpu" if beside_cpu else "transfer", None, times)
     return times
@@ -237,8 +239,7 @@ def cpu_load(geometry: Geometry, host):
 
     experts = host.held.shape[1]
     tables = host.tables(0)
-    x, token, weight = _inputs(geometry, 1, seed=1), np.zeros(1, np.int64), np.ones(1, np.float32)
-    expert_of = [np.full(1, e, np.int32) for e in range(experts)]
+    x, token, weight, expert_of = one_expert_calls(geometry, 1, experts)
     stop, failed = threading.Event(), []
 
     def run():
@@ -314,7 +315,7 @@ def calibrate(hidden: int, ffn: int, dtype: str = "bfloat16", ns: Sequence[int] 
                          transfer_s=statistics.median(transfer), transfer_busy_s=statistics.median(transfer_busy),
                          sync_s=statistics.median(sync), machine=machine, geometry=geometry)
     measurements = Measurements(cpu=(tuple(cpu[0]), tuple(cpu[1])), gpu=(tuple(gpu[0]), tuple(gpu[1])),
-                                transfer=tuple(transfer), sync=tuple(sync), transfer_busy=tuple(transfer_busy))
+                                transfer=tuple(transfer), transfer_busy=tuple(transfer_busy), sync=tuple(sync))
     return model, measurements
 
 

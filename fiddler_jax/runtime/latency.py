@@ -168,8 +168,8 @@ class LatencyModel:
         """The H100 machine's design numbers (measured there on 2026-11-22) for one Mixtral-8x7B bf16 expert, for tests and planning
         before calibration. CPU: 3.5 ms at n=1 (a good kernel at the streaming bar), 8 ms at n=64, 59 ms at
         n=512; GPU: 0.15 ms up to n=128, 0.29 ms at n=512; copy 6.4 ms (the same beside CPU work: not measured
-        then); layer-step sync 0.3 ms. Used for a
-        smaller model it makes the decisions Mixtral would get on that machine (nothing is rescaled)."""
+        then); layer-step sync 0.3 ms. Used for a smaller model it makes the decisions Mixtral would get on that
+        machine (nothing is rescaled)."""
         ms = 1e-3
         return cls(cpu=PiecewiseLinear((1, 64, 512), (3.5 * ms, 8.0 * ms, 59.0 * ms)),
                    gpu=PiecewiseLinear((1, 128, 512), (0.15 * ms, 0.15 * ms, 0.29 * ms)),

@@ -23,9 +23,8 @@ def plan_prefetch(predicted_counts, on_gpu, staged, latency: LatencyModel, *, fr
     min(prefetch, free_slots), and only copies that can still pay: the k-th lands after the lane's backlog and
     k copies, and must land within ``step_s`` (this step's predicted time, after which the next one plans) plus
     the CPU time of its predicted tokens (copies at ``transfer_busy_s``: they run beside this step's CPU lane) --
-    later, the next step runs it on the CPU rather than wait, and a copy
-    in the queue would only delay the copies behind it. The engine calls it only when this step's plan leaves
-    the PCIe lane idle."""
+    later, the next step runs it on the CPU rather than wait, and a copy in the queue would only delay the copies
+    behind it. The engine calls it only when this step's plan leaves the PCIe lane idle."""
     predicted_counts = np.asarray(predicted_counts)
     on_gpu, staged = np.asarray(on_gpu, bool), np.asarray(staged, bool)
     if not (predicted_counts.shape == on_gpu.shape == staged.shape) or predicted_counts.ndim != 1:
