@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -35,7 +37,44 @@ def test_curves_are_positive_non_decreasing_and_record_this_machine(calibrated):
         ns, secs = measurements.curves()[lane]
         assert all(ns.count(n) >= 3 for n in NS) and len(ns) == len(secs)
     assert model.transfer_s > 0 and model.sync_s > 0
+    # the copy beside the CPU lane is its own measurement, not the copy alone standing in for it
+    assert model.transfer_busy_s is not None and model.transfer_busy_s > 0 and len(measurements.transfer_busy) >= 3
+    assert model.transfer_busy_s == np.median(measurements.transfer_busy)
     assert model.machine == machine_identity() and model.geometry == GEOMETRY
+
+
+def test_cpu_load_runs_the_cpu_lane_until_the_block_ends_and_raises_its_error(monkeypatch):
+    from fiddler_jax.runtime import calibrate as C
+    from fiddler_jax.runtime.lanes import cpu as cpu_lane
+
+    host = pinned_experts(Geometry(64, 96, "bfloat16"), 2)
+    calls = []
+    real = cpu_lane.cpu_expert_mix
+
+    def counting(x, token, expert, weight, tables):
+        calls.append(int(expert[0]))
+        return real(x, token, expert, weight, tables)
+
+    monkeypatch.setattr(cpu_lane, "cpu_expert_mix", counting)
+    deadline = time.monotonic() + 30
+    with C.cpu_load(Geometry(64, 96, "bfloat16"), host):
+        while len(calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    done = len(calls)
+    assert done >= 4 and set(calls[:4]) == {0, 1}  # rotates over the pinned experts
+    time.sleep(0.05)
+    assert len(calls) == done  # the thread stopped with the block
+
+    raised = threading.Event()
+
+    def failing(*args):
+        raised.set()
+        raise RuntimeError("kernel refused")
+
+    monkeypatch.setattr(cpu_lane, "cpu_expert_mix", failing)
+    with pytest.raises(RuntimeError, match="kernel refused"):
+        with C.cpu_load(Geometry(64, 96, "bfloat16"), host):
+            assert raised.wait(30)
 
 
 def test_cpu_prediction_agrees_with_a_fresh_measurement(calibrated):
