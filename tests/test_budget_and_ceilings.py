@@ -159,3 +159,39 @@ def test_lanes_together_measures_both_lanes_and_raises_a_copy_error():
 
     with pytest.raises(RuntimeError, match="copy failed"):
         ceilings.lanes_together(buffers, broken, reps=1)
+
+
+def test_decode_limit_from_the_latency_model_pays_the_copy_beside_the_cpu_lane():
+    """With no copies measured in the process, the decode limit is the latency model's: both lanes run at once, so a
+    copy costs ``transfer_busy_s`` (the copy beside the CPU lane), not the copy alone."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fiddler_jax.runtime.latency import LatencyModel
+    from fiddler_jax.runtime.planning import Lane
+    from fiddler_jax.runtime.trace import StepRecord
+
+    layers, experts, k = 2, 8, 2
+    resident = np.zeros((layers, experts), bool)
+    resident[:, :4] = True
+    counts = np.zeros(experts, np.int32)
+    counts[[0, 5]] = 1  # one resident expert, one offloaded: one offloaded expert per layer step
+    lanes = np.full(experts, Lane.GPU, np.int8)
+    lanes[5] = Lane.CPU
+    steps = [StepRecord(layer, counts, lanes, 0.0, {"cpu": (0.0, 1e-3)}) for layer in range(layers)] * 3
+    model = LatencyModel.from_design_numbers()
+    busy = dataclasses.replace(model, transfer_busy_s=2 * model.transfer_s)
+
+    def limit(latency):
+        engine = SimpleNamespace(config=SimpleNamespace(num_experts_per_tok=k, num_hidden_layers=layers),
+                                 trace=SimpleNamespace(steps=steps), placement=SimpleNamespace(resident=resident),
+                                 host=SimpleNamespace(expert_nbytes=1 << 20), latency=latency)
+        return bench.decode_limit(engine)
+
+    per_token = layers  # offloaded experts a token needs
+    alone, beside = limit(model), limit(busy)
+    assert alone["offloaded_experts_per_token"] == per_token
+    assert beside["two_lane_decode_tokens_per_s"] == pytest.approx(
+        (1 / busy.cpu(1) + 1 / (2 * model.transfer_s)) / per_token)
+    assert beside["two_lane_decode_tokens_per_s"] < alone["two_lane_decode_tokens_per_s"]
+    assert beside["cpu_lane_read_GBps"] == pytest.approx(per_token * 3 * (1 << 20) / (per_token * 3 * 1e-3) / 1e9)

@@ -85,7 +85,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     can beat on this placement. The same with the two rates measured while both lanes run (they share the host's
     DRAM) is ``two_lanes_together_decode_tokens_per_s``. ``bandwidth``: the lanes' ceilings measured in this process
     (:func:`ceilings.engine_lane_bandwidths`, bytes/s); the latency model's version (``cpu(1)`` and
-    ``transfer_s``, calibrated on another day) is kept beside it. The CPU lane's achieved read rate (expert bytes
+    ``copy_beside_cpu_s``, the copy while the CPU lane runs, calibrated on another day) is kept beside it. The CPU lane's achieved read rate (expert bytes
     it ran over its busy seconds, decode steps only) says how close the kernel came to its ceiling. None when the
     trace holds no single-token step."""
     from fiddler_jax.experiments.ceilings import decode_limits
@@ -103,7 +103,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     expert = engine.host.expert_nbytes or expert_bytes(engine.config, np.dtype(engine.model.dtype).itemsize)
     cpu_experts = sum(int(((s.counts > 0) & (s.lanes == Lane.CPU)).sum()) for s in steps if "cpu" in s.spans)
     cpu_busy = sum(s.busy_s("cpu") for s in steps if "cpu" in s.spans)
-    lanes_per_s = 1.0 / engine.latency.cpu(1) + 1.0 / engine.latency.transfer_s
+    lanes_per_s = 1.0 / engine.latency.cpu(1) + 1.0 / engine.latency.copy_beside_cpu_s
     out = {"offloaded_experts_per_token": per_token, "expert_bytes": expert,
            "cpu_lane_read_GBps": cpu_experts * expert / cpu_busy / 1e9 if cpu_busy else None,
            "latency_model_two_lane_decode_tokens_per_s": lanes_per_s / per_token if per_token else None}
@@ -119,7 +119,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
                          "the routing of the last timed run")
     else:  # no copies measured (an engine without staging slots): the latency model's limit
         out.update({"two_lane_decode_tokens_per_s": out["latency_model_two_lane_decode_tokens_per_s"],
-                    "source": "latency model (cpu(1) and transfer_s) and the routing of the last timed run"})
+                    "source": "latency model (cpu(1) and copy_beside_cpu_s) and the routing of the last timed run"})
     return out
 
 
