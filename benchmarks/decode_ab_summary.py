@@ -1,5 +1,6 @@
 """One JSON and one table from a decode_ab.sh run: for every job folder (a ``result.json``) of each side, the
-decode tokens/s, the in-run two-lane limit and the trace's busy seconds per lane; for a traced job with streamed
+decode tokens/s, the in-run two-lane limit, the trace's busy seconds per lane and its planned steps by the experts
+they copied; for a traced job with streamed
 steps, per streamed call (medians over the decode, ms) the hand-off (its inputs on the host -> the CPU lane's
 run starts), the run, the GPU's resident mix beside it and the stream's wait for the CPU output.
 
@@ -52,7 +53,8 @@ def main() -> None:
         row = {"side": side, "job": job, "git_sha": r.get("git_sha"),
                "decode_tok_s": r["metrics"]["decode_tokens_per_s"]["median"],
                "two_lane_limit_tok_s": (r.get("limits") or {}).get("two_lane_decode_tokens_per_s"),
-               "busy_s": summary.get("busy_s"), "wall_s": summary.get("wall_s")}
+               "busy_s": summary.get("busy_s"), "wall_s": summary.get("wall_s"),
+               "steps_by_copies": summary.get("steps_by_copies")}
         trace = os.path.join(os.path.dirname(path), "trace.json")
         if os.path.isfile(trace):
             row.update(streamed_calls(trace))
@@ -66,6 +68,8 @@ def main() -> None:
     for row in rows:
         limit = row["two_lane_limit_tok_s"]
         calls = {k: row[k] for k in ("handoff_ms", "cpu_run_ms", "gpu_mix_ms", "cpu_wait_ms") if k in row}
+        if row["steps_by_copies"]:
+            calls["planned steps by copies"] = row["steps_by_copies"]
         print(f"{row['side']:<9}{row['job'][:47]:<48}{row['decode_tok_s']:>8.2f}"
               f"{limit if limit is None else round(limit, 2)!s:>8}  {calls or ''}")
 

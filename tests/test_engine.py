@@ -218,10 +218,26 @@ def test_trace_saves_a_perfetto_timeline(checkpoint, tmp_path):
     summary = data["otherData"]["summary"]
     assert summary["planned_steps"] == 12 and 0 <= summary["gpu_hit_rate"] <= 1
     assert sum(summary["experts_per_lane"].values()) == sum(int((s.counts > 0).sum()) for s in engine.trace.steps)
+    assert sum(summary["steps_by_copies"].values()) == 12
     engine.trace.clear()
     assert engine.trace_summary() == {"planned_steps": 0}
     tokens, stats = engine.generate_with_stats(token_ids(97, (1, 6), seed=5), 6, eos_token_id=[])
     assert tokens.shape == (1, 12) and stats.prefill_s > 0 and stats.new_tokens == 6
+
+
+def test_trace_counts_the_steps_by_their_copies():
+    """``steps_by_copies`` counts each step's active experts on the PCIe lane (an idle copied expert is not one)."""
+    from fiddler_jax.runtime.trace import StepRecord, Trace
+
+    def step(lanes, counts):
+        return StepRecord(0, np.array(counts), np.array(lanes, np.int8), 0.0, {"cpu": (0.0, 1e-3)})
+
+    C, G, T = Lane.CPU, Lane.GPU, Lane.TRANSFER
+    trace = Trace()
+    for record in (step([C, G, T, T], [1, 1, 1, 1]), step([T, T, C, G], [1, 0, 1, 1]),
+                   step([C, C, G, G], [1, 1, 1, 1]), step([T, G, C, C], [2, 1, 1, 0])):
+        trace.add(record)
+    assert trace.summary()["steps_by_copies"] == {"0": 1, "1": 2, "2": 1}
 
 
 def test_same_seed_same_output_across_cpu_thread_counts():

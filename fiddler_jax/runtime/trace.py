@@ -75,7 +75,9 @@ class Trace:
         return len(self.steps)
 
     def summary(self) -> dict:
-        """GPU-hit rate over active experts, experts and busy seconds per lane, idle time, predicted makespan."""
+        """GPU-hit rate over active experts, experts and busy seconds per lane, idle time, predicted makespan, and
+        how many steps copied 0, 1, 2, ... experts (``steps_by_copies``: a planner that copies in every step shows
+        no 0)."""
         if not self.steps:
             return {"planned_steps": 0}
         active = np.concatenate([s.counts > 0 for s in self.steps])
@@ -93,8 +95,14 @@ class Trace:
             "overlap_s": {"cpu+pcie": sum(s.overlap_s("cpu", "pcie") for s in self.steps),
                           "cpu+gpu": sum(s.overlap_s("cpu", "gpu") for s in self.steps)},
             "predicted_s": float(sum(s.predicted_s for s in self.steps)),
+            "steps_by_copies": self._steps_by_copies(),
             **self._prefetch_summary(),
         }
+
+    def _steps_by_copies(self) -> dict[str, int]:
+        """Steps per number of active experts the plan ran from a copy (keys as strings, for JSON)."""
+        copies = [int(((s.counts > 0) & (s.lanes == Lane.TRANSFER)).sum()) for s in self.steps]
+        return {str(n): copies.count(n) for n in sorted(set(copies))}
 
     def _prefetch_summary(self) -> dict:
         """Prefetched copies: how many, how many the step's routing then asked for (the prediction was right),
