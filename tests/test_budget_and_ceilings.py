@@ -195,3 +195,22 @@ def test_decode_limit_from_the_latency_model_pays_the_copy_beside_the_cpu_lane()
         (1 / busy.cpu(1) + 1 / (2 * model.transfer_s)) / per_token)
     assert beside["two_lane_decode_tokens_per_s"] < alone["two_lane_decode_tokens_per_s"]
     assert beside["cpu_lane_read_GBps"] == pytest.approx(per_token * 3 * (1 << 20) / (per_token * 3 * 1e-3) / 1e9)
+
+
+def test_planner_sync_s_replaces_the_latency_models_sync_only():
+    """``planner.sync_s`` plans with the latency model's sync replaced -- on a new engine and on one reused from
+    the last build -- and leaves everything else of the model alone; a bad value is one clear error."""
+    bench.release_engines()
+    base, _ = bench.build_engine(_compose())
+    engine, _ = bench.build_engine(_compose("planner.sync_s=0.002"))  # reuses the weights
+    assert engine.resources is base.resources
+    assert engine.latency.sync_s == 0.002 and engine.memo.latency.sync_s == 0.002
+    assert engine.latency.transfer_s == base.latency.transfer_s and engine.latency.cpu == base.latency.cpu
+    again, _ = bench.build_engine(_compose())  # the override does not stick to the reused engine
+    assert again.latency.sync_s == base.latency.sync_s
+    bench.release_engines()
+    fresh, _ = bench.build_engine(_compose("planner.sync_s=0.001"))
+    assert fresh.latency.sync_s == 0.001
+    bench.release_engines()
+    with pytest.raises(InvalidInputError, match="planner.sync_s must be a non-negative number"):
+        build.check_engine(_compose("planner.sync_s=-1"))

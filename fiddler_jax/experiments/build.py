@@ -10,6 +10,7 @@ buffers: a sweep over planners or kernels reuses it (``Engine.with_planner``) in
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fiddler_jax.errors import InvalidInputError
 from fiddler_jax.experiments.model_group import checkpoint_path, model_config
-from fiddler_jax.experiments.schemas import planner_kwargs
+from fiddler_jax.experiments.schemas import planner_kwargs, planner_sync_s
 
 _LAST_ENGINE: dict = {}
 
@@ -109,7 +110,7 @@ def _engine_key(cfg, size: dict, planner: dict) -> str:
 def build_engine(cfg):
     """The engine the config describes (module docstring) and the model's tokenizer (None for random weights or a
     folder without tokenizer files). Reuses the engine last built in this process when its weights, placement and
-    GPU buffers agree."""
+    GPU buffers agree. ``planner.sync_s`` set: the engine plans with the latency model's ``sync_s`` replaced."""
     from fiddler_jax.runtime.engine import Engine
 
     set_kernel(cfg.kernel.path, cfg.kernel.spin_us, cfg.kernel.get("streamed_spin_us"), cfg.kernel.get("threads"))
@@ -117,9 +118,10 @@ def build_engine(cfg):
     size = engine_size(cfg)
     pk = planner_kwargs(cfg.planner)
     key = _engine_key(cfg, size, pk)
+    sync_s = planner_sync_s(cfg.planner)
     if key in _LAST_ENGINE:
         engine, tokenizer = _LAST_ENGINE[key]
-        return engine.with_planner(options=options, **pk), tokenizer
+        return engine.with_planner(options=options, latency=_with_sync(engine.latency, sync_s), **pk), tokenizer
     release_engines()
     m = cfg.model
     config = model_config(m)
@@ -132,7 +134,15 @@ def build_engine(cfg):
         path = checkpoint_path(m)
         built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
     _LAST_ENGINE[key] = built
+    if sync_s is not None:
+        engine, tokenizer = built
+        return engine.with_planner(options=options, latency=_with_sync(engine.latency, sync_s), **pk), tokenizer
     return built
+
+
+def _with_sync(latency, sync_s: float | None):
+    """``latency`` with its ``sync_s`` replaced by ``sync_s`` (None: unchanged)."""
+    return latency if sync_s is None else dataclasses.replace(latency, sync_s=sync_s)
 
 
 def engine_kwargs(cfg, config, size: dict, pk: dict, **extra) -> dict:
@@ -148,13 +158,14 @@ def engine_kwargs(cfg, config, size: dict, pk: dict, **extra) -> dict:
 def check_engine(cfg) -> None:
     """The checks :func:`build_engine` makes before it loads anything (``Engine.check`` with the build's keyword
     arguments), without loading weights or using a device: the planner binds with its parameters (``cpu_only``
-    has no ``max_transfers``), the engine's size resolves (the KV reserve holds every beam) and the placement fits
+    has no ``max_transfers``; ``planner.sync_s`` is a number or null), the engine's size resolves (the KV reserve holds every beam) and the placement fits
     the GPU budget (KV cache, workspace and slots under it). Raises the error the build would. A budget of
     ``auto`` is checked on the device only (it asks JAX), as is a routing profile (reading it traces the model):
     there only the planner is bound."""
     from fiddler_jax.runtime.engine import Engine, bind_planner
 
     pk = planner_kwargs(cfg.planner)
+    planner_sync_s(cfg.planner)
     if cfg.hardware.gpu_budget is None:
         params = {k: v for k, v in pk.items() if k not in ("planner", "staging_slots", "cache_slots")}
         bind_planner(pk["planner"], params, pk["staging_slots"], pk["cache_slots"])

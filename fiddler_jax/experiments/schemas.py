@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 
 from hydra.core.config_store import ConfigStore
 
+from fiddler_jax.errors import InvalidInputError
+
 
 @dataclass
 class ModelSchema:
@@ -50,6 +52,7 @@ class PlannerConfig:
     concurrent: Optional[bool] = None
     exact_limit: Optional[int] = None
     prefetch: Optional[int] = None
+    sync_s: Optional[float] = None  # not the planner's option: the latency model's sync_s it plans with
 
 
 @dataclass
@@ -151,9 +154,24 @@ ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
 def _planner_options(planner) -> dict:
-    """The planner group's options that are set (not None), without its name."""
+    """The planner group's options that are set (not None), without its name and ``sync_s`` (a latency override,
+    :func:`planner_sync_s`)."""
     items = dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
-    return {k: v for k, v in items.items() if k != "name" and v is not None}
+    return {k: v for k, v in items.items() if k not in ("name", "sync_s") and v is not None}
+
+
+def planner_sync_s(planner) -> float | None:
+    """``planner.sync_s``: the seconds the planner charges a layer step that syncs with the host (the streamed
+    lane's alternative), replacing the latency model's ``sync_s`` (calibrated as a tiny op's round trip, which
+    leaves out the per-layer dispatches a synced step brings back); None = the latency model's. Checked: a
+    non-negative number."""
+    items = dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
+    value = items.get("sync_s")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidInputError(f"planner.sync_s must be a non-negative number of seconds or null; got {value!r}")
+    return float(value)
 
 
 def planner_kwargs(planner) -> dict:
@@ -224,6 +242,9 @@ OPTION_HELP = {
     "planner.exact_limit": "fiddler_overlap: exhaustive search up to this many candidate experts (2**10 "
                            "assignments), greedy beyond; null = 10",
     "planner.prefetch": "next-layer experts copied ahead per layer step; null = 0 (off)",
+    "planner.sync_s": "seconds the planner charges a layer step that syncs with the host instead of streaming "
+                      "(an ablation of the latency model's calibrated sync_s, a tiny op's round trip); null = the "
+                      "latency model's",
     "kernel.path": "the CPU lane: auto | avx512_bf16 | amx | avx2 (our C++ kernel) | xla (XLA's CPU dot); set it "
                    "with kernel=<option>",
     "kernel.spin_us": "microseconds the kernel pool's workers spin before they sleep",

@@ -238,11 +238,12 @@ class Engine:
                                    "planner_params": planner_params})[1]
 
     def with_planner(self, planner: str, *, options: EngineOptions | None = None, staging_slots: int | None = None,
-                     cache_slots: int = 0, **planner_params) -> Engine:
+                     cache_slots: int = 0, latency: LatencyModel | None = None, **planner_params) -> Engine:
         """Another engine over the same resources (weights, placement, pinned experts, GPU buffers) with another
-        planner and options: what a sweep over planners wants, since building Mixtral-8x7B's engine takes minutes
-        and a second copy would not fit. Run one at a time. The planner must fit the buffers placed: at most
-        this engine's staging slots and the same dynamic-cache slots."""
+        planner, options and latency model (None: this engine's): what a sweep over planners wants, since
+        building Mixtral-8x7B's engine takes minutes and a second copy would not fit. Run one at a time. The
+        planner must fit the buffers placed: at most this engine's staging slots and the same dynamic-cache
+        slots."""
         staging_slots = self.staging_slots if staging_slots is None else staging_slots
         bound = bind_planner(planner, planner_params, staging_slots, cache_slots)
         if staging_slots > self.staging_slots or bound.cache_slots != self.cache_slots:
@@ -250,7 +251,7 @@ class Engine:
                 f"planner {planner!r} needs {staging_slots} staging and {bound.cache_slots} cache slots, but this "
                 f"engine placed {self.staging_slots} and {self.cache_slots}; build a new engine")
         check_planner_fits(bound, self.placement.resident)
-        return Engine(self.resources, bound, self.latency, options or self.options)
+        return Engine(self.resources, bound, latency or self.latency, options or self.options)
 
     # -- what it is built on -----------------------------------------------------------------------------------
     @property
