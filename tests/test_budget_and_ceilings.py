@@ -214,3 +214,20 @@ def test_planner_sync_s_replaces_the_latency_models_sync_only():
     bench.release_engines()
     with pytest.raises(InvalidInputError, match="planner.sync_s must be a non-negative number"):
         build.check_engine(_compose("planner.sync_s=-1"))
+    with pytest.raises(InvalidInputError, match="measure or null; got 'soon'"):
+        build.check_engine(_compose("planner.sync_s=soon"))
+
+
+def test_planner_sync_s_measure_measures_once_per_engine_and_kernel_options(monkeypatch):
+    from fiddler_jax.runtime import sync_penalty
+
+    measured = []
+    monkeypatch.setattr(sync_penalty, "measure_sync_penalty", lambda engine: measured.append(engine) or 0.004)
+    bench.release_engines()
+    engine, _ = bench.build_engine(_compose("planner.sync_s=measure"))
+    assert engine.latency.sync_s == 0.004 and len(measured) == 1
+    assert bench.build_engine(_compose("planner=cpu_only", "planner.sync_s=measure"))[0].latency.sync_s == 0.004
+    assert len(measured) == 1  # the same engine and options: measured once
+    serial, _ = bench.build_engine(_compose("planner.sync_s=measure", "kernel.streamed_overlap=false"))
+    assert len(measured) == 2 and measured[1].options.streamed_overlap is False
+    bench.release_engines()

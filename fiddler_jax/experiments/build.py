@@ -21,6 +21,7 @@ from fiddler_jax.experiments.model_group import checkpoint_path, model_config
 from fiddler_jax.experiments.schemas import planner_kwargs, planner_sync_s
 
 _LAST_ENGINE: dict = {}
+_MEASURED_SYNC: dict = {}  # (engine key, EngineOptions) -> planner.sync_s=measure's seconds
 
 
 def gpu_budget(hardware) -> str | int:
@@ -110,7 +111,8 @@ def _engine_key(cfg, size: dict, planner: dict) -> str:
 def build_engine(cfg):
     """The engine the config describes (module docstring) and the model's tokenizer (None for random weights or a
     folder without tokenizer files). Reuses the engine last built in this process when its weights, placement and
-    GPU buffers agree. ``planner.sync_s`` set: the engine plans with the latency model's ``sync_s`` replaced."""
+    GPU buffers agree. ``planner.sync_s`` set: the engine plans with the latency model's ``sync_s`` replaced
+    (:func:`_with_sync`)."""
     from fiddler_jax.runtime.engine import Engine
 
     set_kernel(cfg.kernel.path, cfg.kernel.spin_us, cfg.kernel.get("streamed_spin_us"), cfg.kernel.get("threads"))
@@ -121,28 +123,40 @@ def build_engine(cfg):
     sync_s = planner_sync_s(cfg.planner)
     if key in _LAST_ENGINE:
         engine, tokenizer = _LAST_ENGINE[key]
-        return engine.with_planner(options=options, latency=_with_sync(engine.latency, sync_s), **pk), tokenizer
-    release_engines()
-    m = cfg.model
-    config = model_config(m)
-    kwargs = engine_kwargs(cfg, config, size, pk, options=options)
-    if m.random:
-        built = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias, **kwargs), None
     else:
-        import fiddler_jax as fj
+        release_engines()
+        m = cfg.model
+        config = model_config(m)
+        kwargs = engine_kwargs(cfg, config, size, pk, options=options)
+        if m.random:
+            engine, tokenizer = Engine.from_random(config, weight_seed=m.weight_seed, router_bias=m.router_bias,
+                                                   **kwargs), None
+        else:
+            import fiddler_jax as fj
 
-        path = checkpoint_path(m)
-        built = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
-    _LAST_ENGINE[key] = built
+            path = checkpoint_path(m)
+            engine, tokenizer = Engine.from_pretrained(path, **kwargs), fj.load_tokenizer(path)
+        _LAST_ENGINE[key] = engine, tokenizer
+    engine = engine.with_planner(options=options, **pk)  # the kept engine stays as built
     if sync_s is not None:
-        engine, tokenizer = built
-        return engine.with_planner(options=options, latency=_with_sync(engine.latency, sync_s), **pk), tokenizer
-    return built
+        engine = engine.with_planner(options=options, latency=_with_sync(engine, sync_s, key), **pk)
+    return engine, tokenizer
 
 
-def _with_sync(latency, sync_s: float | None):
-    """``latency`` with its ``sync_s`` replaced by ``sync_s`` (None: unchanged)."""
-    return latency if sync_s is None else dataclasses.replace(latency, sync_s=sync_s)
+def _with_sync(engine, sync_s, key: str):
+    """The engine's latency model with its ``sync_s`` replaced by ``planner.sync_s``: a number of seconds, or
+    ``"measure"`` (:func:`~fiddler_jax.runtime.sync_penalty.measure_sync_penalty` on this engine, measured once per
+    built engine and kernel options)."""
+    if sync_s == "measure":
+        from fiddler_jax.runtime.sync_penalty import measure_sync_penalty
+
+        measured = (key, engine.options)
+        if measured not in _MEASURED_SYNC:
+            _MEASURED_SYNC[measured] = measure_sync_penalty(engine)
+            print(f"[sync] a synced layer step costs {_MEASURED_SYNC[measured] * 1e3:.3f} ms over a streamed one "
+                  f"(the latency model's round trip: {engine.latency.sync_s * 1e3:.3f} ms)", flush=True)
+        sync_s = _MEASURED_SYNC[measured]
+    return dataclasses.replace(engine.latency, sync_s=sync_s)
 
 
 def engine_kwargs(cfg, config, size: dict, pk: dict, **extra) -> dict:
@@ -194,4 +208,5 @@ def release_engines() -> None:
     import gc
 
     _LAST_ENGINE.clear()
+    _MEASURED_SYNC.clear()
     gc.collect()

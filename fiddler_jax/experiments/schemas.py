@@ -52,7 +52,7 @@ class PlannerConfig:
     concurrent: Optional[bool] = None
     exact_limit: Optional[int] = None
     prefetch: Optional[int] = None
-    sync_s: Optional[float] = None  # not the planner's option: the latency model's sync_s it plans with
+    sync_s: Any = None  # not the planner's option: the latency model's sync_s it plans with (seconds | measure)
 
 
 @dataclass
@@ -160,17 +160,19 @@ def _planner_options(planner) -> dict:
     return {k: v for k, v in items.items() if k not in ("name", "sync_s") and v is not None}
 
 
-def planner_sync_s(planner) -> float | None:
+def planner_sync_s(planner) -> float | str | None:
     """``planner.sync_s``: the seconds the planner charges a layer step that syncs with the host (the streamed
     lane's alternative), replacing the latency model's ``sync_s`` (calibrated as a tiny op's round trip, which
-    leaves out the per-layer dispatches a synced step brings back); None = the latency model's. Checked: a
-    non-negative number."""
+    leaves out the per-layer dispatches a synced step brings back); ``"measure"``: measured on the engine
+    (:mod:`fiddler_jax.runtime.sync_penalty`); None = the latency model's. Checked: a non-negative number or
+    ``measure``."""
     items = dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
     value = items.get("sync_s")
-    if value is None:
-        return None
+    if value is None or value == "measure":
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InvalidInputError(f"planner.sync_s must be a non-negative number of seconds or null; got {value!r}")
+        raise InvalidInputError(f"planner.sync_s must be a non-negative number of seconds, measure or null; got "
+                                f"{value!r}")
     return float(value)
 
 
@@ -243,8 +245,9 @@ OPTION_HELP = {
                            "assignments), greedy beyond; null = 10",
     "planner.prefetch": "next-layer experts copied ahead per layer step; null = 0 (off)",
     "planner.sync_s": "seconds the planner charges a layer step that syncs with the host instead of streaming "
-                      "(an ablation of the latency model's calibrated sync_s, a tiny op's round trip); null = the "
-                      "latency model's",
+                      "(the latency model's calibrated sync_s is a tiny op's round trip); measure = the engine's own "
+                      "synced-over-streamed step time (cpu_only decode both ways, once per engine and kernel "
+                      "options); null = the latency model's",
     "kernel.path": "the CPU lane: auto | avx512_bf16 | amx | avx2 (our C++ kernel) | xla (XLA's CPU dot); set it "
                    "with kernel=<option>",
     "kernel.spin_us": "microseconds the kernel pool's workers spin before they sleep",

@@ -1,0 +1,52 @@
+"""What a layer step that syncs with the host costs this engine over one that streams, measured on the engine.
+
+The latency model's ``sync_s`` is calibrated as a tiny jitted op's round trip (:mod:`~fiddler_jax.runtime.calibrate`):
+the host waits for a small result. A decode step that leaves the streamed lane costs the engine more than that:
+the GPU's queue drains while the host waits for the routing counts and plans, the layer's pieces are dispatched
+one by one instead of inside the token's program, and the CPU lane no longer starts beside the resident mix. The
+planner weighs that cost against what a copy saves (a plan that copies cannot stream), so an undercounted sync
+makes it copy where streaming is faster.
+
+Measurement: the same greedy decode on this engine's resources with the ``cpu_only`` planner (whose every step
+could stream) twice -- streamed (the engine's options) and with every step synced (``streamed_cpu_lane=False``) --
+alternating, each compiled by an untimed run first. The penalty is the median over ``repeats`` pairs of
+(synced − streamed) steady-state decode seconds over the layer steps that synced (tokens × layers with an
+offloaded expert), and never less than the latency model's ``sync_s`` (the round trip is a part of it). An
+engine none of whose steps can stream (nothing offloaded, a dynamic cache, the streamed lane switched off or the
+XLA CPU backend) has no alternative to the sync: its penalty is ``sync_s``.
+"""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+from fiddler_jax.errors import InvalidInputError
+
+
+def planned_layers(engine) -> int:
+    """The layers whose steps the planner sees (an expert of theirs is offloaded); all-resident layers never sync."""
+    return int((~engine.placement.resident).any(axis=1).sum())
+
+
+def measure_sync_penalty(engine, *, tokens: int = 8, prompt_tokens: int = 8, repeats: int = 3) -> float:
+    """Seconds one synced layer step costs ``engine`` over a streamed one (module docstring)."""
+    if tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise InvalidInputError(f"measure_sync_penalty needs tokens >= 2, prompt_tokens >= 1 and repeats >= 1; got "
+                                f"{tokens}, {prompt_tokens}, {repeats}")
+    layers = planned_layers(engine)
+    options = engine.options
+    if layers == 0 or engine.cache_slots or not options.streamed_cpu_lane or options.cpu_backend != "kernel":
+        return engine.latency.sync_s
+    streamed = engine.with_planner("cpu_only", options=options)
+    synced = engine.with_planner("cpu_only", options=options.replace(streamed_cpu_lane=False))
+    prompt = (np.arange(prompt_tokens)[None] * 7 + 3) % engine.config.vocab_size
+
+    def decode_s(e) -> float:
+        _, stats = e.generate_with_stats(prompt, tokens, eos_token_id=[])
+        return stats.decode_s
+
+    decode_s(streamed), decode_s(synced)  # compile both
+    steps = (tokens - 1) * layers  # decode_s times the steps after the first
+    differences = [(decode_s(synced) - decode_s(streamed)) / steps for _ in range(repeats)]
+    return max(engine.latency.sync_s, float(statistics.median(differences)))
