@@ -176,6 +176,29 @@ def test_a_copy_beside_cpu_work_costs_transfer_busy_s():
         reference_makespan(lat, counts, resident, one_copy.transfer_order.tolist(), 2), rel=1e-12)
 
 
+def test_a_layer_streams_once_the_planner_pays_what_a_synced_step_really_costs():
+    """The 80a82b6 run's numbers (a copy 0.73 ms beside the CPU lane): at the calibrated round trip (0.05 ms) the
+    routing with all eight experts offloaded is planned with a copy, so the layer can never stream; charged the
+    engine's synced-step cost (about 1.2 ms a step on the H100: synced 2.09 against streamed 0.89 ms, 2cddf9a),
+    no routing copies and every step of the layer streams."""
+    from fiddler_jax.runtime.planning.streamed_steps import all_cpu_by_bound, all_cpu_for_any_routing
+
+    _, resident, lat = qwen3_decode_step()
+    measured = dataclasses.replace(lat, transfer_busy_s=0.73 * MS)
+
+    def streams(latency):
+        return all_cpu_for_any_routing(
+            lambda c: plan_fiddler_overlap(c, resident, latency, streamable=True), resident, tokens=1, top_k=8)
+
+    assert not streams(measured)
+    eight = np.zeros(128, int)
+    eight[120:] = 1  # all offloaded
+    assert len(plan_fiddler_overlap(eight, resident, measured, streamable=True).transfer_order) == 1
+    charged = dataclasses.replace(measured, sync_s=1.2 * MS)
+    assert streams(charged)
+    assert all_cpu_by_bound(P.get_planner("fiddler_overlap"), charged, resident, tokens=1, top_k=8)
+
+
 def test_greedy_agrees_with_exhaustive_search():
     rng = np.random.default_rng(3)
     gaps = []
