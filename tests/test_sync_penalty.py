@@ -39,7 +39,7 @@ def test_the_penalty_is_the_synced_decode_over_the_streamed_per_planned_layer_st
     calls = []
     fake_decode(monkeypatch, synced_s=0.5, streamed_s=0.1, calls=calls)
     penalty = sync_penalty.measure_sync_penalty(engine, tokens=5, repeats=3)
-    assert penalty == pytest.approx(0.4 / (4 * layers))
+    assert penalty == pytest.approx(0.4 / (3 * layers))  # decode_s: the 5 new tokens but the first two
     assert len(calls) == 2 + 2 * 3 and {c[0] for c in calls} == {"cpu_only"} and {c[2] for c in calls} == {5}
     assert sorted(c[1] for c in calls) == [False] * 4 + [True] * 4  # both ways, compiled once untimed
     calls.clear()
@@ -52,8 +52,8 @@ def test_an_engine_that_cannot_stream_pays_the_round_trip_without_measuring(engi
     for options in (EngineOptions(streamed_cpu_lane=False), EngineOptions(cpu_backend="xla")):
         synced = engine.with_planner("fiddler_overlap", options=options)
         assert sync_penalty.measure_sync_penalty(synced) == engine.latency.sync_s
-    with pytest.raises(InvalidInputError, match="tokens >= 2"):
-        sync_penalty.measure_sync_penalty(engine, tokens=1)
+    with pytest.raises(InvalidInputError, match="tokens >= 3"):
+        sync_penalty.measure_sync_penalty(engine, tokens=2)
 
 
 def test_measured_on_the_engine_itself_it_is_at_least_the_round_trip(engine):

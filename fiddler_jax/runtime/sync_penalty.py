@@ -10,10 +10,11 @@ makes it copy where streaming is faster.
 Measurement: the same greedy decode on this engine's resources with the ``cpu_only`` planner (whose every step
 could stream) twice -- streamed (the engine's options) and with every step synced (``streamed_cpu_lane=False``) --
 alternating, each compiled by an untimed run first. The penalty is the median over ``repeats`` pairs of
-(synced − streamed) steady-state decode seconds over the layer steps that synced (tokens × layers with an
-offloaded expert), and never less than the latency model's ``sync_s`` (the round trip is a part of it). An
-engine none of whose steps can stream (nothing offloaded, a dynamic cache, the streamed lane switched off or the
-XLA CPU backend) has no alternative to the sync: its penalty is ``sync_s``.
+(synced − streamed) steady-state decode seconds (``GenerationStats.decode_s``: the new tokens but the first two)
+over the layer steps that synced in it (those tokens × the layers with an offloaded expert), and never less than
+the latency model's ``sync_s`` (the round trip is a part of it). An engine none of whose steps can stream (nothing
+offloaded, a dynamic cache, the streamed lane switched off or the XLA CPU backend) has no alternative to the sync:
+its penalty is ``sync_s``.
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ def planned_layers(engine) -> int:
     return int((~engine.placement.resident).any(axis=1).sum())
 
 
-def measure_sync_penalty(engine, *, tokens: int = 8, prompt_tokens: int = 8, repeats: int = 3) -> float:
+def measure_sync_penalty(engine, *, tokens: int = 10, prompt_tokens: int = 8, repeats: int = 3) -> float:
     """Seconds one synced layer step costs ``engine`` over a streamed one (module docstring)."""
-    if tokens < 2 or prompt_tokens < 1 or repeats < 1:
-        raise InvalidInputError(f"measure_sync_penalty needs tokens >= 2, prompt_tokens >= 1 and repeats >= 1; got "
+    if tokens < 3 or prompt_tokens < 1 or repeats < 1:
+        raise InvalidInputError(f"measure_sync_penalty needs tokens >= 3, prompt_tokens >= 1 and repeats >= 1; got "
                                 f"{tokens}, {prompt_tokens}, {repeats}")
     layers = planned_layers(engine)
     options = engine.options
@@ -47,6 +48,6 @@ def measure_sync_penalty(engine, *, tokens: int = 8, prompt_tokens: int = 8, rep
         return stats.decode_s
 
     decode_s(streamed), decode_s(synced)  # compile both
-    steps = (tokens - 1) * layers  # decode_s times the steps after the first
+    steps = (tokens - 2) * layers  # decode_s times the one-token steps after the first (GenerationStats)
     differences = [(decode_s(synced) - decode_s(streamed)) / steps for _ in range(repeats)]
     return max(engine.latency.sync_s, float(statistics.median(differences)))
