@@ -172,8 +172,9 @@ def engine_kwargs(cfg, config, size: dict, pk: dict, **extra) -> dict:
 def check_engine(cfg) -> None:
     """The checks :func:`build_engine` makes before it loads anything (``Engine.check`` with the build's keyword
     arguments), without loading weights or using a device: the planner binds with its parameters (``cpu_only``
-    has no ``max_transfers``; ``planner.sync_s`` is a number or null), the engine's size resolves (the KV reserve holds every beam) and the placement fits
-    the GPU budget (KV cache, workspace and slots under it). Raises the error the build would. A budget of
+    has no ``max_transfers``; ``planner.sync_s`` is a number, measure or null), the engine's size resolves (the
+    KV reserve holds every beam) and the placement fits the GPU budget (KV cache, workspace and slots under it).
+    Raises the error the build would. A budget of
     ``auto`` is checked on the device only (it asks JAX), as is a routing profile (reading it traces the model):
     there only the planner is bound."""
     from fiddler_jax.runtime.engine import Engine, bind_planner
