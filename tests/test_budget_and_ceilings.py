@@ -212,13 +212,14 @@ def test_planner_sync_s_replaces_the_latency_models_sync_only():
     fresh, _ = bench.build_engine(_compose("planner.sync_s=0.001"))
     assert fresh.latency.sync_s == 0.001
     bench.release_engines()
-    with pytest.raises(InvalidInputError, match="planner.sync_s must be a non-negative number"):
-        build.check_engine(_compose("planner.sync_s=-1"))
+    for bad in ("-1", "inf"):
+        with pytest.raises(InvalidInputError, match="planner.sync_s must be a finite non-negative number"):
+            build.check_engine(_compose(f"planner.sync_s={bad}"))
     with pytest.raises(InvalidInputError, match="measure or null; got 'soon'"):
         build.check_engine(_compose("planner.sync_s=soon"))
 
 
-def test_planner_sync_s_measure_measures_once_per_engine_and_kernel_options(monkeypatch):
+def test_planner_sync_s_measure_measures_once_per_engine_and_kernel_group(monkeypatch):
     from fiddler_jax.runtime import sync_penalty
 
     measured = []
@@ -230,4 +231,6 @@ def test_planner_sync_s_measure_measures_once_per_engine_and_kernel_options(monk
     assert len(measured) == 1  # the same engine and options: measured once
     serial, _ = bench.build_engine(_compose("planner.sync_s=measure", "kernel.streamed_overlap=false"))
     assert len(measured) == 2 and measured[1].options.streamed_overlap is False
+    bench.build_engine(_compose("planner.sync_s=measure", "kernel.spin_us=10"))  # the pool's spin: measured again
+    assert len(measured) == 3
     bench.release_engines()

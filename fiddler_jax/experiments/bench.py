@@ -85,8 +85,9 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     can beat on this placement. The same with the two rates measured while both lanes run (they share the host's
     DRAM) is ``two_lanes_together_decode_tokens_per_s``. ``bandwidth``: the lanes' ceilings measured in this process
     (:func:`ceilings.engine_lane_bandwidths`, bytes/s); the latency model's version (``cpu(1)`` and
-    ``copy_beside_cpu_s``, the copy while the CPU lane runs, calibrated on another day) is kept beside it. The CPU lane's achieved read rate (expert bytes
-    it ran over its busy seconds, decode steps only) says how close the kernel came to its ceiling. None when the
+    ``copy_beside_cpu_s``, the copy while the CPU lane runs, calibrated on another day) is kept beside it. The CPU
+    lane's achieved read rate (expert bytes it ran over its busy seconds, decode steps only) says how close the
+    kernel came to its ceiling. None when the
     trace holds no single-token step."""
     from fiddler_jax.experiments.ceilings import decode_limits
     from fiddler_jax.runtime.placement import expert_bytes

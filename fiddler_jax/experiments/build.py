@@ -21,7 +21,7 @@ from fiddler_jax.experiments.model_group import checkpoint_path, model_config
 from fiddler_jax.experiments.schemas import planner_kwargs, planner_sync_s
 
 _LAST_ENGINE: dict = {}
-_MEASURED_SYNC: dict = {}  # (engine key, EngineOptions) -> planner.sync_s=measure's seconds
+_MEASURED_SYNC: dict = {}  # (engine key, kernel group) -> planner.sync_s=measure's seconds
 
 
 def gpu_budget(hardware) -> str | int:
@@ -139,18 +139,18 @@ def build_engine(cfg):
         _LAST_ENGINE[key] = engine, tokenizer
     engine = engine.with_planner(options=options, **pk)  # the kept engine stays as built
     if sync_s is not None:
-        engine = engine.with_planner(options=options, latency=_with_sync(engine, sync_s, key), **pk)
+        kernel = json.dumps(OmegaConf.to_container(cfg.kernel, resolve=True), sort_keys=True, default=str)
+        engine = engine.with_planner(options=options, latency=_with_sync(engine, sync_s, (key, kernel)), **pk)
     return engine, tokenizer
 
 
-def _with_sync(engine, sync_s, key: str):
+def _with_sync(engine, sync_s, measured: tuple):
     """The engine's latency model with its ``sync_s`` replaced by ``planner.sync_s``: a number of seconds, or
     ``"measure"`` (:func:`~fiddler_jax.runtime.sync_penalty.measure_sync_penalty` on this engine, measured once per
-    built engine and kernel options)."""
+    ``measured``: the built engine's key and the ``kernel`` group, whose options, threads and spins it depends on)."""
     if sync_s == "measure":
         from fiddler_jax.runtime.sync_penalty import measure_sync_penalty
 
-        measured = (key, engine.options)
         if measured not in _MEASURED_SYNC:
             _MEASURED_SYNC[measured] = measure_sync_penalty(engine)
             print(f"[sync] a synced layer step costs {_MEASURED_SYNC[measured] * 1e3:.3f} ms over a streamed one "

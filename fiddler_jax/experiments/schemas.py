@@ -9,6 +9,7 @@ The ``model``, ``placement``, ``planner`` and ``kernel`` groups have one schema 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -170,8 +171,8 @@ def planner_sync_s(planner) -> float | str | None:
     value = items.get("sync_s")
     if value is None or value == "measure":
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InvalidInputError(f"planner.sync_s must be a non-negative number of seconds, measure or null; got "
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise InvalidInputError(f"planner.sync_s must be a finite non-negative number of seconds, measure or null; got "
                                 f"{value!r}")
     return float(value)
 

@@ -11,10 +11,11 @@ Measurement: the same greedy decode on this engine's resources with the ``cpu_on
 could stream) twice -- streamed (the engine's options) and with every step synced (``streamed_cpu_lane=False``) --
 alternating, each compiled by an untimed run first. The penalty is the median over ``repeats`` pairs of
 (synced − streamed) steady-state decode seconds (``GenerationStats.decode_s``: the new tokens but the first two)
-over the layer steps that synced in it (those tokens × the layers with an offloaded expert), and never less than
-the latency model's ``sync_s`` (the round trip is a part of it). An engine none of whose steps can stream (nothing
-offloaded, a dynamic cache, the streamed lane switched off or the XLA CPU backend) has no alternative to the sync:
-its penalty is ``sync_s``.
+over the layer steps that streamed in one and synced in the other (those tokens × the layers whose one-token step
+takes the streamed lane), and never less than the latency model's ``sync_s`` (the round trip is a part of it). An
+engine none of whose steps can stream (nothing offloaded, a dynamic cache, the streamed lane switched off, the XLA
+CPU backend, weights without kernel tables such as float32) has no alternative to the sync: its penalty is
+``sync_s``, and nothing is run.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ import numpy as np
 from fiddler_jax.errors import InvalidInputError
 
 
-def planned_layers(engine) -> int:
-    """The layers whose steps the planner sees (an expert of theirs is offloaded); all-resident layers never sync."""
-    return int((~engine.placement.resident).any(axis=1).sum())
+def streamed_layers(engine) -> int:
+    """The layers whose one-token decode step takes the streamed lane under the ``cpu_only`` planner (an expert of
+    theirs is offloaded and the lane can run them); the other layers sync, or never plan, in both runs."""
+    streamed = engine.with_planner("cpu_only", options=engine.options).streamed
+    offloaded = (~engine.placement.resident).any(axis=1)
+    return sum(streamed.tables_id(layer, 1) is not None for layer in np.flatnonzero(offloaded))
 
 
 def measure_sync_penalty(engine, *, tokens: int = 10, prompt_tokens: int = 8, repeats: int = 3) -> float:
@@ -35,10 +39,15 @@ def measure_sync_penalty(engine, *, tokens: int = 10, prompt_tokens: int = 8, re
     if tokens < 3 or prompt_tokens < 1 or repeats < 1:
         raise InvalidInputError(f"measure_sync_penalty needs tokens >= 3, prompt_tokens >= 1 and repeats >= 1; got "
                                 f"{tokens}, {prompt_tokens}, {repeats}")
-    layers = planned_layers(engine)
     options = engine.options
-    if layers == 0 or engine.cache_slots or not options.streamed_cpu_lane or options.cpu_backend != "kernel":
+    if engine.cache_slots or not options.streamed_cpu_lane or options.cpu_backend != "kernel":
         return engine.latency.sync_s
+    layers = streamed_layers(engine)
+    if layers == 0:
+        return engine.latency.sync_s
+    from fiddler_jax.kernels import streamed_lane
+
+    streamed_lane.set_timing(False)  # untraced steps, as an engine runs them unless asked to trace
     streamed = engine.with_planner("cpu_only", options=options)
     synced = engine.with_planner("cpu_only", options=options.replace(streamed_cpu_lane=False))
     prompt = (np.arange(prompt_tokens)[None] * 7 + 3) % engine.config.vocab_size
