@@ -1,8 +1,8 @@
 """One JSON and one table from a decode_ab.sh run: for every job folder (a ``result.json``) of each side, the
 decode tokens/s, the in-run two-lane limit, the trace's busy seconds per lane and its planned steps by the experts
-they copied; for a traced job with streamed
-steps, per streamed call (medians over the decode, ms) the hand-off (its inputs on the host -> the CPU lane's
-run starts), the run, the GPU's resident mix beside it and the stream's wait for the CPU output.
+they copied; for a traced job with streamed steps, per streamed call (medians over the decode, ms) the hand-off
+(its inputs on the host -> the CPU lane's run starts), the run, the GPU's resident mix beside it and the stream's
+wait for the CPU output.
 
     python benchmarks/decode_ab_summary.py <results dir holding head/ and before/> --json PATH
 """

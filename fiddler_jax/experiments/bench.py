@@ -87,8 +87,7 @@ def decode_limit(engine, bandwidth: dict | None = None) -> dict | None:
     (:func:`ceilings.engine_lane_bandwidths`, bytes/s); the latency model's version (``cpu(1)`` and
     ``copy_beside_cpu_s``, the copy while the CPU lane runs, calibrated on another day) is kept beside it. The CPU
     lane's achieved read rate (expert bytes it ran over its busy seconds, decode steps only) says how close the
-    kernel came to its ceiling. None when the
-    trace holds no single-token step."""
+    kernel came to its ceiling. None when the trace holds no single-token step."""
     from fiddler_jax.experiments.ceilings import decode_limits
     from fiddler_jax.runtime.placement import expert_bytes
     from fiddler_jax.runtime.planning import Lane

@@ -174,9 +174,8 @@ def check_engine(cfg) -> None:
     arguments), without loading weights or using a device: the planner binds with its parameters (``cpu_only``
     has no ``max_transfers``; ``planner.sync_s`` is a number, measure or null), the engine's size resolves (the
     KV reserve holds every beam) and the placement fits the GPU budget (KV cache, workspace and slots under it).
-    Raises the error the build would. A budget of
-    ``auto`` is checked on the device only (it asks JAX), as is a routing profile (reading it traces the model):
-    there only the planner is bound."""
+    Raises the error the build would. A budget of ``auto`` is checked on the device only (it asks JAX), as is a
+    routing profile (reading it traces the model): there only the planner is bound."""
     from fiddler_jax.runtime.engine import Engine, bind_planner
 
     pk = planner_kwargs(cfg.planner)

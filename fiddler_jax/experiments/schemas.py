@@ -154,21 +154,24 @@ class BenchConfig:
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
+def _planner_items(planner) -> dict:
+    """The planner group's keys and values: a ``PlannerConfig`` or any mapping (e.g. a Hydra DictConfig)."""
+    return dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
+
+
 def _planner_options(planner) -> dict:
     """The planner group's options that are set (not None), without its name and ``sync_s`` (a latency override,
     :func:`planner_sync_s`)."""
-    items = dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
-    return {k: v for k, v in items.items() if k not in ("name", "sync_s") and v is not None}
+    return {k: v for k, v in _planner_items(planner).items() if k not in ("name", "sync_s") and v is not None}
 
 
 def planner_sync_s(planner) -> float | str | None:
     """``planner.sync_s``: the seconds the planner charges a layer step that syncs with the host (the streamed
     lane's alternative), replacing the latency model's ``sync_s`` (calibrated as a tiny op's round trip, which
     leaves out the per-layer dispatches a synced step brings back); ``"measure"``: measured on the engine
-    (:mod:`fiddler_jax.runtime.sync_penalty`); None = the latency model's. Checked: a non-negative number or
-    ``measure``."""
-    items = dataclasses.asdict(planner) if dataclasses.is_dataclass(planner) else dict(planner)
-    value = items.get("sync_s")
+    (:mod:`fiddler_jax.runtime.sync_penalty`); None = the latency model's. Checked: a finite non-negative number
+    or ``measure``."""
+    value = _planner_items(planner).get("sync_s")
     if value is None or value == "measure":
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -195,8 +198,7 @@ def planner_from_config(planner):
     ``PlannerConfig`` or any mapping with its keys (e.g. a Hydra DictConfig)."""
     from fiddler_jax.runtime.planning import get_planner
 
-    name = planner.name if dataclasses.is_dataclass(planner) else dict(planner)["name"]
-    return get_planner(name, **_planner_options(planner))
+    return get_planner(_planner_items(planner)["name"], **_planner_options(planner))
 
 
 # -- help texts ------------------------------------------------------------------------------------------------

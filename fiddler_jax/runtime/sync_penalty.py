@@ -28,10 +28,16 @@ from fiddler_jax.errors import InvalidInputError
 
 def streamed_layers(engine) -> int:
     """The layers whose one-token decode step takes the streamed lane under the ``cpu_only`` planner (an expert of
-    theirs is offloaded and the lane can run them); the other layers sync, or never plan, in both runs."""
-    streamed = engine.with_planner("cpu_only", options=engine.options).streamed
-    offloaded = (~engine.placement.resident).any(axis=1)
-    return sum(streamed.tables_id(layer, 1) is not None for layer in np.flatnonzero(offloaded))
+    theirs is offloaded and the lane can run them: it is on, the backend is the kernel, the weights have kernel
+    tables); the other layers sync, or never plan, in both runs. An engine with a dynamic cache has none."""
+    if engine.cache_slots:  # cpu_only has no cache to bind to these buffers, and a cached engine never streams
+        return 0
+    return _streamed_layers(engine.with_planner("cpu_only", options=engine.options))
+
+
+def _streamed_layers(cpu_only) -> int:
+    offloaded = (~cpu_only.placement.resident).any(axis=1)
+    return sum(cpu_only.streamed.tables_id(layer, 1) is not None for layer in np.flatnonzero(offloaded))
 
 
 def measure_sync_penalty(engine, *, tokens: int = 10, prompt_tokens: int = 8, repeats: int = 3) -> float:
@@ -39,16 +45,16 @@ def measure_sync_penalty(engine, *, tokens: int = 10, prompt_tokens: int = 8, re
     if tokens < 3 or prompt_tokens < 1 or repeats < 1:
         raise InvalidInputError(f"measure_sync_penalty needs tokens >= 3, prompt_tokens >= 1 and repeats >= 1; got "
                                 f"{tokens}, {prompt_tokens}, {repeats}")
-    options = engine.options
-    if engine.cache_slots or not options.streamed_cpu_lane or options.cpu_backend != "kernel":
+    if engine.cache_slots:
         return engine.latency.sync_s
-    layers = streamed_layers(engine)
+    options = engine.options
+    streamed = engine.with_planner("cpu_only", options=options)
+    layers = _streamed_layers(streamed)
     if layers == 0:
         return engine.latency.sync_s
     from fiddler_jax.kernels import streamed_lane
 
     streamed_lane.set_timing(False)  # untraced steps, as an engine runs them unless asked to trace
-    streamed = engine.with_planner("cpu_only", options=options)
     synced = engine.with_planner("cpu_only", options=options.replace(streamed_cpu_lane=False))
     prompt = (np.arange(prompt_tokens)[None] * 7 + 3) % engine.config.vocab_size
 
